@@ -1,0 +1,64 @@
+# logpipe entry points. `make demo` and `make test` are the two that matter on a fresh
+# machine; everything else is a piece of them.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+CLUSTERS ?= ops
+NODES ?= 5
+export CLUSTERS NODES
+CARGO ?= cargo
+E2E := $(CARGO) test -p logpipe-e2e --test
+
+.PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent \
+        testbed-build testbed-up testbed-down testbed-wipe crds demo bench
+
+all: build
+
+build:
+	$(CARGO) build --workspace --bins
+
+## Test bed (see README "Test bed"): real control plane(s) and Loki on loopback.
+testbed-build:
+	tests/testbed/build.sh etcd kube kwok loki
+
+testbed-up:
+	tests/testbed/up.sh
+
+testbed-down:
+	tests/testbed/down.sh
+
+testbed-wipe:
+	tests/testbed/down.sh --wipe
+
+## Tests
+test: lint unit e2e
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+unit:
+	$(CARGO) test --workspace --lib --bins
+
+e2e: build e2e-testbed e2e-operator e2e-agent
+
+e2e-testbed: testbed-up
+	$(E2E) e2e_testbed
+
+e2e-operator: build testbed-up
+	$(E2E) e2e_operator
+
+e2e-agent: build testbed-up
+	$(E2E) e2e_agent
+
+crds:
+	$(CARGO) run -q -p logpipe-operator -- crdgen
+
+demo: testbed-up
+	@echo "[demo] the test bed is up. The operator rollout story is not wired into the demo yet."
+	@echo "[demo] stop it with: make testbed-down"
+
+bench:
+	@echo "make bench: not yet (see issue 7)"; exit 1

@@ -1,0 +1,191 @@
+//! Shared pieces of the end-to-end tests: the local test bed (real kube-apiserver, etcd,
+//! controller-manager, scheduler, KWOK nodes, real Loki) and small Loki helpers.
+//!
+//! The test bed is found through the files `make testbed-up` writes
+//! (`target/testbed/<cluster>/kubeconfig`, `target/testbed/loki-url`). When it is not up,
+//! [`Testbed::ensure`] starts it; when it cannot, the test fails with the reason and the
+//! command to run. A missing component never makes a test pass.
+
+pub mod loki;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+/// Why the test bed is not usable; the message says what to run.
+#[derive(Debug, thiserror::Error)]
+pub enum TestbedError {
+    #[error(
+        "the test bed could not be started ({0}).\nRun `make testbed-up` in {repo} to see why; the first run builds \
+         Kubernetes, etcd, KWOK and Loki from Go modules (Go required, about 25 minutes on 2 cores).",
+        repo = repo_root().display()
+    )]
+    Start(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("kubeconfig {path}: {message}")]
+    Kubeconfig { path: PathBuf, message: String },
+}
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The cargo target directory of the workspace.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// Path of a workspace binary built by `cargo build` (debug profile unless
+/// `LOGPIPE_PROFILE` says otherwise); fails with the command that builds it.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let profile = std::env::var("LOGPIPE_PROFILE").unwrap_or_else(|_| "debug".into());
+    let path = target_dir().join(profile).join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --bins` (or `make build`) before the end-to-end tests",
+        path.display()
+    );
+    path
+}
+
+/// Directory of the running test bed.
+pub fn testbed_dir() -> PathBuf {
+    std::env::var_os("LOGPIPE_TESTBED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("testbed"))
+}
+
+/// A running test bed: clusters by name, and the Loki shared by all.
+#[derive(Clone, Debug)]
+pub struct Testbed {
+    pub dir: PathBuf,
+    pub loki_url: String,
+}
+
+static STARTING: Mutex<()> = Mutex::new(());
+
+/// An HTTP client for the test bed's loopback services. reqwest is built without a
+/// bundled TLS provider (the workspace uses ring, as kube does), so install it once.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+impl Testbed {
+    /// Use the running test bed, or start it (`make testbed-up`) with `clusters`.
+    pub async fn ensure(clusters: &[&str]) -> Result<Self, TestbedError> {
+        let dir = testbed_dir();
+        if let Some(testbed) = Self::running(&dir, clusters).await {
+            return Ok(testbed);
+        }
+        {
+            // Tests of one binary run in threads: only one starts the test bed.
+            let _guard = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+            if Self::running(&dir, clusters).await.is_none() {
+                let output = Command::new("make")
+                    .arg("-C")
+                    .arg(repo_root())
+                    .arg("testbed-up")
+                    .arg(format!("CLUSTERS={}", clusters.join(" ")))
+                    .output()
+                    .map_err(|e| TestbedError::Start(format!("cannot run make: {e}")))?;
+                if !output.status.success() {
+                    let stderr = String::from_utf8_lossy(&output.stderr);
+                    let stdout = String::from_utf8_lossy(&output.stdout);
+                    let tail: Vec<&str> = stdout.lines().chain(stderr.lines()).collect();
+                    let tail = tail[tail.len().saturating_sub(15)..].join("\n");
+                    return Err(TestbedError::Start(format!(
+                        "make testbed-up failed:\n{tail}"
+                    )));
+                }
+            }
+        }
+        Self::running(&dir, clusters).await.ok_or_else(|| {
+            TestbedError::Start("make testbed-up succeeded but the test bed does not answer".into())
+        })
+    }
+
+    async fn running(dir: &Path, clusters: &[&str]) -> Option<Self> {
+        let loki_url = std::fs::read_to_string(dir.join("loki-url")).ok()?;
+        let testbed = Self {
+            dir: dir.to_path_buf(),
+            loki_url: loki_url.trim().to_string(),
+        };
+        let http = http_client();
+        let ready = http
+            .get(format!("{}/ready", testbed.loki_url))
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await
+            .ok()?;
+        if !ready.status().is_success() {
+            return None;
+        }
+        for cluster in clusters {
+            let client = testbed.client(cluster).await.ok()?;
+            tokio::time::timeout(Duration::from_secs(5), client.apiserver_version())
+                .await
+                .ok()?
+                .ok()?;
+        }
+        Some(testbed)
+    }
+
+    /// The kubeconfig of one cluster (`ops`, `dev`, `prod`).
+    pub fn kubeconfig(&self, cluster: &str) -> PathBuf {
+        self.dir.join(cluster).join("kubeconfig")
+    }
+
+    /// A client for one cluster, as the admin.
+    pub async fn client(&self, cluster: &str) -> Result<kube::Client, TestbedError> {
+        let path = self.kubeconfig(cluster);
+        let kubeconfig = Kubeconfig::read_from(&path).map_err(|e| TestbedError::Kubeconfig {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| TestbedError::Kubeconfig {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+        kube::Client::try_from(config).map_err(|e| TestbedError::Kubeconfig {
+            path,
+            message: e.to_string(),
+        })
+    }
+
+    /// A fresh directory under the test bed for one test's files.
+    pub fn scratch_dir(&self, name: &str) -> Result<PathBuf, TestbedError> {
+        let path = self.dir.join("scratch").join(format!("{name}-{}", unique_suffix()));
+        std::fs::create_dir_all(&path).map_err(|source| TestbedError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+}
+
+/// A short suffix unique to this test run, so reruns against a long-lived test bed (and
+/// its Loki, which keeps what it got) never see each other's data.
+pub fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{:x}{:x}", std::process::id(), nanos % 0xffff_ffff)
+}

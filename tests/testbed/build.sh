@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Build the test bed's Go components from the Go module proxy into the cache (never the repo).
+#   tests/testbed/build.sh [etcd|kube|kwok|loki|promtail|helm ...]   (default: the core set)
+# A binary already in the cache is reused; each component prints one progress line.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+CACHE=${LOGPIPE_CACHE:-$HOME/.cache/logpipe}
+BIN=$CACHE/bin
+mkdir -p "$BIN" "$CACHE/src" "$CACHE/logs"
+export CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOTOOLCHAIN=local
+command -v go >/dev/null || { echo "build.sh: Go is required (https://go.dev/doc/install)" >&2; exit 1; }
+GO_VERSION=$(go env GOVERSION | sed -E 's/^go([0-9]+\.[0-9]+).*/\1/')
+
+have() { [ -x "$BIN/$1" ]; }
+
+progress() { printf '[testbed build] %-10s %s\n' "$1" "$2"; }
+
+# wrapper NAME MODULE VERSION DEFAULT_REPLACE_VERSION LDFLAGS PKG=OUT ...
+wrapper() {
+  local name=$1 module=$2 version=$3 default=$4 ldflags=$5; shift 5
+  local dir="$CACHE/src/$name-$version" log="$CACHE/logs/build-$name-$version.log"
+  mkdir -p "$dir"
+  local started=$SECONDS
+  progress "$name" "building $module@$version (log: $log)"
+  (
+    set -e  # errexit is off in a subshell guarded by ||, so each step checks itself
+    cd "$dir" || exit 1
+    rm -f go.mod go.sum tools.go  # a stale wrapper would break go mod download
+    local modfile
+    modfile=$(go mod download -json "$module@$version" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])') || exit 1
+    python3 "$here/gomod_wrapper.py" "$modfile" "$module" "$version" "$default" "$GO_VERSION" > go.mod || exit 1
+    {
+      echo "//go:build tools"
+      echo "package tools"
+      echo "import ("
+      for spec in "$@"; do echo "  _ \"${spec%%=*}\""; done
+      echo ")"
+    } > tools.go
+    go mod tidy || exit 1
+    for spec in "$@"; do
+      go build -trimpath -ldflags "$ldflags" -o "$BIN/${spec#*=}.tmp" "${spec%%=*}" || exit 1
+      mv "$BIN/${spec#*=}.tmp" "$BIN/${spec#*=}" || exit 1
+    done
+  ) >"$log" 2>&1 || { progress "$name" "FAILED, see $log"; tail -20 "$log" >&2; return 1; }
+  progress "$name" "built in $((SECONDS - started)) s"
+}
+
+# plain_install NAME PKG VERSION OUT
+plain_install() {
+  local name=$1 pkg=$2 version=$3 out=$4 log="$CACHE/logs/build-$1-$3.log" started=$SECONDS
+  progress "$name" "go install $pkg@$version (log: $log)"
+  local gobin; gobin=$(mktemp -d)
+  GOBIN=$gobin go install -trimpath "$pkg@$version" >"$log" 2>&1 \
+    || { progress "$name" "FAILED, see $log"; tail -20 "$log" >&2; return 1; }
+  mv "$gobin/$(basename "$pkg")" "$BIN/$out"; rmdir "$gobin"
+  progress "$name" "built in $((SECONDS - started)) s"
+}
+
+build_etcd() {
+  have "etcd-$ETCD_VERSION" && { progress etcd "cached"; return; }
+  wrapper etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" "$ETCD_VERSION" "" \
+    "go.etcd.io/etcd/server/v3=etcd-$ETCD_VERSION"
+}
+
+build_kube() {
+  if have "kube-apiserver-$K8S_VERSION" && have "kube-controller-manager-$K8S_VERSION" \
+     && have "kube-scheduler-$K8S_VERSION" && have "kubectl-$K8S_VERSION"; then
+    progress kube "cached"; return
+  fi
+  local minor; minor=$(echo "$K8S_VERSION" | cut -d. -f2)
+  local ld="-s -w"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld="$ld -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+  done
+  wrapper kube k8s.io/kubernetes "$K8S_VERSION" "$K8S_STAGING_VERSION" "$ld" \
+    "k8s.io/kubernetes/cmd/kube-apiserver=kube-apiserver-$K8S_VERSION" \
+    "k8s.io/kubernetes/cmd/kube-controller-manager=kube-controller-manager-$K8S_VERSION" \
+    "k8s.io/kubernetes/cmd/kube-scheduler=kube-scheduler-$K8S_VERSION" \
+    "k8s.io/kubernetes/cmd/kubectl=kubectl-$K8S_VERSION"
+}
+
+build_kwok() {
+  have "kwok-$KWOK_VERSION" && { progress kwok "cached"; return; }
+  plain_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" "kwok-$KWOK_VERSION"
+}
+
+build_loki() {
+  have "loki-$LOKI_VERSION" && { progress loki "cached"; return; }
+  wrapper loki github.com/grafana/loki/v3 "$LOKI_VERSION" "" "-s -w" \
+    "github.com/grafana/loki/v3/cmd/loki=loki-$LOKI_VERSION"
+}
+
+build_promtail() {
+  have "promtail-$PROMTAIL_VERSION" && { progress promtail "cached"; return; }
+  wrapper promtail github.com/grafana/loki/v3 "$PROMTAIL_VERSION" "" "-s -w" \
+    "github.com/grafana/loki/v3/clients/cmd/promtail=promtail-$PROMTAIL_VERSION"
+}
+
+build_helm() {
+  have "helm-$HELM_VERSION" && { progress helm "cached"; return; }
+  plain_install helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "helm-$HELM_VERSION"
+}
+
+components=("$@")
+[ ${#components[@]} -gt 0 ] || components=(etcd kube kwok loki)
+# One build of a component at a time: a second caller waits, then finds it cached.
+locked() {
+  exec {lock}>"$CACHE/build-$1.lock"
+  flock "$lock"
+  "build_$1"
+  exec {lock}>&-
+}
+for c in "${components[@]}"; do
+  case $c in
+    etcd|kube|kwok|loki|promtail|helm) locked "$c" ;;
+    all) for a in etcd kube kwok loki promtail helm; do locked "$a"; done ;;
+    *) echo "build.sh: unknown component '$c' (etcd kube kwok loki promtail helm all)" >&2; exit 2 ;;
+  esac
+done

@@ -1,0 +1,58 @@
+# Shared by up.sh and down.sh: where things live and which loopback ports and addresses
+# each cluster uses. Every listener and every address is in 127.0.0.0/8.
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+CACHE=${LOGPIPE_CACHE:-$HOME/.cache/logpipe}
+BIN=$CACHE/bin
+TESTBED=${LOGPIPE_TESTBED:-$repo/target/testbed}
+LOGS=$TESTBED/logs
+PIDS=$TESTBED/pids
+LOKI_HTTP_PORT=${LOKI_HTTP_PORT:-43100}
+LOKI_GRPC_PORT=${LOKI_GRPC_PORT:-43095}
+KUBECTL=$BIN/kubectl-$K8S_VERSION
+
+# The clusters the test bed knows, in a fixed order: the index fixes ports and addresses,
+# so `ops` has the same ports whether it is started alone or with dev and prod.
+KNOWN_CLUSTERS=(ops dev prod)
+
+cluster_index() {
+  local i
+  for i in "${!KNOWN_CLUSTERS[@]}"; do
+    [ "${KNOWN_CLUSTERS[$i]}" = "$1" ] && { echo "$i"; return; }
+  done
+  echo "testbed: unknown cluster '$1' (known: ${KNOWN_CLUSTERS[*]})" >&2
+  return 1
+}
+
+# cluster_env NAME: sets the ports and address ranges of one cluster.
+cluster_env() {
+  CLUSTER=$1
+  CI_INDEX=$(cluster_index "$1")
+  local base=$((41000 + CI_INDEX * 100))
+  ETCD_CLIENT_PORT=$((base + 1))
+  ETCD_PEER_PORT=$((base + 2))
+  APISERVER_PORT=$((base + 43))
+  KCM_PORT=$((base + 57))
+  SCHEDULER_PORT=$((base + 59))
+  KWOK_PORT=$((base + 80))
+  # Services: 127.3.<16*i>.0/20. Nodes: InternalIP 127.<200+i>.<n/250>.<n%250+1>.
+  # Pods: node n of cluster i owns 127.<16+8i+n/256>.<n%256>.0/24 (2048 nodes a cluster).
+  SERVICE_CIDR="127.3.$((CI_INDEX * 16)).0/20"
+  KWOK_FALLBACK_CIDR="127.250.$CI_INDEX.1/24"
+  CDIR=$TESTBED/$CLUSTER
+}
+
+node_ip() { echo "127.$((200 + CI_INDEX)).$(($1 / 250)).$(($1 % 250 + 1))"; }
+node_pod_cidr() { echo "127.$((16 + 8 * CI_INDEX + $1 / 256)).$(($1 % 256)).0/24"; }
+
+# alive NAME: the process recorded under NAME runs and is still the binary we started
+# (a PID can be reused by an unrelated process after a crash).
+alive() {
+  local pidfile=$PIDS/$1.pid pid
+  [ -f "$pidfile" ] || return 1
+  read -r pid binary < "$pidfile" || return 1
+  [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
+  tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$binary"
+}

@@ -1,0 +1,275 @@
+#!/usr/bin/env bash
+# Start the test bed: per cluster etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, KWOK with $NODES nodes; one Loki for all. Idempotent: what already runs
+# is kept. Env: CLUSTERS="ops dev prod" (default ops), NODES (default 5).
+set -euo pipefail
+source "$(cd "$(dirname "$0")" && pwd)/lib.sh"
+CLUSTERS=${CLUSTERS:-ops}
+NODES=${NODES:-5}
+STARTED=$SECONDS
+
+say() { printf '[testbed] %s\n' "$*"; }
+fail() { printf '[testbed] ERROR: %s\n' "$*" >&2; exit 1; }
+
+command -v openssl >/dev/null || fail "openssl is required (apt-get install openssl)"
+command -v curl >/dev/null || fail "curl is required (apt-get install curl)"
+"$here/build.sh" etcd kube kwok
+
+mkdir -p "$LOGS" "$PIDS"
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# start NAME BINARY ARGS...: run in its own session, record PID and binary, log to logs/.
+start() {
+  local name=$1 binary=$2; shift 2
+  if alive "$name"; then say "$name already running"; return; fi
+  setsid "$binary" "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null &
+  echo "$! $binary" > "$PIDS/$name.pid"
+}
+
+# wait_for NAME SECONDS CMD...: poll CMD until it succeeds; on timeout show the log.
+wait_for() {
+  local name=$1 limit=$2; shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    if ! alive "$name"; then tail -25 "$LOGS/$name.log" >&2; fail "$name exited; log: $LOGS/$name.log"; fi
+    if [ $SECONDS -ge $deadline ]; then tail -25 "$LOGS/$name.log" >&2; fail "$name not healthy after ${limit}s; log: $LOGS/$name.log"; fi
+    sleep 0.5
+  done
+}
+
+require_port() {
+  local name=$1 port=$2
+  alive "$name" && return 0
+  port_free "$port" || fail "port 127.0.0.1:$port for $name is taken by another process (set LOGPIPE ports or stop it)"
+}
+
+pki() {
+  local dir=$CDIR/pki
+  [ -f "$dir/admin.crt" ] && return
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 \
+      -subj "/CN=logpipe-testbed-$CLUSTER-ca" 2>/dev/null
+    local svc_ip; svc_ip=$(echo "$SERVICE_CIDR" | awk -F'[./]' '{print $1"."$2"."$3"."$4+1}')
+    printf 'subjectAltName=IP:127.0.0.1,IP:%s,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n' "$svc_ip" > serving.ext
+    openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr -subj "/CN=kube-apiserver" 2>/dev/null
+    openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out apiserver.crt -days 3650 -extfile serving.ext 2>/dev/null
+    printf 'extendedKeyUsage=clientAuth\n' > client.ext
+    openssl req -newkey rsa:2048 -nodes -keyout admin.key -out admin.csr -subj "/O=system:masters/CN=logpipe-testbed-admin" 2>/dev/null
+    openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out admin.crt -days 3650 -extfile client.ext 2>/dev/null
+    openssl genrsa -out sa.key 2048 2>/dev/null
+    openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+    rm -f ./*.csr
+  )
+}
+
+kubeconfig() {
+  local b64; b64() { base64 -w0 < "$1"; }
+  cat > "$CDIR/kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: $CLUSTER
+  cluster:
+    server: https://127.0.0.1:$APISERVER_PORT
+    certificate-authority-data: $(b64 "$CDIR/pki/ca.crt")
+users:
+- name: admin
+  user:
+    client-certificate-data: $(b64 "$CDIR/pki/admin.crt")
+    client-key-data: $(b64 "$CDIR/pki/admin.key")
+contexts:
+- name: $CLUSTER
+  context: {cluster: $CLUSTER, user: admin}
+current-context: $CLUSTER
+KC
+}
+
+kwok_config() {
+  cat > "$CDIR/kwok.yaml" <<KW
+apiVersion: config.kwok.x-k8s.io/v1alpha1
+kind: KwokConfiguration
+options:
+  cidr: $KWOK_FALLBACK_CIDR
+  nodeIP: 127.0.0.1
+  manageAllNodes: false
+  manageNodesWithAnnotationSelector: kwok.x-k8s.io/node=fake
+  # Pods annotated kwok.x-k8s.io/status=custom are left to the node simulator, which runs
+  # real agents for them (see README, "Test bed").
+  disregardStatusWithAnnotationSelector: kwok.x-k8s.io/status=custom
+  serverAddress: 127.0.0.1:$KWOK_PORT
+KW
+}
+
+nodes_manifest() {
+  local n
+  for ((n = 0; n < NODES; n++)); do
+    cat <<NODE
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: $CLUSTER-node-$n
+  annotations:
+    kwok.x-k8s.io/node: fake
+    node.alpha.kubernetes.io/ttl: "0"
+  labels:
+    kubernetes.io/hostname: $CLUSTER-node-$n
+    kubernetes.io/os: linux
+    kubernetes.io/arch: amd64
+    type: kwok
+    logpipe.io/testbed-cluster: $CLUSTER
+spec:
+  podCIDR: $(node_pod_cidr "$n")
+  podCIDRs: [$(node_pod_cidr "$n")]
+status:
+  addresses:
+  - {type: InternalIP, address: $(node_ip "$n")}
+  - {type: Hostname, address: $CLUSTER-node-$n}
+  allocatable: {cpu: "32", memory: 256Gi, pods: "110"}
+  capacity: {cpu: "32", memory: 256Gi, pods: "110"}
+NODE
+  done
+}
+
+up_cluster() {
+  cluster_env "$1"
+  mkdir -p "$CDIR"
+  say "cluster $CLUSTER: apiserver https://127.0.0.1:$APISERVER_PORT, etcd :$ETCD_CLIENT_PORT, $NODES nodes"
+  pki
+  kubeconfig
+  kwok_config
+  local p=$CDIR/pki kc=$CDIR/kubeconfig
+
+  require_port "$CLUSTER-etcd" "$ETCD_CLIENT_PORT"
+  start "$CLUSTER-etcd" "$BIN/etcd-$ETCD_VERSION" \
+    --name "$CLUSTER" --data-dir "$CDIR/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_CLIENT_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_CLIENT_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "$CLUSTER=http://127.0.0.1:$ETCD_PEER_PORT" \
+    --unsafe-no-fsync --log-level warn --quota-backend-bytes 4294967296
+  wait_for "$CLUSTER-etcd" 60 curl -fsS "http://127.0.0.1:$ETCD_CLIENT_PORT/health"
+
+  require_port "$CLUSTER-kube-apiserver" "$APISERVER_PORT"
+  start "$CLUSTER-kube-apiserver" "$BIN/kube-apiserver-$K8S_VERSION" \
+    --etcd-servers "http://127.0.0.1:$ETCD_CLIENT_PORT" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
+    --tls-cert-file "$p/apiserver.crt" --tls-private-key-file "$p/apiserver.key" --client-ca-file "$p/ca.crt" \
+    --service-account-key-file "$p/sa.pub" --service-account-signing-key-file "$p/sa.key" \
+    --service-account-issuer https://kubernetes.default.svc \
+    --authorization-mode Node,RBAC --service-cluster-ip-range "$SERVICE_CIDR" \
+    --endpoint-reconciler-type none --allow-privileged=true --profiling=false \
+    --cert-dir "$CDIR/apiserver-certs"
+  wait_for "$CLUSTER-kube-apiserver" 120 curl -fsS --cacert "$p/ca.crt" --cert "$p/admin.crt" --key "$p/admin.key" \
+    "https://127.0.0.1:$APISERVER_PORT/readyz"
+
+  require_port "$CLUSTER-kube-controller-manager" "$KCM_PORT"
+  start "$CLUSTER-kube-controller-manager" "$BIN/kube-controller-manager-$K8S_VERSION" \
+    --kubeconfig "$kc" --authentication-kubeconfig "$kc" --authorization-kubeconfig "$kc" \
+    --bind-address 127.0.0.1 --secure-port "$KCM_PORT" --leader-elect=false \
+    --service-account-private-key-file "$p/sa.key" --root-ca-file "$p/ca.crt" \
+    --cluster-signing-cert-file "$p/ca.crt" --cluster-signing-key-file "$p/ca.key" \
+    --cert-dir "$CDIR/kcm-certs"
+  require_port "$CLUSTER-kube-scheduler" "$SCHEDULER_PORT"
+  start "$CLUSTER-kube-scheduler" "$BIN/kube-scheduler-$K8S_VERSION" \
+    --kubeconfig "$kc" --authentication-kubeconfig "$kc" --authorization-kubeconfig "$kc" \
+    --bind-address 127.0.0.1 --secure-port "$SCHEDULER_PORT" --leader-elect=false \
+    --cert-dir "$CDIR/scheduler-certs"
+  require_port "$CLUSTER-kwok" "$KWOK_PORT"
+  start "$CLUSTER-kwok" "$BIN/kwok-$KWOK_VERSION" --kubeconfig "$kc" --config "$CDIR/kwok.yaml"
+  wait_for "$CLUSTER-kube-controller-manager" 60 curl -fsSk "https://127.0.0.1:$KCM_PORT/healthz"
+  wait_for "$CLUSTER-kube-scheduler" 60 curl -fsSk "https://127.0.0.1:$SCHEDULER_PORT/healthz"
+  wait_for "$CLUSTER-kwok" 60 curl -fsS "http://127.0.0.1:$KWOK_PORT/healthz"
+
+  nodes_manifest | "$KUBECTL" --kubeconfig "$kc" apply --server-side --field-manager logpipe-testbed -f - >/dev/null
+  wait_for "$CLUSTER-kwok" 120 "$KUBECTL" --kubeconfig "$kc" wait --for=condition=Ready node \
+    -l "logpipe.io/testbed-cluster=$CLUSTER" --timeout=5s
+  # The default ServiceAccount must exist before pods can be created in a namespace.
+  wait_for "$CLUSTER-kube-controller-manager" 60 "$KUBECTL" --kubeconfig "$kc" get serviceaccount default -n default
+}
+
+loki_config() {
+  local dir=$TESTBED/loki
+  mkdir -p "$dir"
+  cat > "$dir/overrides.yaml" <<OV
+# Per-tenant limits: the tenant "ratelimited" gets tiny ingestion limits, so tests can
+# make the real Loki answer 429.
+overrides:
+  ratelimited:
+    ingestion_rate_mb: 0.02
+    ingestion_burst_size_mb: 0.03
+OV
+  cat > "$dir/loki.yaml" <<LK
+auth_enabled: true
+server:
+  http_listen_address: 127.0.0.1
+  http_listen_port: $LOKI_HTTP_PORT
+  grpc_listen_address: 127.0.0.1
+  grpc_listen_port: $LOKI_GRPC_PORT
+  log_level: warn
+  grpc_server_max_recv_msg_size: 67108864
+common:
+  instance_addr: 127.0.0.1
+  path_prefix: $dir/data
+  replication_factor: 1
+  ring:
+    instance_addr: 127.0.0.1
+    kvstore: {store: inmemory}
+  storage:
+    filesystem:
+      chunks_directory: $dir/data/chunks
+      rules_directory: $dir/data/rules
+memberlist:
+  bind_addr: [127.0.0.1]
+schema_config:
+  configs:
+  - {from: "2024-01-01", store: tsdb, object_store: filesystem, schema: v13, index: {prefix: index_, period: 24h}}
+limits_config:
+  reject_old_samples: false
+  ingestion_rate_mb: 256
+  ingestion_burst_size_mb: 512
+  per_stream_rate_limit: 256MB
+  per_stream_rate_limit_burst: 512MB
+  max_line_size: 8MB
+  allow_structured_metadata: true
+  max_query_length: 0
+  max_entries_limit_per_query: 1000000
+runtime_config:
+  file: $dir/overrides.yaml
+  period: 5s
+ingester:
+  chunk_idle_period: 5m
+  wal: {dir: $dir/data/wal}
+query_range:
+  results_cache:
+    cache: {embedded_cache: {enabled: false}}
+  cache_results: false
+ruler:
+  storage: {type: local, local: {directory: $dir/data/rules}}
+pattern_ingester: {enabled: false}
+analytics: {reporting_enabled: false}
+LK
+}
+
+up_loki() {
+  loki_config
+  require_port loki "$LOKI_HTTP_PORT"
+  start loki "$BIN/loki-$LOKI_VERSION" -config.file "$TESTBED/loki/loki.yaml" -target all
+  wait_for loki 120 curl -fsS "http://127.0.0.1:$LOKI_HTTP_PORT/ready"
+  echo "http://127.0.0.1:$LOKI_HTTP_PORT" > "$TESTBED/loki-url"
+}
+
+for c in $CLUSTERS; do cluster_index "$c" >/dev/null || exit 2; done
+for c in $CLUSTERS; do up_cluster "$c"; done
+"$here/build.sh" loki
+up_loki
+
+say "up in $((SECONDS - STARTED)) s"
+for c in $CLUSTERS; do
+  cluster_env "$c"
+  say "  $c: KUBECONFIG=$CDIR/kubeconfig  ($("$KUBECTL" --kubeconfig "$CDIR/kubeconfig" get nodes --no-headers 2>/dev/null | grep -c ' Ready') nodes Ready)"
+done
+say "  loki: $(cat "$TESTBED/loki-url")  (tenants via X-Scope-OrgID)"
+say "  logs: $LOGS   stop: make testbed-down"
