@@ -8,8 +8,8 @@ export CLUSTERS NODES
 CARGO ?= cargo
 E2E := $(CARGO) test -p logpipe-e2e --test
 
-.PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent \
-        testbed-build testbed-up testbed-down testbed-wipe crds demo bench
+.PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent e2e-argocd \
+        chart-test testbed-build testbed-up testbed-down testbed-wipe crds demo bench
 
 all: build
 
@@ -42,7 +42,7 @@ fmt:
 unit:
 	$(CARGO) test --workspace --lib --bins
 
-e2e: build e2e-testbed e2e-operator e2e-agent
+e2e: build e2e-testbed chart-test e2e-argocd e2e-operator e2e-agent
 
 e2e-testbed: testbed-up
 	$(E2E) e2e_testbed
@@ -53,8 +53,17 @@ e2e-operator: build testbed-up
 e2e-agent: build testbed-up
 	$(E2E) e2e_agent
 
+e2e-argocd: testbed-up
+	$(E2E) e2e_argocd_health
+
+chart-test: testbed-up
+	tests/testbed/build.sh helm
+	$(E2E) e2e_chart
+
+# The CRD is generated from the Rust types; the chart carries an identical copy.
 crds:
-	$(CARGO) run -q -p logpipe-operator -- crdgen
+	$(CARGO) run -q -p logpipe-operator -- crdgen > crds/logpipe.io_logpipelines.yaml
+	cp crds/logpipe.io_logpipelines.yaml charts/logpipe/crds/
 
 demo: testbed-up
 	@echo "[demo] the test bed is up. The operator rollout story is not wired into the demo yet."
