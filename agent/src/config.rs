@@ -403,14 +403,14 @@ impl fmt::Display for HumanDuration {
         let d = self.0;
         if d.subsec_nanos() == 0 {
             let s = d.as_secs();
-            if s != 0 && s % 3600 == 0 {
+            if s != 0 && s.is_multiple_of(3600) {
                 write!(f, "{}h", s / 3600)
-            } else if s != 0 && s % 60 == 0 {
+            } else if s != 0 && s.is_multiple_of(60) {
                 write!(f, "{}m", s / 60)
             } else {
                 write!(f, "{s}s")
             }
-        } else if d.subsec_nanos() % 1_000_000 == 0 {
+        } else if d.subsec_nanos().is_multiple_of(1_000_000) {
             write!(f, "{}ms", d.as_millis())
         } else {
             write!(f, "{}ns", d.as_nanos())
@@ -536,11 +536,23 @@ mod tests {
 
     #[test]
     fn durations_parse_like_go() {
-        assert_eq!(HumanDuration::parse("500ms").unwrap().0, Duration::from_millis(500));
-        assert_eq!(HumanDuration::parse("1h30m").unwrap().0, Duration::from_secs(5400));
-        assert_eq!(HumanDuration::parse("1.5s").unwrap().0, Duration::from_millis(1500));
+        assert_eq!(
+            HumanDuration::parse("500ms").unwrap().0,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            HumanDuration::parse("1h30m").unwrap().0,
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            HumanDuration::parse("1.5s").unwrap().0,
+            Duration::from_millis(1500)
+        );
         for bad in ["", "10", "s", "10x", "-1s"] {
-            assert!(HumanDuration::parse(bad).is_err(), "{bad:?} should be refused");
+            assert!(
+                HumanDuration::parse(bad).is_err(),
+                "{bad:?} should be refused"
+            );
         }
     }
 
@@ -567,7 +579,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("pipeline[0]") && err.contains("cri, docker"), "{err}");
+        assert!(
+            err.contains("pipeline[0]") && err.contains("cri, docker"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -7,25 +7,33 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// ArgoCD's verdict: (`Healthy` | `Progressing` | `Degraded` | `Suspended`, message).
-pub fn health(object: &Value) -> (String, String) {
+/// ArgoCD's verdict: (`Healthy` | `Progressing` | `Degraded` | `Suspended`, message), or
+/// why the script could not be run.
+pub fn health(object: &Value) -> Result<(String, String), String> {
     let script = crate::repo_root().join("charts/logpipe/argocd/health.lua");
     let program = format!(
         "obj = {}\nlocal hs = dofile({:?})\nio.write(hs.status, \"\\t\", hs.message or \"\")\n",
         lua_literal(object),
         script.display().to_string()
     );
-    let output = Command::new("lua5.1").arg("-e").arg(&program).output().unwrap_or_else(|e| {
-        panic!("lua5.1 is needed to test the ArgoCD health check ({e}): apt-get install lua5.1")
-    });
-    assert!(
-        output.status.success(),
-        "health.lua failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = Command::new("lua5.1")
+        .arg("-e")
+        .arg(&program)
+        .output()
+        .map_err(|e| {
+            format!(
+                "lua5.1 is needed to test the ArgoCD health check ({e}): apt-get install lua5.1"
+            )
+        })?;
+    if !output.status.success() {
+        return Err(format!(
+            "health.lua failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let (status, message) = text.split_once('\t').unwrap_or((&text, ""));
-    (status.to_string(), message.to_string())
+    Ok((status.to_string(), message.to_string()))
 }
 
 fn lua_literal(value: &Value) -> String {

@@ -6,11 +6,12 @@
 //! [`Testbed::ensure`] starts it; when it cannot, the test fails with the reason and the
 //! command to run. A missing component never makes a test pass.
 
+pub mod argocd;
+pub mod loggen;
 pub mod loki;
+pub mod nodesim;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -75,7 +76,7 @@ pub struct Testbed {
     pub loki_url: String,
 }
 
-static STARTING: Mutex<()> = Mutex::new(());
+static STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// An HTTP client for the test bed's loopback services. reqwest is built without a
 /// bundled TLS provider (the workspace uses ring, as kube does), so install it once.
@@ -93,14 +94,15 @@ impl Testbed {
         }
         {
             // Tests of one binary run in threads: only one starts the test bed.
-            let _guard = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+            let _guard = STARTING.lock().await;
             if Self::running(&dir, clusters).await.is_none() {
-                let output = Command::new("make")
+                let output = tokio::process::Command::new("make")
                     .arg("-C")
                     .arg(repo_root())
                     .arg("testbed-up")
                     .arg(format!("CLUSTERS={}", clusters.join(" ")))
                     .output()
+                    .await
                     .map_err(|e| TestbedError::Start(format!("cannot run make: {e}")))?;
                 if !output.status.success() {
                     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -171,7 +173,10 @@ impl Testbed {
 
     /// A fresh directory under the test bed for one test's files.
     pub fn scratch_dir(&self, name: &str) -> Result<PathBuf, TestbedError> {
-        let path = self.dir.join("scratch").join(format!("{name}-{}", unique_suffix()));
+        let path = self
+            .dir
+            .join("scratch")
+            .join(format!("{name}-{}", unique_suffix()));
         std::fs::create_dir_all(&path).map_err(|source| TestbedError::Read {
             path: path.clone(),
             source,

@@ -28,9 +28,13 @@ async fn lp_api(testbed: &Testbed, namespace: &str) -> Api<DynamicObject> {
     .unwrap();
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     namespaces
-        .patch(namespace, &PatchParams::apply("logpipe-e2e"), &Patch::Apply(json!({
-            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}
-        })))
+        .patch(
+            namespace,
+            &PatchParams::apply("logpipe-e2e"),
+            &Patch::Apply(json!({
+                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}
+            })),
+        )
         .await
         .unwrap();
     let resource = ApiResource::from_gvk_with_plural(
@@ -55,15 +59,21 @@ fn condition(kind: &str, status: &str, reason: &str, message: &str) -> Value {
 
 #[tokio::test]
 async fn argocd_health_follows_the_logpipeline_status() {
-    let testbed = Testbed::ensure(&["ops"]).await.unwrap_or_else(|e| panic!("{e}"));
+    let testbed = Testbed::ensure(&["ops"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let namespace = format!("argocd-health-{}", unique_suffix());
     let api = lp_api(&testbed, &namespace).await;
     let apply = PatchParams::apply("logpipe-e2e").force();
-    api.patch("lp", &apply, &Patch::Apply(json!({
-        "apiVersion": "logpipe.io/v1alpha1", "kind": "LogPipeline",
-        "metadata": {"name": "lp", "namespace": namespace},
-        "spec": {"tenant": "ops", "endpoint": "http://127.0.0.1:43100/loki/api/v1/push"}
-    })))
+    api.patch(
+        "lp",
+        &apply,
+        &Patch::Apply(json!({
+            "apiVersion": "logpipe.io/v1alpha1", "kind": "LogPipeline",
+            "metadata": {"name": "lp", "namespace": namespace},
+            "spec": {"tenant": "ops", "endpoint": "http://127.0.0.1:43100/loki/api/v1/push"}
+        })),
+    )
     .await
     .unwrap();
 
@@ -71,30 +81,59 @@ async fn argocd_health_follows_the_logpipeline_status() {
     // An operator may already have written a status; the verdict before any is what
     // ArgoCD sees right after a sync.
     fresh.as_object_mut().unwrap().remove("status");
-    assert_eq!(argocd::health(&fresh).0, "Progressing", "no status yet: {fresh}");
-    let dry_run = PostParams { dry_run: true, field_manager: Some("logpipe-e2e".into()) };
+    assert_eq!(
+        argocd::health(&fresh).unwrap().0,
+        "Progressing",
+        "no status yet: {fresh}"
+    );
+    let dry_run = PostParams {
+        dry_run: true,
+        field_manager: Some("logpipe-e2e".into()),
+    };
 
     // (status written by the operator, expected ArgoCD health, text the message must hold)
     let cases = [
-        (json!({"observedGeneration": 1, "phase": "Canary", "currentStep": 0,
+        (
+            json!({"observedGeneration": 1, "phase": "Canary", "currentStep": 0,
                 "message": "canary: 1/20 nodes on revision 7f3a"}),
-         "Progressing", "canary"),
-        (json!({"observedGeneration": 1, "phase": "Healthy",
+            "Progressing",
+            "canary",
+        ),
+        (
+            json!({"observedGeneration": 1, "phase": "Healthy",
                 "conditions": [condition("Ready", "True", "RolledOut", "20/20 agents ready")],
                 "message": "20/20 nodes on revision 7f3a"}),
-         "Healthy", "20/20"),
-        (json!({"observedGeneration": 1, "phase": "RollingBack",
+            "Healthy",
+            "20/20",
+        ),
+        (
+            json!({"observedGeneration": 1, "phase": "RollingBack",
                 "message": "canary failed: no logs in Loki for node ops-node-0 after 2m"}),
-         "Degraded", "no logs in Loki"),
-        (json!({"observedGeneration": 1, "phase": "Step",
+            "Degraded",
+            "no logs in Loki",
+        ),
+        (
+            json!({"observedGeneration": 1, "phase": "Step",
                 "conditions": [condition("Degraded", "True", "VerificationFailed", "send errors 12 > 0")]}),
-         "Degraded", "send errors"),
-        (json!({"observedGeneration": 1, "phase": "Paused", "message": "paused by spec.rollout.paused"}),
-         "Suspended", "paused"),
-        (json!({"observedGeneration": 1, "phase": "Pending",
+            "Degraded",
+            "send errors",
+        ),
+        (
+            json!({"observedGeneration": 1, "phase": "Paused", "message": "paused by spec.rollout.paused"}),
+            "Suspended",
+            "paused",
+        ),
+        (
+            json!({"observedGeneration": 1, "phase": "Pending",
                 "message": "held: ops/logpipe must be Healthy at this release for 23h12m more"}),
-         "Suspended", "held"),
-        (json!({"observedGeneration": 0, "phase": "Healthy"}), "Progressing", "generation 1"),
+            "Suspended",
+            "held",
+        ),
+        (
+            json!({"observedGeneration": 0, "phase": "Healthy"}),
+            "Progressing",
+            "generation 1",
+        ),
     ];
     for (status, expected, words) in cases {
         let mut object = api.get("lp").await.unwrap();
@@ -108,12 +147,18 @@ async fn argocd_health_follows_the_logpipeline_status() {
         for (field, value) in status.as_object().unwrap() {
             assert_eq!(&object["status"][field], value, "status.{field} as stored");
         }
-        let (health, message) = argocd::health(&object);
+        let (health, message) = argocd::health(&object).unwrap();
         assert_eq!(health, expected, "status {}", object["status"]);
-        assert!(message.contains(words), "message {message:?} should mention {words:?}");
+        assert!(
+            message.contains(words),
+            "message {message:?} should mention {words:?}"
+        );
     }
 
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> =
         Api::all(testbed.client("ops").await.unwrap());
-    namespaces.delete(&namespace, &Default::default()).await.unwrap();
+    namespaces
+        .delete(&namespace, &Default::default())
+        .await
+        .unwrap();
 }

@@ -28,7 +28,9 @@ fn cached_binary(prefix: &str, component: &str) -> PathBuf {
 }
 
 fn run(command: &mut Command) -> String {
-    let output = command.output().unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
     assert!(
         output.status.success(),
         "{command:?} failed:\n{}{}",
@@ -46,7 +48,10 @@ fn values_files() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(chart_dir().join("tests"))
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("values-")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("values-"))
+        })
         .collect();
     files.sort();
     files
@@ -67,16 +72,22 @@ fn template(helm: &Path, values: Option<&Path>) -> String {
 #[test]
 fn chart_lints_clean() {
     let helm = cached_binary("HELM", "helm");
-    let out = run(Command::new(&helm).args(["lint", "--strict"]).arg(chart_dir()));
+    let out = run(Command::new(&helm)
+        .args(["lint", "--strict"])
+        .arg(chart_dir()));
     assert!(out.contains("0 chart(s) failed"), "{out}");
 }
 
 #[test]
 fn chart_crds_are_the_generated_ones() {
-    let generated = std::fs::read_to_string(repo_root().join("crds/logpipe.io_logpipelines.yaml")).unwrap();
+    let generated =
+        std::fs::read_to_string(repo_root().join("crds/logpipe.io_logpipelines.yaml")).unwrap();
     let in_chart =
         std::fs::read_to_string(chart_dir().join("crds/logpipe.io_logpipelines.yaml")).unwrap();
-    assert!(generated == in_chart, "charts/logpipe/crds/ differs from crds/: run `make crds`");
+    assert!(
+        generated == in_chart,
+        "charts/logpipe/crds/ differs from crds/: run `make crds`"
+    );
 }
 
 #[test]
@@ -84,7 +95,12 @@ fn chart_renders_as_the_snapshots_say() {
     let helm = cached_binary("HELM", "helm");
     let mut cases: Vec<(String, Option<PathBuf>)> = vec![("default".into(), None)];
     for file in values_files() {
-        let name = file.file_stem().unwrap().to_string_lossy().trim_start_matches("values-").to_string();
+        let name = file
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches("values-")
+            .to_string();
         cases.push((name, Some(file)));
     }
     let update = std::env::var_os("UPDATE_SNAPSHOTS").is_some();
@@ -96,7 +112,10 @@ fn chart_renders_as_the_snapshots_say() {
             continue;
         }
         let expected = std::fs::read_to_string(&snapshot).unwrap_or_else(|_| {
-            panic!("{} is missing: run `UPDATE_SNAPSHOTS=1 make chart-test`", snapshot.display())
+            panic!(
+                "{} is missing: run `UPDATE_SNAPSHOTS=1 make chart-test`",
+                snapshot.display()
+            )
         });
         assert!(
             rendered == expected,
@@ -108,7 +127,9 @@ fn chart_renders_as_the_snapshots_say() {
 
 #[tokio::test]
 async fn rendered_chart_is_accepted_by_the_api_server() {
-    let testbed = Testbed::ensure(&["ops"]).await.unwrap_or_else(|e| panic!("{e}"));
+    let testbed = Testbed::ensure(&["ops"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let helm = cached_binary("HELM", "helm");
     let kubectl = cached_binary("K8S", "kubectl");
     let kubeconfig = testbed.kubeconfig("ops");
@@ -116,13 +137,26 @@ async fn rendered_chart_is_accepted_by_the_api_server() {
     let namespace = run(Command::new(&kubectl)
         .arg("--kubeconfig")
         .arg(&kubeconfig)
-        .args(["create", "namespace", "logpipe-system", "--dry-run=client", "-o", "yaml"]));
+        .args([
+            "create",
+            "namespace",
+            "logpipe-system",
+            "--dry-run=client",
+            "-o",
+            "yaml",
+        ]));
     let mut apply_namespace = Command::new(&kubectl);
-    apply_namespace.arg("--kubeconfig").arg(&kubeconfig).args(["apply", "--server-side", "-f", "-"]);
+    apply_namespace.arg("--kubeconfig").arg(&kubeconfig).args([
+        "apply",
+        "--server-side",
+        "-f",
+        "-",
+    ]);
     pipe(&mut apply_namespace, &namespace);
 
-    let values: Vec<Option<PathBuf>> =
-        std::iter::once(None).chain(values_files().into_iter().map(Some)).collect();
+    let values: Vec<Option<PathBuf>> = std::iter::once(None)
+        .chain(values_files().into_iter().map(Some))
+        .collect();
     for values in values {
         let mut rendered = template(&helm, values.as_deref());
         // CRDs from the chart's crds/ directory are installed by helm before templates.
@@ -136,10 +170,15 @@ async fn rendered_chart_is_accepted_by_the_api_server() {
             .filter(|doc| !doc.contains("kind: ServiceMonitor"))
             .collect();
         let mut command = Command::new(&kubectl);
-        command
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .args(["apply", "--server-side", "--dry-run=server", "--field-manager", "helm", "-f", "-"]);
+        command.arg("--kubeconfig").arg(&kubeconfig).args([
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "--field-manager",
+            "helm",
+            "-f",
+            "-",
+        ]);
         let out = pipe(&mut command, &rendered.join("\n---"));
         assert!(out.contains("deployment.apps/logpipe"), "{values:?}: {out}");
     }
@@ -154,7 +193,12 @@ fn pipe(command: &mut Command, input: &str) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let output = child.wait_with_output().unwrap();
     assert!(
         output.status.success(),

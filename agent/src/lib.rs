@@ -1,0 +1,22 @@
+//! logpipe-agent: tails container logs on its node, labels them with Kubernetes metadata,
+//! pushes them to Grafana Loki, and commits a read position only after Loki acknowledged
+//! every entry before it.
+//!
+//! ```text
+//! discovery (own node's pods) -> tail (/var/log/pods) -> cri/docker parse -> stages
+//!   -> loki batcher/client -> positions (after acknowledgement)
+//! ```
+
+pub mod config;
+pub mod cri;
+pub mod discovery;
+pub mod entry;
+pub mod loki;
+pub mod metrics;
+pub mod podlogs;
+pub mod positions;
+pub mod relabel;
+pub mod runtime;
+pub mod server;
+pub mod stages;
+pub mod tail;

@@ -1,0 +1,279 @@
+//! Compiling the configured stages: every regex, label name, format and limit is checked
+//! here, once, and reported as `pipeline[i] (kind): message`.
+
+use std::collections::BTreeMap;
+
+use regex::Regex;
+
+use super::fields::{FieldId, FieldTable};
+use super::labels::StaticChange;
+use super::timestamp::TimeFormat;
+use super::{DROP_STAGE_REASON, Parser, ParserFields, Pipeline, StageError};
+use crate::config::{Limits, Stage};
+use crate::relabel::is_valid_label_name;
+
+#[derive(Debug)]
+pub(super) enum Compiled {
+    Timestamp {
+        source: FieldId,
+        formats: Vec<TimeFormat>,
+    },
+    StaticLabels {
+        change: StaticChange,
+        memo: usize,
+    },
+    Json {
+        source: Option<FieldId>,
+        expressions: Vec<(FieldId, Vec<String>)>,
+    },
+    Regex {
+        source: Option<FieldId>,
+        regex: Regex,
+        groups: Vec<(usize, FieldId)>,
+    },
+    Labels {
+        pairs: Vec<(String, FieldId)>,
+        memo: usize,
+    },
+    StructuredMetadata {
+        pairs: Vec<(String, FieldId)>,
+    },
+    Drop(DropRule),
+    Multiline {
+        first_line: Regex,
+        max_wait_ns: i64,
+        max_lines: u32,
+        slot: usize,
+    },
+    Limit {
+        rate: f64,
+        burst: f64,
+        drop: bool,
+        slot: usize,
+    },
+}
+
+#[derive(Debug)]
+pub(super) struct DropRule {
+    pub(super) source: Option<FieldId>,
+    pub(super) expression: Option<Regex>,
+    pub(super) older_than_ns: Option<i64>,
+    pub(super) longer_than: Option<u64>,
+    pub(super) reason: String,
+}
+
+pub(super) fn pipeline(stages: &[Stage], limits: &Limits) -> Result<Pipeline, StageError> {
+    let mut table = FieldTable::default();
+    let mut pipeline = Pipeline {
+        parser: Parser::None,
+        stages: Vec::with_capacity(stages.len()),
+        max_line: usize::try_from(limits.max_line_bytes)
+            .unwrap_or(usize::MAX)
+            .max(1),
+        malformed: limits.malformed_lines,
+        parser_fields: ParserFields::default(),
+        multiline_stages: Vec::new(),
+        label_memos: 0,
+        limits: 0,
+    };
+    for (index, stage) in stages.iter().enumerate() {
+        let kind = stage.kind().map_err(|message| StageError::Invalid {
+            index,
+            kind: "stage",
+            message,
+        })?;
+        let invalid = |message: String| StageError::Invalid {
+            index,
+            kind,
+            message,
+        };
+        pipeline
+            .compile(index, stage, &mut table)
+            .map_err(invalid)?;
+    }
+    pipeline.parser_fields = ParserFields {
+        time: table.lookup("time"),
+        stream: table.lookup("stream"),
+        flags: table.lookup("flags"),
+        content: table.lookup("content"),
+    };
+    Ok(pipeline)
+}
+
+impl Pipeline {
+    fn compile(
+        &mut self,
+        index: usize,
+        stage: &Stage,
+        table: &mut FieldTable,
+    ) -> Result<(), String> {
+        let regex = |pattern: &str| {
+            Regex::new(pattern).map_err(|e| format!("invalid regex {pattern:?}: {e}"))
+        };
+        let source = |table: &mut FieldTable, name: &Option<String>| {
+            name.as_deref().map(|name| table.intern(name))
+        };
+        let compiled = if stage.cri.is_some() || stage.docker.is_some() {
+            if index != 0 {
+                return Err("a parser stage must be the first stage".into());
+            }
+            self.parser = if stage.cri.is_some() {
+                Parser::Cri
+            } else {
+                Parser::Docker
+            };
+            return Ok(());
+        } else if let Some(ts) = &stage.timestamp {
+            let mut formats = vec![TimeFormat::new(&ts.format)?];
+            for fallback in ts.fallback_formats.iter().flatten() {
+                formats.push(TimeFormat::new(fallback)?);
+            }
+            Compiled::Timestamp {
+                source: table.intern(&ts.source),
+                formats,
+            }
+        } else if let Some(names) = &stage.label_drop {
+            self.static_labels(StaticChange::Drop(names.clone()))
+        } else if let Some(names) = &stage.label_keep {
+            self.static_labels(StaticChange::Keep(names.clone()))
+        } else if let Some(labels) = &stage.static_labels {
+            for name in labels.keys() {
+                check_label_name(name)?;
+            }
+            let pairs = labels
+                .iter()
+                .filter(|(_, value)| !value.is_empty())
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect();
+            self.static_labels(StaticChange::Add(pairs))
+        } else if let Some(json) = &stage.json {
+            if json.expressions.is_empty() {
+                return Err("expressions must not be empty".into());
+            }
+            let expressions = json
+                .expressions
+                .iter()
+                .map(|(field, path)| {
+                    let path = if path.is_empty() { field } else { path };
+                    (
+                        table.intern(field),
+                        path.split('.').map(str::to_string).collect(),
+                    )
+                })
+                .collect();
+            Compiled::Json {
+                source: source(table, &json.source),
+                expressions,
+            }
+        } else if let Some(stage) = &stage.regex {
+            let compiled = regex(&stage.expression)?;
+            let groups: Vec<(usize, FieldId)> = compiled
+                .capture_names()
+                .enumerate()
+                .filter_map(|(i, name)| name.map(|name| (i, table.intern(name))))
+                .collect();
+            if groups.is_empty() {
+                return Err(format!(
+                    "regex {:?} has no named capture group",
+                    stage.expression
+                ));
+            }
+            Compiled::Regex {
+                source: source(table, &stage.source),
+                regex: compiled,
+                groups,
+            }
+        } else if let Some(labels) = &stage.labels {
+            let pairs = field_pairs(labels, table, true)?;
+            let memo = self.label_memos;
+            self.label_memos += 1;
+            Compiled::Labels { pairs, memo }
+        } else if let Some(metadata) = &stage.structured_metadata {
+            Compiled::StructuredMetadata {
+                pairs: field_pairs(metadata, table, false)?,
+            }
+        } else if let Some(drop) = &stage.drop {
+            if drop.source.is_none()
+                && drop.expression.is_none()
+                && drop.older_than.is_none()
+                && drop.longer_than.is_none()
+            {
+                return Err("set at least one of source, expression, olderThan, longerThan".into());
+            }
+            Compiled::Drop(DropRule {
+                source: source(table, &drop.source),
+                expression: drop.expression.as_deref().map(regex).transpose()?,
+                older_than_ns: drop
+                    .older_than
+                    .map(|d| i64::try_from(d.0.as_nanos()).unwrap_or(i64::MAX)),
+                longer_than: drop.longer_than,
+                reason: drop
+                    .drop_counter_reason
+                    .clone()
+                    .unwrap_or_else(|| DROP_STAGE_REASON.to_string()),
+            })
+        } else if let Some(multiline) = &stage.multiline {
+            if multiline.max_lines == 0 {
+                return Err("maxLines must be at least 1".into());
+            }
+            let slot = self.multiline_stages.len();
+            self.multiline_stages.push(self.stages.len());
+            Compiled::Multiline {
+                first_line: regex(&multiline.first_line)?,
+                max_wait_ns: i64::try_from(multiline.max_wait.0.as_nanos()).unwrap_or(i64::MAX),
+                max_lines: multiline.max_lines,
+                slot,
+            }
+        } else if let Some(limit) = &stage.limit {
+            if !(limit.rate.is_finite() && limit.rate > 0.0) {
+                return Err(format!("rate must be above 0, got {}", limit.rate));
+            }
+            if limit.burst == 0 {
+                return Err("burst must be at least 1".into());
+            }
+            let slot = self.limits;
+            self.limits += 1;
+            Compiled::Limit {
+                rate: limit.rate,
+                burst: f64::from(limit.burst),
+                drop: limit.drop,
+                slot,
+            }
+        } else {
+            return Err("unknown stage".into());
+        };
+        self.stages.push(compiled);
+        Ok(())
+    }
+
+    fn static_labels(&mut self, change: StaticChange) -> Compiled {
+        let memo = self.label_memos;
+        self.label_memos += 1;
+        Compiled::StaticLabels { change, memo }
+    }
+}
+
+fn check_label_name(name: &str) -> Result<(), String> {
+    if is_valid_label_name(name) {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a valid label name"))
+    }
+}
+
+/// `name -> field` maps where an empty field means the same name.
+fn field_pairs(
+    map: &BTreeMap<String, String>,
+    table: &mut FieldTable,
+    label_names: bool,
+) -> Result<Vec<(String, FieldId)>, String> {
+    map.iter()
+        .map(|(name, field)| {
+            if label_names {
+                check_label_name(name)?;
+            }
+            let field = if field.is_empty() { name } else { field };
+            Ok((name.clone(), table.intern(field)))
+        })
+        .collect()
+}

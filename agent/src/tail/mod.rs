@@ -1,0 +1,854 @@
+//! The tailer: finds the kubelet's pod log files, reads them line by line, hands lines to
+//! a [`LineHandler`] (the pipeline), and ships what comes out with an acknowledgement token.
+//!
+//! Flow, one thread, every pass:
+//! 1. every `poll_interval`, [`Tailer::scan`] lists `<root>/<pod>/<container>/<file>`
+//!    (see [`crate::podlogs`]) and reconciles it with the open files by identity
+//!    (dev, inode): a known inode under a new name is a rotation (the file keeps being read
+//!    under its new name); an open file no longer on disk is finished (read to its end,
+//!    then forgotten); a new file is matched to a position record (by inode and
+//!    fingerprint, or by fingerprint for a `.gz`) or started as described below;
+//! 2. [`Tailer::read_pass`] reads every open file within a per-file budget, unless the
+//!    bytes read and not yet acknowledged exceed `max_buffered_bytes` (backpressure), splits
+//!    lines, feeds the handler, registers each entry in the [`ack::Ledger`] and sends it;
+//!    then reports how far the file was consumed and from where the handler holds lines.
+//!
+//! Guarantees:
+//! - Each byte of a file is handed to the handler once per agent run; a rotated file is
+//!   read to its end under its new name before it is forgotten, and its compressed copy
+//!   (same first bytes) is not read again, now or after a restart.
+//! - A copytruncated file (size below the read offset) is read again from the start
+//!   under a new ledger key, so the old instance's acknowledgements cannot move the new
+//!   one's position.
+//! - Memory: at most `max_buffered_bytes` of unacknowledged entries, plus one read chunk
+//!   and one raw line (at most `max_raw_line_bytes`) per open file.
+//!
+//! Assumptions:
+//! - Lines end with `\n` (CRI and docker json-file writers do). An unterminated last line
+//!   is read only when its file is finished (deleted or compressed).
+//! - The kubelet's rotation renames `<n>.log` and the runtime reopens a new `<n>.log`;
+//!   compression writes `<name>.gz` and then deletes `<name>`.
+//!
+//! Caveats:
+//! - Files that appear before discovery knows their pod: the handler may ask to wait
+//!   ([`LineHandler::open`] returns `None`); the runtime waits a few seconds and then
+//!   reads with labels derived from the path, refined when the pod becomes known.
+//! - A rotated or compressed file of unknown identity is read only if it changed after
+//!   the baseline (the last positions save, or this agent's start): otherwise it predates
+//!   the agent (first start, Promtail import) and is skipped, and recorded as such.
+//! - A file created and deleted between two scans (under `poll_interval`) is not seen.
+
+pub mod ack;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use flate2::read::MultiGzDecoder;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::entry::Entry;
+use crate::metrics::{Metrics, PathLabel};
+use crate::podlogs::{self, LogFileKind, PodLogFile};
+use crate::positions::{FINGERPRINT_BYTES, Fingerprint, PositionRecord};
+
+use self::ack::{CloseKind, FileKey, Ledger, Pending};
+
+const READ_CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    #[error("cannot list {path}: {source}")]
+    List { path: String, source: io::Error },
+    #[error("cannot open {path}: {source}")]
+    Open { path: String, source: io::Error },
+}
+
+/// What the handler learns about a file.
+#[derive(Clone, Debug)]
+pub struct FileInfo {
+    pub path: PathBuf,
+    /// Pod, container and restart parsed from the path.
+    pub pod: Option<PodLogFile>,
+    /// When the tailer first saw the file (for "wait for discovery" decisions).
+    pub first_seen: Instant,
+}
+
+/// Turns raw lines into entries: the pipeline, in the runtime.
+pub trait LineHandler {
+    type Stream;
+    /// Per-file state, or `None` to be asked again at the next scan (pod not known yet).
+    fn open(&mut self, file: &FileInfo) -> Option<Self::Stream>;
+    /// Called once per pass before the file is read (labels may have changed).
+    fn refresh(&mut self, _file: &FileInfo, _stream: &mut Self::Stream) {}
+    /// One raw line without its `\n`, at `[start, end)` in the file. `Some(wait)`: pause
+    /// reading this file that long (rate limit in wait mode).
+    fn line(
+        &mut self,
+        stream: &mut Self::Stream,
+        raw: &[u8],
+        start: u64,
+        end: u64,
+        out: &mut Vec<Entry>,
+    ) -> Option<Duration>;
+    /// Emit what waited too long, or everything when `force`.
+    fn flush(&mut self, stream: &mut Self::Stream, force: bool, out: &mut Vec<Entry>);
+    /// Start of the earliest raw line the stream still holds.
+    fn held_from(&self, stream: &Self::Stream) -> Option<u64>;
+}
+
+#[derive(Clone, Debug)]
+pub struct TailConfig {
+    pub root: PathBuf,
+    pub poll_interval: Duration,
+    pub max_buffered_bytes: u64,
+    /// Bytes read from one file in one pass.
+    pub per_file_budget: usize,
+    /// A raw line longer than this is cut (counted) so one bad file cannot exhaust memory.
+    pub max_raw_line_bytes: usize,
+    /// Rotated files of unknown identity changed after this (Unix ms) are read.
+    pub baseline_ms: i64,
+}
+
+impl TailConfig {
+    pub fn new(root: impl Into<PathBuf>, max_buffered_bytes: u64, max_line_bytes: u64) -> Self {
+        Self {
+            root: root.into(),
+            poll_interval: Duration::from_millis(250),
+            max_buffered_bytes,
+            per_file_budget: 1024 * 1024,
+            max_raw_line_bytes: (2 * max_line_bytes as usize).max(1024 * 1024),
+            baseline_ms: now_ms(),
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A file found by a scan.
+#[derive(Clone, Debug)]
+struct Found {
+    path: PathBuf,
+    pod: PodLogFile,
+    dev: u64,
+    inode: u64,
+    size: u64,
+    mtime_ms: i64,
+}
+
+enum Source {
+    Plain(File),
+    Gz(Box<MultiGzDecoder<File>>),
+}
+
+impl Source {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Source::Plain(f) => f.read(buf),
+            Source::Gz(d) => d.read(buf),
+        }
+    }
+}
+
+struct Tailed<S> {
+    key: FileKey,
+    info: FileInfo,
+    path_str: String,
+    kind: LogFileKind,
+    dev: u64,
+    inode: u64,
+    fingerprint: Fingerprint,
+    source: Source,
+    /// Content bytes read from `source`.
+    read_pos: u64,
+    /// File offset of `buf[0]`: everything before was handed to the handler.
+    consumed: u64,
+    buf: Vec<u8>,
+    /// Bytes of `buf` already searched for a newline.
+    scanned: usize,
+    stream: S,
+    gone: bool,
+    wait_until: Option<Instant>,
+}
+
+/// Why a present file is not tailed.
+#[derive(Clone, Debug)]
+struct Skipped {
+    fingerprint: Option<Fingerprint>,
+}
+
+/// The tailing engine. See the module documentation.
+pub struct Tailer<H: LineHandler> {
+    cfg: TailConfig,
+    handler: H,
+    ledger: Arc<Ledger>,
+    tx: UnboundedSender<Pending>,
+    metrics: Arc<Metrics>,
+    files: BTreeMap<FileKey, Tailed<H::Stream>>,
+    /// (dev, inode) of present files read to their end or skipped on purpose.
+    skipped: HashMap<(u64, u64), Skipped>,
+    /// (dev, inode) -> first seen, for files whose handler asked to wait.
+    waiting: HashMap<(u64, u64), Instant>,
+    out: Vec<Entry>,
+    closed_channel: bool,
+}
+
+impl<H: LineHandler> Tailer<H> {
+    pub fn new(
+        cfg: TailConfig,
+        handler: H,
+        ledger: Arc<Ledger>,
+        tx: UnboundedSender<Pending>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        metrics
+            .buffered_bytes_limit
+            .set(cfg.max_buffered_bytes as i64);
+        Self {
+            cfg,
+            handler,
+            ledger,
+            tx,
+            metrics,
+            files: BTreeMap::new(),
+            skipped: HashMap::new(),
+            waiting: HashMap::new(),
+            out: Vec::new(),
+            closed_channel: false,
+        }
+    }
+
+    /// Open files (for tests and metrics).
+    pub fn open_paths(&self) -> Vec<PathBuf> {
+        self.files.values().map(|f| f.info.path.clone()).collect()
+    }
+
+    /// Scan and read until `stop` is set. Positions are never forced here: on stop, lines
+    /// held by the handler (partial lines, multiline) stay uncommitted and are read again
+    /// by the next run.
+    pub fn run(mut self, stop: &AtomicBool) {
+        let mut next_scan = Instant::now();
+        while !stop.load(Ordering::Relaxed) && !self.closed_channel {
+            let now = Instant::now();
+            if now >= next_scan {
+                if let Err(e) = self.scan() {
+                    tracing::warn!(error = %e, "scanning the pod log tree failed");
+                }
+                next_scan = now + self.cfg.poll_interval;
+            }
+            let read = self.read_pass();
+            if read == 0 {
+                let pause = next_scan.saturating_duration_since(Instant::now());
+                std::thread::sleep(pause.min(self.cfg.poll_interval));
+            }
+        }
+        tracing::info!(files = self.files.len(), "tailer stopped");
+    }
+
+    fn list(&self) -> Result<Vec<Found>, TailError> {
+        let root = &self.cfg.root;
+        let list_err = |path: &Path, source| TailError::List {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut found = Vec::new();
+        let pods = match fs::read_dir(root) {
+            Ok(pods) => pods,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(found),
+            Err(e) => return Err(list_err(root, e)),
+        };
+        for pod_dir in pods.flatten() {
+            let name = pod_dir.file_name();
+            if name.to_str().and_then(podlogs::parse_pod_dir).is_none() {
+                continue;
+            }
+            // A pod directory may vanish while listed: that is a deletion, not an error.
+            let Ok(containers) = fs::read_dir(pod_dir.path()) else {
+                continue;
+            };
+            for container in containers.flatten() {
+                let Ok(logs) = fs::read_dir(container.path()) else {
+                    continue;
+                };
+                for log in logs.flatten() {
+                    let path = log.path();
+                    let Some(pod) = podlogs::parse(root, &path) else {
+                        continue;
+                    };
+                    let Ok(meta) = fs::metadata(&path) else {
+                        continue;
+                    };
+                    if !meta.is_file() {
+                        continue;
+                    }
+                    found.push(Found {
+                        path,
+                        pod,
+                        dev: meta.dev(),
+                        inode: meta.ino(),
+                        size: meta.len(),
+                        mtime_ms: meta.mtime() * 1000 + meta.mtime_nsec() / 1_000_000,
+                    });
+                }
+            }
+        }
+        // Older restarts and rotated files first, so a container's lines go out in order.
+        found.sort_by(|a, b| {
+            (a.pod.restart, kind_rank(&a.pod.kind), &a.path).cmp(&(
+                b.pod.restart,
+                kind_rank(&b.pod.kind),
+                &b.path,
+            ))
+        });
+        Ok(found)
+    }
+
+    /// Reconcile the files on disk with the open ones.
+    pub fn scan(&mut self) -> Result<(), TailError> {
+        let found = self.list()?;
+        let by_inode: HashMap<(u64, u64), &Found> =
+            found.iter().map(|f| ((f.dev, f.inode), f)).collect();
+
+        // Open files: renamed (rotation) or gone.
+        for file in self.files.values_mut() {
+            match by_inode.get(&(file.dev, file.inode)) {
+                Some(now) => {
+                    if now.path != file.info.path {
+                        tracing::debug!(from = %file.path_str, to = %now.path.display(), "file renamed");
+                        self.metrics.forget_path(&file.path_str);
+                        file.info.path = now.path.clone();
+                        file.path_str = now.path.display().to_string();
+                        file.kind = now.pod.kind.clone();
+                        self.ledger.update(file.key, Some(&file.path_str), None);
+                    }
+                    self.metrics
+                        .file_bytes
+                        .get_or_create(&PathLabel {
+                            path: file.path_str.clone(),
+                        })
+                        .set(now.size as i64);
+                }
+                None => file.gone = true,
+            }
+        }
+        let open: HashSet<(u64, u64)> = self.files.values().map(|f| (f.dev, f.inode)).collect();
+        self.skipped.retain(|id, _| by_inode.contains_key(id));
+        self.waiting.retain(|id, _| by_inode.contains_key(id));
+
+        for f in &found {
+            let id = (f.dev, f.inode);
+            if open.contains(&id) || self.skipped.contains_key(&id) {
+                continue;
+            }
+            if let Err(e) = self.consider(f) {
+                self.metrics.file_errors.inc();
+                tracing::warn!(error = %e, "cannot start tailing");
+            }
+        }
+
+        let mut inodes: HashSet<(u64, u64)> = by_inode.keys().copied().collect();
+        let mut fingerprints: HashSet<Fingerprint> = HashSet::new();
+        for file in self.files.values() {
+            inodes.insert((file.dev, file.inode));
+            fingerprints.insert(file.fingerprint.clone());
+        }
+        for skipped in self.skipped.values() {
+            if let Some(fp) = &skipped.fingerprint {
+                fingerprints.insert(fp.clone());
+            }
+        }
+        self.ledger
+            .refresh_retired(&inodes, &fingerprints, now_ms());
+        self.metrics.files_active.set(self.files.len() as i64);
+        Ok(())
+    }
+
+    /// A file on disk that is not open: open it where its position says, or skip it.
+    fn consider(&mut self, f: &Found) -> Result<(), TailError> {
+        let id = (f.dev, f.inode);
+        let compressed = f.pod.kind == LogFileKind::Compressed;
+        let prefix = match read_prefix(&f.path, compressed) {
+            Ok(prefix) => prefix,
+            // A .gz still being renamed into place, or a file deleted meanwhile.
+            Err(e) => {
+                tracing::debug!(path = %f.path.display(), error = %e, "cannot read the first bytes yet");
+                return Ok(());
+            }
+        };
+        let fingerprint = Fingerprint::of(&prefix);
+
+        // The compressed copy of a file still open here: that file is read to its end.
+        if fingerprint.len > 0
+            && f.pod.kind != LogFileKind::Active
+            && self
+                .files
+                .values()
+                .any(|open| open.fingerprint.len > 0 && open.fingerprint.matches(&prefix))
+        {
+            self.skipped.insert(
+                id,
+                Skipped {
+                    fingerprint: Some(fingerprint),
+                },
+            );
+            return Ok(());
+        }
+
+        let first_seen = *self.waiting.entry(id).or_insert_with(Instant::now);
+        let info = FileInfo {
+            path: f.path.clone(),
+            pod: Some(f.pod.clone()),
+            first_seen,
+        };
+        let Some(stream) = self.handler.open(&info) else {
+            return Ok(());
+        };
+        self.waiting.remove(&id);
+
+        let claimed = self.ledger.claim(|_, record| {
+            if compressed {
+                record
+                    .fingerprint
+                    .as_ref()
+                    .is_some_and(|fp| fp.len > 0 && fp.matches(&prefix))
+            } else {
+                !record.compressed
+                    && record.dev == f.dev
+                    && record.inode == f.inode
+                    && record
+                        .fingerprint
+                        .as_ref()
+                        .is_none_or(|fp| fp.matches(&prefix))
+            }
+        });
+        let path_str = f.path.display().to_string();
+        let start = match claimed {
+            Some((_, mut record)) if record.finished => {
+                record.compressed = compressed;
+                record.dev = f.dev;
+                record.inode = f.inode;
+                self.ledger.retire(path_str, record);
+                self.skipped.insert(
+                    id,
+                    Skipped {
+                        fingerprint: Some(fingerprint),
+                    },
+                );
+                return Ok(());
+            }
+            // Shrunk while the agent was down: copytruncate, read it all again.
+            Some((_, record)) if !compressed && record.offset > f.size => 0,
+            Some((_, record)) => record.offset,
+            None if f.pod.kind == LogFileKind::Active => 0,
+            None if f.mtime_ms >= self.cfg.baseline_ms => 0,
+            None => {
+                self.metrics.skipped_rotated_files.inc();
+                tracing::info!(path = %path_str, "rotated file predates this agent, not read");
+                let size = if compressed { u64::MAX } else { f.size };
+                self.ledger.retire(
+                    path_str,
+                    PositionRecord {
+                        offset: size,
+                        dev: f.dev,
+                        inode: f.inode,
+                        fingerprint: Some(fingerprint.clone()),
+                        compressed,
+                        finished: true,
+                        last_seen_ms: now_ms(),
+                    },
+                );
+                self.skipped.insert(
+                    id,
+                    Skipped {
+                        fingerprint: Some(fingerprint),
+                    },
+                );
+                return Ok(());
+            }
+        };
+        let source = open_at(&f.path, compressed, start).map_err(|source| TailError::Open {
+            path: path_str.clone(),
+            source,
+        })?;
+        let key = self.ledger.open(
+            path_str.clone(),
+            PositionRecord {
+                offset: start,
+                dev: f.dev,
+                inode: f.inode,
+                fingerprint: Some(fingerprint.clone()),
+                compressed,
+                finished: false,
+                last_seen_ms: now_ms(),
+            },
+        );
+        tracing::info!(path = %path_str, offset = start, "tailing");
+        self.files.insert(
+            key,
+            Tailed {
+                key,
+                info,
+                path_str,
+                kind: f.pod.kind.clone(),
+                dev: f.dev,
+                inode: f.inode,
+                fingerprint,
+                source,
+                read_pos: start,
+                consumed: start,
+                buf: Vec::new(),
+                scanned: 0,
+                stream,
+                gone: false,
+                wait_until: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Read every open file once; returns the bytes read.
+    pub fn read_pass(&mut self) -> u64 {
+        let mut total = 0;
+        let keys: Vec<FileKey> = self.files.keys().copied().collect();
+        let mut paused = false;
+        for key in keys {
+            if self.closed_channel {
+                break;
+            }
+            if !paused && self.ledger.buffered_bytes() >= self.cfg.max_buffered_bytes {
+                paused = true;
+                self.metrics.backpressure_passes.inc();
+            }
+            match self.read_file(key, paused) {
+                Ok(n) => total += n,
+                Err(e) => {
+                    self.metrics.file_errors.inc();
+                    tracing::warn!(error = %e, "reading a log file failed, will retry");
+                }
+            }
+        }
+        self.metrics
+            .buffered_bytes
+            .set(self.ledger.buffered_bytes() as i64);
+        self.metrics.files_active.set(self.files.len() as i64);
+        total
+    }
+
+    fn read_file(&mut self, key: FileKey, paused: bool) -> io::Result<u64> {
+        let Some(file) = self.files.get_mut(&key) else {
+            return Ok(0);
+        };
+        self.handler.refresh(&file.info, &mut file.stream);
+        let now = Instant::now();
+        let waiting = file.wait_until.is_some_and(|until| until > now);
+        let mut read_total = 0u64;
+        let mut finished = false;
+        if !paused && !waiting {
+            file.wait_until = None;
+            let mut chunk = vec![0u8; READ_CHUNK];
+            // Lines left over from a limit-stage wait go first.
+            let mut wait = process_lines(
+                file,
+                &mut self.handler,
+                &mut self.out,
+                self.cfg.max_raw_line_bytes,
+                &self.metrics,
+            );
+            while wait.is_none() && (read_total as usize) < self.cfg.per_file_budget {
+                let n = file.source.read(&mut chunk)?;
+                if n == 0 {
+                    match eof_action(file)? {
+                        Eof::Wait => {}
+                        Eof::Truncated => {
+                            self.metrics.truncations.inc();
+                            tracing::info!(path = %file.path_str, "file truncated, reading it again from the start");
+                            let stream = self.handler.open(&file.info);
+                            if let Some(stream) = stream {
+                                file.stream = stream;
+                            }
+                            self.ledger.close(file.key, CloseKind::Abandoned);
+                            let fingerprint = read_prefix(&file.info.path, false)
+                                .map(|p| Fingerprint::of(&p))
+                                .unwrap_or_else(|_| Fingerprint::of(b""));
+                            let new_key = self.ledger.open(
+                                file.path_str.clone(),
+                                PositionRecord {
+                                    offset: 0,
+                                    dev: file.dev,
+                                    inode: file.inode,
+                                    fingerprint: Some(fingerprint.clone()),
+                                    compressed: false,
+                                    finished: false,
+                                    last_seen_ms: now_ms(),
+                                },
+                            );
+                            file.fingerprint = fingerprint;
+                            file.key = new_key;
+                            file.read_pos = 0;
+                            file.consumed = 0;
+                            file.buf.clear();
+                            file.scanned = 0;
+                            if let Source::Plain(f) = &mut file.source {
+                                f.seek(SeekFrom::Start(0))?;
+                            }
+                            // Re-key below, after the borrow ends.
+                            self.out.clear();
+                            let mut file = match self.files.remove(&key) {
+                                Some(file) => file,
+                                None => return Ok(read_total),
+                            };
+                            file.key = new_key;
+                            self.files.insert(new_key, file);
+                            return Ok(read_total);
+                        }
+                        Eof::Finish => finished = true,
+                    }
+                    break;
+                }
+                file.buf.extend_from_slice(&chunk[..n]);
+                file.read_pos += n as u64;
+                read_total += n as u64;
+                wait = process_lines(
+                    file,
+                    &mut self.handler,
+                    &mut self.out,
+                    self.cfg.max_raw_line_bytes,
+                    &self.metrics,
+                );
+            }
+            if let Some(wait) = wait {
+                file.wait_until = Some(now + wait);
+            }
+            if read_total > 0 {
+                let label = PathLabel {
+                    path: file.path_str.clone(),
+                };
+                self.metrics
+                    .read_bytes
+                    .get_or_create(&label)
+                    .set(file.read_pos as i64);
+                refresh_fingerprint(file, &self.ledger);
+            }
+        }
+        if finished {
+            // The unterminated tail of a file that will not grow any more.
+            if !file.buf.is_empty() {
+                let start = file.consumed;
+                let end = file.read_pos;
+                let raw = std::mem::take(&mut file.buf);
+                self.handler
+                    .line(&mut file.stream, &raw, start, end, &mut self.out);
+                file.consumed = end;
+                file.scanned = 0;
+            }
+            self.handler.flush(&mut file.stream, true, &mut self.out);
+        } else {
+            self.handler.flush(&mut file.stream, false, &mut self.out);
+        }
+        let held = self.handler.held_from(&file.stream);
+        let (file_key, consumed) = (file.key, file.consumed);
+        self.ship(file_key);
+        self.ledger.progress(file_key, consumed, held);
+        if finished && let Some(file) = self.files.remove(&key) {
+            tracing::info!(path = %file.path_str, offset = file.read_pos, "file finished");
+            self.ledger.close(file.key, CloseKind::Finished);
+            self.metrics.forget_path(&file.path_str);
+            self.skipped.insert(
+                (file.dev, file.inode),
+                Skipped {
+                    fingerprint: Some(file.fingerprint),
+                },
+            );
+        }
+        Ok(read_total)
+    }
+
+    fn ship(&mut self, key: FileKey) {
+        for entry in self.out.drain(..) {
+            let bytes = entry_cost(&entry);
+            let Some(token) = self.ledger.register(key, entry.end_offset, bytes) else {
+                continue;
+            };
+            if self
+                .tx
+                .send(Pending {
+                    entry,
+                    token,
+                    bytes,
+                })
+                .is_err()
+            {
+                self.closed_channel = true;
+                break;
+            }
+        }
+        self.out.clear();
+    }
+}
+
+/// What an entry counts for in the buffer limit: its text plus bookkeeping.
+pub fn entry_cost(entry: &Entry) -> u64 {
+    let metadata: usize = entry
+        .structured_metadata
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    (entry.line.len() + metadata + 64) as u64
+}
+
+fn kind_rank(kind: &LogFileKind) -> u8 {
+    match kind {
+        LogFileKind::Compressed => 0,
+        LogFileKind::Rotated => 1,
+        LogFileKind::Active => 2,
+    }
+}
+
+enum Eof {
+    /// Nothing more yet.
+    Wait,
+    /// Size below the read offset: copytruncate.
+    Truncated,
+    /// The file will not grow: gone from disk, or compressed.
+    Finish,
+}
+
+fn eof_action<S>(file: &Tailed<S>) -> io::Result<Eof> {
+    match &file.source {
+        Source::Gz(_) => Ok(Eof::Finish),
+        Source::Plain(f) => {
+            let meta = f.metadata()?;
+            if meta.len() < file.read_pos {
+                Ok(Eof::Truncated)
+            } else if file.gone && meta.len() == file.read_pos {
+                Ok(Eof::Finish)
+            } else {
+                Ok(Eof::Wait)
+            }
+        }
+    }
+}
+
+/// Hand every complete line in the buffer to the handler; cut a raw line that exceeds
+/// the limit. Returns the handler's wait request.
+fn process_lines<H: LineHandler>(
+    file: &mut Tailed<H::Stream>,
+    handler: &mut H,
+    out: &mut Vec<Entry>,
+    max_raw_line: usize,
+    metrics: &Metrics,
+) -> Option<Duration> {
+    let mut head = 0usize;
+    let mut wait = None;
+    let mut lines = 0u64;
+    loop {
+        match memchr::memchr(b'\n', &file.buf[file.scanned..]) {
+            Some(i) => {
+                let newline = file.scanned + i;
+                let start = file.consumed;
+                let end = start + (newline + 1 - head) as u64;
+                wait = handler.line(&mut file.stream, &file.buf[head..newline], start, end, out);
+                file.consumed = end;
+                head = newline + 1;
+                file.scanned = head;
+                lines += 1;
+                if wait.is_some() {
+                    break;
+                }
+            }
+            None => {
+                file.scanned = file.buf.len();
+                if file.buf.len() - head > max_raw_line {
+                    let start = file.consumed;
+                    let end = start + (file.buf.len() - head) as u64;
+                    metrics.oversized_raw_lines.inc();
+                    wait = handler.line(&mut file.stream, &file.buf[head..], start, end, out);
+                    file.consumed = end;
+                    head = file.buf.len();
+                    file.scanned = head;
+                    lines += 1;
+                }
+                break;
+            }
+        }
+    }
+    file.buf.drain(..head);
+    file.scanned -= head;
+    if lines > 0 {
+        metrics
+            .read_lines
+            .get_or_create(&PathLabel {
+                path: file.path_str.clone(),
+            })
+            .inc_by(lines);
+    }
+    wait
+}
+
+/// While a file is shorter than the fingerprint, its fingerprint grows with it.
+fn refresh_fingerprint<S>(file: &mut Tailed<S>, ledger: &Ledger) {
+    if file.fingerprint.is_complete() || file.read_pos <= file.fingerprint.len as u64 {
+        return;
+    }
+    if let Source::Plain(f) = &file.source {
+        let mut prefix = vec![0u8; FINGERPRINT_BYTES];
+        let mut filled = 0;
+        while filled < prefix.len() {
+            match f.read_at(&mut prefix[filled..], filled as u64) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => filled += n,
+            }
+        }
+        let fingerprint = Fingerprint::of(&prefix[..filled]);
+        if fingerprint.len > file.fingerprint.len {
+            ledger.update(file.key, None, Some(&fingerprint));
+            file.fingerprint = fingerprint;
+        }
+    }
+}
+
+/// The first [`FINGERPRINT_BYTES`] of a file's content (decompressed for `.gz`).
+fn read_prefix(path: &Path, compressed: bool) -> io::Result<Vec<u8>> {
+    let file = File::open(path)?;
+    let mut prefix = Vec::with_capacity(FINGERPRINT_BYTES);
+    if compressed {
+        MultiGzDecoder::new(file)
+            .take(FINGERPRINT_BYTES as u64)
+            .read_to_end(&mut prefix)?;
+    } else {
+        file.take(FINGERPRINT_BYTES as u64)
+            .read_to_end(&mut prefix)?;
+    }
+    Ok(prefix)
+}
+
+fn open_at(path: &Path, compressed: bool, offset: u64) -> io::Result<Source> {
+    let mut file = File::open(path)?;
+    if compressed {
+        let mut decoder = MultiGzDecoder::new(file);
+        let skipped = io::copy(&mut (&mut decoder).take(offset), &mut io::sink())?;
+        if skipped < offset {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "compressed file shorter than its position",
+            ));
+        }
+        Ok(Source::Gz(Box::new(decoder)))
+    } else {
+        file.seek(SeekFrom::Start(offset))?;
+        Ok(Source::Plain(file))
+    }
+}
+
+#[cfg(test)]
+mod tests;

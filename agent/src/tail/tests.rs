@@ -1,0 +1,328 @@
+//! Tailer scenarios with a trivial handler (one entry per line; `DROP...` lines are
+//! dropped; a `HOLD...` line is held until the next line).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::Arc;
+
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use super::ack::{AckToken, Ledger, Pending};
+use super::*;
+
+#[derive(Default)]
+struct Held {
+    held: Option<(u64, String)>,
+}
+
+struct Lines;
+
+impl LineHandler for Lines {
+    type Stream = Held;
+    fn open(&mut self, _file: &FileInfo) -> Option<Held> {
+        Some(Held::default())
+    }
+    fn line(
+        &mut self,
+        stream: &mut Held,
+        raw: &[u8],
+        start: u64,
+        end: u64,
+        out: &mut Vec<Entry>,
+    ) -> Option<Duration> {
+        let text = String::from_utf8_lossy(raw).to_string();
+        let joined = match stream.held.take() {
+            Some((_, first)) => format!("{first}+{text}"),
+            None if text.starts_with("HOLD") => {
+                stream.held = Some((start, text));
+                return None;
+            }
+            None => text,
+        };
+        if !joined.starts_with("DROP") {
+            out.push(Entry {
+                timestamp_ns: 0,
+                line: joined,
+                labels: Arc::new(BTreeMap::new()),
+                structured_metadata: Vec::new(),
+                end_offset: end,
+            });
+        }
+        None
+    }
+    fn flush(&mut self, stream: &mut Held, force: bool, out: &mut Vec<Entry>) {
+        if force && let Some((_, text)) = stream.held.take() {
+            out.push(Entry {
+                timestamp_ns: 0,
+                line: text,
+                labels: Arc::new(BTreeMap::new()),
+                structured_metadata: Vec::new(),
+                end_offset: 0,
+            });
+        }
+    }
+    fn held_from(&self, stream: &Held) -> Option<u64> {
+        stream.held.as_ref().map(|(start, _)| *start)
+    }
+}
+
+struct Bed {
+    dir: tempfile::TempDir,
+    ledger: Arc<Ledger>,
+    tailer: Tailer<Lines>,
+    rx: UnboundedReceiver<Pending>,
+}
+
+impl Bed {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::with(dir, Ledger::default(), 1 << 20, 0)
+    }
+
+    fn with(dir: tempfile::TempDir, ledger: Ledger, max_buffered: u64, baseline_ms: i64) -> Self {
+        let ledger = Arc::new(ledger);
+        let (tx, rx) = unbounded_channel();
+        let mut cfg = TailConfig::new(dir.path(), max_buffered, 1024);
+        cfg.baseline_ms = baseline_ms;
+        let tailer = Tailer::new(cfg, Lines, ledger.clone(), tx, Arc::new(Metrics::new()));
+        Self {
+            dir,
+            ledger,
+            tailer,
+            rx,
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn append(&self, rel: &str, text: &str) {
+        let path = self.path(rel);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    }
+
+    /// Scan and read until nothing more comes; return the lines and their tokens.
+    fn step(&mut self) -> (Vec<String>, Vec<AckToken>) {
+        let mut lines = Vec::new();
+        let mut tokens = Vec::new();
+        for _ in 0..4 {
+            self.tailer.scan().unwrap();
+            self.tailer.read_pass();
+        }
+        while let Ok(p) = self.rx.try_recv() {
+            lines.push(p.entry.line);
+            tokens.push(p.token);
+        }
+        (lines, tokens)
+    }
+
+    fn step_acked(&mut self) -> Vec<String> {
+        let (lines, tokens) = self.step();
+        self.ledger.ack(&tokens);
+        lines
+    }
+}
+
+const POD: &str = "ns_pod-a_uid-1/app";
+
+#[test]
+fn reads_complete_lines_and_waits_for_the_rest() {
+    let mut bed = Bed::new();
+    bed.append(&format!("{POD}/0.log"), "one\ntwo\nthr");
+    assert_eq!(bed.step_acked(), ["one", "two"]);
+    bed.append(&format!("{POD}/0.log"), "ee\nfour\n");
+    assert_eq!(bed.step_acked(), ["three", "four"]);
+    let snap = bed.ledger.snapshot(0);
+    assert_eq!(
+        snap[&bed.path(&format!("{POD}/0.log")).display().to_string()].offset,
+        19
+    );
+}
+
+#[test]
+fn held_and_unacknowledged_lines_keep_the_position_back() {
+    let mut bed = Bed::new();
+    let rel = format!("{POD}/0.log");
+    bed.append(&rel, "a\nDROP\nHOLD\n");
+    let (lines, tokens) = bed.step();
+    assert_eq!(lines, ["a"]);
+    let key = bed.path(&rel).display().to_string();
+    assert_eq!(bed.ledger.snapshot(0)[&key].offset, 0, "a not acknowledged");
+    bed.ledger.ack(&tokens);
+    assert_eq!(
+        bed.ledger.snapshot(0)[&key].offset,
+        7,
+        "DROP passes, HOLD holds"
+    );
+    bed.append(&rel, "tail\n");
+    assert_eq!(bed.step_acked(), ["HOLD+tail"]);
+    assert_eq!(bed.ledger.snapshot(0)[&key].offset, 17);
+}
+
+#[test]
+fn rotation_reads_the_renamed_file_to_its_end_and_skips_its_gzip() {
+    let mut bed = Bed::new();
+    let active = format!("{POD}/0.log");
+    let rotated = format!("{POD}/0.log.20240101-000000");
+    bed.append(&active, "r1\nr2\n");
+    assert_eq!(bed.step_acked(), ["r1", "r2"]);
+    fs::rename(bed.path(&active), bed.path(&rotated)).unwrap();
+    // Late write by the runtime before it reopens, then the new file.
+    bed.append(&rotated, "r3\n");
+    bed.append(&active, "n1\n");
+    let mut got = bed.step_acked();
+    got.sort();
+    assert_eq!(got, ["n1", "r3"]);
+    // Kubelet compresses the rotated file, then deletes it.
+    let gz = bed.path(&format!("{rotated}.gz"));
+    let mut enc = flate2::write::GzEncoder::new(
+        fs::File::create(&gz).unwrap(),
+        flate2::Compression::default(),
+    );
+    enc.write_all(&fs::read(bed.path(&rotated)).unwrap())
+        .unwrap();
+    enc.finish().unwrap();
+    assert!(
+        bed.step_acked().is_empty(),
+        "the copy of an open file is not read"
+    );
+    fs::remove_file(bed.path(&rotated)).unwrap();
+    assert!(bed.step_acked().is_empty());
+    bed.append(&active, "n2\n");
+    assert_eq!(bed.step_acked(), ["n2"]);
+    assert_eq!(bed.tailer.open_paths(), [bed.path(&active)]);
+    // After a restart the gzip is still recognised.
+    let records = bed.ledger.snapshot(now_ms());
+    let dir = bed.dir;
+    let mut bed = Bed::with(dir, Ledger::new(records), 1 << 20, 0);
+    assert!(bed.step_acked().is_empty());
+}
+
+#[test]
+fn restart_resumes_at_the_committed_position_including_unacknowledged_lines() {
+    let mut bed = Bed::new();
+    let active = format!("{POD}/0.log");
+    bed.append(&active, "a\nb\n");
+    assert_eq!(bed.step_acked(), ["a", "b"]);
+    bed.append(&active, "c\nd\n");
+    let (lines, tokens) = bed.step();
+    assert_eq!(lines, ["c", "d"]);
+    bed.ledger.ack(&tokens[..1]);
+    // Crash: d was sent but never acknowledged.
+    let records = bed.ledger.snapshot(now_ms());
+    let dir = bed.dir;
+    let mut bed = Bed::with(dir, Ledger::new(records), 1 << 20, now_ms());
+    bed.append(&active, "e\n");
+    assert_eq!(bed.step_acked(), ["d", "e"]);
+}
+
+#[test]
+fn crash_during_rotation_continues_in_the_gzip_copy() {
+    let mut bed = Bed::new();
+    let active = format!("{POD}/0.log");
+    let rotated = format!("{POD}/0.log.20240101-000000");
+    let content = "line-0000000001\nline-0000000002\nline-0000000003\n";
+    bed.append(&active, content);
+    let (lines, tokens) = bed.step();
+    assert_eq!(lines.len(), 3);
+    bed.ledger.ack(&tokens[..1]);
+    let records = bed.ledger.snapshot(now_ms());
+    // While the agent is down: rotated, compressed, deleted.
+    fs::rename(bed.path(&active), bed.path(&rotated)).unwrap();
+    let gz = bed.path(&format!("{rotated}.gz"));
+    let mut enc = flate2::write::GzEncoder::new(
+        fs::File::create(&gz).unwrap(),
+        flate2::Compression::default(),
+    );
+    enc.write_all(content.as_bytes()).unwrap();
+    enc.finish().unwrap();
+    fs::remove_file(bed.path(&rotated)).unwrap();
+    let dir = bed.dir;
+    let mut bed = Bed::with(dir, Ledger::new(records), 1 << 20, now_ms() + 60_000);
+    assert_eq!(bed.step_acked(), ["line-0000000002", "line-0000000003"]);
+    assert!(bed.step_acked().is_empty());
+}
+
+#[test]
+fn unknown_rotated_files_are_read_only_if_newer_than_the_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bed = Bed::with(dir, Ledger::default(), 1 << 20, now_ms() + 60_000);
+    bed.append(&format!("{POD}/0.log.20240101-000000"), "old\n");
+    bed.append(&format!("{POD}/0.log"), "new\n");
+    assert_eq!(bed.step_acked(), ["new"]);
+    let mut bed = Bed::with(tempfile::tempdir().unwrap(), Ledger::default(), 1 << 20, 0);
+    bed.append(&format!("{POD}/0.log.20240101-000000"), "missed\n");
+    assert_eq!(bed.step_acked(), ["missed"]);
+}
+
+#[test]
+fn copytruncate_starts_over() {
+    let mut bed = Bed::new();
+    let active = format!("{POD}/0.log");
+    bed.append(&active, "first-long-line\nsecond-long-line\n");
+    assert_eq!(bed.step_acked().len(), 2);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(bed.path(&active))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    bed.append(&active, "x\n");
+    assert_eq!(bed.step_acked(), ["x"]);
+    let key = bed.path(&active).display().to_string();
+    assert_eq!(bed.ledger.snapshot(0)[&key].offset, 2);
+}
+
+#[test]
+fn a_deleted_pod_is_finished_then_forgotten() {
+    let mut bed = Bed::new();
+    let active = format!("{POD}/0.log");
+    bed.append(&active, "a\n");
+    assert_eq!(bed.step_acked(), ["a"]);
+    bed.append(&active, "b\nunterminated");
+    fs::remove_dir_all(bed.path("ns_pod-a_uid-1")).unwrap();
+    let mut got = bed.step_acked();
+    got.sort();
+    assert_eq!(got, ["b", "unterminated"]);
+    assert!(bed.tailer.open_paths().is_empty());
+    assert_eq!(bed.ledger.open_files(), 0);
+}
+
+#[test]
+fn reading_pauses_while_the_buffer_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bed = Bed::with(dir, Ledger::default(), 100, 0);
+    let many: String = (0..50).map(|i| format!("line {i}\n")).collect();
+    bed.append(&format!("{POD}/0.log"), &many);
+    bed.append("ns_pod-b_uid-2/app/0.log", &many);
+    let (first, tokens) = bed.step();
+    assert!(
+        !first.is_empty() && first.len() < 100,
+        "read {}",
+        first.len()
+    );
+    assert_eq!(bed.step().0.len(), 0, "nothing more until acknowledged");
+    bed.ledger.ack(&tokens);
+    let mut total = first.len();
+    for _ in 0..10 {
+        total += bed.step_acked().len();
+    }
+    assert_eq!(total, 100);
+}
+
+#[test]
+fn a_new_container_restart_is_a_new_file() {
+    let mut bed = Bed::new();
+    bed.append(&format!("{POD}/0.log"), "run0\n");
+    assert_eq!(bed.step_acked(), ["run0"]);
+    bed.append(&format!("{POD}/1.log"), "run1\n");
+    assert_eq!(bed.step_acked(), ["run1"]);
+    assert_eq!(bed.tailer.open_paths().len(), 2);
+}
