@@ -1,0 +1,346 @@
+//! The only module that writes to the cluster (besides Events and the Lease).
+//!
+//! # Flow (one reconcile of a live LogPipeline)
+//! 1. Server-side apply, in dependency order, of every desired object: ServiceAccount,
+//!    ClusterRole, ClusterRoleBinding, ConfigMap, DaemonSet, metrics Service, and the
+//!    ServiceMonitor when its CRD exists (deleted when it exists but is disabled).
+//! 2. Delete the agent pods the rollout decision chose (OnDelete DaemonSet).
+//! 3. Delete this LogPipeline's hashed ConfigMaps that neither the DaemonSet template nor
+//!    any existing pod mounts.
+//! 4. Server-side apply of the status, only when it differs from the stored one.
+//!
+//! On deletion, the finalizer `logpipe.io/cluster-scoped` deletes the ClusterRole and
+//! ClusterRoleBinding, then lets the LogPipeline go; the API server's garbage collector
+//! removes the namespaced objects through their owner references.
+//!
+//! # Guarantees
+//! - One field manager (`logpipe-operator`), with force: the operator owns exactly the
+//!   fields it sets and takes them back if someone else changed them; fields set by others
+//!   (e.g. `kubectl rollout restart`'s annotation, other controllers' labels) are kept.
+//! - Applying an unchanged object is a no-op in the API server (no new resourceVersion,
+//!   no watch event), and the status is not written when unchanged: a quiet cluster sees
+//!   no writes.
+//! - A ConfigMap still mounted by a pod is never deleted (a pod restarting on its node
+//!   would fail to start).
+//!
+//! # Assumptions
+//! - Nobody else creates objects with our names and `app.kubernetes.io/managed-by:
+//!   logpipe-operator`; force-apply would take them over.
+//! - The API server's garbage collector runs (kube-controller-manager), for owner references.
+//!
+//! # Caveats
+//! - Steps are not transactional: a failure half-way leaves earlier objects applied; the
+//!   next reconcile (with backoff) converges, since every step is idempotent.
+//! - Fields the operator stopped setting are removed by server-side apply, fields other
+//!   managers own are not.
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::crd::{LogPipeline, LogPipelineStatus};
+use crate::desired::service_monitor_resource;
+use crate::desired::{Key, MANAGER, Objects, common_labels, selector_labels};
+
+pub const FINALIZER: &str = "logpipe.io/cluster-scoped";
+const SERVICE_MONITOR_CRD: &str = "servicemonitors.monitoring.coreos.com";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("cannot apply {kind} {name}: {source}")]
+    Apply {
+        kind: &'static str,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("cannot {action}: {source}")]
+    Api {
+        action: &'static str,
+        source: kube::Error,
+    },
+    #[error("object has no name")]
+    NoName,
+}
+
+impl ApplyError {
+    /// A bounded metric label per failure kind.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Apply { .. } => "apply",
+            Self::Api { .. } => "api",
+            Self::NoName => "invalid_object",
+        }
+    }
+}
+
+fn params() -> PatchParams {
+    PatchParams::apply(MANAGER).force()
+}
+
+/// Server-side apply of one object; returns the object as stored.
+async fn apply<K>(api: &Api<K>, kind: &'static str, object: &K) -> Result<K, ApplyError>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let name = object.meta().name.clone().ok_or(ApplyError::NoName)?;
+    api.patch(&name, &params(), &Patch::Apply(object))
+        .await
+        .map_err(|source| ApplyError::Apply { kind, name, source })
+}
+
+/// Does the ServiceMonitor CRD exist (prometheus-operator installed)?
+pub async fn service_monitor_crd_exists(client: &Client) -> Result<bool, ApplyError> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.get_opt(SERVICE_MONITOR_CRD)
+        .await
+        .map(|crd| crd.is_some())
+        .map_err(|source| api_error("read the ServiceMonitor CRD", source))
+}
+
+/// An API call that failed, with what the operator was doing.
+fn api_error(action: &'static str, source: kube::Error) -> ApplyError {
+    ApplyError::Api { action, source }
+}
+
+/// Step 1: apply every object; returns the DaemonSet as stored (with its status).
+pub async fn apply_objects(
+    client: &Client,
+    key: &Key,
+    objects: &Objects,
+    service_monitor_crd: bool,
+) -> Result<DaemonSet, ApplyError> {
+    let ns = key.namespace.as_str();
+    apply(
+        &Api::<ServiceAccount>::namespaced(client.clone(), ns),
+        "ServiceAccount",
+        &objects.service_account,
+    )
+    .await?;
+    apply(
+        &Api::<ClusterRole>::all(client.clone()),
+        "ClusterRole",
+        &objects.cluster_role,
+    )
+    .await?;
+    apply(
+        &Api::<ClusterRoleBinding>::all(client.clone()),
+        "ClusterRoleBinding",
+        &objects.cluster_role_binding,
+    )
+    .await?;
+    apply(
+        &Api::<ConfigMap>::namespaced(client.clone(), ns),
+        "ConfigMap",
+        &objects.config_map,
+    )
+    .await?;
+    let ds = apply(
+        &Api::<DaemonSet>::namespaced(client.clone(), ns),
+        "DaemonSet",
+        &objects.daemon_set,
+    )
+    .await?;
+    apply(
+        &Api::<Service>::namespaced(client.clone(), ns),
+        "Service",
+        &objects.service,
+    )
+    .await?;
+    if service_monitor_crd {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), ns, &service_monitor_resource());
+        match &objects.service_monitor {
+            Some(sm) => {
+                api.patch(&key.name, &params(), &Patch::Apply(sm))
+                    .await
+                    .map_err(|source| ApplyError::Apply {
+                        kind: "ServiceMonitor",
+                        name: key.name.clone(),
+                        source,
+                    })?;
+            }
+            None => delete_if_ours(&api, &key.name).await?,
+        }
+    }
+    Ok(ds)
+}
+
+/// Delete a ServiceMonitor we created earlier (and only ours).
+async fn delete_if_ours(api: &Api<DynamicObject>, name: &str) -> Result<(), ApplyError> {
+    let existing = api
+        .get_opt(name)
+        .await
+        .map_err(|e| api_error("read the ServiceMonitor", e))?;
+    if existing.is_some_and(|sm| {
+        sm.labels()
+            .get(crate::desired::LABEL_MANAGED_BY)
+            .map(String::as_str)
+            == Some(MANAGER)
+    }) {
+        api.delete(name, &DeleteParams::default())
+            .await
+            .map_err(|e| api_error("delete the disabled ServiceMonitor", e))?;
+    }
+    Ok(())
+}
+
+/// The agent pods of a LogPipeline.
+pub async fn list_pods(client: &Client, key: &Key) -> Result<Vec<Pod>, ApplyError> {
+    let selector = selector_labels(key)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    Api::<Pod>::namespaced(client.clone(), &key.namespace)
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map(|list| list.items)
+        .map_err(|e| api_error("list agent pods", e))
+}
+
+/// Step 2: delete the chosen pods (the DaemonSet controller recreates them from the new
+/// template). A pod already gone is not an error.
+pub async fn delete_pods(client: &Client, key: &Key, names: &[String]) -> Result<(), ApplyError> {
+    let api = Api::<Pod>::namespaced(client.clone(), &key.namespace);
+    for name in names {
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(api_error("delete an old-revision agent pod", e)),
+        }
+    }
+    Ok(())
+}
+
+/// Step 3: delete unused hashed ConfigMaps; returns their names.
+pub async fn gc_config_maps(
+    client: &Client,
+    key: &Key,
+    current: &str,
+    pods: &[Pod],
+) -> Result<Vec<String>, ApplyError> {
+    let api = Api::<ConfigMap>::namespaced(client.clone(), &key.namespace);
+    let selector = common_labels(key)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let existing: Vec<String> = api
+        .list_metadata(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|e| api_error("list agent ConfigMaps", e))?
+        .items
+        .into_iter()
+        .map(|cm| cm.name_any())
+        .collect();
+    let mounted: Vec<String> = pods.iter().flat_map(mounted_config_maps).collect();
+    let unused = unused_config_maps(&key.config_map_prefix(), &existing, current, &mounted);
+    for name in &unused {
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(api_error("delete an unused agent ConfigMap", e)),
+        }
+    }
+    Ok(unused)
+}
+
+fn mounted_config_maps(pod: &Pod) -> Vec<String> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| v.config_map.as_ref().map(|c| c.name.clone()))
+        .collect()
+}
+
+/// Pure: the hashed ConfigMaps of this LogPipeline that nothing uses any more.
+pub fn unused_config_maps(
+    prefix: &str,
+    existing: &[String],
+    current: &str,
+    mounted: &[String],
+) -> Vec<String> {
+    existing
+        .iter()
+        .filter(|name| {
+            name.starts_with(prefix) && name.as_str() != current && !mounted.contains(name)
+        })
+        .cloned()
+        .collect()
+}
+
+/// Step 4: write the status if it changed; returns whether it wrote.
+pub async fn patch_status(
+    client: &Client,
+    lp: &LogPipeline,
+    status: &LogPipelineStatus,
+) -> Result<bool, ApplyError> {
+    if lp.status.as_ref() == Some(status) {
+        return Ok(false);
+    }
+    tracing::debug!(old = ?lp.status, new = ?status, "status changed");
+    let key = Key::of(lp).map_err(|_| ApplyError::NoName)?;
+    let api = Api::<LogPipeline>::namespaced(client.clone(), &key.namespace);
+    let patch = json!({
+        "apiVersion": "logpipe.io/v1alpha1",
+        "kind": "LogPipeline",
+        "status": status,
+    });
+    api.patch_status(&key.name, &params(), &Patch::Apply(&patch))
+        .await
+        .map_err(|e| api_error("write the LogPipeline status", e))?;
+    Ok(true)
+}
+
+/// Finalizer cleanup: delete the cluster-scoped objects (absent ones are fine).
+pub async fn delete_cluster_scoped(client: &Client, key: &Key) -> Result<(), ApplyError> {
+    let name = key.cluster_name();
+    for result in [
+        Api::<ClusterRoleBinding>::all(client.clone())
+            .delete(&name, &DeleteParams::default())
+            .await
+            .map(|_| ()),
+        Api::<ClusterRole>::all(client.clone())
+            .delete(&name, &DeleteParams::default())
+            .await
+            .map(|_| ()),
+    ] {
+        match result {
+            Ok(()) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(api_error("delete the agent's ClusterRole(Binding)", e)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unused_config_maps_keep_current_and_mounted() {
+        let existing: Vec<String> = [
+            "lp-config-a",
+            "lp-config-b",
+            "lp-config-c",
+            "lp-other",
+            "lp2-config-x",
+        ]
+        .map(String::from)
+        .to_vec();
+        let unused = unused_config_maps(
+            "lp-config-",
+            &existing,
+            "lp-config-c",
+            &["lp-config-b".into()],
+        );
+        assert_eq!(unused, ["lp-config-a"]);
+    }
+}

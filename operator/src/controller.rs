@@ -1,0 +1,356 @@
+//! The controller: watches LogPipelines (spec changes only: generation predicate), their
+//! DaemonSets and agent pods, and reconciles one LogPipeline at a time per object.
+//!
+//! Reconcile = desired (pure) -> apply -> rollout decision (pure) -> delete pods ->
+//! ConfigMap GC -> status (pure) -> status write if changed -> Events on transitions.
+//! Errors requeue with exponential backoff per object (1 s doubling to 5 min, reset on
+//! success); a spec the agent would refuse is reported in status, not retried fast.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::Recorder;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{self, ObjectRef, reflector};
+use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, predicates, utils::Predicate};
+use kube::{Client, ResourceExt};
+
+use crate::apply::{self, ApplyError, FINALIZER};
+use crate::crd::LogPipeline;
+use crate::desired::{
+    self, ANNOTATION_REVISION, DesiredError, Key, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGER,
+};
+use crate::events;
+use crate::metrics::Metrics;
+use crate::rollout::{self, PodView};
+use crate::status::{self, Observed};
+
+/// Requeue while nodes are moving (watch events usually come first).
+const PROGRESSING_REQUEUE: Duration = Duration::from_secs(10);
+/// Periodic resync when everything is settled.
+const SETTLED_REQUEUE: Duration = Duration::from_secs(300);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("invalid LogPipeline: {0}")]
+    Desired(#[from] DesiredError),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl Error {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Apply(e) => e.reason(),
+            Self::Desired(_) => "invalid_spec",
+            Self::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+pub struct Ctx {
+    pub client: Client,
+    pub agent_image: String,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    failures: Mutex<HashMap<ObjectRef<LogPipeline>, u32>>,
+}
+
+impl Ctx {
+    pub fn new(
+        client: Client,
+        agent_image: String,
+        metrics: Arc<Metrics>,
+        recorder: Recorder,
+    ) -> Self {
+        Self {
+            client,
+            agent_image,
+            metrics,
+            recorder,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn reset_failures(&self, lp: &LogPipeline) {
+        if let Ok(mut map) = self.failures.lock() {
+            map.remove(&ObjectRef::from(lp));
+        }
+    }
+}
+
+/// Exponential backoff: 1 s, 2 s, 4 s ... capped at 5 min.
+pub fn backoff(failures: u32) -> Duration {
+    let secs = 1u64.checked_shl(failures.min(16)).unwrap_or(u64::MAX);
+    Duration::from_secs(secs).min(MAX_BACKOFF)
+}
+
+pub async fn reconcile(lp: Arc<LogPipeline>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_timer();
+    let Some(namespace) = lp.namespace() else {
+        return Ok(Action::await_change());
+    };
+    let api: Api<LogPipeline> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, lp, |event| async {
+        match event {
+            Finalizer::Apply(lp) => reconcile_live(&lp, &ctx).await,
+            Finalizer::Cleanup(lp) => cleanup(&lp, &ctx).await,
+        }
+    })
+    .await;
+    match result {
+        Ok(action) => Ok(action),
+        Err(
+            kube::runtime::finalizer::Error::ApplyFailed(e)
+            | kube::runtime::finalizer::Error::CleanupFailed(e),
+        ) => Err(e),
+        Err(e) => Err(Error::Finalizer(e.to_string())),
+    }
+}
+
+async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
+    let key = Key::of(lp)?;
+    let sm_crd = apply::service_monitor_crd_exists(&ctx.client).await?;
+    let dctx = desired::Context {
+        agent_image: ctx.agent_image.clone(),
+        service_monitor_crd: sm_crd,
+    };
+    let objects = match desired::desired(lp, &dctx) {
+        Ok(objects) => objects,
+        Err(e) => {
+            // Permanent until the spec changes: say so in status, retry slowly.
+            report_failure(lp, ctx, "InvalidSpec", &e.to_string(), String::new()).await;
+            return Err(e.into());
+        }
+    };
+    let ds = match apply::apply_objects(&ctx.client, &key, &objects, sm_crd).await {
+        Ok(ds) => ds,
+        Err(e) => {
+            report_failure(
+                lp,
+                ctx,
+                "ApplyFailed",
+                &e.to_string(),
+                objects.revision.clone(),
+            )
+            .await;
+            return Err(e.into());
+        }
+    };
+    let pods = apply::list_pods(&ctx.client, &key).await?;
+    let views: Vec<PodView> = pods.iter().map(pod_view).collect();
+    let desired_nodes = ds
+        .status
+        .as_ref()
+        .map(|s| s.desired_number_scheduled)
+        .unwrap_or(0);
+    let rollout_spec = &lp.spec.rollout;
+    let plan = rollout::plan(
+        &views,
+        &objects.revision,
+        desired_nodes,
+        rollout_spec.max_unavailable,
+        rollout_spec.paused,
+    );
+    if !plan.delete.is_empty() {
+        tracing::info!(pipeline = %key.name, namespace = %key.namespace, pods = ?plan.delete, revision = %objects.revision, "moving nodes to the target revision");
+        apply::delete_pods(&ctx.client, &key, &plan.delete).await?;
+        ctx.metrics.pod_deletions.inc_by(plan.delete.len() as u64);
+    }
+    let current_cm = objects.config_map.metadata.name.clone().unwrap_or_default();
+    let deleted = apply::gc_config_maps(&ctx.client, &key, &current_cm, &pods).await?;
+    if !deleted.is_empty() {
+        tracing::info!(pipeline = %key.name, config_maps = ?deleted, "deleted unused agent ConfigMaps");
+        ctx.metrics
+            .config_map_deletions
+            .inc_by(deleted.len() as u64);
+    }
+    let observed = Observed {
+        generation: lp.metadata.generation,
+        desired_nodes,
+        // Pods deleted just now are terminating: count them so.
+        pods: views
+            .into_iter()
+            .map(|mut p| {
+                p.terminating |= plan.delete.contains(&p.name);
+                p
+            })
+            .collect(),
+        target_revision: objects.revision.clone(),
+        config_map: current_cm,
+        paused: rollout_spec.paused,
+        failure: None,
+    };
+    let new_status = status::compute(lp.status.as_ref(), &observed, &now());
+    write_status(lp, ctx, &new_status).await?;
+    ctx.reset_failures(lp);
+    let settled = plan.done() && new_status.ready_nodes == desired_nodes;
+    Ok(Action::requeue(if settled {
+        SETTLED_REQUEUE
+    } else {
+        PROGRESSING_REQUEUE
+    }))
+}
+
+async fn write_status(
+    lp: &LogPipeline,
+    ctx: &Ctx,
+    status: &crate::crd::LogPipelineStatus,
+) -> Result<(), Error> {
+    if apply::patch_status(&ctx.client, lp, status).await? {
+        ctx.metrics.status_writes.inc();
+        for transition in events::transitions(lp.status.as_ref(), status) {
+            events::publish(&ctx.recorder, lp, &transition).await;
+        }
+    }
+    Ok(())
+}
+
+/// Best effort: a failure to write the failure is only logged (the error is returned anyway).
+async fn report_failure(
+    lp: &LogPipeline,
+    ctx: &Ctx,
+    reason: &str,
+    message: &str,
+    revision: String,
+) {
+    let old = lp.status.as_ref();
+    let observed = Observed {
+        generation: lp.metadata.generation,
+        desired_nodes: old.map(|s| s.desired_nodes).unwrap_or(0),
+        pods: Vec::new(),
+        target_revision: if revision.is_empty() {
+            old.and_then(|s| s.target_revision.clone())
+                .unwrap_or_default()
+        } else {
+            revision
+        },
+        config_map: old.and_then(|s| s.config_map.clone()).unwrap_or_default(),
+        paused: lp.spec.rollout.paused,
+        failure: Some((reason.to_string(), message.to_string())),
+    };
+    let status = status::compute(old, &observed, &now());
+    if let Err(error) = write_status(lp, ctx, &status).await {
+        tracing::warn!(%error, "cannot report the failure in status");
+    }
+}
+
+async fn cleanup(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
+    let key = Key::of(lp)?;
+    apply::delete_cluster_scoped(&ctx.client, &key).await?;
+    tracing::info!(pipeline = %key.name, namespace = %key.namespace, "deleted cluster-scoped objects");
+    Ok(Action::await_change())
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+pub fn pod_view(pod: &Pod) -> PodView {
+    let ready = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    PodView {
+        name: pod.name_any(),
+        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        revision: pod.annotations().get(ANNOTATION_REVISION).cloned(),
+        ready,
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+    }
+}
+
+pub fn error_policy(lp: Arc<LogPipeline>, error: &Error, ctx: Arc<Ctx>) -> Action {
+    ctx.metrics.error(error.reason());
+    let failures = ctx
+        .failures
+        .lock()
+        .map(|mut map| {
+            let n = map.entry(ObjectRef::from(lp.as_ref())).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        })
+        .unwrap_or(1);
+    let delay = match error {
+        // Nothing changes until the spec does (which triggers a reconcile by itself).
+        Error::Desired(_) => MAX_BACKOFF,
+        _ => backoff(failures.saturating_sub(1)),
+    };
+    tracing::warn!(pipeline = %lp.name_any(), namespace = lp.namespace().unwrap_or_default(), %error, reason = error.reason(), retry_in_s = delay.as_secs(), "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Run the controller until `shutdown` resolves. `namespace`: watch only that namespace
+/// (several operators, or several test runs, sharing one cluster); `None`: all.
+pub async fn run(
+    ctx: Arc<Ctx>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let ns = namespace.as_deref();
+    let pipelines: Api<LogPipeline> = scoped(&client, ns);
+    // Spec changes only: our own status writes must not trigger a reconcile.
+    let (reader, writer) = reflector::store::<LogPipeline>();
+    let main_stream = reflector(writer, watcher(pipelines, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects()
+        .predicate_filter(
+            predicates::generation.combine(predicates::finalizers),
+            Default::default(),
+        );
+    let managed = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
+    let pods: Api<Pod> = scoped(&client, ns);
+    Controller::for_stream(main_stream, reader)
+        .owns(scoped::<DaemonSet>(&client, ns), managed.clone())
+        .watches(pods, managed, |pod: Pod| {
+            let namespace = pod.namespace()?;
+            let name = pod.labels().get(LABEL_INSTANCE)?.clone();
+            Some(ObjectRef::<LogPipeline>::new(&name).within(&namespace))
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(pipeline = %object.name, "reconciled"),
+                Err(error) => tracing::debug!(%error, "reconcile error"),
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let secs: Vec<u64> = [0, 1, 2, 3, 8, 9, 30]
+            .map(|n| backoff(n).as_secs())
+            .to_vec();
+        assert_eq!(secs, [1, 2, 4, 8, 256, 300, 300]);
+    }
+}

@@ -1,0 +1,163 @@
+//! `spec.rollout`: how a new revision moves across the nodes. Stored and validated now;
+//! the phased engine (canary, verified steps, rollback, cross-cluster gate) reads it.
+//!
+//! Step semantics: canary steps (a node count or a node selector) come first, then
+//! percentage steps in strictly increasing order; after the last step every remaining node
+//! moves, then the revision soaks before it becomes stable.
+
+use std::collections::BTreeMap;
+
+use kube::KubeSchema;
+use logpipe_agent::config::HumanDuration;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Stop moving nodes (pods already moved stay); resume by setting it back to false.
+    #[serde(default)]
+    pub paused: bool,
+    /// Most agent pods down at once while nodes move.
+    #[serde(default = "default_max_unavailable")]
+    #[x_kube(validation = Rule::new("self >= 1").message("rollout.maxUnavailable must be at least 1"))]
+    pub max_unavailable: i32,
+    /// Steps in order; empty: all nodes in one step (bounded by maxUnavailable).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.all(s, has(s.canary) != has(s.percent))")
+        .message("rollout.steps: each step sets exactly one of canary or percent"))]
+    #[x_kube(validation = Rule::new("self.map(s, has(s.canary) ? 0 : 1).isSorted()")
+        .message("rollout.steps: canary steps must come before percentage steps"))]
+    #[x_kube(validation = Rule::new("self.filter(s, has(s.percent)).map(s, s.percent).isSorted() && self.filter(s, has(s.percent)).all(s, self.filter(t, has(t.percent) && t.percent == s.percent).size() == 1)")
+        .message("rollout.steps: percentages must be strictly increasing (e.g. 10, 50, 100)"))]
+    pub steps: Vec<RolloutStep>,
+    /// How each step is verified.
+    #[serde(default)]
+    pub verify: VerifySpec,
+    /// Time the fully rolled-out revision must stay healthy before it becomes stable.
+    #[serde(default = "default_soak")]
+    pub soak: HumanDuration,
+    /// Hold a new revision until a LogPipeline in another cluster is Healthy with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateSpec>,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            paused: false,
+            max_unavailable: default_max_unavailable(),
+            steps: Vec::new(),
+            verify: VerifySpec::default(),
+            soak: default_soak(),
+            gate: None,
+        }
+    }
+}
+
+fn default_max_unavailable() -> i32 {
+    1
+}
+fn default_soak() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(600))
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStep {
+    /// Move a few chosen nodes first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryStep>,
+    /// Move nodes until this share of all nodes runs the new revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("rollout.steps[].percent must be between 1 and 100"))]
+    pub percent: Option<i32>,
+    /// Verification window of this step (default: rollout.verify.window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<HumanDuration>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.nodes) != has(self.nodeSelector)")
+    .message("rollout.steps[].canary sets exactly one of nodes or nodeSelector"))]
+pub struct CanaryStep {
+    /// Number of nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("rollout.steps[].canary.nodes must be at least 1"))]
+    pub nodes: Option<i32>,
+    /// Nodes with these labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+}
+
+/// Checks of a step; each one measured and recorded in `status.lastVerification`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifySpec {
+    /// How long a step is watched before it passes.
+    #[serde(default = "default_window")]
+    pub window: HumanDuration,
+    /// Loki query URL (LogQL) used to find the step's nodes' logs, e.g.
+    /// `http://loki-query-frontend.loki.svc:3100`. Unset: the Loki check is skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#\\\\s]+(/[^\\\\s]*)?$')")
+        .message("rollout.verify.queryEndpoint must be an http:// or https:// URL"))]
+    pub query_endpoint: Option<String>,
+    /// New pods must be Ready with no restarts.
+    #[serde(default = "yes")]
+    pub pods_ready: bool,
+    /// Agents must have shipped entries and report no send errors.
+    #[serde(default = "yes")]
+    pub shipping: bool,
+    /// CPU budget per agent (e.g. 250m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cpu: Option<String>,
+    /// Memory budget per agent (e.g. 700Mi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<String>,
+    /// Delivery latency budget, file write to queryable in Loki.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_latency: Option<HumanDuration>,
+}
+
+impl Default for VerifySpec {
+    fn default() -> Self {
+        Self {
+            window: default_window(),
+            query_endpoint: None,
+            pods_ready: true,
+            shipping: true,
+            max_cpu: None,
+            max_memory: None,
+            max_latency: None,
+        }
+    }
+}
+
+fn default_window() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(120))
+}
+fn yes() -> bool {
+    true
+}
+
+/// Promotion gate on another cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GateSpec {
+    /// Secret with the other cluster's credentials (kubeconfig, or an ArgoCD cluster Secret).
+    pub cluster_secret_ref: super::KeyRef,
+    /// The LogPipeline there.
+    pub namespace: String,
+    pub name: String,
+    /// How long it must have been Healthy with the same release.
+    #[serde(default = "default_gate_soak")]
+    pub soak: HumanDuration,
+}
+
+fn default_gate_soak() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(24 * 3600))
+}

@@ -1,0 +1,87 @@
+//! The agent config document rendered from a LogPipeline: built as the agent's own
+//! [`AgentConfig`] (so every default and check is the agent's) and written as YAML.
+
+use logpipe_agent::config::AgentConfig;
+use serde_json::{Map, Value, json};
+
+use crate::crd::LogPipeline;
+
+/// Where the ConfigMap is mounted, and the file the agent is started with.
+pub const CONFIG_MOUNT: &str = "/etc/logpipe/config";
+pub const CONFIG_FILE: &str = "/etc/logpipe/config/config.yaml";
+pub const AUTH_MOUNT: &str = "/etc/logpipe/auth";
+pub const TLS_MOUNT: &str = "/etc/logpipe/tls";
+/// Container path of the positions hostPath directory.
+pub const POSITIONS_MOUNT: &str = "/var/lib/logpipe";
+pub const DEFAULT_LOG_ROOT: &str = "/var/log/pods";
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECONDS: i64 = 20;
+/// File names inside the auth/TLS secret volumes (the Secret keys are mapped onto them).
+pub const PASSWORD_FILE: &str = "password";
+pub const TOKEN_FILE: &str = "token";
+pub const CA_FILE: &str = "ca.crt";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentConfigError {
+    #[error("the agent would refuse this config: {0}")]
+    Refused(String),
+    #[error("cannot write the agent config: {0}")]
+    Write(String),
+}
+
+/// The agent config for `lp`, as YAML, checked by the agent's own loader.
+pub fn render_agent_config(lp: &LogPipeline) -> Result<String, AgentConfigError> {
+    let config = agent_config(lp)?;
+    let yaml = config
+        .to_yaml()
+        .map_err(|e| AgentConfigError::Write(e.to_string()))?;
+    // Round trip through the loader the agent runs: what we ship, it accepts.
+    AgentConfig::from_yaml(&yaml).map_err(|e| AgentConfigError::Refused(e.to_string()))?;
+    Ok(yaml)
+}
+
+/// Built as JSON and deserialized, so the agent's serde defaults fill every field the
+/// LogPipeline does not set, and a future agent field needs no operator change.
+pub fn agent_config(lp: &LogPipeline) -> Result<AgentConfig, AgentConfigError> {
+    let spec = &lp.spec;
+    let mut loki = Map::new();
+    loki.insert("url".into(), json!(spec.endpoint));
+    loki.insert("tenant".into(), json!(spec.tenant));
+    if let Some(auth) = &spec.auth {
+        let mut a = Map::new();
+        if let Some(basic) = &auth.basic {
+            a.insert(
+                "basic".into(),
+                json!({"username": basic.username, "passwordFile": format!("{AUTH_MOUNT}/{PASSWORD_FILE}")}),
+            );
+        }
+        if auth.bearer_token_secret_ref.is_some() {
+            a.insert(
+                "bearerTokenFile".into(),
+                json!(format!("{AUTH_MOUNT}/{TOKEN_FILE}")),
+            );
+        }
+        loki.insert("auth".into(), Value::Object(a));
+    }
+    if let Some(tls) = &spec.tls {
+        let mut t = Map::new();
+        if tls.ca_secret_ref.is_some() || tls.ca_config_map_ref.is_some() {
+            t.insert("caFile".into(), json!(format!("{TLS_MOUNT}/{CA_FILE}")));
+        }
+        t.insert("insecureSkipVerify".into(), json!(tls.insecure_skip_verify));
+        loki.insert("tls".into(), Value::Object(t));
+    }
+    let shutdown = spec
+        .agent
+        .shutdown_timeout_seconds
+        .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_SECONDS);
+    let document = json!({
+        "loki": loki,
+        "logRoot": spec.agent.log_root.as_deref().unwrap_or(DEFAULT_LOG_ROOT),
+        "positionsFile": format!("{POSITIONS_MOUNT}/positions.json"),
+        "listen": format!("0.0.0.0:{}", spec.monitoring.port),
+        "relabel": spec.labels,
+        "pipeline": spec.pipeline,
+        "shutdownTimeout": format!("{shutdown}s"),
+    });
+    serde_json::from_value(document).map_err(|e| AgentConfigError::Refused(e.to_string()))
+}

@@ -1,0 +1,113 @@
+//! Kubernetes Events on meaningful transitions only (never one per reconcile): decided by a
+//! pure function of the old and new status, published through kube's Recorder.
+
+use kube::Resource;
+use kube::runtime::events::{Event, EventType, Recorder};
+
+use crate::crd::{LogPipeline, LogPipelineStatus, Phase};
+
+/// An Event to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+pub fn transitions(old: Option<&LogPipelineStatus>, new: &LogPipelineStatus) -> Vec<Transition> {
+    let mut out = Vec::new();
+    let old_target = old.and_then(|s| s.target_revision.as_deref());
+    if let Some(target) = new.target_revision.as_deref()
+        && old_target != Some(target)
+    {
+        {
+            out.push(Transition {
+                warning: false,
+                reason: "NewRevision",
+                note: format!(
+                    "revision {target} (config {})",
+                    new.config_map.as_deref().unwrap_or("?")
+                ),
+            });
+        }
+    }
+    let old_phase = old.and_then(|s| s.phase);
+    if new.phase != old_phase {
+        match new.phase {
+            Some(Phase::Healthy) => out.push(Transition {
+                warning: false,
+                reason: "RolloutComplete",
+                note: new.message.clone().unwrap_or_default(),
+            }),
+            Some(Phase::Degraded) => out.push(Transition {
+                warning: true,
+                reason: "Degraded",
+                note: new.message.clone().unwrap_or_default(),
+            }),
+            _ => {}
+        }
+    }
+    out
+}
+
+pub async fn publish(recorder: &Recorder, lp: &LogPipeline, transition: &Transition) {
+    let event = Event {
+        type_: if transition.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: transition.reason.into(),
+        note: Some(transition.note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    // An Event that cannot be written is logged, never a reconcile failure.
+    if let Err(error) = recorder.publish(&event, &lp.object_ref(&())).await {
+        tracing::warn!(%error, reason = transition.reason, "cannot publish event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(phase: Phase, target: &str) -> LogPipelineStatus {
+        LogPipelineStatus {
+            phase: Some(phase),
+            target_revision: Some(target.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn table() {
+        let reasons = |old: Option<&LogPipelineStatus>, new: &LogPipelineStatus| {
+            transitions(old, new)
+                .into_iter()
+                .map(|t| t.reason)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            reasons(None, &status(Phase::Progressing, "a")),
+            ["NewRevision"]
+        );
+        let healthy = status(Phase::Healthy, "a");
+        assert_eq!(
+            reasons(Some(&status(Phase::Progressing, "a")), &healthy),
+            ["RolloutComplete"]
+        );
+        assert!(
+            reasons(Some(&healthy), &healthy).is_empty(),
+            "no event when nothing changed"
+        );
+        assert_eq!(
+            reasons(Some(&healthy), &status(Phase::Progressing, "b")),
+            ["NewRevision"]
+        );
+        assert_eq!(
+            reasons(Some(&healthy), &status(Phase::Degraded, "a")),
+            ["Degraded"]
+        );
+    }
+}

@@ -1,0 +1,697 @@
+//! End-to-end tests of the operator on the test bed (`make e2e-operator`): the operator
+//! binary runs as a local process against cluster `ops` (real kube-apiserver 1.36,
+//! controller-manager, scheduler, KWOK nodes).
+//!
+//! Each test works in its own namespace and runs its operator with `--namespace`, so runs
+//! (and other tests sharing the test bed) never see each other's LogPipelines.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, ValidationDirective,
+};
+use kube::{Client, ResourceExt};
+use logpipe_e2e::{Testbed, repo_root, unique_suffix, workspace_binary};
+use serde_json::{Value, json};
+
+const NODES: usize = 5;
+
+fn lp_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("logpipe.io", "v1alpha1", "LogPipeline"),
+        "logpipelines",
+    )
+}
+
+fn lp_api(client: &Client, ns: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), ns, &lp_resource())
+}
+
+/// Poll `check` until it returns `Some`, or fail with `what` and the last observation.
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let started = Instant::now();
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if started.elapsed() > timeout => {
+                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// The operator as a child process; killed (SIGKILL) when dropped.
+struct Operator {
+    child: tokio::process::Child,
+    metrics: String,
+    log: PathBuf,
+}
+
+impl Operator {
+    async fn start(testbed: &Testbed, ns: &str, identity: &str) -> Self {
+        let port = free_port();
+        let log = testbed.dir.join(format!("operator-{ns}-{identity}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = tokio::process::Command::new(workspace_binary("logpipe-operator"))
+            .env("KUBECONFIG", testbed.kubeconfig("ops"))
+            .env("RUST_LOG", "info,logpipe_operator=debug")
+            .args([
+                "--namespace",
+                ns,
+                "--lease-namespace",
+                ns,
+                "--identity",
+                identity,
+            ])
+            .args([
+                "--lease-duration-seconds",
+                "6",
+                "--lease-grace-seconds",
+                "2",
+            ])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(["--agent-image", "reg.local/logpipe-agent:e2e"])
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let operator = Self {
+            child,
+            metrics: format!("http://127.0.0.1:{port}/metrics"),
+            log,
+        };
+        let http = logpipe_e2e::http_client();
+        let url = operator.metrics.replace("/metrics", "/readyz");
+        wait_for("the operator's /readyz", Duration::from_secs(30), || {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                match http.get(&url).send().await {
+                    Ok(r) if r.status().is_success() => Ok(()),
+                    Ok(r) => Err(r.status().to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        })
+        .await;
+        operator
+    }
+
+    /// A counter of the operator's /metrics.
+    async fn metric(&self, name: &str) -> f64 {
+        let body = logpipe_e2e::http_client()
+            .get(&self.metrics)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or_else(|| panic!("{name} not in\n{body}"))
+    }
+
+    async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+async fn setup(testbed: &Testbed, client: &Client, prefix: &str) -> String {
+    let crd: CustomResourceDefinition = serde_yaml::from_str(
+        &std::fs::read_to_string(repo_root().join("crds/logpipe.io_logpipelines.yaml")).unwrap(),
+    )
+    .unwrap();
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .patch(
+            "logpipelines.logpipe.io",
+            &PatchParams::apply("e2e-operator").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "the CRD to be established",
+        Duration::from_secs(30),
+        || async {
+            let crd = Api::<CustomResourceDefinition>::all(client.clone())
+                .get("logpipelines.logpipe.io")
+                .await
+                .map_err(|e| e.to_string())?;
+            let established = crd.status.and_then(|s| s.conditions).is_some_and(|c| {
+                c.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            });
+            established
+                .then_some(())
+                .ok_or_else(|| "not established".to_string())
+        },
+    )
+    .await;
+    let ns = format!("{prefix}-{}", unique_suffix());
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            &ns,
+            &PatchParams::apply("e2e-operator"),
+            &Patch::Apply(
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let _ = testbed;
+    ns
+}
+
+/// examples/ops.yaml's LogPipeline, in namespace `ns`, pushing to the test bed's Loki.
+fn ops_example(testbed: &Testbed, ns: &str) -> Value {
+    let text = std::fs::read_to_string(repo_root().join("examples/ops.yaml")).unwrap();
+    let mut lp: Value = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .find(|doc: &Value| doc["kind"] == "LogPipeline")
+        .unwrap();
+    lp["metadata"]["namespace"] = json!(ns);
+    lp["spec"]["endpoint"] = json!(format!("{}/loki/api/v1/push", testbed.loki_url));
+    lp
+}
+
+async fn apply_lp(client: &Client, ns: &str, lp: &Value) {
+    let name = lp["metadata"]["name"].as_str().unwrap();
+    lp_api(client, ns)
+        .patch(
+            name,
+            &PatchParams::apply("e2e-operator").force(),
+            &Patch::Apply(lp),
+        )
+        .await
+        .unwrap();
+}
+
+async fn status(client: &Client, ns: &str, name: &str) -> Result<Value, String> {
+    let lp = lp_api(client, ns)
+        .get(name)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(lp.data["status"].clone())
+}
+
+/// Wait until the LogPipeline is Healthy with every node ready at the current spec.
+async fn wait_healthy(client: &Client, ns: &str, name: &str, timeout: Duration) -> Value {
+    wait_for("LogPipeline Healthy 5/5", timeout, || async {
+        let lp = lp_api(client, ns)
+            .get(name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let s = &lp.data["status"];
+        let ok = s["phase"] == "Healthy"
+            && s["ready"] == format!("{NODES}/{NODES}")
+            && s["readyNodes"] == NODES
+            && s["observedGeneration"].as_i64() == lp.metadata.generation;
+        ok.then(|| s.clone()).ok_or_else(|| s.to_string())
+    })
+    .await
+}
+
+async fn ready_pods(client: &Client, ns: &str) -> Vec<Pod> {
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=logpipe-agent"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .collect()
+}
+
+/// Resource versions of everything the operator writes for `name`.
+async fn versions(client: &Client, ns: &str, name: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let cluster_name = format!("logpipe:{ns}:{name}");
+    let lp = lp_api(client, ns).get(name).await.unwrap();
+    out.insert("LogPipeline".into(), lp.resource_version().unwrap());
+    let ds = Api::<DaemonSet>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap();
+    out.insert("DaemonSet".into(), ds.resource_version().unwrap());
+    let sa = Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap();
+    out.insert("ServiceAccount".into(), sa.resource_version().unwrap());
+    let svc = Api::<Service>::namespaced(client.clone(), ns)
+        .get(&format!("{name}-metrics"))
+        .await
+        .unwrap();
+    out.insert("Service".into(), svc.resource_version().unwrap());
+    for cm in Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=logpipe-operator"))
+        .await
+        .unwrap()
+        .items
+    {
+        out.insert(
+            format!("ConfigMap/{}", cm.name_any()),
+            cm.resource_version().unwrap(),
+        );
+    }
+    let cr = Api::<ClusterRole>::all(client.clone())
+        .get(&cluster_name)
+        .await
+        .unwrap();
+    out.insert("ClusterRole".into(), cr.resource_version().unwrap());
+    let crb = Api::<ClusterRoleBinding>::all(client.clone())
+        .get(&cluster_name)
+        .await
+        .unwrap();
+    out.insert("ClusterRoleBinding".into(), crb.resource_version().unwrap());
+    out
+}
+
+#[tokio::test]
+async fn ops_example_is_reconciled_updated_quiet_and_deleted() {
+    let testbed = Testbed::ensure(&["ops"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = testbed.client("ops").await.unwrap();
+    let ns = setup(&testbed, &client, "lpop-e2e").await;
+    let operator = Operator::start(&testbed, &ns, "solo").await;
+    let lp = ops_example(&testbed, &ns);
+    let name = lp["metadata"]["name"].as_str().unwrap().to_string();
+
+    // 1. Apply: the DaemonSet with the reference settings, 5 Ready pods, Healthy 5/5.
+    let started = Instant::now();
+    apply_lp(&client, &ns, &lp).await;
+    let first = wait_healthy(&client, &ns, &name, Duration::from_secs(60)).await;
+    println!("ops example Healthy 5/5 after {:?}", started.elapsed());
+    assert_eq!(ready_pods(&client, &ns).await.len(), NODES);
+    let ds = Api::<DaemonSet>::namespaced(client.clone(), &ns)
+        .get(&name)
+        .await
+        .unwrap();
+    let spec = ds.spec.unwrap();
+    assert_eq!(
+        spec.update_strategy.unwrap().type_.as_deref(),
+        Some("OnDelete")
+    );
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    let tolerations = pod.tolerations.unwrap();
+    assert_eq!(tolerations.len(), 1);
+    assert_eq!(tolerations[0].operator.as_deref(), Some("Exists"));
+    let c = &pod.containers[0];
+    let resources = c.resources.clone().unwrap();
+    let requests = resources.requests.unwrap();
+    let limits = resources.limits.unwrap();
+    assert_eq!(requests["cpu"].0, "250m");
+    assert_eq!(requests["memory"].0, "300Mi");
+    assert_eq!(limits["memory"].0, "700Mi");
+    assert!(!limits.contains_key("cpu"));
+    assert_eq!(c.ports.as_ref().unwrap()[0].container_port, 12345);
+    let annotations = spec.template.metadata.unwrap().annotations.unwrap();
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "12345");
+    assert!(
+        annotations["ad.datadoghq.com/logpipe-agent.checks"].contains("%%host%%:12345/metrics")
+    );
+    let sc = c.security_context.clone().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    let logs = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.mount_path == "/var/log/pods")
+        .unwrap();
+    assert_eq!(logs.read_only, Some(true));
+    let first_cm = first["configMap"].as_str().unwrap().to_string();
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .get(&first_cm)
+        .await
+        .unwrap();
+    assert_eq!(cm.immutable, Some(true));
+    assert!(cm.data.unwrap()["config.yaml"].contains("tenant: ops"));
+
+    // 2. Quiet: reconciles triggered by pod events write nothing.
+    let before = versions(&client, &ns, &name).await;
+    let reconciles_before = operator.metric("logpipe_operator_reconciles_total").await;
+    let writes_before = operator
+        .metric("logpipe_operator_status_writes_total")
+        .await;
+    for (i, pod) in ready_pods(&client, &ns).await.iter().enumerate() {
+        // A label on a pod is a watch event for the operator, and nothing it manages.
+        Api::<Pod>::namespaced(client.clone(), &ns)
+            .patch(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"e2e-poke": i.to_string()}}})),
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let after = versions(&client, &ns, &name).await;
+    let reconciles = operator.metric("logpipe_operator_reconciles_total").await - reconciles_before;
+    let writes = operator
+        .metric("logpipe_operator_status_writes_total")
+        .await
+        - writes_before;
+    println!(
+        "quiet window: {reconciles} reconciles, {writes} status writes, {} objects unchanged",
+        after.len()
+    );
+    assert!(
+        reconciles >= 1.0,
+        "the pokes should have triggered reconciles"
+    );
+    assert_eq!(writes, 0.0, "no status write when nothing changed");
+    assert_eq!(before, after, "no object written when nothing changed");
+
+    // 3. Edit the spec: new ConfigMap hash, new revision, rolled to every node.
+    let mut edited = lp.clone();
+    edited["spec"]["pipeline"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"staticLabels": {"cluster": "ops"}}));
+    let started = Instant::now();
+    apply_lp(&client, &ns, &edited).await;
+    let second = wait_for(
+        "the new revision on every node",
+        Duration::from_secs(120),
+        || async {
+            let s = status(&client, &ns, &name).await?;
+            let moved = s["targetRevision"] != first["targetRevision"]
+                && s["phase"] == "Healthy"
+                && s["updatedNodes"] == NODES
+                && s["readyNodes"] == NODES;
+            moved.then(|| s.clone()).ok_or_else(|| s.to_string())
+        },
+    )
+    .await;
+    println!(
+        "new revision rolled to {NODES} nodes in {:?}",
+        started.elapsed()
+    );
+    assert_ne!(
+        second["configMap"], first["configMap"],
+        "a config change is a new ConfigMap"
+    );
+    assert_eq!(second["stableRevision"], second["targetRevision"]);
+    let pods = ready_pods(&client, &ns).await;
+    assert_eq!(pods.len(), NODES);
+    for pod in &pods {
+        assert_eq!(
+            pod.annotations()
+                .get("logpipe.io/revision")
+                .map(String::as_str),
+            second["targetRevision"].as_str()
+        );
+    }
+    wait_for(
+        "the old ConfigMap to be garbage collected",
+        Duration::from_secs(60),
+        || async {
+            match Api::<ConfigMap>::namespaced(client.clone(), &ns)
+                .get_opt(&first_cm)
+                .await
+            {
+                Ok(None) => Ok(()),
+                other => Err(format!("{:?}", other.map(|cm| cm.map(|c| c.name_any())))),
+            }
+        },
+    )
+    .await;
+
+    // 4. Delete: everything goes, the cluster-scoped objects too.
+    lp_api(&client, &ns)
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    let cluster_name = format!("logpipe:{ns}:{name}");
+    wait_for(
+        "every owned object to be deleted",
+        Duration::from_secs(90),
+        || async {
+            let mut left = Vec::new();
+            if lp_api(&client, &ns)
+                .get_opt(&name)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some()
+            {
+                left.push("LogPipeline".to_string());
+            }
+            if Api::<DaemonSet>::namespaced(client.clone(), &ns)
+                .get_opt(&name)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some()
+            {
+                left.push("DaemonSet".into());
+            }
+            if Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+                .get_opt(&name)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some()
+            {
+                left.push("ServiceAccount".into());
+            }
+            let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+                .list(
+                    &ListParams::default().labels("app.kubernetes.io/managed-by=logpipe-operator"),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            left.extend(
+                cms.items
+                    .iter()
+                    .map(|c| format!("ConfigMap/{}", c.name_any())),
+            );
+            if Api::<ClusterRole>::all(client.clone())
+                .get_opt(&cluster_name)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some()
+            {
+                left.push("ClusterRole".into());
+            }
+            if Api::<ClusterRoleBinding>::all(client.clone())
+                .get_opt(&cluster_name)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some()
+            {
+                left.push("ClusterRoleBinding".into());
+            }
+            left.is_empty().then_some(()).ok_or_else(|| left.join(", "))
+        },
+    )
+    .await;
+    println!("operator log: {}", operator.log.display());
+    operator.kill().await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::default())
+        .await;
+}
+
+#[tokio::test]
+async fn leader_killed_mid_reconcile_standby_takes_over() {
+    let testbed = Testbed::ensure(&["ops"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = testbed.client("ops").await.unwrap();
+    let ns = setup(&testbed, &client, "lpop-leader").await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let holder = |leases: Api<Lease>| async move {
+        leases
+            .get_opt("logpipe-operator")
+            .await
+            .map_err(|e| e.to_string())?
+            .and_then(|l| l.spec.and_then(|s| s.holder_identity))
+            .ok_or_else(|| "no holder".to_string())
+    };
+    let first = Operator::start(&testbed, &ns, "first").await;
+    let leader = wait_for("a leader", Duration::from_secs(30), || {
+        holder(leases.clone())
+    })
+    .await;
+    assert_eq!(leader, "first");
+    let second = Operator::start(&testbed, &ns, "second").await;
+    assert_eq!(
+        second.metric("logpipe_operator_leader").await,
+        0.0,
+        "the standby does not lead"
+    );
+
+    let lp = ops_example(&testbed, &ns);
+    let name = lp["metadata"]["name"].as_str().unwrap().to_string();
+    apply_lp(&client, &ns, &lp).await;
+    // Kill the leader as soon as it started writing, before it could finish.
+    wait_for(
+        "the leader to start reconciling",
+        Duration::from_secs(30),
+        || async {
+            let ds = Api::<DaemonSet>::namespaced(client.clone(), &ns)
+                .get_opt(&name)
+                .await;
+            matches!(ds, Ok(Some(_)))
+                .then_some(())
+                .ok_or_else(|| "no DaemonSet yet".to_string())
+        },
+    )
+    .await;
+    let killed = Instant::now();
+    first.kill().await;
+    let new_leader = wait_for(
+        "the standby to take the lease",
+        Duration::from_secs(30),
+        || async {
+            let h = holder(leases.clone()).await?;
+            (h == "second").then_some(h.clone()).ok_or(h)
+        },
+    )
+    .await;
+    assert_eq!(new_leader, "second");
+    wait_healthy(&client, &ns, &name, Duration::from_secs(60)).await;
+    println!(
+        "leader killed; standby finished the reconcile in {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(second.metric("logpipe_operator_leader").await, 1.0);
+
+    lp_api(&client, &ns)
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the LogPipeline to be deleted",
+        Duration::from_secs(60),
+        || async {
+            match lp_api(&client, &ns).get_opt(&name).await {
+                Ok(None) => Ok(()),
+                other => Err(format!("{:?}", other.map(|o| o.map(|o| o.name_any())))),
+            }
+        },
+    )
+    .await;
+    second.kill().await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::default())
+        .await;
+}
+
+fn merge(base: &mut Value, patch: &Value) {
+    match (base, patch) {
+        (Value::Object(base), Value::Object(patch)) => {
+            for (key, value) in patch {
+                match base.get_mut(key) {
+                    Some(existing) if existing.is_object() && value.is_object() => {
+                        merge(existing, value)
+                    }
+                    _ => {
+                        base.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (base, patch) => *base = patch.clone(),
+    }
+}
+
+#[tokio::test]
+async fn bad_specs_are_refused_with_a_readable_message() {
+    let testbed = Testbed::ensure(&["ops"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = testbed.client("ops").await.unwrap();
+    let ns = setup(&testbed, &client, "lpop-bad").await;
+    let cases: Vec<Value> = serde_yaml::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/tests/e2e_operator/bad_specs.yaml"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(cases.len() >= 15, "at least 15 distinct bad specs");
+    let base = json!({
+        "apiVersion": "logpipe.io/v1alpha1",
+        "kind": "LogPipeline",
+        "metadata": {"name": "bad", "namespace": ns},
+        "spec": {"tenant": "ops", "endpoint": format!("{}/loki/api/v1/push", testbed.loki_url), "pipeline": [{"cri": {}}]},
+    });
+    // kubectl apply's defaults: server-side, strict field validation; dry run keeps the
+    // namespace empty.
+    let params = PatchParams {
+        dry_run: true,
+        force: true,
+        field_manager: Some("e2e-operator".into()),
+        field_validation: Some(ValidationDirective::Strict),
+    };
+    let api = lp_api(&client, &ns);
+    // The base itself is accepted: each refusal is the patch's doing.
+    api.patch("bad", &params, &Patch::Apply(&base))
+        .await
+        .unwrap();
+    let mut failures = Vec::new();
+    for case in &cases {
+        let mut object = base.clone();
+        merge(&mut object, &case["patch"]);
+        let name = object["metadata"]["name"].as_str().unwrap().to_string();
+        let expect = case["expect"].as_str().unwrap();
+        match api.patch(&name, &params, &Patch::Apply(&object)).await {
+            Err(kube::Error::Api(status)) if status.message.contains(expect) => {
+                println!(
+                    "refused: {:<55} {}",
+                    case["name"].as_str().unwrap(),
+                    status.message
+                );
+            }
+            other => failures.push(format!(
+                "{}: expected a refusal containing {expect:?}, got {other:?}",
+                case["name"].as_str().unwrap()
+            )),
+        }
+    }
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::default())
+        .await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} bad specs not refused as expected:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
