@@ -48,7 +48,7 @@ e2e-testbed: testbed-up
 	$(E2E) e2e_testbed
 
 e2e-operator: build testbed-up
-	$(E2E) e2e_operator
+	$(E2E) e2e_operator -- --test-threads 3
 
 e2e-agent: build testbed-up
 	$(E2E) e2e_agent

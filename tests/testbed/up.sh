@@ -17,6 +17,11 @@ command -v curl >/dev/null || fail "curl is required (apt-get install curl)"
 
 mkdir -p "$LOGS" "$PIDS"
 
+# The node simulator is ours (tests/src/bin/nodesim.rs): build it before the clusters need it.
+say "building the node simulator (cargo build -p logpipe-e2e --bin logpipe-nodesim)"
+(cd "$repo" && cargo build -q -p logpipe-e2e --bin logpipe-nodesim) || fail "cannot build logpipe-nodesim"
+NODESIM=${CARGO_TARGET_DIR:-$repo/target}/debug/logpipe-nodesim
+
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # start NAME BINARY ARGS...: run in its own session, record PID and binary, log to logs/.
@@ -188,6 +193,11 @@ up_cluster() {
     -l "logpipe.io/testbed-cluster=$CLUSTER" --timeout=5s
   # The default ServiceAccount must exist before pods can be created in a namespace.
   wait_for "$CLUSTER-kube-controller-manager" 60 "$KUBECTL" --kubeconfig "$kc" get serviceaccount default -n default
+
+  # The node simulator runs real agents for agent pods annotated kwok.x-k8s.io/status=custom.
+  mkdir -p "$TESTBED/images"
+  start "$CLUSTER-nodesim" "$NODESIM" --kubeconfig "$kc" --cluster "$CLUSTER"
+  wait_for "$CLUSTER-nodesim" 60 test -f "$CDIR/nodesim/nodesim.pid"
 }
 
 loki_config() {

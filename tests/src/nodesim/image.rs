@@ -11,17 +11,22 @@
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
+
+/// Size and mtime of a binary: a republished binary is a new version.
+type Version = (u64, SystemTime);
+/// Binary -> the version it was hashed at and its digest (None while hashing).
+type Digests = HashMap<PathBuf, (Version, Option<String>)>;
 
 /// Finds the binary of an image; remembers binary digests for `imageID`.
 #[derive(Debug)]
 pub struct Images {
     dir: PathBuf,
     map_file: Option<PathBuf>,
-    digests: Mutex<HashMap<PathBuf, (u64, SystemTime, String)>>,
+    digests: Arc<Mutex<Digests>>,
 }
 
 /// Name and tag of an image reference; `None` for references the rule cannot map
@@ -53,7 +58,7 @@ impl Images {
         Self {
             dir,
             map_file,
-            digests: Mutex::new(HashMap::new()),
+            digests: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -108,37 +113,48 @@ impl Images {
     }
 
     /// `<repo>@sha256:<digest of the binary>`, cached by size and mtime: republishing a
-    /// tag changes the ID, as a new push of the same tag would.
-    pub async fn image_id(&self, image: &str, binary: &Path) -> String {
-        let repo = image.split(['@']).next().unwrap_or(image);
+    /// tag changes the ID, as a new push of the same tag would. Never waits: hashing a
+    /// debug agent (200+ MB) takes seconds, so it runs once per binary version on its own
+    /// thread, and None means "not known yet, ask again".
+    pub fn image_id(&self, image: &str, binary: &Path) -> Option<String> {
+        let repo = image.split('@').next().unwrap_or(image);
         let repo = match repo.rsplit_once(':') {
             Some((r, tag)) if !tag.contains('/') => r,
             _ => repo,
         };
-        let Ok(meta) = std::fs::metadata(binary) else {
-            return String::new();
-        };
-        let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        let meta = std::fs::metadata(binary).ok()?;
+        let version = (
+            meta.len(),
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        );
         let key = binary.to_path_buf();
-        if let Ok(cache) = self.digests.lock()
-            && let Some((len, mtime, digest)) = cache.get(&key)
-            && *len == meta.len()
-            && *mtime == modified
-        {
-            return format!("{repo}@sha256:{digest}");
+        let mut cache = self.digests.lock().ok()?;
+        match cache.get(&key) {
+            Some((v, digest)) if *v == version => {
+                return digest.as_ref().map(|d| format!("{repo}@sha256:{d}"));
+            }
+            _ => {
+                cache.insert(key.clone(), (version, None));
+            }
         }
-        let path = key.clone();
-        let digest = tokio::task::spawn_blocking(move || sha256_file(&path))
-            .await
-            .ok()
-            .flatten();
-        let Some(digest) = digest else {
-            return String::new();
-        };
-        if let Ok(mut cache) = self.digests.lock() {
-            cache.insert(key, (meta.len(), modified, digest.clone()));
-        }
-        format!("{repo}@sha256:{digest}")
+        drop(cache);
+        let digests = Arc::clone(&self.digests);
+        std::thread::spawn(move || {
+            let digest = sha256_file(&key);
+            if let Ok(mut cache) = digests.lock()
+                && let Some(entry) = cache.get_mut(&key)
+                && entry.0 == version
+            {
+                match digest {
+                    Some(d) => entry.1 = Some(d),
+                    // Unreadable now: forget it so the next lookup tries again.
+                    None => {
+                        cache.remove(&key);
+                    }
+                }
+            }
+        });
+        None
     }
 }
 

@@ -139,6 +139,15 @@ impl Ipam {
         self.claim(uid, node, ip).then_some(ip)
     }
 
+    /// A pod of ours kept `ip` across a simulator restart: continue allocating below it,
+    /// so a replacement does not get an IP that was in use a moment ago.
+    pub fn seed_cursor(&mut self, node: &str, ip: Ipv4Addr, cidr: Cidr) {
+        let (first, last) = cidr.host_range();
+        let below = u32::from(ip).saturating_sub(1).clamp(first, last);
+        let cursor = self.cursor.entry(node.to_string()).or_insert(below);
+        *cursor = (*cursor).min(below);
+    }
+
     /// Forget the IP of `uid` (its pod is gone, or its process has exited for good).
     pub fn release(&mut self, uid: &str) {
         if let Some((node, ip)) = self.by_uid.remove(uid)
@@ -188,6 +197,11 @@ mod tests {
             "a replacement gets a fresh IP"
         );
         assert!(!ipam.claim("d", "n0", c), "taken");
+        ipam.seed_cursor("n0", Ipv4Addr::new(127, 16, 0, 200), cidr);
+        assert_eq!(
+            ipam.allocate("f", "n0", cidr),
+            Some(Ipv4Addr::new(127, 16, 0, 199))
+        );
         // Another node has its own range and cursor.
         let other: Cidr = "127.16.1.0/24".parse().unwrap();
         assert_eq!(

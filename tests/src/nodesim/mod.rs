@@ -147,6 +147,19 @@ fn owned(pod: &Pod) -> bool {
         == Some(CUSTOM_STATUS_VALUE)
 }
 
+/// Whether `pid` runs this binary (argv[0] named `logpipe-nodesim`): a stale PID file
+/// may name a recycled PID.
+pub fn is_simulator(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .ok()
+        .and_then(|c| {
+            c.split(|b| *b == 0)
+                .next()
+                .map(|argv0| argv0.ends_with(b"logpipe-nodesim"))
+        })
+        .unwrap_or(false)
+}
+
 /// Refuse to run twice for one cluster: two kubelets for the same pods would fight.
 fn take_pid_file(opts: &Options) -> Result<PathBuf, Error> {
     let path = state_dir(opts).join("nodesim.pid");
@@ -154,8 +167,7 @@ fn take_pid_file(opts: &Options) -> Result<PathBuf, Error> {
         && let Ok(pid) = text.trim().parse::<i32>()
     {
         let me = i32::try_from(std::process::id()).unwrap_or_default();
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if pid != me && String::from_utf8_lossy(&cmdline).contains("nodesim") {
+        if pid != me && is_simulator(pid) {
             return Err(Error::AlreadyRunning {
                 pid,
                 cluster: opts.cluster.clone(),

@@ -90,7 +90,7 @@ struct Prepared {
     binary: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
-    image_id: String,
+    image: String,
     readiness: Option<Prober>,
     liveness: Option<Prober>,
     startup: Option<Prober>,
@@ -121,6 +121,7 @@ pub struct Worker {
     image_id: String,
     published: Option<serde_json::Value>,
     warned_sidecars: bool,
+    last_warning: Option<String>,
 }
 
 impl Worker {
@@ -172,6 +173,7 @@ impl Worker {
             image_id: String::new(),
             published: None,
             warned_sidecars: false,
+            last_warning: None,
             ctx,
         }
     }
@@ -230,8 +232,12 @@ impl Worker {
                 Ok(p) => p,
                 Err(not_started) => {
                     let state = not_started.waiting();
-                    if let State::Waiting { reason, message } = &state {
+                    // Retried every few seconds: say it once per distinct reason.
+                    if let State::Waiting { reason, message } = &state
+                        && self.last_warning.as_ref() != Some(message)
+                    {
                         tracing::warn!(pod = %self.name, %reason, %message, "container cannot start");
+                        self.last_warning = Some(message.clone());
                     }
                     self.publish(&state, false, false, None).await;
                     if let Some(stop) = self.pause(self.ctx.opts.retry_interval).await {
@@ -240,7 +246,11 @@ impl Worker {
                     continue;
                 }
             };
-            self.image_id = prepared.image_id.clone();
+            self.image_id = self
+                .ctx
+                .images
+                .image_id(&prepared.image, &prepared.binary)
+                .unwrap_or_default();
             loop {
                 let adopted = self.adopt.take().and_then(|r| {
                     let live = r.live_process();
@@ -493,7 +503,7 @@ impl Worker {
         let mut next_readiness = first(&readiness);
         let mut next_liveness = first(&liveness);
         let far = now + Duration::from_secs(3600 * 24 * 365);
-        let mut resync = tokio::time::interval(Duration::from_secs(30));
+        let mut resync = tokio::time::interval(Duration::from_secs(2));
         self.publish(&state, ready, started, None).await;
         loop {
             if let Some(stop) = self.stop_reason() {
@@ -513,10 +523,14 @@ impl Worker {
                 changed = self.updates.changed() => if changed.is_err() { return Outcome::Stop(Stop::Shutdown) },
                 changed = self.shutdown.changed() => if changed.is_err() { return Outcome::Stop(Stop::Shutdown) },
                 _ = resync.tick() => {
-                    // A status patch that failed is retried here.
-                    if self.published.is_none() {
-                        self.publish(&state, ready, started, None).await;
+                    // A status patch that failed is retried here, and the imageID is
+                    // filled in once the binary's digest is known.
+                    if self.image_id.is_empty()
+                        && let Some(id) = self.ctx.images.image_id(&prepared.image, &prepared.binary)
+                    {
+                        self.image_id = id;
                     }
+                    self.publish(&state, ready, started, None).await;
                 }
                 _ = tokio::time::sleep_until(probe_due) => {
                     let now = tokio::time::Instant::now();
@@ -688,12 +702,11 @@ impl Worker {
         let readiness = probe(container.readiness_probe.as_ref())?;
         let liveness = probe(container.liveness_probe.as_ref())?;
         let startup = probe(container.startup_probe.as_ref())?;
-        let image_id = self.ctx.images.image_id(&image, &binary).await;
         Ok(Prepared {
             binary,
             args,
             env,
-            image_id,
+            image,
             readiness,
             liveness,
             startup,
@@ -718,7 +731,10 @@ impl Worker {
             .lock()
             .map_err(|_| NotStarted::Sandbox("IP allocator unavailable".into()))?;
         let ip = match known {
-            Some(ip) if ipam.claim(&self.uid, node, ip) => ip,
+            Some(ip) if ipam.claim(&self.uid, node, ip) => {
+                ipam.seed_cursor(node, ip, cidr);
+                ip
+            }
             _ => ipam
                 .allocate(&self.uid, node, cidr)
                 .ok_or_else(|| NotStarted::Sandbox(format!("no free IP left in {cidr}")))?,

@@ -1,0 +1,273 @@
+//! `make bench` (issue 7, agent side): our agent against Promtail on the same logs.
+//!
+//! ```text
+//! corpus (fixed seed, target/bench/corpus) -> page cache warmed
+//!   -> for each run, alternating who goes first: agent | promtail
+//!        -> null receiver (counts, 204)          : wall, CPU s, peak RSS, lines/CPU-s
+//!        -> proxy -> real Loki (test bed, tenant per run) : the same, Loki's pace
+//!   -> steady state at fixed rates (null receiver): CPU share, RSS
+//!   -> target/bench/results.{json,md,png}
+//! ```
+//!
+//! Every loop is bounded (run timeout, stall timeout, drain timeout), every process is
+//! killed when its run ends (see [`runner::Running`]), everything listens on 127.0.0.1.
+//! CPU seconds are the headline (the machine's 2 cores are shared with other work, which
+//! moves wall time much more than CPU time); each run records how much CPU the rest of
+//! the machine used meanwhile.
+
+pub mod corpus;
+pub mod procstat;
+pub mod receiver;
+pub mod report;
+pub mod rng;
+pub mod runner;
+pub mod steady;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use self::corpus::Manifest;
+use self::receiver::Receiver;
+use self::runner::{Binaries, CorpusJob, CorpusRun, Sink, Subject};
+use self::steady::{SteadyJob, SteadyRun};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl BenchError {
+    /// `map_err(BenchError::io(path))`.
+    pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Corpus size presets.
+#[derive(Clone, Debug)]
+pub struct Size {
+    pub name: String,
+    pub bytes: u64,
+}
+
+impl Size {
+    /// `small` (96 MiB), `default`/`full`/empty (1 GiB), or a number of MiB.
+    pub fn parse(text: &str) -> Result<Self, BenchError> {
+        let bytes = match text {
+            "small" => 96 << 20,
+            "" | "default" | "full" => 1 << 30,
+            mib => mib
+                .trim_end_matches("MiB")
+                .parse::<u64>()
+                .map(|m| m << 20)
+                .map_err(|_| {
+                    BenchError::Other(format!("BENCH_SIZE {text:?}: expected small, default or a number of MiB"))
+                })?,
+        };
+        Ok(Self {
+            name: if text.is_empty() { "default".into() } else { text.into() },
+            bytes,
+        })
+    }
+
+    pub fn is_small(&self) -> bool {
+        self.bytes <= 128 << 20
+    }
+}
+
+/// Everything one `make bench` does.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub size: Size,
+    pub seed: u64,
+    pub runs: usize,
+    pub out: PathBuf,
+    pub bins: Binaries,
+    /// Base URL of the test bed's Loki; `None` skips the Loki runs (with the reason).
+    pub loki_url: Option<String>,
+    pub loki_skip_reason: Option<String>,
+    pub steady_rates: Vec<u64>,
+    pub steady_duration: Duration,
+    pub steady_warmup: Duration,
+    pub steady_containers: usize,
+    pub command: String,
+}
+
+/// Everything measured.
+#[derive(Debug)]
+pub struct Outcome {
+    pub manifest: Manifest,
+    pub corpus_runs: Vec<CorpusRun>,
+    pub steady_runs: Vec<SteadyRun>,
+    pub loki_version: Option<String>,
+    pub load_before: Option<String>,
+    pub load_after: Option<String>,
+}
+
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn say(message: impl AsRef<str>) {
+    eprintln!("[bench] {}", message.as_ref());
+}
+
+pub async fn run(options: &Options) -> Result<Outcome, BenchError> {
+    std::fs::create_dir_all(&options.out).map_err(BenchError::io(&options.out))?;
+    let load_before = std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.trim().to_string());
+    let corpus_dir = options.out.join("corpus");
+    say(format!("corpus: {} ({} MiB, seed {:#x})", corpus_dir.display(), options.size.bytes >> 20, options.seed));
+    let manifest = {
+        let dir = corpus_dir.clone();
+        let (seed, bytes) = (options.seed, options.size.bytes);
+        tokio::task::spawn_blocking(move || corpus::ensure(&dir, seed, bytes))
+            .await
+            .map_err(|e| BenchError::Other(format!("corpus task: {e}")))??
+    };
+    say(manifest.summary());
+    let pods_root = corpus::pods_root(&corpus_dir);
+    warm_cache(&pods_root, &manifest)?;
+
+    let null = Receiver::start(None).await?;
+    let (proxy, loki_version) = match &options.loki_url {
+        Some(url) => (Some(Receiver::start(Some(url)).await?), loki_version(url).await),
+        None => (None, None),
+    };
+    // Generous bounds: 60 s plus 1 s per MB, and a minute without progress is a failure.
+    let timeout = Duration::from_secs(60 + manifest.bytes / 1_000_000);
+    let stall = Duration::from_secs(60);
+    let mut corpus_runs = Vec::new();
+    let sinks: Vec<(Sink, &Receiver)> = std::iter::once((Sink::Null, &null))
+        .chain(proxy.as_ref().map(|p| (Sink::Loki, p)))
+        .collect();
+    for (sink, receiver) in &sinks {
+        for index in 0..options.runs {
+            // Alternate who goes first, so a slow spell on the machine hits both.
+            let order = if index % 2 == 0 {
+                [Subject::Agent, Subject::Promtail]
+            } else {
+                [Subject::Promtail, Subject::Agent]
+            };
+            for subject in order {
+                let run_dir = options
+                    .out
+                    .join("runs")
+                    .join(format!("{}-{:?}-{index}", subject.name(), sink).to_lowercase());
+                if run_dir.exists() {
+                    std::fs::remove_dir_all(&run_dir).map_err(BenchError::io(&run_dir))?;
+                }
+                let run = runner::corpus_run(CorpusJob {
+                    subject,
+                    sink: *sink,
+                    index,
+                    bins: &options.bins,
+                    pods_root: &pods_root,
+                    files: &manifest.files,
+                    receiver,
+                    expected_entries: manifest.entries,
+                    corpus_bytes: manifest.bytes,
+                    run_dir,
+                    timeout,
+                    stall,
+                })
+                .await;
+                say(format!(
+                    "{:<8} -> {:<4?} run {index}: {} wall {:.2}s cpu {:.2}s ({:.0} lines/cpu-s, {:.1} MB/cpu-s) peak rss {:.1} MiB, machine else {:.1} cpu-s{}",
+                    subject.name(),
+                    sink,
+                    if run.ok { "ok" } else { "FAILED" },
+                    run.wall_s,
+                    run.cpu_s,
+                    run.lines_per_cpu_s,
+                    run.mb_per_cpu_s,
+                    run.peak_rss_bytes as f64 / 1048576.0,
+                    run.other_cpu_s,
+                    run.error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default()
+                ));
+                corpus_runs.push(run);
+            }
+        }
+    }
+
+    let mut steady_runs = Vec::new();
+    for &rate in &options.steady_rates {
+        for subject in [Subject::Agent, Subject::Promtail] {
+            let run = steady::steady_run(SteadyJob {
+                subject,
+                rate,
+                duration: options.steady_duration,
+                warmup: options.steady_warmup,
+                containers: options.steady_containers,
+                bins: &options.bins,
+                receiver: &null,
+                dir: steady::dir(&options.out.join("runs"), subject, rate),
+            })
+            .await;
+            say(format!(
+                "{:<8} steady {rate} lines/s: {} cpu {:.3} cores, rss mean {:.1} MiB max {:.1} MiB (wrote {:.0}/s, received {}/{}){}",
+                subject.name(),
+                if run.ok { "ok" } else { "FAILED" },
+                run.cpu_share,
+                run.rss_mean_bytes as f64 / 1048576.0,
+                run.rss_max_bytes as f64 / 1048576.0,
+                run.written_lines_s,
+                run.received,
+                run.written,
+                run.error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default()
+            ));
+            steady_runs.push(run);
+        }
+    }
+    let load_after = std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.trim().to_string());
+    Ok(Outcome {
+        manifest,
+        corpus_runs,
+        steady_runs,
+        loki_version,
+        load_before,
+        load_after,
+    })
+}
+
+/// Read every corpus file once so both agents start from a warm page cache.
+fn warm_cache(root: &Path, manifest: &Manifest) -> Result<(), BenchError> {
+    let mut buf = vec![0u8; 1 << 20];
+    for file in &manifest.files {
+        let path = root.join(file.rel_path());
+        let mut handle = std::fs::File::open(&path).map_err(BenchError::io(&path))?;
+        while std::io::Read::read(&mut handle, &mut buf).map_err(BenchError::io(&path))? > 0 {}
+    }
+    Ok(())
+}
+
+async fn loki_version(url: &str) -> Option<String> {
+    let answer = crate::http_client()
+        .get(format!("{}/loki/api/v1/status/buildinfo", url.trim_end_matches('/')))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+        .ok()?;
+    let info: serde_json::Value = answer.json().await.ok()?;
+    info.get("version")?.as_str().map(str::to_string)
+}
+
+/// Whether the Loki at `url` answers `/ready`.
+pub async fn loki_ready(url: &str) -> bool {
+    runner::wait_ready(&format!("{}/ready", url.trim_end_matches('/')), Duration::from_secs(3)).await
+}
+
+/// First line of `<binary> <flag>` (a version banner).
+pub fn version_of(binary: &Path, flag: &str) -> Option<String> {
+    let output = std::process::Command::new(binary).arg(flag).output().ok()?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    text.lines().next().map(|l| l.trim().to_string())
+}

@@ -1,0 +1,665 @@
+//! `target/bench/results.{json,md,png}` from an [`Outcome`].
+//!
+//! JSON shape: one object per component (`agent`, `promtail`, `operator`) holding the
+//! headline figures by their issue-7 names; a figure that could not be measured is
+//! `null` and its reason is under the component's `reasons` (the operator bench fills
+//! `operator` in later: only its values and `reasons` change). Details per sink
+//! (`null`, `loki`) and per steady rate sit beside the headline figures; every raw run is
+//! under `runs`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde_json::{Map, Value, json};
+
+use super::runner::{CorpusRun, Sink, Subject};
+use super::steady::SteadyRun;
+use super::{BenchError, Options, Outcome};
+
+const MIB: f64 = 1048576.0;
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.retain(|v| v.is_finite());
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
+/// Medians of the successful runs of one (subject, sink).
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub runs: usize,
+    pub ok: usize,
+    pub wall_s: Option<f64>,
+    pub cpu_s: Option<f64>,
+    pub lines_per_s: Option<f64>,
+    pub lines_per_cpu_s: Option<f64>,
+    pub mb_per_cpu_s: Option<f64>,
+    pub peak_rss_bytes: Option<f64>,
+    pub other_cpu_s: Option<f64>,
+    pub errors: Vec<String>,
+    pub label_names: Vec<String>,
+    pub streams: usize,
+}
+
+pub fn summarise(runs: &[CorpusRun], subject: Subject, sink: Sink) -> Summary {
+    let mine: Vec<&CorpusRun> = runs.iter().filter(|r| r.subject == subject && r.sink == sink).collect();
+    let ok: Vec<&CorpusRun> = mine.iter().copied().filter(|r| r.ok).collect();
+    let m = |f: fn(&CorpusRun) -> f64| median(ok.iter().map(|r| f(r)).collect());
+    Summary {
+        runs: mine.len(),
+        ok: ok.len(),
+        wall_s: m(|r| r.wall_s),
+        cpu_s: m(|r| r.cpu_s),
+        lines_per_s: m(|r| r.lines_per_s),
+        lines_per_cpu_s: m(|r| r.lines_per_cpu_s),
+        mb_per_cpu_s: m(|r| r.mb_per_cpu_s),
+        peak_rss_bytes: m(|r| r.peak_rss_bytes as f64),
+        other_cpu_s: m(|r| r.other_cpu_s),
+        errors: mine.iter().filter_map(|r| r.error.clone()).collect(),
+        label_names: ok.first().map(|r| r.label_names.clone()).unwrap_or_default(),
+        streams: ok.first().map_or(0, |r| r.streams),
+    }
+}
+
+fn steady_of(runs: &[SteadyRun], subject: Subject, rate: u64) -> Option<&SteadyRun> {
+    runs.iter().find(|r| r.subject == subject && r.rate_lines_s == rate)
+}
+
+/// Sets `key` to `value`, or to `null` with `reason` under `reasons`.
+fn put(obj: &mut Map<String, Value>, reasons: &mut Map<String, Value>, key: &str, value: Option<f64>, reason: &str) {
+    match value {
+        Some(v) if v.is_finite() => {
+            obj.insert(key.into(), json!(v));
+        }
+        _ => {
+            obj.insert(key.into(), Value::Null);
+            reasons.insert(key.into(), json!(reason));
+        }
+    }
+}
+
+fn summary_json(s: &Summary, sink: &str, skipped: Option<&str>) -> Value {
+    if let Some(reason) = skipped {
+        return json!({"skipped": true, "reason": reason});
+    }
+    json!({
+        "runs": s.runs,
+        "ok_runs": s.ok,
+        "median_wall_s": s.wall_s,
+        "median_cpu_s": s.cpu_s,
+        "median_lines_per_s": s.lines_per_s,
+        "median_lines_per_cpu_s": s.lines_per_cpu_s,
+        "median_mb_per_cpu_s": s.mb_per_cpu_s,
+        "median_peak_rss_bytes": s.peak_rss_bytes.map(|v| v as u64),
+        "median_other_machine_cpu_s": s.other_cpu_s,
+        "streams": s.streams,
+        "label_names": s.label_names,
+        "errors": s.errors,
+        "sink": sink,
+    })
+}
+
+struct Side {
+    null: Summary,
+    loki: Summary,
+}
+
+fn side(outcome: &Outcome, subject: Subject) -> Side {
+    Side {
+        null: summarise(&outcome.corpus_runs, subject, Sink::Null),
+        loki: summarise(&outcome.corpus_runs, subject, Sink::Loki),
+    }
+}
+
+/// Peak RSS: the larger of the per-sink medians (Loki's pace can make a reader buffer more).
+fn peak(side: &Side) -> Option<f64> {
+    match (side.null.peak_rss_bytes, side.loki.peak_rss_bytes) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn component_json(outcome: &Outcome, options: &Options, subject: Subject) -> Value {
+    let s = side(outcome, subject);
+    let mut obj = Map::new();
+    let mut reasons = Map::new();
+    let failed = |sum: &Summary| {
+        if sum.runs == 0 {
+            "not run".to_string()
+        } else {
+            format!("no successful run: {}", sum.errors.join("; "))
+        }
+    };
+    put(&mut obj, &mut reasons, "lines_per_cpu_s", s.null.lines_per_cpu_s, &failed(&s.null));
+    put(&mut obj, &mut reasons, "null_mb_per_cpu_s", s.null.mb_per_cpu_s, &failed(&s.null));
+    put(&mut obj, &mut reasons, "peak_rss_bytes", peak(&s), &failed(&s.null));
+    put(&mut obj, &mut reasons, "null_lines_per_s", s.null.lines_per_s, &failed(&s.null));
+    let loki_reason = options.loki_skip_reason.clone().unwrap_or_else(|| failed(&s.loki));
+    put(&mut obj, &mut reasons, "loki_lines_per_cpu_s", s.loki.lines_per_cpu_s, &loki_reason);
+    put(&mut obj, &mut reasons, "loki_lines_per_s", s.loki.lines_per_s, &loki_reason);
+    let at_10k = steady_of(&outcome.steady_runs, subject, 10_000);
+    put(
+        &mut obj,
+        &mut reasons,
+        "rss_bytes_at_10k_lines_s",
+        at_10k.filter(|r| r.ok).map(|r| r.rss_max_bytes as f64),
+        &at_10k
+            .and_then(|r| r.error.clone())
+            .unwrap_or_else(|| "10k lines/s not in the steady rates".into()),
+    );
+    obj.insert("null".into(), summary_json(&s.null, "null", None));
+    obj.insert("loki".into(), summary_json(&s.loki, "loki", options.loki_skip_reason.as_deref()));
+    let steady: Vec<Value> = options
+        .steady_rates
+        .iter()
+        .filter_map(|&rate| steady_of(&outcome.steady_runs, subject, rate))
+        .map(|r| {
+            json!({
+                "rate_lines_s": r.rate_lines_s,
+                "ok": r.ok,
+                "cpu_share": r.cpu_share,
+                "rss_mean_bytes": r.rss_mean_bytes,
+                "rss_max_bytes": r.rss_max_bytes,
+                "peak_rss_bytes": r.peak_rss_bytes,
+                "written_lines_s": r.written_lines_s,
+                "window_s": r.window_s,
+                "drain_s": r.drain_s,
+                "error": r.error,
+            })
+        })
+        .collect();
+    obj.insert("steady".into(), Value::Array(steady));
+    obj.insert("reasons".into(), Value::Object(reasons));
+    Value::Object(obj)
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+struct Ratios {
+    lines_per_cpu_s: Option<f64>,
+    loki_lines_per_cpu_s: Option<f64>,
+    mb_per_cpu_s: Option<f64>,
+    peak_rss: Option<f64>,
+    wall_null: Option<f64>,
+    steady_cpu: Vec<(u64, Option<f64>)>,
+    steady_rss: Vec<(u64, Option<f64>)>,
+}
+
+fn ratios(outcome: &Outcome, options: &Options) -> Ratios {
+    let a = side(outcome, Subject::Agent);
+    let p = side(outcome, Subject::Promtail);
+    let steady = |rate: u64, f: fn(&SteadyRun) -> f64| {
+        let get = |s| steady_of(&outcome.steady_runs, s, rate).filter(|r| r.ok).map(f);
+        ratio(get(Subject::Agent), get(Subject::Promtail))
+    };
+    Ratios {
+        lines_per_cpu_s: ratio(a.null.lines_per_cpu_s, p.null.lines_per_cpu_s),
+        loki_lines_per_cpu_s: ratio(a.loki.lines_per_cpu_s, p.loki.lines_per_cpu_s),
+        mb_per_cpu_s: ratio(a.null.mb_per_cpu_s, p.null.mb_per_cpu_s),
+        peak_rss: ratio(peak(&a), peak(&p)),
+        wall_null: ratio(a.null.wall_s, p.null.wall_s),
+        steady_cpu: options.steady_rates.iter().map(|&r| (r, steady(r, |s| s.cpu_share))).collect(),
+        steady_rss: options
+            .steady_rates
+            .iter()
+            .map(|&r| (r, steady(r, |s| s.rss_max_bytes as f64)))
+            .collect(),
+    }
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).trim().to_string());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kib| kib * 1024);
+    json!({
+        "nproc": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "cpu_model": model,
+        "mem_total_bytes": mem,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string()),
+    })
+}
+
+pub fn results_json(outcome: &Outcome, options: &Options) -> Value {
+    let r = ratios(outcome, options);
+    let agent = component_json(outcome, options, Subject::Agent);
+    let agent_mb = agent.get("null_mb_per_cpu_s").and_then(Value::as_f64);
+    let agent_rss10k = agent.get("rss_bytes_at_10k_lines_s").and_then(Value::as_f64);
+    let target = |name: &str, goal: &str, measured: Option<f64>, met: Option<bool>| {
+        json!({"target": goal, "measured": measured, "met": met, "name": name})
+    };
+    let operator_reason = "not measured yet: the operator benchmark (1,000-node KWOK rollout, issue 7 \
+                           'Operator') is done separately and fills these in";
+    let mut steady_cpu = Map::new();
+    for (rate, v) in &r.steady_cpu {
+        steady_cpu.insert(rate.to_string(), json!(v));
+    }
+    let mut steady_rss = Map::new();
+    for (rate, v) in &r.steady_rss {
+        steady_rss.insert(rate.to_string(), json!(v));
+    }
+    let m = &outcome.manifest;
+    json!({
+        "schema_version": 1,
+        "generated_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "command": options.command,
+        "machine": machine(),
+        "contention": {
+            "note": "2 cores shared with other work (compilers, test beds): wall times move with it, CPU seconds much less; each run records the CPU the rest of the machine used meanwhile (median_other_machine_cpu_s)",
+            "loadavg_before": outcome.load_before,
+            "loadavg_after": outcome.load_after,
+        },
+        "versions": {
+            "logpipe_agent": super::version_of(&options.bins.agent, "--version"),
+            "promtail": super::version_of(&options.bins.promtail, "-version"),
+            "loki": outcome.loki_version,
+            "agent_binary": options.bins.agent.display().to_string(),
+            "promtail_binary": options.bins.promtail.display().to_string(),
+        },
+        "corpus": {
+            "size": options.size.name,
+            "target_bytes": m.target_bytes,
+            "bytes": m.bytes,
+            "entries": m.entries,
+            "cri_lines": m.cri_lines,
+            "partial_lines": m.partial_lines,
+            "content_bytes": m.content_bytes,
+            "json_entries": m.json_entries,
+            "plain_entries": m.plain_entries,
+            "klog_entries": m.klog_entries,
+            "longest_entry_bytes": m.longest_entry,
+            "pods": m.pods,
+            "files": m.files.len(),
+            "seed": m.seed,
+            "generator_version": m.generator_version,
+        },
+        "settings": {
+            "runs": options.runs,
+            "statistic": "median of successful runs",
+            "batch_bytes": super::runner::BATCH_BYTES,
+            "batch_wait": super::runner::BATCH_WAIT,
+            "labels": super::runner::expected_label_names(),
+            "steady_rates_lines_s": options.steady_rates,
+            "steady_window_s": options.steady_duration.saturating_sub(options.steady_warmup).as_secs_f64(),
+            "steady_containers": options.steady_containers,
+            "mb": "10^6 bytes of CRI log files read",
+            "peak_rss_bytes": "VmHWM at the moment the last entry arrived; the larger of the null and Loki medians",
+            "rss_bytes_at_10k_lines_s": "largest VmRSS sampled (every 250 ms) in the steady window at 10k lines/s",
+            "lines_per_cpu_s": "corpus entries / (utime+stime up to the last entry), null receiver",
+        },
+        "agent": agent,
+        "promtail": component_json(outcome, options, Subject::Promtail),
+        "ratios": {
+            "note": "ours / Promtail",
+            "lines_per_cpu_s": r.lines_per_cpu_s,
+            "loki_lines_per_cpu_s": r.loki_lines_per_cpu_s,
+            "null_mb_per_cpu_s": r.mb_per_cpu_s,
+            "peak_rss_bytes": r.peak_rss,
+            "null_wall_s": r.wall_null,
+            "steady_cpu_share": steady_cpu,
+            "steady_rss_max_bytes": steady_rss,
+        },
+        "targets": [
+            target("lines_per_cpu_s ratio", ">= 5", r.lines_per_cpu_s, r.lines_per_cpu_s.map(|v| v >= 5.0)),
+            target("peak_rss_bytes ratio", "<= 0.25", r.peak_rss, r.peak_rss.map(|v| v <= 0.25)),
+            target("agent.null_mb_per_cpu_s", ">= 150", agent_mb, agent_mb.map(|v| v >= 150.0)),
+            target("agent.rss_bytes_at_10k_lines_s", "< 33554432 (32 MiB)", agent_rss10k, agent_rss10k.map(|v| v < 32.0 * MIB)),
+        ],
+        "operator": {
+            "rollout_1000_nodes_s": null,
+            "native_rollout_1000_nodes_s": null,
+            "steady_rss_bytes": null,
+            "reason": operator_reason,
+            "reasons": {
+                "rollout_1000_nodes_s": operator_reason,
+                "native_rollout_1000_nodes_s": operator_reason,
+                "steady_rss_bytes": operator_reason,
+            },
+        },
+        "runs": {
+            "corpus": outcome.corpus_runs,
+            "steady": outcome.steady_runs,
+        },
+    })
+}
+
+fn fmt(v: Option<f64>, digits: usize) -> String {
+    match v {
+        Some(v) => format!("{v:.digits$}"),
+        None => "—".into(),
+    }
+}
+
+fn mib(v: Option<f64>) -> String {
+    v.map_or("—".into(), |b| format!("{:.1}", b / MIB))
+}
+
+pub fn results_md(outcome: &Outcome, options: &Options, results: &Value) -> String {
+    let a = side(outcome, Subject::Agent);
+    let p = side(outcome, Subject::Promtail);
+    let r = ratios(outcome, options);
+    let m = &outcome.manifest;
+    let machine = &results["machine"];
+    let mut md = String::new();
+    md.push_str("# logpipe-agent vs Promtail\n\n");
+    md.push_str(&format!(
+        "`{}` — {} runs per case (median), corpus {:.1} MiB: {} entries ({} CRI lines, {} partial), {} files, {} pods, seed {:#x}.  \n",
+        options.command,
+        options.runs,
+        m.bytes as f64 / MIB,
+        m.entries,
+        m.cri_lines,
+        m.partial_lines,
+        m.files.len(),
+        m.pods,
+        m.seed
+    ));
+    md.push_str(&format!(
+        "Machine: {} × {}; load average before/after: {} / {}. Versions: agent `{}`, Promtail `{}`, Loki `{}`.\n\n",
+        machine["nproc"],
+        machine["cpu_model"].as_str().unwrap_or("?"),
+        outcome.load_before.as_deref().unwrap_or("?"),
+        outcome.load_after.as_deref().unwrap_or("?"),
+        results["versions"]["logpipe_agent"].as_str().unwrap_or("?"),
+        results["versions"]["promtail"].as_str().unwrap_or("?"),
+        outcome.loki_version.as_deref().unwrap_or("not run"),
+    ));
+    md.push_str("## Corpus runs (read everything, push everything)\n\n");
+    md.push_str("| sink | who | ok runs | wall s | CPU s | lines/s | lines/CPU-s | MB/CPU-s | peak RSS MiB | other CPU s on the machine |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    for (sink, sa, sp) in [("null", &a.null, &p.null), ("Loki", &a.loki, &p.loki)] {
+        for (who, s) in [("logpipe-agent", sa), ("Promtail", sp)] {
+            md.push_str(&format!(
+                "| {sink} | {who} | {}/{} | {} | {} | {} | {} | {} | {} | {} |\n",
+                s.ok,
+                s.runs,
+                fmt(s.wall_s, 2),
+                fmt(s.cpu_s, 2),
+                fmt(s.lines_per_s, 0),
+                fmt(s.lines_per_cpu_s, 0),
+                fmt(s.mb_per_cpu_s, 1),
+                mib(s.peak_rss_bytes),
+                fmt(s.other_cpu_s, 1),
+            ));
+        }
+    }
+    if let Some(reason) = &options.loki_skip_reason {
+        md.push_str(&format!("\nLoki runs skipped: {reason}\n"));
+    }
+    md.push_str("\n## Steady state (null receiver, short lines)\n\n");
+    md.push_str("| lines/s | who | CPU (cores) | RSS mean MiB | RSS max MiB | delivered |\n|---|---|---|---|---|---|\n");
+    for &rate in &options.steady_rates {
+        for subject in [Subject::Agent, Subject::Promtail] {
+            if let Some(s) = steady_of(&outcome.steady_runs, subject, rate) {
+                md.push_str(&format!(
+                    "| {rate} | {} | {:.3} | {:.1} | {:.1} | {}/{}{} |\n",
+                    subject.name(),
+                    s.cpu_share,
+                    s.rss_mean_bytes as f64 / MIB,
+                    s.rss_max_bytes as f64 / MIB,
+                    s.received,
+                    s.written,
+                    if s.ok { "" } else { " (incomplete)" }
+                ));
+            }
+        }
+    }
+    md.push_str("\n## Ratios (ours / Promtail) and targets\n\n| figure | ratio |\n|---|---|\n");
+    md.push_str(&format!("| lines per CPU-second (null) | {} |\n", fmt(r.lines_per_cpu_s, 2)));
+    md.push_str(&format!("| lines per CPU-second (Loki) | {} |\n", fmt(r.loki_lines_per_cpu_s, 2)));
+    md.push_str(&format!("| peak RSS | {} |\n", fmt(r.peak_rss, 3)));
+    md.push_str(&format!("| wall time (null) | {} |\n", fmt(r.wall_null, 2)));
+    for (rate, v) in &r.steady_cpu {
+        md.push_str(&format!("| CPU at {rate} lines/s | {} |\n", fmt(*v, 3)));
+    }
+    for (rate, v) in &r.steady_rss {
+        md.push_str(&format!("| RSS at {rate} lines/s | {} |\n", fmt(*v, 3)));
+    }
+    md.push_str("\n| target | goal | measured | met |\n|---|---|---|---|\n");
+    if let Some(targets) = results["targets"].as_array() {
+        for t in targets {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                t["name"].as_str().unwrap_or(""),
+                t["target"].as_str().unwrap_or(""),
+                t["measured"].as_f64().map_or("—".into(), |v| format!("{v:.3}")),
+                match t["met"].as_bool() {
+                    Some(true) => "yes",
+                    Some(false) => "no",
+                    None => "—",
+                }
+            ));
+        }
+    }
+    md.push_str(&format!(
+        "\nLabels per stream — agent: {:?}; Promtail: {:?}.\n",
+        a.null.label_names, p.null.label_names
+    ));
+    md.push_str("\nOperator figures (`operator.*`): not measured yet (null in results.json, with the reason).\n");
+    md.push_str(
+        "\nNotes: CPU seconds are utime+stime of the process up to the moment the receiver held the last entry; \
+         MB = 10^6 bytes of CRI files read. The machine's 2 cores are shared, so wall times are noisy; \
+         the Loki runs go through a counting proxy in the bench process that forwards to the test bed's Loki.\n",
+    );
+    md
+}
+
+/// Load a TrueType font from the machine for the chart's text; `false` if none.
+fn register_font() -> bool {
+    let candidates = [
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+        "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    ];
+    for path in candidates {
+        if let Ok(bytes) = std::fs::read(path) {
+            // plotters wants 'static font data; one font for the life of the process.
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+pub fn results_png(outcome: &Outcome, options: &Options, path: &Path) -> Result<bool, BenchError> {
+    let with_text = register_font();
+    let r = ratios(outcome, options);
+    // Left: advantage factors, higher is better for us.
+    let mut bars: Vec<(String, f64)> = Vec::new();
+    if let Some(v) = r.lines_per_cpu_s {
+        bars.push(("lines/CPU-s (null)".into(), v));
+    }
+    if let Some(v) = r.loki_lines_per_cpu_s {
+        bars.push(("lines/CPU-s (Loki)".into(), v));
+    }
+    if let Some(v) = r.peak_rss.filter(|v| *v > 0.0) {
+        bars.push(("peak RSS (Promtail/ours)".into(), 1.0 / v));
+    }
+    for (rate, v) in &r.steady_cpu {
+        if let Some(v) = v.filter(|v| *v > 0.0) {
+            bars.push((format!("CPU @{}k/s (Promtail/ours)", rate / 1000), 1.0 / v));
+        }
+    }
+    for (rate, v) in &r.steady_rss {
+        if let Some(v) = v.filter(|v| *v > 0.0) {
+            bars.push((format!("RSS @{}k/s (Promtail/ours)", rate / 1000), 1.0 / v));
+        }
+    }
+    let a = side(outcome, Subject::Agent);
+    let p = side(outcome, Subject::Promtail);
+    let absolute: Vec<(&str, Option<f64>, Option<f64>)> = vec![
+        ("null", a.null.lines_per_cpu_s, p.null.lines_per_cpu_s),
+        ("Loki", a.loki.lines_per_cpu_s, p.loki.lines_per_cpu_s),
+    ];
+    draw(path, &bars, &absolute, with_text).map_err(|e| BenchError::Other(format!("{}: {e}", path.display())))?;
+    Ok(with_text)
+}
+
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+fn draw(path: &Path, bars: &[(String, f64)], absolute: &[(&str, Option<f64>, Option<f64>)], text: bool) -> DrawResult {
+    let root = BitMapBackend::new(path, (1400, 720)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(860);
+    let ours = RGBColor(31, 119, 180);
+    let theirs = RGBColor(255, 127, 14);
+
+    // Advantage factors.
+    let top = bars.iter().map(|b| b.1).fold(1.0f64, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(&left);
+    chart.margin(20).x_label_area_size(if text { 170 } else { 10 }).y_label_area_size(if text { 50 } else { 10 });
+    if text {
+        chart.caption("logpipe-agent advantage over Promtail (x, higher is better)", ("sans-serif", 22));
+    }
+    let mut c = chart.build_cartesian_2d(0f64..bars.len().max(1) as f64, 0f64..top)?;
+    {
+        let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+        let mut mesh = c.configure_mesh();
+        mesh.disable_x_mesh();
+        if text {
+            mesh.x_labels(bars.len().max(1) * 2)
+                .x_label_formatter(&|x| {
+                    let i = x.floor() as usize;
+                    if (x - i as f64 - 0.5).abs() < 0.26 { labels.get(i).cloned().unwrap_or_default() } else { String::new() }
+                })
+                .x_label_style(("sans-serif", 14).into_font().transform(FontTransform::Rotate90))
+                .y_desc("factor")
+                .label_style(("sans-serif", 14));
+        } else {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw()?;
+    }
+    c.draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
+        let color = if *v >= 1.0 { ours } else { RGBColor(214, 39, 40) };
+        Rectangle::new([(i as f64 + 0.15, 0.0), (i as f64 + 0.85, *v)], color.filled())
+    }))?;
+    c.draw_series(std::iter::once(PathElement::new(
+        vec![(0.0, 1.0), (bars.len().max(1) as f64, 1.0)],
+        BLACK.stroke_width(2),
+    )))?;
+    if text {
+        c.draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
+            Text::new(format!("{v:.2}x"), (i as f64 + 0.25, *v + top * 0.01), ("sans-serif", 14))
+        }))?;
+    }
+
+    // Absolute lines per CPU-second, in thousands.
+    let max = absolute
+        .iter()
+        .flat_map(|(_, a, p)| [a.unwrap_or(0.0), p.unwrap_or(0.0)])
+        .fold(1.0f64, f64::max)
+        / 1000.0
+        * 1.15;
+    let mut chart = ChartBuilder::on(&right);
+    chart.margin(20).x_label_area_size(if text { 40 } else { 10 }).y_label_area_size(if text { 60 } else { 10 });
+    if text {
+        chart.caption("thousand lines per CPU-second", ("sans-serif", 22));
+    }
+    let mut c = chart.build_cartesian_2d(0f64..absolute.len() as f64, 0f64..max)?;
+    {
+        let names: Vec<&str> = absolute.iter().map(|a| a.0).collect();
+        let mut mesh = c.configure_mesh();
+        mesh.disable_x_mesh();
+        if text {
+            mesh.x_labels(absolute.len() * 2)
+                .x_label_formatter(&|x| {
+                    let i = x.floor() as usize;
+                    if (x - i as f64 - 0.5).abs() < 0.26 { names.get(i).map(|s| s.to_string()).unwrap_or_default() } else { String::new() }
+                })
+                .label_style(("sans-serif", 14));
+        } else {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw()?;
+    }
+    let mut series: Vec<(f64, f64, f64, RGBColor)> = Vec::new();
+    for (i, (_, a, p)) in absolute.iter().enumerate() {
+        if let Some(a) = a {
+            series.push((i as f64 + 0.1, i as f64 + 0.48, a / 1000.0, ours));
+        }
+        if let Some(p) = p {
+            series.push((i as f64 + 0.52, i as f64 + 0.9, p / 1000.0, theirs));
+        }
+    }
+    let drawn = c.draw_series(series.iter().map(|(x0, x1, v, color)| Rectangle::new([(*x0, 0.0), (*x1, *v)], color.filled())))?;
+    if text {
+        drawn.label("logpipe-agent").legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], ours.filled()));
+        c.draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())?
+            .label("Promtail")
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], theirs.filled()));
+        c.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;
+        c.draw_series(series.iter().map(|(x0, _, v, _)| {
+            Text::new(format!("{v:.0}k"), (*x0, *v + max * 0.01), ("sans-serif", 13))
+        }))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Write all three files; returns whether the chart has text.
+pub fn write_all(outcome: &Outcome, options: &Options) -> Result<bool, BenchError> {
+    let results = results_json(outcome, options);
+    let json_path = options.out.join("results.json");
+    let text = serde_json::to_string_pretty(&results).map_err(|e| BenchError::Other(format!("results.json: {e}")))?;
+    std::fs::write(&json_path, text + "\n").map_err(BenchError::io(&json_path))?;
+    let md_path = options.out.join("results.md");
+    std::fs::write(&md_path, results_md(outcome, options, &results)).map_err(BenchError::io(&md_path))?;
+    let png_path = options.out.join("results.png");
+    let with_text = results_png(outcome, options, &png_path)?;
+    Ok(with_text)
+}
+
+/// Headline lines for the terminal.
+pub fn headline(results: &Value) -> Vec<String> {
+    let mut lines = Vec::new();
+    let get = |p: &str| results.pointer(p).and_then(Value::as_f64);
+    lines.push(format!(
+        "lines/CPU-s: agent {} promtail {} (x{}); peak RSS MiB: agent {} promtail {} (x{}); agent null MB/CPU-s {}; agent RSS@10k {} MiB",
+        fmt(get("/agent/lines_per_cpu_s"), 0),
+        fmt(get("/promtail/lines_per_cpu_s"), 0),
+        fmt(get("/ratios/lines_per_cpu_s"), 2),
+        mib(get("/agent/peak_rss_bytes")),
+        mib(get("/promtail/peak_rss_bytes")),
+        fmt(get("/ratios/peak_rss_bytes"), 3),
+        fmt(get("/agent/null_mb_per_cpu_s"), 1),
+        mib(get("/agent/rss_bytes_at_10k_lines_s")),
+    ));
+    let _unused: BTreeMap<(), ()> = BTreeMap::new();
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+    }
+}
