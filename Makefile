@@ -8,7 +8,7 @@ export CLUSTERS NODES
 CARGO ?= cargo
 E2E := $(CARGO) test -p logpipe-e2e --test
 
-.PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent e2e-argocd \
+.PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent e2e-argocd e2e-nodesim \
         chart-test testbed-build testbed-up testbed-down testbed-wipe crds demo bench
 
 all: build
@@ -41,8 +41,9 @@ fmt:
 
 unit:
 	$(CARGO) test --workspace --lib --bins
+	$(CARGO) test -p logpipe-e2e --test crd_reference
 
-e2e: build e2e-testbed chart-test e2e-argocd e2e-operator e2e-agent
+e2e: build e2e-testbed e2e-nodesim chart-test e2e-argocd e2e-operator e2e-agent
 
 e2e-testbed: testbed-up
 	$(E2E) e2e_testbed
@@ -52,6 +53,10 @@ e2e-operator: build testbed-up
 
 e2e-agent: build testbed-up
 	$(E2E) e2e_agent
+	$(E2E) e2e_agent_outage
+
+e2e-nodesim: build testbed-up
+	$(E2E) e2e_nodesim
 
 e2e-argocd: testbed-up
 	$(E2E) e2e_argocd_health
@@ -64,10 +69,14 @@ chart-test: testbed-up
 crds:
 	$(CARGO) run -q -p logpipe-operator -- crdgen > crds/logpipe.io_logpipelines.yaml
 	cp crds/logpipe.io_logpipelines.yaml charts/logpipe/crds/
+	UPDATE_REFERENCE=1 $(CARGO) test -q -p logpipe-e2e --test crd_reference
 
 demo: testbed-up
-	@echo "[demo] the test bed is up. The operator rollout story is not wired into the demo yet."
-	@echo "[demo] stop it with: make testbed-down"
+	tests/testbed/demo.sh
 
 bench:
-	@echo "make bench: not yet (see issue 7)"; exit 1
+	$(CARGO) build --release -p logpipe-agent --bin logpipe-agent
+	$(CARGO) build --release -p logpipe-e2e --bin logpipe-bench
+	tests/testbed/build.sh promtail
+	$(MAKE) testbed-up
+	target/release/logpipe-bench --size "$${BENCH_SIZE:-default}"

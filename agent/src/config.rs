@@ -282,7 +282,8 @@ pub struct TimestampStage {
     /// `RFC3339`, `RFC3339Nano`, `Unix`, `UnixMs`, `UnixUs`, `UnixNs`, or a chrono
     /// strftime format.
     pub format: String,
-    /// What to do when the field is missing or unparsable: keep the current timestamp.
+    /// Formats tried in order when `format` does not parse the field. When none does (or
+    /// the field is missing) the entry keeps its current timestamp.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_formats: Option<Vec<String>>,
 }

@@ -7,6 +7,8 @@
 //! command to run. A missing component never makes a test pass.
 
 pub mod argocd;
+pub mod bench;
+pub mod crdref;
 pub mod loggen;
 pub mod loki;
 pub mod nodesim;

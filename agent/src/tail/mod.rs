@@ -564,7 +564,15 @@ impl<H: LineHandler> Tailer<H> {
                 self.cfg.max_raw_line_bytes,
                 &self.metrics,
             );
-            while wait.is_none() && (read_total as usize) < self.cfg.per_file_budget {
+            // Entries reach the ledger only after this loop, so the read itself is capped by
+            // what the buffer limit has left: one backlogged file cannot overshoot it by a
+            // whole per-file budget.
+            let budget = (self.cfg.per_file_budget as u64).min(
+                self.cfg
+                    .max_buffered_bytes
+                    .saturating_sub(self.ledger.buffered_bytes()),
+            );
+            while wait.is_none() && read_total < budget {
                 let n = file.source.read(&mut chunk)?;
                 if n == 0 {
                     match eof_action(file)? {
