@@ -41,7 +41,7 @@ fmt:
 
 unit:
 	$(CARGO) test --workspace --lib --bins
-	$(CARGO) test -p logpipe-e2e --test crd_reference
+	$(CARGO) test -p logpipe-e2e --test crd_reference --test metrics_reference
 
 e2e: build e2e-testbed e2e-nodesim chart-test e2e-argocd e2e-operator e2e-agent
 
@@ -69,7 +69,7 @@ chart-test: testbed-up
 crds:
 	$(CARGO) run -q -p logpipe-operator -- crdgen > crds/logpipe.io_logpipelines.yaml
 	cp crds/logpipe.io_logpipelines.yaml charts/logpipe/crds/
-	UPDATE_REFERENCE=1 $(CARGO) test -q -p logpipe-e2e --test crd_reference
+	UPDATE_REFERENCE=1 $(CARGO) test -q -p logpipe-e2e --test crd_reference --test metrics_reference
 
 demo: testbed-up
 	tests/testbed/demo.sh
