@@ -9,7 +9,8 @@ CARGO ?= cargo
 E2E := $(CARGO) test -p logpipe-e2e --test
 
 .PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent e2e-argocd e2e-nodesim \
-        chart-test testbed-build testbed-up testbed-down testbed-wipe crds demo bench
+        chart-test testbed-build testbed-up testbed-down testbed-wipe crds demo bench \
+        images images-test
 
 all: build
 
@@ -80,3 +81,15 @@ bench:
 	tests/testbed/build.sh promtail
 	$(MAKE) testbed-up
 	target/release/logpipe-bench --size "$${BENCH_SIZE:-default}"
+
+## Container images without a Docker daemon (operator/Dockerfile and agent/Dockerfile are
+## for machines with Docker): target/images/logpipe-{operator,agent}.tar, docker-archives
+## for `docker load -i`. Needs root and buildah (apt-get install -y buildah).
+images:
+	tests/images/build.sh
+
+# The images' content and the binaries running from their roots, then the Dockerfiles
+# built offline with stand-in bases and compared with them.
+images-test: images
+	$(E2E) images
+	tests/images/check-dockerfiles.sh

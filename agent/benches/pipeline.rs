@@ -1,5 +1,6 @@
-//! Hot-path benchmarks: CRI parsing, the default relabel rules, and the reference ops
-//! pipeline (cri -> timestamp -> labelDrop) over realistic CRI lines. Throughput is in
+//! Hot-path benchmarks: CRI parsing, the default relabel rules, the reference ops
+//! pipeline (cri -> timestamp -> labelDrop) over realistic CRI lines, and the push
+//! encoder (batching a 1 MiB batch, protobuf encoding and snappy compression). Throughput is in
 //! lines, so `lines/s` compares directly with Promtail's lines per CPU second.
 
 use std::collections::BTreeMap;
@@ -10,9 +11,11 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 use logpipe_agent::config::{Limits, Stage};
 use logpipe_agent::cri::parse_cri;
-use logpipe_agent::entry::LabelSet;
+use logpipe_agent::entry::{Entry, LabelSet};
+use logpipe_agent::loki::batch::Batch;
 use logpipe_agent::relabel::{Relabeler, pod_meta_labels};
 use logpipe_agent::stages::{Pipeline, PipelineStats};
+use logpipe_agent::tail::ack::{AckToken, Pending};
 
 const OPS: &str =
     "- cri: {}\n- timestamp: {source: time, format: RFC3339}\n- labelDrop: [filename]\n";
@@ -143,5 +146,82 @@ fn bench_ops_pipeline(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_cri_parse, bench_relabel, bench_ops_pipeline);
+/// Entries of a 1 MiB batch (the default `batchBytes`) over 40 streams, as the shipper
+/// builds them: lines from [`cri_lines`], one label set per stream.
+fn batch_entries() -> Vec<Pending> {
+    let lines = cri_lines();
+    let streams: Vec<LabelSet> = (0..40)
+        .map(|i| {
+            let mut labels = (*stream_labels()).clone();
+            labels.insert("pod".into(), format!("checkout-7d4b9c8f6d-{i:05}"));
+            Arc::new(labels)
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    let mut seq = 0u64;
+    while bytes < 1024 * 1024 {
+        let raw = &lines[seq as usize % lines.len()];
+        // The content after `<time> <stream> <tag> `, as the cri stage leaves it.
+        let line = String::from_utf8_lossy(raw.splitn(4, |&b| b == b' ').nth(3).unwrap_or(raw))
+            .into_owned();
+        bytes += line.len();
+        out.push(Pending {
+            entry: Entry {
+                timestamp_ns: 1_705_314_030_000_000_000 + seq as i64 * 1000,
+                line,
+                labels: streams[seq as usize % streams.len()].clone(),
+                structured_metadata: Vec::new(),
+                end_offset: seq,
+            },
+            token: AckToken {
+                file: seq % 40,
+                seq,
+            },
+            bytes: 0,
+        });
+        seq += 1;
+    }
+    out
+}
+
+fn bench_push_encoder(c: &mut Criterion) {
+    let entries = batch_entries();
+    let line_bytes: usize = entries.iter().map(|p| p.entry.line.len()).sum();
+    let external = BTreeMap::new();
+    let mut group = c.benchmark_group("push_encoder");
+    group.throughput(Throughput::Bytes(line_bytes as u64));
+    // Cloning the input is part of every iteration (the batch consumes its entries); it
+    // is measured alone too, so it can be subtracted.
+    group.bench_function("clone_input_1mib", |b| {
+        b.iter(|| black_box(entries.clone()))
+    });
+    group.bench_function("batch_push_1mib", |b| {
+        b.iter(|| {
+            let mut batch = Batch::default();
+            for pending in entries.clone() {
+                batch.push(pending);
+            }
+            black_box(batch.len())
+        })
+    });
+    group.bench_function("batch_push_encode_snappy_1mib", |b| {
+        b.iter(|| {
+            let mut batch = Batch::default();
+            for pending in entries.clone() {
+                batch.push(pending);
+            }
+            black_box(batch.encode(&external).map(|e| e.body.len()).unwrap_or(0))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_cri_parse,
+    bench_relabel,
+    bench_ops_pipeline,
+    bench_push_encoder
+);
 criterion_main!(benches);

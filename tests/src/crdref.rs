@@ -53,10 +53,10 @@ fn walk(schema: &Value, path: &str, out: &mut String) {
         }
     }
     let Some(properties) = schema["properties"].as_object() else {
-        if let Some(items) = schema.get("items") {
-            if items["properties"].is_object() {
-                walk(items, &format!("{path}[]"), out);
-            }
+        if let Some(items) = schema.get("items")
+            && items["properties"].is_object()
+        {
+            walk(items, &format!("{path}[]"), out);
         }
         return;
     };

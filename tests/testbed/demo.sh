@@ -29,9 +29,8 @@ start_bg() {  # NAME CMD...: a test-bed process, stopped by make testbed-down
   echo "$! $1" > "$PIDS/$name.pid"
 }
 kc apply --server-side --force-conflicts -f "$repo/crds/" >/dev/null
-start_bg ops-nodesim "$DEBUG/logpipe-nodesim" --kubeconfig "$CDIR/kubeconfig" --cluster ops --testbed "$TESTBED"
-KUBECONFIG=$CDIR/kubeconfig start_bg ops-operator "$DEBUG/logpipe-operator" run --log-format text
-say "operator and node simulator running (logs: $LOGS/ops-operator.log, ops-nodesim.log)"
+KUBECONFIG=$CDIR/kubeconfig start_bg ops-operator "$DEBUG/logpipe-operator" run --namespace demo --log-format text
+say "operator running (log: $LOGS/ops-operator.log); the node simulator runs the agents (ops-nodesim.log)"
 
 # Workload pods (run by KWOK) whose logs the agents will ship.
 kc apply --server-side -f - >/dev/null <<YAML

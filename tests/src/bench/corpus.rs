@@ -27,7 +27,7 @@ use super::BenchError;
 use super::rng::Rng;
 
 /// Bumped whenever the generator's output changes, so a stale corpus is regenerated.
-const GENERATOR_VERSION: u32 = 1;
+const GENERATOR_VERSION: u32 = 2;
 /// 2025-06-01T00:00:00Z.
 const BASE_TIME_NS: i64 = 1_748_736_000_000_000_000;
 /// containerd's (and docker's) line buffer: longer lines are split into `P` pieces.
@@ -145,17 +145,88 @@ const APPS: &[&str] = &[
     "scheduler",
     "notifier",
 ];
-const SIDECARS: &[&str] = &["istio-proxy", "log-rotator", "config-reloader", "oauth-proxy"];
+const SIDECARS: &[&str] = &[
+    "istio-proxy",
+    "log-rotator",
+    "config-reloader",
+    "oauth-proxy",
+];
 const WORDS: &[&str] = &[
-    "request", "completed", "user", "order", "item", "cache", "miss", "hit", "timeout",
-    "retry", "connection", "pool", "query", "rows", "latency", "upstream", "downstream",
-    "session", "token", "refresh", "shard", "replica", "leader", "election", "partition",
-    "offset", "commit", "rollback", "snapshot", "compaction", "flush", "batch", "queue",
-    "worker", "heartbeat", "lease", "renewed", "failed", "succeeded", "started", "stopped",
-    "GET", "POST", "PUT", "DELETE", "200", "201", "204", "404", "500", "503", "ms", "bytes",
-    "tenant", "region", "eu-west-1", "us-east-2", "checksum", "0x7f3a9c", "payload",
-    "validated", "rejected", "accepted", "scheduled", "deadline", "exceeded", "context",
-    "canceled", "goroutine", "stack", "trace", "span", "parent", "child", "metric",
+    "request",
+    "completed",
+    "user",
+    "order",
+    "item",
+    "cache",
+    "miss",
+    "hit",
+    "timeout",
+    "retry",
+    "connection",
+    "pool",
+    "query",
+    "rows",
+    "latency",
+    "upstream",
+    "downstream",
+    "session",
+    "token",
+    "refresh",
+    "shard",
+    "replica",
+    "leader",
+    "election",
+    "partition",
+    "offset",
+    "commit",
+    "rollback",
+    "snapshot",
+    "compaction",
+    "flush",
+    "batch",
+    "queue",
+    "worker",
+    "heartbeat",
+    "lease",
+    "renewed",
+    "failed",
+    "succeeded",
+    "started",
+    "stopped",
+    "GET",
+    "POST",
+    "PUT",
+    "DELETE",
+    "200",
+    "201",
+    "204",
+    "404",
+    "500",
+    "503",
+    "ms",
+    "bytes",
+    "tenant",
+    "region",
+    "eu-west-1",
+    "us-east-2",
+    "checksum",
+    "0x7f3a9c",
+    "payload",
+    "validated",
+    "rejected",
+    "accepted",
+    "scheduled",
+    "deadline",
+    "exceeded",
+    "context",
+    "canceled",
+    "goroutine",
+    "stack",
+    "trace",
+    "span",
+    "parent",
+    "child",
+    "metric",
 ];
 const LEVELS: &[&str] = &["info", "info", "info", "info", "debug", "warn", "error"];
 const PATHS: &[&str] = &[
@@ -176,7 +247,9 @@ pub struct LineMaker {
 
 impl LineMaker {
     pub fn new(seed: u64) -> Self {
-        Self { rng: Rng::new(seed) }
+        Self {
+            rng: Rng::new(seed),
+        }
     }
 
     pub fn rng(&mut self) -> &mut Rng {
@@ -189,7 +262,8 @@ impl LineMaker {
         let roll = self.rng.below(1000);
         let len = if roll < 5 {
             // Bigger than the runtime buffer: 2..4 full pieces and a tail.
-            RUNTIME_SPLIT * self.rng.range(1, 3) as usize + self.rng.range(40, RUNTIME_SPLIT as u64) as usize
+            RUNTIME_SPLIT * self.rng.range(1, 3) as usize
+                + self.rng.range(40, RUNTIME_SPLIT as u64) as usize
         } else if roll < 25 {
             self.rng.range(4096, RUNTIME_SPLIT as u64) as usize
         } else if roll < 155 {
@@ -240,13 +314,18 @@ impl LineMaker {
                     when.format("%Y-%m-%d %H:%M:%S%.3f"),
                     level.to_ascii_uppercase(),
                     self.rng.range(1, 16),
-                    self.rng.pick(&["Order", "Cart", "User", "Payment", "Stock"]),
+                    self.rng
+                        .pick(&["Order", "Cart", "User", "Payment", "Stock"]),
                     self.rng.pick(WORDS),
                     self.rng.pick(WORDS),
                     self.rng.range(1, 999_999),
                     self.rng.range(0, 999),
                 );
-                let head = if full.len() <= len { full } else { String::new() };
+                let head = if full.len() <= len {
+                    full
+                } else {
+                    String::new()
+                };
                 out.push_str(&head);
                 self.filler(len.saturating_sub(head.len()), out);
             }
@@ -256,14 +335,19 @@ impl LineMaker {
                     level.as_bytes()[0].to_ascii_uppercase() as char,
                     when.format("%m%d %H:%M:%S%.6f"),
                     self.rng.range(1, 40),
-                    self.rng.pick(&["controller", "reflector", "leaderelection", "server"]),
+                    self.rng
+                        .pick(&["controller", "reflector", "leaderelection", "server"]),
                     self.rng.range(20, 900),
                     self.rng.pick(WORDS),
                     self.rng.pick(WORDS),
                     self.rng.pick(NAMESPACES),
                     self.rng.pick(APPS),
                 );
-                let head = if full.len() <= len { full } else { String::new() };
+                let head = if full.len() <= len {
+                    full
+                } else {
+                    String::new()
+                };
                 out.push_str(&head);
                 self.filler(len.saturating_sub(head.len()), out);
             }
@@ -277,7 +361,8 @@ impl LineMaker {
             if out.len() > start {
                 out.push(' ');
             }
-            out.push_str(self.rng.pick(WORDS));
+            let word = WORDS[self.rng.below(WORDS.len() as u64) as usize];
+            out.push_str(word);
             if self.rng.chance(100) {
                 out.push_str(&format!("={}", self.rng.range(0, 1_000_000)));
             }
@@ -301,7 +386,7 @@ pub fn cri_time(ns: i64) -> String {
 }
 
 /// Split an entry as the runtime writes it: `(tag, piece)` pairs.
-pub fn pieces<'a>(text: &'a str, extra_split: Option<usize>) -> Vec<(&'static str, &'a str)> {
+pub fn pieces(text: &str, extra_split: Option<usize>) -> Vec<(&'static str, &str)> {
     let mut out = Vec::new();
     let mut rest = text;
     if let Some(at) = extra_split.filter(|&at| at > 0 && at < rest.len()) {
@@ -445,8 +530,8 @@ fn generate(dir: &Path, seed: u64, target_bytes: u64) -> Result<Manifest, BenchE
     if root.exists() {
         fs::remove_dir_all(&root).map_err(BenchError::io(&root))?;
     }
-    // One pod per 8 MiB, within 16..200: ~130 pods, ~260 files for 1 GiB.
-    let pods = (target_bytes / (8 << 20)).clamp(16, 200) as usize;
+    // One pod per 4 MiB, within 32..200: ~200 pods, ~400 files for 1 GiB, ~50 for small.
+    let pods = (target_bytes / (4 << 20)).clamp(32, 200) as usize;
     let mut files = containers(seed, pods);
     let mut writers = Vec::with_capacity(files.len());
     for file in &files {
@@ -487,8 +572,13 @@ fn generate(dir: &Path, seed: u64, target_bytes: u64) -> Result<Manifest, BenchE
         // step plus 1 µs each), so each stream is ordered as Loki wants it.
         clock[index] += layout.range(50_000, 2_000_000) as i64;
         maker.entry(file.format, len, clock[index], &mut text);
-        let stream = if layout.chance(100) { "stderr" } else { "stdout" };
-        let extra = (len < RUNTIME_SPLIT && layout.chance(5)).then(|| layout.range(1, len as u64 - 1) as usize);
+        let stream = if layout.chance(100) {
+            "stderr"
+        } else {
+            "stdout"
+        };
+        let extra = (len < RUNTIME_SPLIT && layout.chance(5))
+            .then(|| layout.range(1, len as u64 - 1) as usize);
         let (path, writer) = &mut writers[index];
         for (n, (tag, piece)) in pieces(&text, extra).into_iter().enumerate() {
             line.clear();
@@ -500,7 +590,9 @@ fn generate(dir: &Path, seed: u64, target_bytes: u64) -> Result<Manifest, BenchE
             line.push(b' ');
             line.extend_from_slice(piece.as_bytes());
             line.push(b'\n');
-            writer.write_all(&line).map_err(BenchError::io(path.as_path()))?;
+            writer
+                .write_all(&line)
+                .map_err(BenchError::io(path.as_path()))?;
             file.cri_lines += 1;
             file.bytes += line.len() as u64;
             manifest.cri_lines += 1;
@@ -548,16 +640,25 @@ mod tests {
     #[test]
     fn runtime_splits_at_16_kib() {
         let text = "x".repeat(RUNTIME_SPLIT * 2 + 5);
-        let tags: Vec<_> = pieces(&text, None).iter().map(|(t, p)| (*t, p.len())).collect();
+        let tags: Vec<_> = pieces(&text, None)
+            .iter()
+            .map(|(t, p)| (*t, p.len()))
+            .collect();
         assert_eq!(tags, [("P", RUNTIME_SPLIT), ("P", RUNTIME_SPLIT), ("F", 5)]);
-        let tags: Vec<_> = pieces("abcdef", Some(2)).iter().map(|(t, p)| (*t, *p)).collect();
+        let tags: Vec<_> = pieces("abcdef", Some(2))
+            .iter()
+            .map(|(t, p)| (*t, *p))
+            .collect();
         assert_eq!(tags, [("P", "ab"), ("F", "cdef")]);
     }
 
     #[test]
     fn go_trims_trailing_zeros() {
         assert_eq!(cri_time(BASE_TIME_NS), "2025-06-01T00:00:00Z");
-        assert_eq!(cri_time(BASE_TIME_NS + 120_000_000), "2025-06-01T00:00:00.12Z");
+        assert_eq!(
+            cri_time(BASE_TIME_NS + 120_000_000),
+            "2025-06-01T00:00:00.12Z"
+        );
     }
 
     #[test]
@@ -581,14 +682,18 @@ mod tests {
                 }
             }
         }
-        assert_eq!((entries, lines, bytes), (ma.entries, ma.cri_lines, ma.bytes));
+        assert_eq!(
+            (entries, lines, bytes),
+            (ma.entries, ma.cri_lines, ma.bytes)
+        );
         assert!(ma.partial_lines > 0 && ma.json_entries > 0 && ma.plain_entries > 0);
         fs::remove_dir_all(&a).unwrap();
         fs::remove_dir_all(&b).unwrap();
     }
 
     fn tempdir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("logpipe-corpus-{name}-{}", crate::unique_suffix()));
+        let dir =
+            std::env::temp_dir().join(format!("logpipe-corpus-{name}-{}", crate::unique_suffix()));
         fs::create_dir_all(&dir).unwrap();
         dir
     }

@@ -34,7 +34,10 @@ use self::steady::{SteadyJob, SteadyRun};
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -67,11 +70,17 @@ impl Size {
                 .parse::<u64>()
                 .map(|m| m << 20)
                 .map_err(|_| {
-                    BenchError::Other(format!("BENCH_SIZE {text:?}: expected small, default or a number of MiB"))
+                    BenchError::Other(format!(
+                        "BENCH_SIZE {text:?}: expected small, default or a number of MiB"
+                    ))
                 })?,
         };
         Ok(Self {
-            name: if text.is_empty() { "default".into() } else { text.into() },
+            name: if text.is_empty() {
+                "default".into()
+            } else {
+                text.into()
+            },
             bytes,
         })
     }
@@ -123,9 +132,16 @@ fn say(message: impl AsRef<str>) {
 
 pub async fn run(options: &Options) -> Result<Outcome, BenchError> {
     std::fs::create_dir_all(&options.out).map_err(BenchError::io(&options.out))?;
-    let load_before = std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.trim().to_string());
+    let load_before = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.trim().to_string());
     let corpus_dir = options.out.join("corpus");
-    say(format!("corpus: {} ({} MiB, seed {:#x})", corpus_dir.display(), options.size.bytes >> 20, options.seed));
+    say(format!(
+        "corpus: {} ({} MiB, seed {:#x})",
+        corpus_dir.display(),
+        options.size.bytes >> 20,
+        options.seed
+    ));
     let manifest = {
         let dir = corpus_dir.clone();
         let (seed, bytes) = (options.seed, options.size.bytes);
@@ -139,7 +155,10 @@ pub async fn run(options: &Options) -> Result<Outcome, BenchError> {
 
     let null = Receiver::start(None).await?;
     let (proxy, loki_version) = match &options.loki_url {
-        Some(url) => (Some(Receiver::start(Some(url)).await?), loki_version(url).await),
+        Some(url) => (
+            Some(Receiver::start(Some(url)).await?),
+            loki_version(url).await,
+        ),
         None => (None, None),
     };
     // Generous bounds: 60 s plus 1 s per MB, and a minute without progress is a failure.
@@ -191,7 +210,10 @@ pub async fn run(options: &Options) -> Result<Outcome, BenchError> {
                     run.mb_per_cpu_s,
                     run.peak_rss_bytes as f64 / 1048576.0,
                     run.other_cpu_s,
-                    run.error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default()
+                    run.error
+                        .as_deref()
+                        .map(|e| format!(" — {e}"))
+                        .unwrap_or_default()
                 ));
                 corpus_runs.push(run);
             }
@@ -222,12 +244,17 @@ pub async fn run(options: &Options) -> Result<Outcome, BenchError> {
                 run.written_lines_s,
                 run.received,
                 run.written,
-                run.error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default()
+                run.error
+                    .as_deref()
+                    .map(|e| format!(" — {e}"))
+                    .unwrap_or_default()
             ));
             steady_runs.push(run);
         }
     }
-    let load_after = std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.trim().to_string());
+    let load_after = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.trim().to_string());
     Ok(Outcome {
         manifest,
         corpus_runs,
@@ -251,7 +278,10 @@ fn warm_cache(root: &Path, manifest: &Manifest) -> Result<(), BenchError> {
 
 async fn loki_version(url: &str) -> Option<String> {
     let answer = crate::http_client()
-        .get(format!("{}/loki/api/v1/status/buildinfo", url.trim_end_matches('/')))
+        .get(format!(
+            "{}/loki/api/v1/status/buildinfo",
+            url.trim_end_matches('/')
+        ))
         .timeout(Duration::from_secs(3))
         .send()
         .await
@@ -262,12 +292,17 @@ async fn loki_version(url: &str) -> Option<String> {
 
 /// Whether the Loki at `url` answers `/ready`.
 pub async fn loki_ready(url: &str) -> bool {
-    runner::wait_ready(&format!("{}/ready", url.trim_end_matches('/')), Duration::from_secs(3)).await
+    runner::wait_ready(
+        &format!("{}/ready", url.trim_end_matches('/')),
+        Duration::from_secs(3),
+    )
+    .await
 }
 
 /// First line of `<binary> <flag>` (a version banner).
 pub fn version_of(binary: &Path, flag: &str) -> Option<String> {
     let output = std::process::Command::new(binary).arg(flag).output().ok()?;
-    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
     text.lines().next().map(|l| l.trim().to_string())
 }

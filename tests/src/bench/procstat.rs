@@ -63,7 +63,10 @@ fn status_kib(status: &str, key: &str) -> Option<u64> {
 pub fn machine_busy_s() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
-    let values: Vec<u64> = cpu.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    let values: Vec<u64> = cpu
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
     // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
     let busy: u64 = values
         .iter()
@@ -84,7 +87,10 @@ mod tests {
         let s = sample(std::process::id()).unwrap();
         assert!(s.rss > 0 && s.hwm >= s.rss && s.cpu_s >= 0.0);
         let odd = "42 (a b) c) S 1 1 1 0 -1 0 0 0 0 0 250 50 0 0";
-        assert_eq!(parse_stat(odd).map(|s| (s * ticks_per_second()).round()), Some(300.0));
+        assert_eq!(
+            parse_stat(odd).map(|s| (s * ticks_per_second()).round()),
+            Some(300.0)
+        );
         assert!(machine_busy_s().is_some());
     }
 }

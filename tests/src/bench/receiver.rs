@@ -96,7 +96,9 @@ impl Receiver {
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
-            .map_err(|e| BenchError::Other(format!("cannot bind the receiver on 127.0.0.1: {e}")))?;
+            .map_err(|e| {
+                BenchError::Other(format!("cannot bind the receiver on 127.0.0.1: {e}"))
+            })?;
         let addr = listener
             .local_addr()
             .map_err(|e| BenchError::Other(format!("receiver address: {e}")))?;
@@ -131,8 +133,17 @@ impl Drop for Receiver {
     }
 }
 
-async fn push(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> (StatusCode, String) {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+async fn push(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, String) {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
     let tenant = match header("x-scope-orgid") {
         "" => "fake".to_string(),
         t => t.to_string(),
@@ -149,7 +160,10 @@ async fn push(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         }
     };
     if let Some((client, url)) = &shared.upstream {
-        let mut request = client.post(url).header("X-Scope-OrgID", &tenant).body(body.clone());
+        let mut request = client
+            .post(url)
+            .header("X-Scope-OrgID", &tenant)
+            .body(body.clone());
         if !content_type.is_empty() {
             request = request.header("Content-Type", &content_type);
         }
@@ -160,7 +174,8 @@ async fn push(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
             Ok(answer) if answer.status().is_success() => {}
             Ok(answer) => {
                 tally.refused.fetch_add(1, Ordering::Relaxed);
-                let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+                let status = StatusCode::from_u16(answer.status().as_u16())
+                    .unwrap_or(StatusCode::BAD_GATEWAY);
                 let text = answer.text().await.unwrap_or_default();
                 return (status, text);
             }
@@ -171,8 +186,12 @@ async fn push(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         }
     }
     tally.requests.fetch_add(1, Ordering::Relaxed);
-    tally.body_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
-    tally.line_bytes.fetch_add(counts.line_bytes, Ordering::Relaxed);
+    tally
+        .body_bytes
+        .fetch_add(body.len() as u64, Ordering::Relaxed);
+    tally
+        .line_bytes
+        .fetch_add(counts.line_bytes, Ordering::Relaxed);
     if let Ok(mut streams) = tally.streams.lock() {
         for labels in counts.labels {
             if streams.len() < MAX_STREAMS_KEPT {
@@ -196,7 +215,9 @@ pub struct Counts {
 fn decode(content_type: &str, encoding: &str, body: &[u8]) -> Result<Counts, String> {
     if content_type.contains("json") {
         if !(encoding.is_empty() || encoding == "identity") {
-            return Err(format!("unsupported Content-Encoding {encoding:?} for JSON"));
+            return Err(format!(
+                "unsupported Content-Encoding {encoding:?} for JSON"
+            ));
         }
         return count_json(body);
     }
@@ -223,11 +244,18 @@ fn count_json(body: &[u8]) -> Result<Counts, String> {
     let push: JsonPush = serde_json::from_slice(body).map_err(|e| format!("json: {e}"))?;
     let mut counts = Counts::default();
     for stream in push.streams {
-        let labels: Vec<String> = stream.stream.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+        let labels: Vec<String> = stream
+            .stream
+            .iter()
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect();
         counts.labels.push(format!("{{{}}}", labels.join(", ")));
         for value in stream.values {
             counts.entries += 1;
-            counts.line_bytes += value.get(1).and_then(|v| v.as_str()).map_or(0, |s| s.len() as u64);
+            counts.line_bytes += value
+                .get(1)
+                .and_then(|v| v.as_str())
+                .map_or(0, |s| s.len() as u64);
         }
     }
     Ok(counts)
@@ -241,10 +269,15 @@ pub fn count_protobuf(buf: &[u8]) -> Result<Counts, String> {
     while let Some((field, kind)) = wire.key()? {
         if field == 1 && kind == 2 {
             let stream = wire.bytes()?;
-            let mut inner = Wire { buf: stream, pos: 0 };
+            let mut inner = Wire {
+                buf: stream,
+                pos: 0,
+            };
             while let Some((field, kind)) = inner.key()? {
                 match (field, kind) {
-                    (1, 2) => counts.labels.push(String::from_utf8_lossy(inner.bytes()?).into_owned()),
+                    (1, 2) => counts
+                        .labels
+                        .push(String::from_utf8_lossy(inner.bytes()?).into_owned()),
                     (2, 2) => {
                         let entry = inner.bytes()?;
                         counts.entries += 1;
@@ -296,7 +329,11 @@ impl<'a> Wire<'a> {
 
     fn bytes(&mut self) -> Result<&'a [u8], String> {
         let len = usize::try_from(self.varint()?).map_err(|_| "length overflow")?;
-        let end = self.pos.checked_add(len).filter(|&e| e <= self.buf.len()).ok_or("truncated field")?;
+        let end = self
+            .pos
+            .checked_add(len)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or("truncated field")?;
         let out = &self.buf[self.pos..end];
         self.pos = end;
         Ok(out)
@@ -353,7 +390,9 @@ pub fn label_names(labels: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use logpipe_agent::loki::proto::{EntryAdapter, LabelPairAdapter, PushRequest, StreamAdapter, Timestamp};
+    use logpipe_agent::loki::proto::{
+        EntryAdapter, LabelPairAdapter, PushRequest, StreamAdapter, Timestamp,
+    };
     use prost::Message;
 
     use super::*;
@@ -394,7 +433,8 @@ mod tests {
 
     #[test]
     fn json_pushes_count_too() {
-        let body = br#"{"streams":[{"stream":{"a":"b"},"values":[["1","one"],["2","two",{"k":"v"}]]}]}"#;
+        let body =
+            br#"{"streams":[{"stream":{"a":"b"},"values":[["1","one"],["2","two",{"k":"v"}]]}]}"#;
         let counts = decode("application/json", "", body).unwrap();
         assert_eq!((counts.entries, counts.line_bytes), (2, 6));
     }

@@ -7,10 +7,10 @@
 //! (`null`, `loki`) and per steady rate sit beside the headline figures; every raw run is
 //! under `runs`.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde_json::{Map, Value, json};
 
 use super::runner::{CorpusRun, Sink, Subject};
@@ -51,7 +51,10 @@ pub struct Summary {
 }
 
 pub fn summarise(runs: &[CorpusRun], subject: Subject, sink: Sink) -> Summary {
-    let mine: Vec<&CorpusRun> = runs.iter().filter(|r| r.subject == subject && r.sink == sink).collect();
+    let mine: Vec<&CorpusRun> = runs
+        .iter()
+        .filter(|r| r.subject == subject && r.sink == sink)
+        .collect();
     let ok: Vec<&CorpusRun> = mine.iter().copied().filter(|r| r.ok).collect();
     let m = |f: fn(&CorpusRun) -> f64| median(ok.iter().map(|r| f(r)).collect());
     Summary {
@@ -65,17 +68,27 @@ pub fn summarise(runs: &[CorpusRun], subject: Subject, sink: Sink) -> Summary {
         peak_rss_bytes: m(|r| r.peak_rss_bytes as f64),
         other_cpu_s: m(|r| r.other_cpu_s),
         errors: mine.iter().filter_map(|r| r.error.clone()).collect(),
-        label_names: ok.first().map(|r| r.label_names.clone()).unwrap_or_default(),
+        label_names: ok
+            .first()
+            .map(|r| r.label_names.clone())
+            .unwrap_or_default(),
         streams: ok.first().map_or(0, |r| r.streams),
     }
 }
 
 fn steady_of(runs: &[SteadyRun], subject: Subject, rate: u64) -> Option<&SteadyRun> {
-    runs.iter().find(|r| r.subject == subject && r.rate_lines_s == rate)
+    runs.iter()
+        .find(|r| r.subject == subject && r.rate_lines_s == rate)
 }
 
 /// Sets `key` to `value`, or to `null` with `reason` under `reasons`.
-fn put(obj: &mut Map<String, Value>, reasons: &mut Map<String, Value>, key: &str, value: Option<f64>, reason: &str) {
+fn put(
+    obj: &mut Map<String, Value>,
+    reasons: &mut Map<String, Value>,
+    key: &str,
+    value: Option<f64>,
+    reason: &str,
+) {
     match value {
         Some(v) if v.is_finite() => {
             obj.insert(key.into(), json!(v));
@@ -139,13 +152,52 @@ fn component_json(outcome: &Outcome, options: &Options, subject: Subject) -> Val
             format!("no successful run: {}", sum.errors.join("; "))
         }
     };
-    put(&mut obj, &mut reasons, "lines_per_cpu_s", s.null.lines_per_cpu_s, &failed(&s.null));
-    put(&mut obj, &mut reasons, "null_mb_per_cpu_s", s.null.mb_per_cpu_s, &failed(&s.null));
-    put(&mut obj, &mut reasons, "peak_rss_bytes", peak(&s), &failed(&s.null));
-    put(&mut obj, &mut reasons, "null_lines_per_s", s.null.lines_per_s, &failed(&s.null));
-    let loki_reason = options.loki_skip_reason.clone().unwrap_or_else(|| failed(&s.loki));
-    put(&mut obj, &mut reasons, "loki_lines_per_cpu_s", s.loki.lines_per_cpu_s, &loki_reason);
-    put(&mut obj, &mut reasons, "loki_lines_per_s", s.loki.lines_per_s, &loki_reason);
+    put(
+        &mut obj,
+        &mut reasons,
+        "lines_per_cpu_s",
+        s.null.lines_per_cpu_s,
+        &failed(&s.null),
+    );
+    put(
+        &mut obj,
+        &mut reasons,
+        "null_mb_per_cpu_s",
+        s.null.mb_per_cpu_s,
+        &failed(&s.null),
+    );
+    put(
+        &mut obj,
+        &mut reasons,
+        "peak_rss_bytes",
+        peak(&s),
+        &failed(&s.null),
+    );
+    put(
+        &mut obj,
+        &mut reasons,
+        "null_lines_per_s",
+        s.null.lines_per_s,
+        &failed(&s.null),
+    );
+    let loki_reason = options
+        .loki_skip_reason
+        .clone()
+        .unwrap_or_else(|| failed(&s.loki));
+    put(
+        &mut obj,
+        &mut reasons,
+        "loki_lines_per_cpu_s",
+        s.loki.lines_per_cpu_s,
+        &loki_reason,
+    );
+    put(
+        &mut obj,
+        &mut reasons,
+        "loki_lines_per_s",
+        s.loki.lines_per_s,
+        &loki_reason,
+    );
     let at_10k = steady_of(&outcome.steady_runs, subject, 10_000);
     put(
         &mut obj,
@@ -157,7 +209,10 @@ fn component_json(outcome: &Outcome, options: &Options, subject: Subject) -> Val
             .unwrap_or_else(|| "10k lines/s not in the steady rates".into()),
     );
     obj.insert("null".into(), summary_json(&s.null, "null", None));
-    obj.insert("loki".into(), summary_json(&s.loki, "loki", options.loki_skip_reason.as_deref()));
+    obj.insert(
+        "loki".into(),
+        summary_json(&s.loki, "loki", options.loki_skip_reason.as_deref()),
+    );
     let steady: Vec<Value> = options
         .steady_rates
         .iter()
@@ -203,7 +258,11 @@ fn ratios(outcome: &Outcome, options: &Options) -> Ratios {
     let a = side(outcome, Subject::Agent);
     let p = side(outcome, Subject::Promtail);
     let steady = |rate: u64, f: fn(&SteadyRun) -> f64| {
-        let get = |s| steady_of(&outcome.steady_runs, s, rate).filter(|r| r.ok).map(f);
+        let get = |s| {
+            steady_of(&outcome.steady_runs, s, rate)
+                .filter(|r| r.ok)
+                .map(f)
+        };
         ratio(get(Subject::Agent), get(Subject::Promtail))
     };
     Ratios {
@@ -212,13 +271,26 @@ fn ratios(outcome: &Outcome, options: &Options) -> Ratios {
         mb_per_cpu_s: ratio(a.null.mb_per_cpu_s, p.null.mb_per_cpu_s),
         peak_rss: ratio(peak(&a), peak(&p)),
         wall_null: ratio(a.null.wall_s, p.null.wall_s),
-        steady_cpu: options.steady_rates.iter().map(|&r| (r, steady(r, |s| s.cpu_share))).collect(),
+        steady_cpu: options
+            .steady_rates
+            .iter()
+            .map(|&r| (r, steady(r, |s| s.cpu_share)))
+            .collect(),
         steady_rss: options
             .steady_rates
             .iter()
             .map(|&r| (r, steady(r, |s| s.rss_max_bytes as f64)))
             .collect(),
     }
+}
+
+/// A version pinned in `tests/testbed/versions.env`.
+fn pinned(key: &str) -> Option<String> {
+    let text =
+        std::fs::read_to_string(crate::repo_root().join("tests/testbed/versions.env")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(|v| v.trim().to_string())
 }
 
 fn machine() -> Value {
@@ -245,10 +317,10 @@ pub fn results_json(outcome: &Outcome, options: &Options) -> Value {
     let r = ratios(outcome, options);
     let agent = component_json(outcome, options, Subject::Agent);
     let agent_mb = agent.get("null_mb_per_cpu_s").and_then(Value::as_f64);
-    let agent_rss10k = agent.get("rss_bytes_at_10k_lines_s").and_then(Value::as_f64);
-    let target = |name: &str, goal: &str, measured: Option<f64>, met: Option<bool>| {
-        json!({"target": goal, "measured": measured, "met": met, "name": name})
-    };
+    let agent_rss10k = agent
+        .get("rss_bytes_at_10k_lines_s")
+        .and_then(Value::as_f64);
+    let target = |name: &str, goal: &str, measured: Option<f64>, met: Option<bool>| json!({"target": goal, "measured": measured, "met": met, "name": name});
     let operator_reason = "not measured yet: the operator benchmark (1,000-node KWOK rollout, issue 7 \
                            'Operator') is done separately and fills these in";
     let mut steady_cpu = Map::new();
@@ -272,8 +344,11 @@ pub fn results_json(outcome: &Outcome, options: &Options) -> Value {
         },
         "versions": {
             "logpipe_agent": super::version_of(&options.bins.agent, "--version"),
-            "promtail": super::version_of(&options.bins.promtail, "-version"),
-            "loki": outcome.loki_version,
+            "promtail": pinned("PROMTAIL_VERSION"),
+            "promtail_banner": super::version_of(&options.bins.promtail, "-version"),
+            "loki": pinned("LOKI_VERSION"),
+            "loki_buildinfo": outcome.loki_version,
+            "note": "Promtail and Loki are built from Go modules without version ldflags, so their banners are empty: the versions are the pinned ones of tests/testbed/versions.env",
             "agent_binary": options.bins.agent.display().to_string(),
             "promtail_binary": options.bins.promtail.display().to_string(),
         },
@@ -383,7 +458,7 @@ pub fn results_md(outcome: &Outcome, options: &Options, results: &Value) -> Stri
         outcome.load_after.as_deref().unwrap_or("?"),
         results["versions"]["logpipe_agent"].as_str().unwrap_or("?"),
         results["versions"]["promtail"].as_str().unwrap_or("?"),
-        outcome.loki_version.as_deref().unwrap_or("not run"),
+        results["versions"]["loki"].as_str().unwrap_or("?"),
     ));
     md.push_str("## Corpus runs (read everything, push everything)\n\n");
     md.push_str("| sink | who | ok runs | wall s | CPU s | lines/s | lines/CPU-s | MB/CPU-s | peak RSS MiB | other CPU s on the machine |\n");
@@ -426,8 +501,14 @@ pub fn results_md(outcome: &Outcome, options: &Options, results: &Value) -> Stri
         }
     }
     md.push_str("\n## Ratios (ours / Promtail) and targets\n\n| figure | ratio |\n|---|---|\n");
-    md.push_str(&format!("| lines per CPU-second (null) | {} |\n", fmt(r.lines_per_cpu_s, 2)));
-    md.push_str(&format!("| lines per CPU-second (Loki) | {} |\n", fmt(r.loki_lines_per_cpu_s, 2)));
+    md.push_str(&format!(
+        "| lines per CPU-second (null) | {} |\n",
+        fmt(r.lines_per_cpu_s, 2)
+    ));
+    md.push_str(&format!(
+        "| lines per CPU-second (Loki) | {} |\n",
+        fmt(r.loki_lines_per_cpu_s, 2)
+    ));
     md.push_str(&format!("| peak RSS | {} |\n", fmt(r.peak_rss, 3)));
     md.push_str(&format!("| wall time (null) | {} |\n", fmt(r.wall_null, 2)));
     for (rate, v) in &r.steady_cpu {
@@ -443,7 +524,9 @@ pub fn results_md(outcome: &Outcome, options: &Options, results: &Value) -> Stri
                 "| {} | {} | {} | {} |\n",
                 t["name"].as_str().unwrap_or(""),
                 t["target"].as_str().unwrap_or(""),
-                t["measured"].as_f64().map_or("—".into(), |v| format!("{v:.3}")),
+                t["measured"]
+                    .as_f64()
+                    .map_or("—".into(), |v| format!("{v:.3}")),
                 match t["met"].as_bool() {
                     Some(true) => "yes",
                     Some(false) => "no",
@@ -514,109 +597,129 @@ pub fn results_png(outcome: &Outcome, options: &Options, path: &Path) -> Result<
         ("null", a.null.lines_per_cpu_s, p.null.lines_per_cpu_s),
         ("Loki", a.loki.lines_per_cpu_s, p.loki.lines_per_cpu_s),
     ];
-    draw(path, &bars, &absolute, with_text).map_err(|e| BenchError::Other(format!("{}: {e}", path.display())))?;
+    draw(path, &bars, &absolute, with_text)
+        .map_err(|e| BenchError::Other(format!("{}: {e}", path.display())))?;
     Ok(with_text)
 }
 
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
-fn draw(path: &Path, bars: &[(String, f64)], absolute: &[(&str, Option<f64>, Option<f64>)], text: bool) -> DrawResult {
+fn draw(
+    path: &Path,
+    bars: &[(String, f64)],
+    absolute: &[(&str, Option<f64>, Option<f64>)],
+    text: bool,
+) -> DrawResult {
     let root = BitMapBackend::new(path, (1400, 720)).into_drawing_area();
     root.fill(&WHITE)?;
-    let (left, right) = root.split_horizontally(860);
+    let (left, right) = root.split_horizontally(800);
     let ours = RGBColor(31, 119, 180);
     let theirs = RGBColor(255, 127, 14);
-
-    // Advantage factors.
-    let top = bars.iter().map(|b| b.1).fold(1.0f64, f64::max) * 1.15;
-    let mut chart = ChartBuilder::on(&left);
-    chart.margin(20).x_label_area_size(if text { 170 } else { 10 }).y_label_area_size(if text { 50 } else { 10 });
-    if text {
-        chart.caption("logpipe-agent advantage over Promtail (x, higher is better)", ("sans-serif", 22));
-    }
-    let mut c = chart.build_cartesian_2d(0f64..bars.len().max(1) as f64, 0f64..top)?;
-    {
-        let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
-        let mut mesh = c.configure_mesh();
-        mesh.disable_x_mesh();
-        if text {
-            mesh.x_labels(bars.len().max(1) * 2)
-                .x_label_formatter(&|x| {
-                    let i = x.floor() as usize;
-                    if (x - i as f64 - 0.5).abs() < 0.26 { labels.get(i).cloned().unwrap_or_default() } else { String::new() }
-                })
-                .x_label_style(("sans-serif", 14).into_font().transform(FontTransform::Rotate90))
-                .y_desc("factor")
-                .label_style(("sans-serif", 14));
-        } else {
-            mesh.x_labels(0).y_labels(0);
-        }
-        mesh.draw()?;
-    }
-    c.draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
-        let color = if *v >= 1.0 { ours } else { RGBColor(214, 39, 40) };
-        Rectangle::new([(i as f64 + 0.15, 0.0), (i as f64 + 0.85, *v)], color.filled())
-    }))?;
-    c.draw_series(std::iter::once(PathElement::new(
-        vec![(0.0, 1.0), (bars.len().max(1) as f64, 1.0)],
-        BLACK.stroke_width(2),
-    )))?;
-    if text {
-        c.draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
-            Text::new(format!("{v:.2}x"), (i as f64 + 0.25, *v + top * 0.01), ("sans-serif", 14))
-        }))?;
-    }
-
-    // Absolute lines per CPU-second, in thousands.
-    let max = absolute
+    let worse = RGBColor(214, 39, 40);
+    let factors: Vec<(String, f64, RGBColor)> = bars
         .iter()
-        .flat_map(|(_, a, p)| [a.unwrap_or(0.0), p.unwrap_or(0.0)])
-        .fold(1.0f64, f64::max)
-        / 1000.0
-        * 1.15;
-    let mut chart = ChartBuilder::on(&right);
-    chart.margin(20).x_label_area_size(if text { 40 } else { 10 }).y_label_area_size(if text { 60 } else { 10 });
-    if text {
-        chart.caption("thousand lines per CPU-second", ("sans-serif", 22));
-    }
-    let mut c = chart.build_cartesian_2d(0f64..absolute.len() as f64, 0f64..max)?;
-    {
-        let names: Vec<&str> = absolute.iter().map(|a| a.0).collect();
-        let mut mesh = c.configure_mesh();
-        mesh.disable_x_mesh();
-        if text {
-            mesh.x_labels(absolute.len() * 2)
-                .x_label_formatter(&|x| {
-                    let i = x.floor() as usize;
-                    if (x - i as f64 - 0.5).abs() < 0.26 { names.get(i).map(|s| s.to_string()).unwrap_or_default() } else { String::new() }
-                })
-                .label_style(("sans-serif", 14));
-        } else {
-            mesh.x_labels(0).y_labels(0);
-        }
-        mesh.draw()?;
-    }
-    let mut series: Vec<(f64, f64, f64, RGBColor)> = Vec::new();
-    for (i, (_, a, p)) in absolute.iter().enumerate() {
+        .map(|(name, v)| (name.clone(), *v, if *v >= 1.0 { ours } else { worse }))
+        .collect();
+    hbars(
+        &left,
+        "advantage of logpipe-agent over Promtail (x, higher is better)",
+        &factors,
+        |v| format!("{v:.2}x"),
+        Some(1.0),
+        text,
+    )?;
+    let mut throughput = Vec::new();
+    for (sink, a, p) in absolute {
         if let Some(a) = a {
-            series.push((i as f64 + 0.1, i as f64 + 0.48, a / 1000.0, ours));
+            throughput.push((format!("logpipe-agent -> {sink}"), a / 1000.0, ours));
         }
         if let Some(p) = p {
-            series.push((i as f64 + 0.52, i as f64 + 0.9, p / 1000.0, theirs));
+            throughput.push((format!("Promtail -> {sink}"), p / 1000.0, theirs));
         }
     }
-    let drawn = c.draw_series(series.iter().map(|(x0, x1, v, color)| Rectangle::new([(*x0, 0.0), (*x1, *v)], color.filled())))?;
+    hbars(
+        &right,
+        "thousand lines per CPU-second",
+        &throughput,
+        |v| format!("{v:.0}k"),
+        None,
+        text,
+    )?;
+    root.present()?;
+    Ok(())
+}
+
+/// Horizontal bars (labels need no rotation, which plotters' ab_glyph text lacks).
+fn hbars(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    title: &str,
+    bars: &[(String, f64, RGBColor)],
+    value_label: impl Fn(f64) -> String,
+    reference: Option<f64>,
+    text: bool,
+) -> DrawResult {
+    // A segmented range over 0..=last has one segment per bar.
+    let last = bars.len().saturating_sub(1);
+    let top = bars
+        .iter()
+        .map(|b| b.1)
+        .fold(reference.unwrap_or(0.0), f64::max)
+        .max(f64::MIN_POSITIVE)
+        * 1.2;
+    let mut chart = ChartBuilder::on(area);
+    chart
+        .margin(20)
+        .x_label_area_size(if text { 30 } else { 5 })
+        .y_label_area_size(if text { 230 } else { 5 });
     if text {
-        drawn.label("logpipe-agent").legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], ours.filled()));
-        c.draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())?
-            .label("Promtail")
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], theirs.filled()));
-        c.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;
-        c.draw_series(series.iter().map(|(x0, _, v, _)| {
-            Text::new(format!("{v:.0}k"), (*x0, *v + max * 0.01), ("sans-serif", 13))
+        chart.caption(title, ("sans-serif", 20));
+    }
+    let mut c = chart.build_cartesian_2d(0f64..top, (0..last).into_segmented())?;
+    let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+    let name_of = |v: &SegmentValue<usize>| match v {
+        SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
+        _ => String::new(),
+    };
+    {
+        let mut mesh = c.configure_mesh();
+        mesh.disable_y_mesh();
+        if text {
+            mesh.y_labels(bars.len().max(1))
+                .y_label_formatter(&name_of)
+                .label_style(("sans-serif", 15));
+        } else {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw()?;
+    }
+    c.draw_series(bars.iter().enumerate().map(|(i, (_, v, color))| {
+        let mut bar = Rectangle::new(
+            [
+                (0.0, SegmentValue::Exact(i)),
+                (*v, SegmentValue::Exact(i + 1)),
+            ],
+            color.filled(),
+        );
+        bar.set_margin(8, 8, 0, 0);
+        bar
+    }))?;
+    if let Some(x) = reference {
+        c.draw_series(std::iter::once(PathElement::new(
+            vec![(x, SegmentValue::Exact(0)), (x, SegmentValue::Last)],
+            BLACK.stroke_width(2),
+        )))?;
+    }
+    if text {
+        let style =
+            TextStyle::from(("sans-serif", 15).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+        c.draw_series(bars.iter().enumerate().map(|(i, (_, v, _))| {
+            Text::new(
+                value_label(*v),
+                (*v + top * 0.01, SegmentValue::CenterOf(i)),
+                style.clone(),
+            )
         }))?;
     }
-    root.present()?;
     Ok(())
 }
 
@@ -624,10 +727,12 @@ fn draw(path: &Path, bars: &[(String, f64)], absolute: &[(&str, Option<f64>, Opt
 pub fn write_all(outcome: &Outcome, options: &Options) -> Result<bool, BenchError> {
     let results = results_json(outcome, options);
     let json_path = options.out.join("results.json");
-    let text = serde_json::to_string_pretty(&results).map_err(|e| BenchError::Other(format!("results.json: {e}")))?;
+    let text = serde_json::to_string_pretty(&results)
+        .map_err(|e| BenchError::Other(format!("results.json: {e}")))?;
     std::fs::write(&json_path, text + "\n").map_err(BenchError::io(&json_path))?;
     let md_path = options.out.join("results.md");
-    std::fs::write(&md_path, results_md(outcome, options, &results)).map_err(BenchError::io(&md_path))?;
+    std::fs::write(&md_path, results_md(outcome, options, &results))
+        .map_err(BenchError::io(&md_path))?;
     let png_path = options.out.join("results.png");
     let with_text = results_png(outcome, options, &png_path)?;
     Ok(with_text)
@@ -648,7 +753,6 @@ pub fn headline(results: &Value) -> Vec<String> {
         fmt(get("/agent/null_mb_per_cpu_s"), 1),
         mib(get("/agent/rss_bytes_at_10k_lines_s")),
     ));
-    let _unused: BTreeMap<(), ()> = BTreeMap::new();
     lines
 }
 

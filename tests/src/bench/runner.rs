@@ -114,7 +114,13 @@ pub fn start(
     let log = run_dir.join(format!("{}.log", subject.name()));
     let (config, mut command, http) = match subject {
         Subject::Agent => {
-            let config = agent_config(push_url, tenant, pods_root, &run_dir.join("positions.json"), port);
+            let config = agent_config(
+                push_url,
+                tenant,
+                pods_root,
+                &run_dir.join("positions.json"),
+                port,
+            );
             let mut command = Command::new(&bins.agent);
             command
                 .arg("--config")
@@ -127,9 +133,18 @@ pub fn start(
             (config, command, format!("http://127.0.0.1:{port}/-/ready"))
         }
         Subject::Promtail => {
-            let config = promtail_config(push_url, tenant, pods_root, files, &run_dir.join("positions.yaml"), port);
+            let config = promtail_config(
+                push_url,
+                tenant,
+                pods_root,
+                files,
+                &run_dir.join("positions.yaml"),
+                port,
+            );
             let mut command = Command::new(&bins.promtail);
-            command.arg("-config.file").arg(run_dir.join("promtail.yaml"));
+            command
+                .arg("-config.file")
+                .arg(run_dir.join("promtail.yaml"));
             (config, command, format!("http://127.0.0.1:{port}/ready"))
         }
     };
@@ -158,7 +173,13 @@ pub fn start(
 }
 
 /// Our agent's config: the `cri` stage and the default (path-derived) labels.
-pub fn agent_config(push_url: &str, tenant: &str, pods_root: &Path, positions: &Path, port: u16) -> String {
+pub fn agent_config(
+    push_url: &str,
+    tenant: &str,
+    pods_root: &Path,
+    positions: &Path,
+    port: u16,
+) -> String {
     format!(
         "loki:\n  url: {push_url}\n  tenant: {tenant}\n  batchWait: {BATCH_WAIT}\n  batchBytes: {BATCH_BYTES}\n\
          logRoot: {root}\npositionsFile: {positions}\nlisten: 127.0.0.1:{port}\npipeline:\n  - cri: {{}}\n",
@@ -265,7 +286,12 @@ pub struct CorpusJob<'a> {
 }
 
 pub async fn corpus_run(job: CorpusJob<'_>) -> CorpusRun {
-    let tenant = format!("bench-{}-{}-{}", job.subject.name(), job.index, crate::unique_suffix());
+    let tenant = format!(
+        "bench-{}-{}-{}",
+        job.subject.name(),
+        job.index,
+        crate::unique_suffix()
+    );
     let mut run = CorpusRun {
         subject: job.subject,
         sink: job.sink,

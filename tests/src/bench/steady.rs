@@ -99,7 +99,12 @@ async fn measure(job: &SteadyJob<'_>, run: &mut SteadyRun) -> Result<(), BenchEr
             .map_err(BenchError::io(&path))?;
         handles.push((path, handle, file.format));
     }
-    let tenant = format!("steady-{}-{}-{}", job.subject.name(), job.rate, crate::unique_suffix());
+    let tenant = format!(
+        "steady-{}-{}-{}",
+        job.subject.name(),
+        job.rate,
+        crate::unique_suffix()
+    );
     let tally = job.receiver.tally(&tenant);
     let mut process = runner::start(
         job.subject,
@@ -168,12 +173,17 @@ async fn measure(job: &SteadyJob<'_>, run: &mut SteadyRun) -> Result<(), BenchEr
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     run.received = tally.entries();
-    run.peak_rss_bytes = procstat::sample(process.pid).map(|s| s.hwm).unwrap_or(last.hwm);
+    run.peak_rss_bytes = procstat::sample(process.pid)
+        .map(|s| s.hwm)
+        .unwrap_or(last.hwm);
     drop(process);
     job.receiver.forget(&tenant);
     run.ok = run.received == run.written;
     if !run.ok {
-        run.error = Some(format!("received {} of {} written entries", run.received, run.written));
+        run.error = Some(format!(
+            "received {} of {} written entries",
+            run.received, run.written
+        ));
     }
     Ok(())
 }
@@ -200,7 +210,11 @@ fn write_at_rate(
             next += 1;
             let len = maker.short_length();
             maker.entry(files[index].2, len, now_ns, &mut text);
-            let stream = if maker.rng().chance(100) { "stderr" } else { "stdout" };
+            let stream = if maker.rng().chance(100) {
+                "stderr"
+            } else {
+                "stdout"
+            };
             let buf = &mut buffers[index];
             buf.extend_from_slice(corpus::cri_time(now_ns).as_bytes());
             buf.push(b' ');
@@ -211,7 +225,8 @@ fn write_at_rate(
         }
         for ((path, file, _), buf) in files.iter_mut().zip(buffers.iter_mut()) {
             if !buf.is_empty() {
-                file.write_all(buf).map_err(BenchError::io(path.as_path()))?;
+                file.write_all(buf)
+                    .map_err(BenchError::io(path.as_path()))?;
                 buf.clear();
             }
         }

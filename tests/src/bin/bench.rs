@@ -1,0 +1,196 @@
+//! `logpipe-bench`: our agent against Promtail on the same corpus (issue 7), run by
+//! `make bench`. Results go to `target/bench/results.{json,md,png}`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use logpipe_e2e::bench::runner::Binaries;
+use logpipe_e2e::bench::{self, BenchError, Options, Size, report};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "logpipe-bench",
+    about = "logpipe-agent vs Promtail: throughput per CPU-second, memory, steady state"
+)]
+struct Args {
+    /// `small` (96 MiB, 1 run, short steady state: a few minutes), `default` (1 GiB) or MiB.
+    #[arg(long, env = "BENCH_SIZE", default_value = "default")]
+    size: String,
+    /// Runs per case (median); default 1 for small, 3 otherwise.
+    #[arg(long, env = "BENCH_RUNS")]
+    runs: Option<usize>,
+    /// Corpus seed.
+    #[arg(long, default_value_t = 0x10_9919e)]
+    seed: u64,
+    /// Output directory (corpus, runs, results).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The agent binary (release build).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// The Promtail binary built by the test bed.
+    #[arg(long)]
+    promtail: Option<PathBuf>,
+    /// Loki base URL; default: the test bed's (target/testbed/loki-url).
+    #[arg(long)]
+    loki_url: Option<String>,
+    /// Skip the runs into the real Loki.
+    #[arg(long)]
+    no_loki: bool,
+    /// Steady-state rates (lines/s), comma-separated; default 1000,10000,50000 (small: 1000,10000).
+    #[arg(long, value_delimiter = ',')]
+    steady_rates: Option<Vec<u64>>,
+    /// Steady-state seconds per rate, warm-up included; default 40 (small 15).
+    #[arg(long)]
+    steady_seconds: Option<u64>,
+}
+
+fn home_cache_bin(name: &str) -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".cache/logpipe/bin")
+        .join(name)
+}
+
+fn promtail_version() -> String {
+    let versions = logpipe_e2e::repo_root().join("tests/testbed/versions.env");
+    std::fs::read_to_string(versions)
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("PROMTAIL_VERSION="))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "v3.5.0".into())
+}
+
+async fn options(args: Args) -> Result<Options, BenchError> {
+    let size = Size::parse(&args.size)?;
+    let small = size.is_small();
+    let out = args
+        .out
+        .unwrap_or_else(|| logpipe_e2e::target_dir().join("bench"));
+    let agent = args
+        .agent
+        .unwrap_or_else(|| logpipe_e2e::target_dir().join("release/logpipe-agent"));
+    let promtail = args
+        .promtail
+        .unwrap_or_else(|| home_cache_bin(&format!("promtail-{}", promtail_version())));
+    for (what, path, how) in [
+        ("agent", &agent, "cargo build --release -p logpipe-agent"),
+        ("promtail", &promtail, "tests/testbed/build.sh promtail"),
+    ] {
+        if !path.is_file() {
+            return Err(BenchError::Other(format!(
+                "{what} binary {} is missing: run `{how}`",
+                path.display()
+            )));
+        }
+    }
+    let (loki_url, loki_skip_reason) = if args.no_loki {
+        (None, Some("--no-loki given".to_string()))
+    } else {
+        let url = match args.loki_url {
+            Some(url) => Some(url),
+            None => std::fs::read_to_string(logpipe_e2e::testbed_dir().join("loki-url"))
+                .ok()
+                .map(|s| s.trim().to_string()),
+        };
+        match url {
+            Some(url) if bench::loki_ready(&url).await => (Some(url), None),
+            Some(url) => (
+                None,
+                Some(format!(
+                    "Loki at {url} does not answer /ready (make testbed-up)"
+                )),
+            ),
+            None => (
+                None,
+                Some("no target/testbed/loki-url: the test bed is not up (make testbed-up)".into()),
+            ),
+        }
+    };
+    let steady_seconds = args.steady_seconds.unwrap_or(if small { 15 } else { 40 });
+    Ok(Options {
+        command: format!(
+            "make bench{}",
+            if args.size == "default" {
+                String::new()
+            } else {
+                format!(" BENCH_SIZE={}", args.size)
+            }
+        ),
+        runs: args.runs.unwrap_or(if small { 1 } else { 3 }).max(1),
+        size,
+        seed: args.seed,
+        out,
+        bins: Binaries { agent, promtail },
+        loki_url,
+        loki_skip_reason,
+        steady_rates: args.steady_rates.unwrap_or_else(|| {
+            if small {
+                vec![1_000, 10_000]
+            } else {
+                vec![1_000, 10_000, 50_000]
+            }
+        }),
+        steady_duration: Duration::from_secs(steady_seconds),
+        steady_warmup: Duration::from_secs((steady_seconds / 5).clamp(2, 8)),
+        steady_containers: 16,
+    })
+}
+
+async fn main_async(args: Args) -> Result<(), BenchError> {
+    let options = options(args).await?;
+    if let Some(reason) = &options.loki_skip_reason {
+        eprintln!("[bench] Loki runs skipped: {reason}");
+    }
+    let outcome = bench::run(&options).await?;
+    let with_text = report::write_all(&outcome, &options)?;
+    let results = report::results_json(&outcome, &options);
+    for line in report::headline(&results) {
+        eprintln!("[bench] {line}");
+    }
+    eprintln!(
+        "[bench] wrote {}/results.{{json,md,png}}{}",
+        options.out.display(),
+        if with_text {
+            ""
+        } else {
+            " (no font found: the chart has no text)"
+        }
+    );
+    let failed = outcome.corpus_runs.iter().filter(|r| !r.ok).count()
+        + outcome.steady_runs.iter().filter(|r| !r.ok).count();
+    if failed > 0 {
+        return Err(BenchError::Other(format!(
+            "{failed} run(s) failed; see results.md"
+        )));
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("logpipe-bench: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main_async(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("logpipe-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
