@@ -31,7 +31,7 @@ testbed-wipe:
 	tests/testbed/down.sh --wipe
 
 ## Tests
-test: lint unit e2e
+test: lint unit e2e images-test
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -62,7 +62,7 @@ e2e-nodesim: build testbed-up
 e2e-argocd: testbed-up
 	$(E2E) e2e_argocd_health
 
-chart-test: testbed-up
+chart-test: build testbed-up
 	tests/testbed/build.sh helm
 	$(E2E) e2e_chart
 

@@ -125,6 +125,43 @@ fn chart_renders_as_the_snapshots_say() {
     }
 }
 
+/// The operator container's args of a rendered chart.
+fn operator_args(rendered: &str) -> Vec<String> {
+    for doc in rendered.split("\n---") {
+        let Ok(value) = serde_yaml::from_str::<serde_json::Value>(doc) else {
+            continue;
+        };
+        if value["kind"] == "Deployment" {
+            let args = &value["spec"]["template"]["spec"]["containers"][0]["args"];
+            return serde_json::from_value(args.clone()).unwrap();
+        }
+    }
+    panic!("no Deployment in the rendered chart");
+}
+
+#[test]
+fn operator_accepts_the_args_the_chart_gives_it() {
+    let helm = cached_binary("HELM", "helm");
+    let operator = logpipe_e2e::workspace_binary("logpipe-operator");
+    let values: Vec<Option<PathBuf>> = std::iter::once(None)
+        .chain(values_files().into_iter().map(Some))
+        .collect();
+    for values in values {
+        let args = operator_args(&template(&helm, values.as_deref()));
+        // clap refuses an unknown or malformed argument before it prints help.
+        let output = Command::new(&operator)
+            .args(&args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{values:?}: logpipe-operator refuses the chart's args {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 #[tokio::test]
 async fn rendered_chart_is_accepted_by_the_api_server() {
     let testbed = Testbed::ensure(&["ops"])

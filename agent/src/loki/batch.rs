@@ -81,6 +81,14 @@ impl Batch {
                 .map(|(name, value)| LabelPairAdapter { name, value })
                 .collect(),
         };
+        // Entries arrive in runs from one file, which share one label set: comparing the
+        // pointer with the previous stream's avoids hashing the whole label map per entry.
+        if let Some(last) = self.streams.last_mut()
+            && std::sync::Arc::ptr_eq(&last.labels, &entry.labels)
+        {
+            last.entries.push(adapter);
+            return;
+        }
         match self.index.get(&entry.labels) {
             Some(&i) => self.streams[i].entries.push(adapter),
             None => {

@@ -200,6 +200,8 @@ pub struct Tailer<H: LineHandler> {
     /// (dev, inode) -> first seen, for files whose handler asked to wait.
     waiting: HashMap<(u64, u64), Instant>,
     out: Vec<Entry>,
+    /// One read buffer for every file: allocating it per file and pass was measurable.
+    chunk: Vec<u8>,
     closed_channel: bool,
 }
 
@@ -224,6 +226,7 @@ impl<H: LineHandler> Tailer<H> {
             skipped: HashMap::new(),
             waiting: HashMap::new(),
             out: Vec::new(),
+            chunk: vec![0u8; READ_CHUNK],
             closed_channel: false,
         }
     }
@@ -555,7 +558,6 @@ impl<H: LineHandler> Tailer<H> {
         let mut finished = false;
         if !paused && !waiting {
             file.wait_until = None;
-            let mut chunk = vec![0u8; READ_CHUNK];
             // Lines left over from a limit-stage wait go first.
             let mut wait = process_lines(
                 file,
@@ -573,10 +575,16 @@ impl<H: LineHandler> Tailer<H> {
                     .saturating_sub(self.ledger.buffered_bytes()),
             );
             while wait.is_none() && read_total < budget {
-                let n = file.source.read(&mut chunk)?;
+                let n = file.source.read(&mut self.chunk)?;
                 if n == 0 {
                     match eof_action(file)? {
-                        Eof::Wait => {}
+                        Eof::Wait => {
+                            // An idle file keeps only its unfinished line: a burst of long
+                            // lines must not pin a large buffer per file for ever.
+                            if file.buf.capacity() > 2 * READ_CHUNK {
+                                file.buf.shrink_to(READ_CHUNK);
+                            }
+                        }
                         Eof::Truncated => {
                             self.metrics.truncations.inc();
                             tracing::info!(path = %file.path_str, "file truncated, reading it again from the start");
@@ -623,7 +631,7 @@ impl<H: LineHandler> Tailer<H> {
                     }
                     break;
                 }
-                file.buf.extend_from_slice(&chunk[..n]);
+                file.buf.extend_from_slice(&self.chunk[..n]);
                 file.read_pos += n as u64;
                 read_total += n as u64;
                 wait = process_lines(
