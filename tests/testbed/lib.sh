@@ -9,8 +9,12 @@ BIN=$CACHE/bin
 TESTBED=${LOGPIPE_TESTBED:-$repo/target/testbed}
 LOGS=$TESTBED/logs
 PIDS=$TESTBED/pids
-LOKI_HTTP_PORT=${LOKI_HTTP_PORT:-43100}
-LOKI_GRPC_PORT=${LOKI_GRPC_PORT:-43095}
+# A second test bed can run beside the first (e.g. a CI run while developing) with other
+# ports and another loopback pod network: LOGPIPE_PORT_BASE=51000 LOGPIPE_NET_OFFSET=64.
+PORT_BASE=${LOGPIPE_PORT_BASE:-41000}
+NET_OFFSET=${LOGPIPE_NET_OFFSET:-0}
+LOKI_HTTP_PORT=${LOKI_HTTP_PORT:-$((PORT_BASE + 2100))}
+LOKI_GRPC_PORT=${LOKI_GRPC_PORT:-$((PORT_BASE + 2095))}
 KUBECTL=$BIN/kubectl-$K8S_VERSION
 
 # The clusters the test bed knows, in a fixed order: the index fixes ports and addresses,
@@ -30,7 +34,7 @@ cluster_index() {
 cluster_env() {
   CLUSTER=$1
   CI_INDEX=$(cluster_index "$1")
-  local base=$((41000 + CI_INDEX * 100))
+  local base=$((PORT_BASE + CI_INDEX * 100))
   ETCD_CLIENT_PORT=$((base + 1))
   ETCD_PEER_PORT=$((base + 2))
   APISERVER_PORT=$((base + 43))
@@ -45,7 +49,7 @@ cluster_env() {
 }
 
 node_ip() { echo "127.$((200 + CI_INDEX)).$(($1 / 250)).$(($1 % 250 + 1))"; }
-node_pod_cidr() { echo "127.$((16 + 8 * CI_INDEX + $1 / 256)).$(($1 % 256)).0/24"; }
+node_pod_cidr() { echo "127.$((16 + NET_OFFSET + 8 * CI_INDEX + $1 / 256)).$(($1 % 256)).0/24"; }
 
 # alive NAME: the process recorded under NAME runs and is still the binary we started
 # (a PID can be reused by an unrelated process after a crash).
