@@ -8,7 +8,7 @@ export CLUSTERS NODES
 CARGO ?= cargo
 E2E := $(CARGO) test -p logpipe-e2e --test
 
-.PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent e2e-argocd e2e-nodesim \
+.PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent e2e-argocd e2e-nodesim e2e-rollout \
         chart-test testbed-build testbed-up testbed-down testbed-wipe crds demo bench \
         images images-test
 
@@ -44,7 +44,7 @@ unit:
 	$(CARGO) test --workspace --lib --bins
 	$(CARGO) test -p logpipe-e2e --test crd_reference --test metrics_reference
 
-e2e: build e2e-testbed e2e-nodesim chart-test e2e-argocd e2e-operator e2e-agent
+e2e: build e2e-testbed e2e-nodesim chart-test e2e-argocd e2e-operator e2e-agent e2e-rollout
 
 e2e-testbed: testbed-up
 	$(E2E) e2e_testbed
@@ -55,6 +55,10 @@ e2e-operator: build testbed-up
 e2e-agent: build testbed-up
 	$(E2E) e2e_agent
 	$(E2E) e2e_agent_outage
+
+# Phased rollouts with real agents; the gate test starts dev and prod as well.
+e2e-rollout: build testbed-up
+	$(E2E) e2e_rollout -- --nocapture --test-threads 1
 
 e2e-nodesim: build testbed-up
 	$(E2E) e2e_nodesim

@@ -4,9 +4,13 @@
 //! 1. Server-side apply, in dependency order, of every desired object: ServiceAccount,
 //!    ClusterRole, ClusterRoleBinding, ConfigMap, DaemonSet, metrics Service, and the
 //!    ServiceMonitor when its CRD exists (deleted when it exists but is disabled).
-//! 2. Delete the agent pods the rollout decision chose (OnDelete DaemonSet).
-//! 3. Delete this LogPipeline's hashed ConfigMaps that neither the DaemonSet template nor
-//!    any existing pod mounts.
+//!    The DaemonSet carries the pod template the rollout engine chose: the target's, or
+//!    the stable one (saved in the ConfigMap `<name>-stable`) while held or rolled back.
+//! 2. Delete the agent pods the rollout decision chose (OnDelete DaemonSet); save the
+//!    stable snapshot when a revision becomes stable; remove the promote/abort annotations
+//!    once acted on.
+//! 3. Delete this LogPipeline's hashed ConfigMaps that neither the current config, the
+//!    stable snapshot, nor any existing pod uses.
 //! 4. Server-side apply of the status, only when it differs from the stored one.
 //!
 //! On deletion, the finalizer `logpipe.io/cluster-scoped` deletes the ClusterRole and
@@ -21,7 +25,7 @@
 //!   no watch event), and the status is not written when unchanged: a quiet cluster sees
 //!   no writes.
 //! - A ConfigMap still mounted by a pod is never deleted (a pod restarting on its node
-//!   would fail to start).
+//!   would fail to start), nor the stable revision's (a rollback puts it back).
 //!
 //! # Assumptions
 //! - Nobody else creates objects with our names and `app.kubernetes.io/managed-by:
@@ -34,8 +38,10 @@
 //! - Fields the operator stopped setting are removed by server-side apply, fields other
 //!   managers own are not.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, PodTemplateSpec, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -46,7 +52,8 @@ use serde_json::json;
 
 use crate::crd::{LogPipeline, LogPipelineStatus};
 use crate::desired::service_monitor_resource;
-use crate::desired::{Key, MANAGER, Objects, common_labels, selector_labels};
+use crate::desired::{Key, MANAGER, Objects, common_labels, owned_meta, selector_labels};
+use crate::rollout::{ANNOTATION_ABORT, ANNOTATION_PROMOTE};
 
 pub const FINALIZER: &str = "logpipe.io/cluster-scoped";
 const SERVICE_MONITOR_CRD: &str = "servicemonitors.monitoring.coreos.com";
@@ -66,6 +73,8 @@ pub enum ApplyError {
     },
     #[error("object has no name")]
     NoName,
+    #[error("stable snapshot {name}: {message}")]
+    Snapshot { name: String, message: String },
 }
 
 impl ApplyError {
@@ -75,6 +84,7 @@ impl ApplyError {
             Self::Apply { .. } => "apply",
             Self::Api { .. } => "api",
             Self::NoName => "invalid_object",
+            Self::Snapshot { .. } => "snapshot",
         }
     }
 }
@@ -108,13 +118,23 @@ fn api_error(action: &'static str, source: kube::Error) -> ApplyError {
     ApplyError::Api { action, source }
 }
 
-/// Step 1: apply every object; returns the DaemonSet as stored (with its status).
+/// The DaemonSet as stored (its status counts the nodes), if any.
+pub async fn get_daemon_set(client: &Client, key: &Key) -> Result<Option<DaemonSet>, ApplyError> {
+    Api::<DaemonSet>::namespaced(client.clone(), &key.namespace)
+        .get_opt(&key.name)
+        .await
+        .map_err(|e| api_error("read the DaemonSet", e))
+}
+
+/// Step 1: apply every object, with `daemon_set` (the template the rollout chose; `None`:
+/// no DaemonSet yet, a first install held by its gate); returns the DaemonSet as stored.
 pub async fn apply_objects(
     client: &Client,
     key: &Key,
     objects: &Objects,
+    daemon_set: Option<&DaemonSet>,
     service_monitor_crd: bool,
-) -> Result<DaemonSet, ApplyError> {
+) -> Result<Option<DaemonSet>, ApplyError> {
     let ns = key.namespace.as_str();
     apply(
         &Api::<ServiceAccount>::namespaced(client.clone(), ns),
@@ -140,12 +160,17 @@ pub async fn apply_objects(
         &objects.config_map,
     )
     .await?;
-    let ds = apply(
-        &Api::<DaemonSet>::namespaced(client.clone(), ns),
-        "DaemonSet",
-        &objects.daemon_set,
-    )
-    .await?;
+    let ds = match daemon_set {
+        Some(ds) => Some(
+            apply(
+                &Api::<DaemonSet>::namespaced(client.clone(), ns),
+                "DaemonSet",
+                ds,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     apply(
         &Api::<Service>::namespaced(client.clone(), ns),
         "Service",
@@ -218,11 +243,12 @@ pub async fn delete_pods(client: &Client, key: &Key, names: &[String]) -> Result
     Ok(())
 }
 
-/// Step 3: delete unused hashed ConfigMaps; returns their names.
+/// Step 3: delete unused hashed ConfigMaps (never `keep`); returns their names.
 pub async fn gc_config_maps(
     client: &Client,
     key: &Key,
     current: &str,
+    keep: &[String],
     pods: &[Pod],
 ) -> Result<Vec<String>, ApplyError> {
     let api = Api::<ConfigMap>::namespaced(client.clone(), &key.namespace);
@@ -239,7 +265,8 @@ pub async fn gc_config_maps(
         .into_iter()
         .map(|cm| cm.name_any())
         .collect();
-    let mounted: Vec<String> = pods.iter().flat_map(mounted_config_maps).collect();
+    let mut mounted: Vec<String> = pods.iter().flat_map(mounted_config_maps).collect();
+    mounted.extend(keep.iter().cloned());
     let unused = unused_config_maps(&key.config_map_prefix(), &existing, current, &mounted);
     for name in &unused {
         match api.delete(name, &DeleteParams::default()).await {
@@ -273,6 +300,142 @@ pub fn unused_config_maps(
         })
         .cloned()
         .collect()
+}
+
+/// The stable revision's pod template, kept so a rollback can put it back (the spec only
+/// describes the target). Stored in the owned ConfigMap `<name>-stable`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StableSnapshot {
+    pub revision: String,
+    pub release: String,
+    /// The hashed ConfigMap the template mounts (kept by the ConfigMap GC).
+    pub config_map: String,
+    pub template: PodTemplateSpec,
+}
+
+pub fn stable_name(key: &Key) -> String {
+    format!("{}-stable", key.name)
+}
+
+impl StableSnapshot {
+    /// The snapshot of the target revision of `objects`.
+    pub fn of(objects: &Objects) -> Option<Self> {
+        Some(Self {
+            revision: objects.revision.clone(),
+            release: objects.release.clone(),
+            config_map: objects.config_map.metadata.name.clone()?,
+            template: objects.daemon_set.spec.as_ref()?.template.clone(),
+        })
+    }
+
+    pub fn to_config_map(
+        &self,
+        lp: &LogPipeline,
+        key: &Key,
+    ) -> Result<ConfigMap, serde_json::Error> {
+        Ok(ConfigMap {
+            metadata: owned_meta(lp, key, stable_name(key)),
+            data: Some(BTreeMap::from([
+                ("revision".to_string(), self.revision.clone()),
+                ("release".to_string(), self.release.clone()),
+                ("configMap".to_string(), self.config_map.clone()),
+                (
+                    "template.json".to_string(),
+                    serde_json::to_string(&self.template)?,
+                ),
+            ])),
+            ..ConfigMap::default()
+        })
+    }
+
+    pub fn from_config_map(cm: &ConfigMap) -> Result<Self, String> {
+        let data = cm.data.as_ref().ok_or("no data")?;
+        let get = |k: &str| data.get(k).cloned().ok_or_else(|| format!("no key {k}"));
+        Ok(Self {
+            revision: get("revision")?,
+            release: get("release")?,
+            config_map: get("configMap")?,
+            template: serde_json::from_str(&get("template.json")?).map_err(|e| e.to_string())?,
+        })
+    }
+
+    /// `daemon_set` with this snapshot's pod template (pure).
+    pub fn apply_to(&self, daemon_set: &DaemonSet) -> DaemonSet {
+        let mut ds = daemon_set.clone();
+        if let Some(spec) = ds.spec.as_mut() {
+            spec.template = self.template.clone();
+        }
+        ds
+    }
+}
+
+pub async fn read_stable(client: &Client, key: &Key) -> Result<Option<StableSnapshot>, ApplyError> {
+    let name = stable_name(key);
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &key.namespace)
+        .get_opt(&name)
+        .await
+        .map_err(|e| api_error("read the stable snapshot", e))?;
+    match cm {
+        None => Ok(None),
+        Some(cm) => match StableSnapshot::from_config_map(&cm) {
+            Ok(snapshot) => Ok(Some(snapshot)),
+            Err(message) => {
+                // A damaged snapshot is as good as none: no rollback, said in the log.
+                tracing::warn!(snapshot = %name, %message, "ignoring an unreadable stable snapshot");
+                Ok(None)
+            }
+        },
+    }
+}
+
+pub async fn save_stable(
+    client: &Client,
+    lp: &LogPipeline,
+    key: &Key,
+    snapshot: &StableSnapshot,
+) -> Result<(), ApplyError> {
+    let cm = snapshot
+        .to_config_map(lp, key)
+        .map_err(|e| ApplyError::Snapshot {
+            name: stable_name(key),
+            message: e.to_string(),
+        })?;
+    apply(
+        &Api::<ConfigMap>::namespaced(client.clone(), &key.namespace),
+        "ConfigMap",
+        &cm,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Remove the promote/abort annotations once acted on (a JSON merge patch: only these).
+pub async fn clear_annotations(client: &Client, key: &Key) -> Result<(), ApplyError> {
+    let patch =
+        json!({"metadata": {"annotations": {ANNOTATION_PROMOTE: null, ANNOTATION_ABORT: null}}});
+    Api::<LogPipeline>::namespaced(client.clone(), &key.namespace)
+        .patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+        .map_err(|e| api_error("remove the promote/abort annotations", e))
+}
+
+/// Labels of every node (only for canary steps that select nodes by labels).
+pub async fn node_labels(
+    client: &Client,
+) -> Result<BTreeMap<String, BTreeMap<String, String>>, ApplyError> {
+    let nodes = Api::<Node>::all(client.clone())
+        .list_metadata(&ListParams::default())
+        .await
+        .map_err(|e| api_error("list nodes", e))?;
+    Ok(nodes
+        .items
+        .into_iter()
+        .map(|n| {
+            let name = n.name_any();
+            (name, n.metadata.labels.unwrap_or_default())
+        })
+        .collect())
 }
 
 /// Step 4: write the status if it changed; returns whether it wrote.

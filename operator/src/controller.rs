@@ -1,12 +1,14 @@
 //! The controller: watches LogPipelines (spec changes only: generation predicate), their
 //! DaemonSets and agent pods, and reconciles one LogPipeline at a time per object.
 //!
-//! Reconcile = desired (pure) -> apply -> rollout decision (pure) -> delete pods ->
+//! Reconcile = desired (pure) -> read the rollout state (status), stable snapshot, pods ->
+//! gate (when a new release waits) -> verification (when due) -> rollout decision (pure)
+//! -> apply with the chosen template -> delete pods / save stable / clear annotations ->
 //! ConfigMap GC -> status (pure) -> status write if changed -> Events on transitions.
 //! Errors requeue with exponential backoff per object (1 s doubling to 5 min, reset on
 //! success); a spec the agent would refuse is reported in status, not retried fast.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,18 +28,17 @@ use kube::{Client, ResourceExt};
 
 use crate::apply::{self, ApplyError, FINALIZER};
 use crate::crd::LogPipeline;
+use crate::desired::daemonset::CONTAINER;
 use crate::desired::{
     self, ANNOTATION_REVISION, DesiredError, Key, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGER,
 };
 use crate::events;
+use crate::gate;
 use crate::metrics::Metrics;
-use crate::rollout::{self, PodView};
+use crate::rollout::{self, PodView, Template};
 use crate::status::{self, Observed};
+use crate::verify::{self, Verifier};
 
-/// Requeue while nodes are moving (watch events usually come first).
-const PROGRESSING_REQUEUE: Duration = Duration::from_secs(10);
-/// Periodic resync when everything is settled.
-const SETTLED_REQUEUE: Duration = Duration::from_secs(300);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +66,7 @@ pub struct Ctx {
     pub agent_image: String,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
+    pub verifier: Verifier,
     failures: Mutex<HashMap<ObjectRef<LogPipeline>, u32>>,
 }
 
@@ -74,12 +76,14 @@ impl Ctx {
         agent_image: String,
         metrics: Arc<Metrics>,
         recorder: Recorder,
+        verifier: Verifier,
     ) -> Self {
         Self {
             client,
             agent_image,
             metrics,
             recorder,
+            verifier,
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -135,7 +139,155 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
             return Err(e.into());
         }
     };
-    let ds = match apply::apply_objects(&ctx.client, &key, &objects, sm_crd).await {
+    let spec = &lp.spec.rollout;
+    let old = lp.status.as_ref();
+    let stable = apply::read_stable(&ctx.client, &key).await?;
+    let existing = apply::get_daemon_set(&ctx.client, &key).await?;
+    let pods = apply::list_pods(&ctx.client, &key).await?;
+    let views: Vec<PodView> = pods.iter().map(pod_view).collect();
+    let desired_nodes = existing
+        .as_ref()
+        .and_then(|ds| ds.status.as_ref())
+        .map(|s| s.desired_number_scheduled)
+        .unwrap_or(0);
+    let selects_nodes = spec
+        .steps
+        .iter()
+        .any(|s| s.canary.as_ref().is_some_and(|c| c.node_selector.is_some()));
+    let node_labels = if selects_nodes {
+        apply::node_labels(&ctx.client).await?
+    } else {
+        BTreeMap::new()
+    };
+    let state = status::rollout_state(old);
+    let annotations = lp.annotations();
+    let promote = annotations.contains_key(rollout::ANNOTATION_PROMOTE);
+    let abort = annotations.contains_key(rollout::ANNOTATION_ABORT);
+    let stable_release = old
+        .and_then(|s| s.stable_release.clone())
+        .or_else(|| stable.as_ref().map(|s| s.release.clone()));
+    let gated = spec.gate.is_some() && stable_release.as_deref() != Some(objects.release.as_str());
+    let observed = rollout::Observed {
+        revision: &objects.revision,
+        pods: &views,
+        desired_nodes: usize::try_from(desired_nodes).unwrap_or(0),
+        node_labels: &node_labels,
+        gated,
+        stable_saved: stable
+            .as_ref()
+            .is_some_and(|s| Some(&s.revision) == state.stable.as_ref()),
+        saved_revision: stable.as_ref().map(|s| s.revision.as_str()),
+        paused: spec.paused,
+        promote,
+        abort,
+    };
+    let now_ts = Timestamp::now();
+
+    // The gate is asked only while a new release waits for it.
+    let mut gate_status = old
+        .and_then(|s| s.gate.clone())
+        .filter(|_| spec.gate.is_some());
+    let waiting = state.target.as_deref() != Some(objects.revision.as_str())
+        || state.phase == Some(crate::crd::Phase::Pending);
+    let gate_verdict = match (&spec.gate, gated && waiting) {
+        (Some(gate_spec), true) => {
+            let remote = gate::fetch(&ctx.client, &key.namespace, gate_spec)
+                .await
+                .map_err(|e| e.to_string());
+            let (verdict, gs) = gate::decide(remote, gate_spec, &objects.release, now_ts);
+            gate_status = Some(gs);
+            Some(verdict)
+        }
+        _ => None,
+    };
+
+    // Verification of the step's nodes, when due.
+    let mut verification = None;
+    let mut verdict = None;
+    if let Some(request) = rollout::verification_due(spec, &state, &observed, now_ts) {
+        let chosen: Vec<&Pod> = pods
+            .iter()
+            .filter(|p| request.pods.contains(&p.name_any()))
+            .collect();
+        let targets: Vec<verify::Target> = chosen
+            .iter()
+            .map(|p| verify::Target {
+                pod: p.name_any(),
+                uid: p.uid().unwrap_or_default(),
+                node: p
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_default(),
+                ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
+            })
+            .collect();
+        let loki = spec
+            .verify
+            .query_endpoint
+            .as_ref()
+            .map(|endpoint| verify::LokiQuery {
+                endpoint: endpoint.clone(),
+                tenant: lp.spec.tenant.clone(),
+                window: request.window,
+            });
+        let measured = if spec.verify.shipping
+            || spec.verify.max_cpu.is_some()
+            || spec.verify.max_memory.is_some()
+            || spec.verify.max_latency.is_some()
+            || loki.is_some()
+        {
+            ctx.verifier
+                .measure(
+                    &targets,
+                    lp.spec.monitoring.port,
+                    loki.as_ref(),
+                    request.final_check,
+                )
+                .await
+        } else {
+            verify::Measurements::default()
+        };
+        let step_views: Vec<&PodView> = views
+            .iter()
+            .filter(|v| request.pods.contains(&v.name))
+            .collect();
+        let (checks, v) = verify::judge(&spec.verify, &step_views, &measured, request.final_check);
+        ctx.metrics.verification(request.final_check, v.passed);
+        if !v.passed || request.final_check {
+            tracing::info!(pipeline = %key.name, namespace = %key.namespace, step = request.step, final_check = request.final_check, passed = v.passed, summary = %v.summary, "verification");
+        }
+        verification = Some(verify::record(
+            &objects.revision,
+            request.step,
+            checks,
+            &v,
+            &now_ts.to_string(),
+        ));
+        verdict = Some(v);
+    }
+    ctx.verifier
+        .retain(&pods.iter().filter_map(|p| p.uid()).collect::<Vec<_>>());
+
+    let decision = rollout::step(
+        spec,
+        &state,
+        &observed,
+        &rollout::Verdicts {
+            gate: gate_verdict,
+            verification: verdict,
+        },
+        now_ts,
+    );
+    let daemon_set = match (decision.template, &stable) {
+        (Template::Target, _) | (Template::Stable, None) => Some(objects.daemon_set.clone()),
+        (Template::Stable, Some(snapshot)) => Some(snapshot.apply_to(&objects.daemon_set)),
+        // Held before its first stable revision: leave whatever runs alone.
+        (Template::None, _) => None,
+    };
+    let ds = match apply::apply_objects(&ctx.client, &key, &objects, daemon_set.as_ref(), sm_crd)
+        .await
+    {
         Ok(ds) => ds,
         Err(e) => {
             report_failure(
@@ -149,59 +301,68 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
             return Err(e.into());
         }
     };
-    let pods = apply::list_pods(&ctx.client, &key).await?;
-    let views: Vec<PodView> = pods.iter().map(pod_view).collect();
-    let desired_nodes = ds
-        .status
-        .as_ref()
-        .map(|s| s.desired_number_scheduled)
-        .unwrap_or(0);
-    let rollout_spec = &lp.spec.rollout;
-    let plan = rollout::plan(
-        &views,
-        &objects.revision,
-        desired_nodes,
-        rollout_spec.max_unavailable,
-        rollout_spec.paused,
-    );
-    if !plan.delete.is_empty() {
-        tracing::info!(pipeline = %key.name, namespace = %key.namespace, pods = ?plan.delete, revision = %objects.revision, "moving nodes to the target revision");
-        apply::delete_pods(&ctx.client, &key, &plan.delete).await?;
-        ctx.metrics.pod_deletions.inc_by(plan.delete.len() as u64);
+    let mut deleted_now: Vec<String> = Vec::new();
+    let mut keep: Vec<String> = stable.iter().map(|s| s.config_map.clone()).collect();
+    for action in &decision.actions {
+        match action {
+            rollout::Action::DeletePods(names) => {
+                tracing::info!(pipeline = %key.name, namespace = %key.namespace, pods = ?names, phase = ?decision.state.phase, revision = %objects.revision, "moving nodes");
+                apply::delete_pods(&ctx.client, &key, names).await?;
+                ctx.metrics.pod_deletions.inc_by(names.len() as u64);
+                deleted_now.extend(names.iter().cloned());
+            }
+            rollout::Action::SaveStable => {
+                if let Some(snapshot) = apply::StableSnapshot::of(&objects) {
+                    apply::save_stable(&ctx.client, lp, &key, &snapshot).await?;
+                    tracing::info!(pipeline = %key.name, namespace = %key.namespace, revision = %snapshot.revision, "saved the stable revision");
+                    keep = vec![snapshot.config_map];
+                }
+            }
+            rollout::Action::ClearAnnotations => {
+                apply::clear_annotations(&ctx.client, &key).await?
+            }
+        }
     }
     let current_cm = objects.config_map.metadata.name.clone().unwrap_or_default();
-    let deleted = apply::gc_config_maps(&ctx.client, &key, &current_cm, &pods).await?;
+    let deleted = apply::gc_config_maps(&ctx.client, &key, &current_cm, &keep, &pods).await?;
     if !deleted.is_empty() {
         tracing::info!(pipeline = %key.name, config_maps = ?deleted, "deleted unused agent ConfigMaps");
         ctx.metrics
             .config_map_deletions
             .inc_by(deleted.len() as u64);
     }
-    let observed = Observed {
+    let desired_nodes = ds
+        .as_ref()
+        .and_then(|ds| ds.status.as_ref())
+        .map(|s| s.desired_number_scheduled)
+        .unwrap_or(desired_nodes);
+    let observed_status = Observed {
         generation: lp.metadata.generation,
         desired_nodes,
         // Pods deleted just now are terminating: count them so.
         pods: views
             .into_iter()
             .map(|mut p| {
-                p.terminating |= plan.delete.contains(&p.name);
+                p.terminating |= deleted_now.contains(&p.name);
                 p
             })
             .collect(),
         target_revision: objects.revision.clone(),
+        release: objects.release.clone(),
         config_map: current_cm,
-        paused: rollout_spec.paused,
+        paused: spec.paused,
         failure: None,
     };
-    let new_status = status::compute(lp.status.as_ref(), &observed, &now());
+    let record = status::Rollout {
+        state: decision.state.clone(),
+        message: decision.message.clone(),
+        verification,
+        gate: gate_status,
+    };
+    let new_status = status::compute(old, &observed_status, Some(&record), &now());
     write_status(lp, ctx, &new_status).await?;
     ctx.reset_failures(lp);
-    let settled = plan.done() && new_status.ready_nodes == desired_nodes;
-    Ok(Action::requeue(if settled {
-        SETTLED_REQUEUE
-    } else {
-        PROGRESSING_REQUEUE
-    }))
+    Ok(Action::requeue(decision.requeue))
 }
 
 async fn write_status(
@@ -237,11 +398,12 @@ async fn report_failure(
         } else {
             revision
         },
+        release: old.and_then(|s| s.release.clone()).unwrap_or_default(),
         config_map: old.and_then(|s| s.config_map.clone()).unwrap_or_default(),
         paused: lp.spec.rollout.paused,
         failure: Some((reason.to_string(), message.to_string())),
     };
-    let status = status::compute(old, &observed, &now());
+    let status = status::compute(old, &observed, None, &now());
     if let Err(error) = write_status(lp, ctx, &status).await {
         tracing::warn!(%error, "cannot report the failure in status");
     }
@@ -259,17 +421,30 @@ fn now() -> Time {
 }
 
 pub fn pod_view(pod: &Pod) -> PodView {
-    let ready = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let status = pod.status.as_ref();
+    let condition = |type_: &str| {
+        status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == type_ && c.status == "True"))
+    };
+    let ready = condition("Ready");
+    let containers_ready = condition("ContainersReady");
+    let agent = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == CONTAINER).or(cs.first()));
     PodView {
         name: pod.name_any(),
         node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
         revision: pod.annotations().get(ANNOTATION_REVISION).cloned(),
         ready,
+        containers_ready,
         terminating: pod.metadata.deletion_timestamp.is_some(),
+        restarts: agent.map(|c| c.restart_count).unwrap_or(0),
+        waiting_reason: agent
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.waiting.as_ref())
+            .and_then(|w| w.reason.clone()),
+        created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
     }
 }
 
@@ -319,7 +494,10 @@ pub async fn run(
         .default_backoff()
         .touched_objects()
         .predicate_filter(
-            predicates::generation.combine(predicates::finalizers),
+            // Annotations too: logpipe.io/promote and logpipe.io/abort are annotations.
+            predicates::generation
+                .combine(predicates::finalizers)
+                .combine(predicates::annotations),
             Default::default(),
         );
     let managed = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));

@@ -32,8 +32,27 @@ pub fn transitions(old: Option<&LogPipelineStatus>, new: &LogPipelineStatus) -> 
         }
     }
     let old_phase = old.and_then(|s| s.phase);
+    let old_step = old.and_then(|s| s.current_step);
+    let stepped = new.phase != old_phase || new.current_step != old_step;
+    if stepped && matches!(new.phase, Some(Phase::Canary | Phase::Step | Phase::Soak)) {
+        out.push(Transition {
+            warning: false,
+            reason: "StepStarted",
+            note: new.message.clone().unwrap_or_default(),
+        });
+    }
     if new.phase != old_phase {
         match new.phase {
+            Some(Phase::Pending) => out.push(Transition {
+                warning: false,
+                reason: "HeldByGate",
+                note: new.message.clone().unwrap_or_default(),
+            }),
+            Some(Phase::RollingBack) => out.push(Transition {
+                warning: true,
+                reason: "RollingBack",
+                note: new.rollback_reason.clone().unwrap_or_default(),
+            }),
             Some(Phase::Healthy) => out.push(Transition {
                 warning: false,
                 reason: "RolloutComplete",
@@ -108,6 +127,23 @@ mod tests {
         assert_eq!(
             reasons(Some(&healthy), &status(Phase::Degraded, "a")),
             ["Degraded"]
+        );
+        assert_eq!(
+            reasons(Some(&healthy), &status(Phase::Canary, "b")),
+            ["NewRevision", "StepStarted"]
+        );
+        let mut step1 = status(Phase::Step, "b");
+        step1.current_step = Some(1);
+        let mut step2 = step1.clone();
+        step2.current_step = Some(2);
+        assert_eq!(reasons(Some(&step1), &step2), ["StepStarted"]);
+        assert_eq!(
+            reasons(Some(&step1), &status(Phase::RollingBack, "b")),
+            ["RollingBack"]
+        );
+        assert_eq!(
+            reasons(Some(&healthy), &status(Phase::Pending, "b")),
+            ["NewRevision", "HeldByGate"]
         );
     }
 }

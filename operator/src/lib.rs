@@ -1,6 +1,8 @@
 //! logpipe-operator: reconciles `LogPipeline` resources into a log agent on every node.
 //!
-//! Pure decisions ([`desired`], [`status`], [`rollout`]) beside one writer ([`apply`]).
+//! Pure decisions ([`desired`], [`status`], [`rollout`], [`gate::decide`],
+//! [`verify::judge`]) beside one writer ([`apply`]) and two readers of the outside world
+//! ([`verify`]: agents' metrics and Loki; [`gate`]: another cluster).
 
 pub mod apply;
 pub mod controller;
@@ -8,8 +10,10 @@ pub mod crd;
 pub mod crdgen;
 pub mod desired;
 pub mod events;
+pub mod gate;
 pub mod leader;
 pub mod metrics;
 pub mod render;
 pub mod rollout;
 pub mod status;
+pub mod verify;

@@ -11,6 +11,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use logpipe_operator::controller::{self, Ctx};
 use logpipe_operator::leader::{self, LeaseConfig};
 use logpipe_operator::metrics::{Health, Metrics, router};
+use logpipe_operator::verify::{Verifier, VerifyError};
 use logpipe_operator::{crdgen, render};
 use tokio::sync::oneshot;
 
@@ -97,6 +98,8 @@ enum MainError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Verify(#[from] VerifyError),
     #[error("lost the leader lease: exiting so that a fresh replica stands by")]
     LostLease,
 }
@@ -150,6 +153,9 @@ async fn run(args: RunArgs) -> Result<(), MainError> {
         .identity
         .clone()
         .unwrap_or_else(|| format!("logpipe-operator-{}", std::process::id()));
+    // reqwest (verification) is built without a bundled crypto provider: use ring, as kube.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let verifier = Verifier::new()?;
     let client = Client::try_default().await?;
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
@@ -202,6 +208,7 @@ async fn run(args: RunArgs) -> Result<(), MainError> {
         args.agent_image.clone(),
         metrics.clone(),
         recorder,
+        verifier,
     ));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let mut controller = std::pin::pin!(controller::run(ctx, args.namespace.clone(), async move {

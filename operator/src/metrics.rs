@@ -25,8 +25,17 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerificationLabels {
+    /// `window` (a check during the window) or `final`.
+    pub kind: &'static str,
+    /// `passed` or `failed`.
+    pub result: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
+    pub verifications: Family<VerificationLabels, Counter>,
     pub reconciles: Counter,
     pub errors: Family<ReasonLabel, Counter>,
     pub duration: Histogram,
@@ -47,6 +56,12 @@ impl Default for Metrics {
         let pod_deletions = Counter::default();
         let config_map_deletions = Counter::default();
         let leader = Gauge::default();
+        let verifications = Family::<VerificationLabels, Counter>::default();
+        registry.register(
+            "verifications",
+            "Rollout step verifications, by kind and result",
+            verifications.clone(),
+        );
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -79,6 +94,7 @@ impl Default for Metrics {
             leader.clone(),
         );
         Self {
+            verifications,
             reconciles,
             errors,
             duration,
@@ -99,6 +115,14 @@ impl Metrics {
             started: Instant::now(),
             histogram: &self.duration,
         }
+    }
+
+    pub fn verification(&self, final_check: bool, passed: bool) {
+        let labels = VerificationLabels {
+            kind: if final_check { "final" } else { "window" },
+            result: if passed { "passed" } else { "failed" },
+        };
+        self.verifications.get_or_create(&labels).inc();
     }
 
     pub fn error(&self, reason: &'static str) {

@@ -1,194 +1,796 @@
-//! Moving nodes to the target revision: which old-revision agent pods to delete now.
+//! The phased rollout engine: a pure state machine deciding which node moves when.
 //!
-//! The DaemonSet is `OnDelete`, so a pod only changes revision when the operator deletes
-//! it. This module is the minimal, unverified mover (all nodes, `maxUnavailable` at a
-//! time); the phased engine (canary, verified steps, rollback) replaces [`plan`] with a
-//! state machine that calls the same primitive for each step's nodes.
+//! ```text
+//! Pending (gate) -> Canary -> verify -> Step k -> verify -> ... -> Soak -> Healthy
+//!                      \ any verification fails, or logpipe.io/abort -> RollingBack -> Degraded
+//! ```
 //!
-//! Guarantees: never more than `maxUnavailable` agent pods unavailable because of the
-//! operator (pods already unavailable count against the budget); nothing moves while
-//! `spec.rollout.paused` is true; a pod already being deleted is never deleted again.
+//! # Flow
+//! The DaemonSet is `OnDelete`: a pod changes revision only when the operator deletes it.
+//! Each reconcile the controller reads the [`State`] from the status, asks
+//! [`verification_due`] whether the step's nodes must be checked now, runs the checks
+//! (`verify`), asks the gate (`gate`) when one applies, then calls [`step`], which returns
+//! the next state, the template the DaemonSet must carry ([`Template`]) and the
+//! [`Action`]s (pods to delete, stable snapshot to save). The controller applies them and
+//! writes the state back into the status.
+//!
+//! Steps: the effective steps are `spec.rollout.steps` plus a final 100% step when the last
+//! one is not 100% (so every rollout ends with all nodes moved). Step k moves nodes until
+//! its node count is reached (canary: a count or the nodes matching a selector; percent:
+//! `ceil(p * nodes / 100)`), waits for the new agents to be Ready, then watches them for
+//! the step's window; only a passing final verification moves to the next step. After the
+//! last step the revision soaks (`spec.rollout.soak`), then becomes stable (its pod
+//! template is saved so it can be put back later).
+//!
+//! Manual control (annotations on the LogPipeline, removed by the operator once acted on):
+//! - `logpipe.io/promote`: skip what the rollout waits for now (the gate, the rest of a
+//!   step's window, the soak); on a Degraded LogPipeline, try the failed revision again.
+//! - `logpipe.io/abort`: roll back to the stable revision now (then Degraded, reason
+//!   `aborted`).
+//! - `spec.rollout.paused: true`: nothing moves (pods already moved stay) until false.
+//!
+//! # Guarantees
+//! - Never more than `maxUnavailable` agent pods unavailable because of the operator: pods
+//!   not Ready, terminating or missing all count against the budget; a pod that is not
+//!   Ready anyway is replaced for free.
+//! - Every decision depends only on the status, the spec and the cluster: an operator
+//!   restarted at any moment resumes at the same step (timers are timestamps in status).
+//! - A new revision arriving mid-rollout starts over at the canary (or the gate); pods of
+//!   the superseded revision are not stable: they move in the new steps, or back to the
+//!   stable revision on rollback.
+//! - A failed verification or an abort puts the stable pod template back and moves every
+//!   pod that is not at the stable revision back, within the same budget.
+//!
+//! # Assumptions
+//! - The stable revision's pod template and ConfigMap still exist (apply keeps both).
+//!
+//! # Caveats
+//! - A pod deleted by someone else (drain, eviction), or a new node, gets the DaemonSet's
+//!   current template at once: the DaemonSet controller, not the operator, creates pods.
+//! - A first install has nothing to roll back to: the DaemonSet creates every pod at once
+//!   and the install is verified as one 100% step; a failure is reported (Degraded).
 
-/// What the mover needs to know about one agent pod.
-#[derive(Clone, Debug, PartialEq, Eq)]
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+
+use crate::crd::{Phase, RolloutSpec};
+
+/// Annotation: skip the current wait (see the module doc).
+pub const ANNOTATION_PROMOTE: &str = "logpipe.io/promote";
+/// Annotation: roll back now.
+pub const ANNOTATION_ABORT: &str = "logpipe.io/abort";
+/// Time a step may take, on top of its window, to get its nodes moved and Ready: a new
+/// agent that never becomes Ready must fail the step, not hold it forever.
+pub const MOVE_GRACE: Duration = Duration::from_secs(120);
+
+/// What the engine needs to know about one agent pod.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PodView {
     pub name: String,
     pub node: Option<String>,
     /// `logpipe.io/revision` of the pod (absent on pods from another operator version).
     pub revision: Option<String>,
     pub ready: bool,
+    /// The agent's own readiness probe passes (`ContainersReady`). `Ready` also drops when
+    /// the node is NotReady (the node lifecycle controller): that holds moves back, but
+    /// says nothing about the revision being verified.
+    pub containers_ready: bool,
     /// Has a deletionTimestamp (terminating).
     pub terminating: bool,
+    /// Restarts of the agent container.
+    pub restarts: i32,
+    /// Why the container waits (`ErrImagePull`, `CrashLoopBackOff`...), if it does.
+    pub waiting_reason: Option<String>,
+    pub created: Option<Timestamp>,
 }
 
-/// The decision: pods to delete now, and whether there is more to do later.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct Plan {
-    pub delete: Vec<String>,
-    /// Old-revision pods left after this batch (waiting for budget or for `paused`).
-    pub remaining: usize,
-}
-
-impl Plan {
-    pub fn done(&self) -> bool {
-        self.delete.is_empty() && self.remaining == 0
+impl PodView {
+    fn at(&self, revision: &str) -> bool {
+        self.revision.as_deref() == Some(revision)
+    }
+    fn node_name(&self) -> &str {
+        self.node.as_deref().unwrap_or(&self.name)
     }
 }
 
-/// Choose the next batch. `desired` is the number of nodes that should run an agent
-/// (missing pods count as unavailable).
-pub fn plan(
-    pods: &[PodView],
-    target: &str,
-    desired: i32,
-    max_unavailable: i32,
-    paused: bool,
-) -> Plan {
-    let live: Vec<&PodView> = pods.iter().filter(|p| !p.terminating).collect();
-    let old: Vec<&PodView> = live
+/// One effective step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StepKind {
+    /// A node count (cumulative: nodes at the new revision after the step).
+    CanaryNodes(usize),
+    /// The nodes with these labels.
+    CanarySelector(BTreeMap<String, String>),
+    /// This share of the nodes.
+    Percent(u32),
+}
+
+/// The steps a rollout goes through: the spec's, then 100% if the last is not.
+pub fn plan_steps(spec: &RolloutSpec) -> Vec<StepKind> {
+    let mut steps: Vec<StepKind> = spec
+        .steps
         .iter()
-        .copied()
-        .filter(|p| p.revision.as_deref() != Some(target))
+        .filter_map(|s| match (&s.canary, s.percent) {
+            (Some(c), _) => match (&c.nodes, &c.node_selector) {
+                (Some(n), _) => Some(StepKind::CanaryNodes(usize::try_from(*n).unwrap_or(1))),
+                (None, Some(sel)) => Some(StepKind::CanarySelector(sel.clone())),
+                (None, None) => None,
+            },
+            (None, Some(p)) => Some(StepKind::Percent(
+                u32::try_from(p.clamp(1, 100)).unwrap_or(100),
+            )),
+            (None, None) => None,
+        })
         .collect();
-    if paused || old.is_empty() {
-        return Plan {
-            delete: Vec::new(),
-            remaining: old.len(),
-        };
+    if steps.last() != Some(&StepKind::Percent(100)) {
+        steps.push(StepKind::Percent(100));
     }
-    let missing = usize::try_from(desired)
-        .unwrap_or(0)
-        .saturating_sub(live.len());
-    let unavailable = live.iter().filter(|p| !p.ready).count()
-        + pods.iter().filter(|p| p.terminating).count()
+    steps
+}
+
+/// Verification window of step `index` (its own, else `rollout.verify.window`).
+pub fn window(spec: &RolloutSpec, index: usize) -> Duration {
+    spec.steps
+        .get(index)
+        .and_then(|s| s.window)
+        .unwrap_or(spec.verify.window)
+        .0
+}
+
+/// A short name for messages: `canary`, `step 2 (50%)`, `soak`.
+pub fn step_name(steps: &[StepKind], index: usize) -> String {
+    match steps.get(index) {
+        Some(StepKind::CanaryNodes(_) | StepKind::CanarySelector(_)) => "canary".into(),
+        Some(StepKind::Percent(p)) => format!("step {index} ({p}%)"),
+        None => "soak".into(),
+    }
+}
+
+fn phase_of(steps: &[StepKind], index: usize) -> Phase {
+    match steps.get(index) {
+        Some(StepKind::CanaryNodes(_) | StepKind::CanarySelector(_)) => Phase::Canary,
+        Some(StepKind::Percent(_)) => Phase::Step,
+        None => Phase::Soak,
+    }
+}
+
+/// The rollout's memory, kept in the status (see `status::rollout_state`).
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct State {
+    pub phase: Option<Phase>,
+    /// Revision being rolled out (or rolled back from, when Degraded).
+    pub target: Option<String>,
+    pub stable: Option<String>,
+    /// Index in [`plan_steps`]; `steps.len()` while soaking.
+    pub step: Option<usize>,
+    pub step_started: Option<Timestamp>,
+    pub window_started: Option<Timestamp>,
+    pub failed: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// What the controller saw for one LogPipeline.
+#[derive(Clone, Debug)]
+pub struct Observed<'a> {
+    /// The revision the spec asks for.
+    pub revision: &'a str,
+    pub pods: &'a [PodView],
+    /// Nodes that should run an agent.
+    pub desired_nodes: usize,
+    /// Labels of the nodes (filled only when a canary step selects nodes by labels).
+    pub node_labels: &'a BTreeMap<String, BTreeMap<String, String>>,
+    /// A promotion gate applies: the target's release differs from the stable one.
+    pub gated: bool,
+    /// The stable revision's pod template is saved (a rollback is possible).
+    pub stable_saved: bool,
+    /// Revision of the saved stable template.
+    pub saved_revision: Option<&'a str>,
+    pub paused: bool,
+    pub promote: bool,
+    pub abort: bool,
+}
+
+/// Answer of the promotion gate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Gate {
+    Open,
+    Held(String),
+}
+
+/// Result of verifying the current step's nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// End of the window (every check counts) or a check during it (only checks that
+    /// can already fail: restarts, send errors, dropped entries, memory).
+    pub final_check: bool,
+    pub passed: bool,
+    /// The failed checks with their numbers.
+    pub summary: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Verdicts {
+    pub gate: Option<Gate>,
+    pub verification: Option<Verdict>,
+}
+
+/// Which pod template the DaemonSet must carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Template {
+    Target,
+    Stable,
+    /// Not even a DaemonSet: a first install held by its gate.
+    None,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    DeletePods(Vec<String>),
+    /// Save the target's pod template as the stable one.
+    SaveStable,
+    /// Remove the promote/abort annotations (they were acted on).
+    ClearAnnotations,
+}
+
+/// Everything [`step`] decided.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub state: State,
+    pub template: Template,
+    pub actions: Vec<Action>,
+    /// One line a person can act on, with the numbers.
+    pub message: String,
+    /// When to look again.
+    pub requeue: Duration,
+}
+
+/// Nodes to check now, when due: a step's moved nodes during and at the end of its
+/// window, every moved node while soaking.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyRequest {
+    pub pods: Vec<String>,
+    pub final_check: bool,
+    pub step: usize,
+    pub window: Duration,
+}
+
+const ACTIVE_REQUEUE: Duration = Duration::from_secs(2);
+const GATE_REQUEUE: Duration = Duration::from_secs(10);
+const SETTLED_REQUEUE: Duration = Duration::from_secs(300);
+
+fn elapsed(since: Option<Timestamp>, now: Timestamp) -> Duration {
+    since
+        .map(|s| now.as_millisecond().saturating_sub(s.as_millisecond()))
+        .and_then(|ms| u64::try_from(ms).ok())
+        .map(Duration::from_millis)
+        .unwrap_or_default()
+}
+
+/// `1m30s`-style rendering for messages.
+pub fn human(d: Duration) -> String {
+    logpipe_agent::config::HumanDuration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+fn live(pods: &[PodView]) -> impl Iterator<Item = &PodView> {
+    pods.iter().filter(|p| !p.terminating)
+}
+
+/// The step's node set: the first `want` live pods in rollout order. Order: pods already
+/// at the target (never move a node twice), then nodes a canary selector picks, then
+/// pods of a superseded revision (already off stable), then by node name (stable and
+/// reviewable).
+fn step_set<'a>(
+    steps: &[StepKind],
+    index: usize,
+    obs: &Observed<'a>,
+    target: &str,
+    stable: Option<&str>,
+) -> (Vec<&'a PodView>, usize) {
+    let selectors: Vec<&BTreeMap<String, String>> = steps
+        .iter()
+        .take(index + 1)
+        .filter_map(|s| match s {
+            StepKind::CanarySelector(sel) => Some(sel),
+            _ => None,
+        })
+        .collect();
+    let selected = |p: &PodView| {
+        let labels = obs.node_labels.get(p.node_name());
+        selectors
+            .iter()
+            .any(|sel| labels.is_some_and(|l| sel.iter().all(|(k, v)| l.get(k) == Some(v))))
+    };
+    let mut order: Vec<&PodView> = live(obs.pods).collect();
+    order.sort_by_key(|p| {
+        (
+            !p.at(target),
+            !selected(p),
+            stable.is_none_or(|s| p.at(s)),
+            p.node_name().to_string(),
+        )
+    });
+    let total = order.len();
+    let base = obs.desired_nodes.max(total);
+    let mut want = 0usize;
+    for step in steps.iter().take(index + 1) {
+        let n = match step {
+            StepKind::CanaryNodes(n) => *n,
+            StepKind::CanarySelector(_) => order.iter().filter(|p| selected(p)).count(),
+            StepKind::Percent(p) => (base * (*p as usize)).div_ceil(100),
+        };
+        want = want.max(n);
+    }
+    // Missing pods count as not moved: a step waits for them (or fails at its deadline).
+    let want = want.min(base).max(usize::from(base > 0));
+    order.truncate(want);
+    (order, want)
+}
+
+/// Pods to delete now among `candidates`, within the unavailability budget. Not-Ready
+/// candidates cost nothing (they are down anyway); by name for a reviewable order.
+fn budgeted(candidates: &[&PodView], obs: &Observed, max_unavailable: i32) -> Vec<String> {
+    let live_count = live(obs.pods).count();
+    let missing = obs.desired_nodes.saturating_sub(live_count);
+    let unavailable = live(obs.pods).filter(|p| !p.ready).count()
+        + obs.pods.iter().filter(|p| p.terminating).count()
         + missing;
     let budget = usize::try_from(max_unavailable.max(1)).unwrap_or(1);
-    // Old pods that are not Ready cost nothing to replace: take them first, then Ready
-    // ones within the budget; by name for a stable, reviewable order.
-    let mut not_ready: Vec<&PodView> = old.iter().copied().filter(|p| !p.ready).collect();
-    let mut ready: Vec<&PodView> = old.iter().copied().filter(|p| p.ready).collect();
+    let mut not_ready: Vec<&&PodView> = candidates.iter().filter(|p| !p.ready).collect();
+    let mut ready: Vec<&&PodView> = candidates.iter().filter(|p| p.ready).collect();
     not_ready.sort_by(|a, b| a.name.cmp(&b.name));
     ready.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut delete: Vec<String> = not_ready.iter().map(|p| p.name.clone()).collect();
     let room = budget.saturating_sub(unavailable);
-    delete.extend(ready.iter().take(room).map(|p| p.name.clone()));
-    let remaining = old.len() - delete.len();
-    Plan { delete, remaining }
+    not_ready
+        .iter()
+        .map(|p| p.name.clone())
+        .chain(ready.iter().take(room).map(|p| p.name.clone()))
+        .collect()
+}
+
+/// The pods a verification looks at: those of the step moved during the step (created
+/// since it started); all moved ones if none (a first install, a step with nothing new).
+fn step_pods(set: &[&PodView], target: &str, started: Option<Timestamp>) -> Vec<String> {
+    let moved: Vec<&&PodView> = set.iter().filter(|p| p.at(target)).collect();
+    let started_s = started.map(|t| t.as_second());
+    let fresh: Vec<String> = moved
+        .iter()
+        .filter(|p| match (p.created, started_s) {
+            (Some(c), Some(s)) => c.as_second() >= s,
+            _ => false,
+        })
+        .map(|p| p.name.clone())
+        .collect();
+    if fresh.is_empty() {
+        moved.iter().map(|p| p.name.clone()).collect()
+    } else {
+        fresh
+    }
+}
+
+/// Is a verification of the current step due now (pure; called before [`step`])?
+pub fn verification_due(
+    spec: &RolloutSpec,
+    state: &State,
+    obs: &Observed,
+    now: Timestamp,
+) -> Option<VerifyRequest> {
+    if obs.paused || obs.abort {
+        return None;
+    }
+    let target = state.target.as_deref()?;
+    if target != obs.revision {
+        return None;
+    }
+    let steps = plan_steps(spec);
+    let index = state.step?;
+    let pods = match state.phase? {
+        Phase::Canary | Phase::Step if index < steps.len() => {
+            let (set, _) = step_set(&steps, index, obs, target, state.stable.as_deref());
+            step_pods(&set, target, state.step_started)
+        }
+        Phase::Soak => live(obs.pods)
+            .filter(|p| p.at(target))
+            .map(|p| p.name.clone())
+            .collect(),
+        _ => return None,
+    };
+    if pods.is_empty() {
+        return None;
+    }
+    let window = window(spec, index);
+    let final_check = index < steps.len()
+        && state.window_started.is_some()
+        && elapsed(state.window_started, now) >= window;
+    Some(VerifyRequest {
+        pods,
+        final_check,
+        step: index,
+        window,
+    })
+}
+
+/// The next state and what to do, from the current state, the spec, what was observed
+/// and the verdicts of the checks and the gate.
+pub fn step(
+    spec: &RolloutSpec,
+    state: &State,
+    obs: &Observed,
+    verdicts: &Verdicts,
+    now: Timestamp,
+) -> Decision {
+    let mut st = state.clone();
+    let mut actions = Vec::new();
+    if obs.promote || obs.abort {
+        actions.push(Action::ClearAnnotations);
+    }
+    let steps = plan_steps(spec);
+    let target = obs.revision.to_string();
+    let mut verification = verdicts.verification.clone();
+    let mut promote = obs.promote;
+
+    if st.target.as_deref() != Some(target.as_str()) {
+        // A new revision: start over (a rollout in progress is superseded).
+        st.target = Some(target.clone());
+        st.failed = None;
+        st.reason = None;
+        st.window_started = None;
+        st.step_started = Some(now);
+        // A verdict or a promotion was about the previous revision.
+        verification = None;
+        promote = false;
+        if st.stable.as_deref() == Some(target.as_str()) {
+            st.phase = Some(Phase::Progressing);
+            st.step = None;
+        } else if st.stable.is_none() && !obs.gated {
+            st.phase = Some(Phase::Step);
+            st.step = Some(steps.len() - 1);
+        } else {
+            st.phase = Some(Phase::Pending);
+            st.step = Some(0);
+        }
+    }
+
+    let ctx = Engine {
+        spec,
+        steps: &steps,
+        obs,
+        now,
+        target: &target,
+    };
+    let mut decision = match st.phase.unwrap_or(Phase::Pending) {
+        Phase::Pending => ctx.pending(st, verdicts.gate.as_ref(), promote),
+        Phase::Canary | Phase::Step | Phase::Soak | Phase::Paused => {
+            ctx.progress(st, verification.as_ref(), promote)
+        }
+        Phase::RollingBack => ctx.rollback(st),
+        Phase::Degraded => ctx.degraded(st, promote),
+        Phase::Healthy | Phase::Progressing => ctx.converge(st),
+    };
+    actions.append(&mut decision.actions);
+    decision.actions = actions;
+    decision
+}
+
+struct Engine<'a, 'b> {
+    spec: &'a RolloutSpec,
+    steps: &'a [StepKind],
+    obs: &'a Observed<'b>,
+    now: Timestamp,
+    target: &'a str,
+}
+
+impl Engine<'_, '_> {
+    fn decision(
+        &self,
+        state: State,
+        template: Template,
+        actions: Vec<Action>,
+        message: String,
+    ) -> Decision {
+        let requeue = match state.phase {
+            Some(Phase::Healthy | Phase::Degraded) => SETTLED_REQUEUE,
+            Some(Phase::Pending) => GATE_REQUEUE,
+            Some(Phase::Paused) => GATE_REQUEUE,
+            _ => ACTIVE_REQUEUE,
+        };
+        Decision {
+            state,
+            template,
+            actions,
+            message,
+            requeue,
+        }
+    }
+
+    /// The message of a Healthy pipeline, whichever reconcile writes it.
+    fn healthy_message(&self) -> String {
+        let desired = self.obs.desired_nodes;
+        if desired == 0 {
+            return "no node matches the agent's scheduling constraints".to_string();
+        }
+        let ready = live(self.obs.pods)
+            .filter(|p| p.at(self.target) && p.ready)
+            .count();
+        format!("{ready}/{desired} agents ready at revision {}", self.target)
+    }
+
+    fn at_target(&self) -> usize {
+        live(self.obs.pods).filter(|p| p.at(self.target)).count()
+    }
+
+    fn pending(&self, mut st: State, gate: Option<&Gate>, promote: bool) -> Decision {
+        let held = match (self.obs.gated, gate) {
+            (false, _) | (true, Some(Gate::Open)) => None,
+            (true, Some(Gate::Held(why))) => Some(why.clone()),
+            (true, None) => Some("waiting for the promotion gate".to_string()),
+        };
+        match held {
+            Some(why) if !promote => {
+                let template = if st.stable.is_some() {
+                    Template::Stable
+                } else {
+                    Template::None
+                };
+                self.decision(
+                    st,
+                    template,
+                    Vec::new(),
+                    format!("revision {} held: {why}", self.target),
+                )
+            }
+            _ => {
+                // A first install has no canary: the DaemonSet creates every pod at once,
+                // verified as one 100% step.
+                let first = if st.stable.is_none() {
+                    self.steps.len() - 1
+                } else {
+                    0
+                };
+                self.start_step(&mut st, first);
+                self.progress(st, None, false)
+            }
+        }
+    }
+
+    fn start_step(&self, st: &mut State, index: usize) {
+        st.step = Some(index);
+        st.phase = Some(phase_of(self.steps, index));
+        st.step_started = Some(self.now);
+        st.window_started = None;
+    }
+
+    fn progress(&self, mut st: State, verdict: Option<&Verdict>, promote: bool) -> Decision {
+        let index = st.step.unwrap_or(0).min(self.steps.len());
+        let name = step_name(self.steps, index);
+        if self.obs.abort {
+            return self.start_rollback(
+                st,
+                format!("aborted at {name} (annotation {ANNOTATION_ABORT})"),
+            );
+        }
+        if let Some(v) = verdict.filter(|v| !v.passed) {
+            return self.start_rollback(st, format!("{name} failed verification: {}", v.summary));
+        }
+        let desired = self.obs.desired_nodes;
+        if index >= self.steps.len() {
+            // Soak.
+            st.phase = Some(Phase::Soak);
+            let soak = self.spec.soak.0;
+            let soaked = elapsed(st.step_started, self.now);
+            if promote || soaked >= soak {
+                st.phase = Some(Phase::Healthy);
+                st.stable = Some(self.target.to_string());
+                st.step = None;
+                st.step_started = Some(self.now);
+                st.window_started = None;
+                // The same words as every later reconcile of a Healthy pipeline, so the
+                // first one after the soak has nothing to write.
+                let message = self.healthy_message();
+                return self.decision(st, Template::Target, vec![Action::SaveStable], message);
+            }
+            let message = format!(
+                "soak: {}/{desired} nodes at revision {}, {} left",
+                self.at_target(),
+                self.target,
+                human(soak.saturating_sub(soaked))
+            );
+            return self.decision(st, Template::Target, Vec::new(), message);
+        }
+        if self.obs.paused {
+            st.phase = Some(Phase::Paused);
+            let message = format!(
+                "paused at {name}: {}/{desired} nodes at revision {}",
+                self.at_target(),
+                self.target
+            );
+            return self.decision(st, Template::Target, Vec::new(), message);
+        }
+        st.phase = Some(phase_of(self.steps, index));
+        if promote {
+            self.start_step(&mut st, index + 1);
+            return self.progress(st, None, false);
+        }
+        let (set, want) = step_set(
+            self.steps,
+            index,
+            self.obs,
+            self.target,
+            st.stable.as_deref(),
+        );
+        let to_move: Vec<&PodView> = set.iter().copied().filter(|p| !p.at(self.target)).collect();
+        let ready = set.iter().filter(|p| p.at(self.target) && p.ready).count();
+        let window = window(self.spec, index);
+        let deadline = window + MOVE_GRACE;
+        if want == 0 {
+            let message = format!("{name}: no node runs an agent yet");
+            return self.decision(st, Template::Target, Vec::new(), message);
+        }
+        if !to_move.is_empty() || ready < want {
+            st.window_started = None;
+            if elapsed(st.step_started, self.now) > deadline {
+                return self.start_rollback(
+                    st,
+                    format!(
+                        "{name} did not complete: {ready}/{want} new agents Ready after {}",
+                        human(deadline)
+                    ),
+                );
+            }
+            let delete = budgeted(&to_move, self.obs, self.spec.max_unavailable);
+            let moved = set.iter().filter(|p| p.at(self.target)).count();
+            let message = format!(
+                "{name}: {moved}/{want} nodes at revision {} ({ready} Ready), {desired} in all",
+                self.target
+            );
+            let actions = if delete.is_empty() {
+                Vec::new()
+            } else {
+                vec![Action::DeletePods(delete)]
+            };
+            return self.decision(st, Template::Target, actions, message);
+        }
+        let started = *st.window_started.get_or_insert(self.now);
+        if verdict.is_some_and(|v| v.final_check && v.passed) {
+            self.start_step(&mut st, index + 1);
+            return self.progress(st, None, false);
+        }
+        let watched = elapsed(Some(started), self.now);
+        let message = format!(
+            "{name}: {want}/{desired} nodes at revision {}, verifying ({} of {} left)",
+            self.target,
+            human(window.saturating_sub(watched)),
+            human(window)
+        );
+        self.decision(st, Template::Target, Vec::new(), message)
+    }
+
+    fn start_rollback(&self, mut st: State, reason: String) -> Decision {
+        st.failed = Some(self.target.to_string());
+        st.reason = Some(reason);
+        st.window_started = None;
+        st.step_started = Some(self.now);
+        if st.stable.is_none() || !self.obs.stable_saved {
+            // Nothing to go back to (first install): report and stop.
+            st.phase = Some(Phase::Degraded);
+            let message = format!(
+                "revision {} failed, no stable revision to roll back to: {}",
+                self.target,
+                st.reason.clone().unwrap_or_default()
+            );
+            return self.decision(st, Template::Target, Vec::new(), message);
+        }
+        st.phase = Some(Phase::RollingBack);
+        self.rollback(st)
+    }
+
+    fn rollback(&self, mut st: State) -> Decision {
+        let Some(stable) = st.stable.clone() else {
+            st.phase = Some(Phase::Degraded);
+            return self.decision(
+                st,
+                Template::Target,
+                Vec::new(),
+                "no stable revision".into(),
+            );
+        };
+        let reason = st.reason.clone().unwrap_or_default();
+        let off: Vec<&PodView> = live(self.obs.pods).filter(|p| !p.at(&stable)).collect();
+        let ready = live(self.obs.pods)
+            .filter(|p| p.at(&stable) && p.ready)
+            .count();
+        let desired = self.obs.desired_nodes;
+        let terminating = self.obs.pods.iter().any(|p| p.terminating);
+        if off.is_empty() && !terminating && ready >= desired {
+            st.phase = Some(Phase::Degraded);
+            let message =
+                format!("rolled back to revision {stable} ({ready}/{desired} Ready): {reason}");
+            return self.decision(st, Template::Stable, Vec::new(), message);
+        }
+        let delete = budgeted(&off, self.obs, self.spec.max_unavailable);
+        let message = format!(
+            "rolling back to revision {stable}: {} nodes to move back, {ready}/{desired} Ready: {reason}",
+            off.len()
+        );
+        let actions = if delete.is_empty() {
+            Vec::new()
+        } else {
+            vec![Action::DeletePods(delete)]
+        };
+        self.decision(st, Template::Stable, actions, message)
+    }
+
+    fn degraded(&self, mut st: State, promote: bool) -> Decision {
+        if promote {
+            // A person asked to try the failed revision again.
+            st.failed = None;
+            st.reason = None;
+            self.start_step(&mut st, 0);
+            return self.progress(st, None, false);
+        }
+        let template = if st.stable.is_some() && self.obs.stable_saved {
+            Template::Stable
+        } else {
+            Template::Target
+        };
+        let message = match (&st.stable, template) {
+            (Some(stable), Template::Stable) => format!(
+                "revision {} rolled back to {stable}: {} (promote to retry, or change the spec)",
+                self.target,
+                st.reason.clone().unwrap_or_default()
+            ),
+            _ => format!(
+                "revision {} failed: {}",
+                self.target,
+                st.reason.clone().unwrap_or_default()
+            ),
+        };
+        self.decision(st, template, Vec::new(), message)
+    }
+
+    /// Healthy, or moving back to the stable revision with no verification: move every
+    /// node to the target within the budget, then it is stable.
+    fn converge(&self, mut st: State) -> Decision {
+        let off: Vec<&PodView> = live(self.obs.pods).filter(|p| !p.at(self.target)).collect();
+        let ready = live(self.obs.pods)
+            .filter(|p| p.at(self.target) && p.ready)
+            .count();
+        let desired = self.obs.desired_nodes;
+        let mut actions = Vec::new();
+        if off.is_empty() && ready >= desired {
+            let changed = st.phase != Some(Phase::Healthy);
+            st.phase = Some(Phase::Healthy);
+            st.stable = Some(self.target.to_string());
+            st.step = None;
+            st.window_started = None;
+            if changed {
+                st.step_started = Some(self.now);
+            }
+            if self.obs.saved_revision != Some(self.target) {
+                actions.push(Action::SaveStable);
+            }
+            let message = self.healthy_message();
+            return self.decision(st, Template::Target, actions, message);
+        }
+        if st.phase == Some(Phase::Healthy) && off.is_empty() {
+            // Healthy with an agent down (node trouble): stays Healthy, the Ready
+            // condition tells.
+            let message = self.healthy_message();
+            return self.decision(st, Template::Target, actions, message);
+        }
+        st.phase = Some(Phase::Progressing);
+        let delete = budgeted(&off, self.obs, self.spec.max_unavailable);
+        if !delete.is_empty() {
+            actions.push(Action::DeletePods(delete));
+        }
+        let message = format!(
+            "{}/{desired} nodes at revision {}, {ready} Ready",
+            desired.saturating_sub(off.len()),
+            self.target
+        );
+        self.decision(st, Template::Target, actions, message)
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pod(name: &str, revision: &str, ready: bool, terminating: bool) -> PodView {
-        PodView {
-            name: name.into(),
-            node: Some(format!("node-{name}")),
-            revision: Some(revision.into()),
-            ready,
-            terminating,
-        }
-    }
-
-    #[test]
-    fn table() {
-        struct Case {
-            name: &'static str,
-            pods: Vec<PodView>,
-            desired: i32,
-            max_unavailable: i32,
-            paused: bool,
-            delete: &'static [&'static str],
-            remaining: usize,
-        }
-        let cases = [
-            Case {
-                name: "all on target: nothing to do",
-                pods: vec![pod("a", "new", true, false), pod("b", "new", true, false)],
-                desired: 2,
-                max_unavailable: 1,
-                paused: false,
-                delete: &[],
-                remaining: 0,
-            },
-            Case {
-                name: "one at a time",
-                pods: vec![pod("b", "old", true, false), pod("a", "old", true, false)],
-                desired: 2,
-                max_unavailable: 1,
-                paused: false,
-                delete: &["a"],
-                remaining: 1,
-            },
-            Case {
-                name: "a terminating pod uses the budget",
-                pods: vec![pod("a", "old", true, true), pod("b", "old", true, false)],
-                desired: 2,
-                max_unavailable: 1,
-                paused: false,
-                delete: &[],
-                remaining: 1,
-            },
-            Case {
-                name: "a missing pod uses the budget",
-                pods: vec![pod("b", "old", true, false)],
-                desired: 2,
-                max_unavailable: 1,
-                paused: false,
-                delete: &[],
-                remaining: 1,
-            },
-            Case {
-                name: "an unready old pod is replaced for free",
-                pods: vec![pod("a", "old", false, false), pod("b", "old", true, false)],
-                desired: 2,
-                max_unavailable: 1,
-                paused: false,
-                delete: &["a"],
-                remaining: 1,
-            },
-            Case {
-                name: "a new pod not yet Ready holds the next batch",
-                pods: vec![pod("a", "new", false, false), pod("b", "old", true, false)],
-                desired: 2,
-                max_unavailable: 1,
-                paused: false,
-                delete: &[],
-                remaining: 1,
-            },
-            Case {
-                name: "maxUnavailable 2 moves two",
-                pods: vec![
-                    pod("a", "old", true, false),
-                    pod("b", "old", true, false),
-                    pod("c", "old", true, false),
-                ],
-                desired: 3,
-                max_unavailable: 2,
-                paused: false,
-                delete: &["a", "b"],
-                remaining: 1,
-            },
-            Case {
-                name: "paused moves nothing",
-                pods: vec![pod("a", "old", false, false)],
-                desired: 1,
-                max_unavailable: 1,
-                paused: true,
-                delete: &[],
-                remaining: 1,
-            },
-        ];
-        for case in cases {
-            let plan = plan(
-                &case.pods,
-                "new",
-                case.desired,
-                case.max_unavailable,
-                case.paused,
-            );
-            assert_eq!(plan.delete, case.delete, "{}", case.name);
-            assert_eq!(plan.remaining, case.remaining, "{}", case.name);
-        }
-    }
-}
+mod tests;

@@ -105,6 +105,8 @@ options:
   # real agents for them (see README, "Test bed").
   disregardStatusWithAnnotationSelector: kwok.x-k8s.io/status=custom
   serverAddress: 127.0.0.1:$KWOK_PORT
+  # Heartbeats by Lease are cheap; status heartbeats lapse when 2 cores are busy building.
+  nodeLeaseDurationSeconds: 40
 KW
 }
 
@@ -176,6 +178,7 @@ up_cluster() {
     --bind-address 127.0.0.1 --secure-port "$KCM_PORT" --leader-elect=false \
     --service-account-private-key-file "$p/sa.key" --root-ca-file "$p/ca.crt" \
     --cluster-signing-cert-file "$p/ca.crt" --cluster-signing-key-file "$p/ca.key" \
+    --node-monitor-grace-period 5m \
     --cert-dir "$CDIR/kcm-certs"
   require_port "$CLUSTER-kube-scheduler" "$SCHEDULER_PORT"
   start "$CLUSTER-kube-scheduler" "$BIN/kube-scheduler-$K8S_VERSION" \

@@ -196,6 +196,11 @@ fn ops_example(testbed: &Testbed, ns: &str) -> Value {
         .unwrap();
     lp["metadata"]["namespace"] = json!(ns);
     lp["spec"]["endpoint"] = json!(format!("{}/loki/api/v1/push", testbed.loki_url));
+    // KWOK runs these agent pods (no process, nothing shipped): this test is about what the
+    // operator builds and applies, so verification only waits for Ready pods, briefly, and
+    // never reaches for the example's in-cluster Loki address.
+    lp["spec"]["rollout"]["verify"] = json!({"window": "1s", "shipping": false});
+    lp["spec"]["rollout"]["soak"] = json!("1s");
     lp
 }
 

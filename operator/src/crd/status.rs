@@ -36,9 +36,39 @@ pub struct LogPipelineStatus {
     /// Name of the ConfigMap holding the target revision's agent config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_map: Option<String>,
-    /// Index in `spec.rollout.steps` of the step in progress.
+    /// Release of the target revision: hash of what moves together across clusters (agent
+    /// image, pipeline, labels), not per-cluster fields such as tenant or endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
+    /// Release of the stable revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_release: Option<String>,
+    /// Index of the step in progress in the effective steps (`spec.rollout.steps`, plus a
+    /// final 100% step when the last one is not 100%); equal to their count while soaking.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_step: Option<i32>,
+    /// The current step (or soak, or rollback) began at (RFC 3339); with the fields
+    /// below, what lets a restarted operator resume exactly where it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_at: Option<String>,
+    /// The step's nodes were all moved and Ready at (RFC 3339): its verification window
+    /// started then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_started_at: Option<String>,
+    /// The revision that failed verification (or was aborted) and was rolled back; the
+    /// operator does not try it again unless promoted (`logpipe.io/promote`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_revision: Option<String>,
+    /// Why the last rollback happened, with the numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_reason: Option<String>,
+    /// Healthy without interruption at `release` since (RFC 3339): what a gate in another
+    /// cluster compares with its soak time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_since: Option<String>,
+    /// The promotion gate, when `spec.rollout.gate` is set: what it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verification: Option<Verification>,
     /// One line a person can act on.
@@ -46,8 +76,25 @@ pub struct LogPipelineStatus {
     pub message: Option<String>,
 }
 
+/// What a promotion gate waits for.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GateStatus {
+    /// `<server>/<namespace>/<name>` of the LogPipeline in the other cluster.
+    pub pipeline: String,
+    /// The release it must be Healthy at.
+    pub release: String,
+    pub open: bool,
+    /// Soak time left (e.g. `3h12m`), when the other side is Healthy at the release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<String>,
+    pub message: String,
+}
+
 /// Where the LogPipeline stands. The rollout engine moves through Pending (gate) ->
-/// Canary -> Step -> Soak -> Healthy, or RollingBack -> Degraded.
+/// Canary -> Step -> Soak -> Healthy, or RollingBack -> Degraded. `Progressing`: nodes
+/// return to the stable revision with no verification (the spec went back to it), or a
+/// LogPipeline from before the rollout engine. `Paused`: `spec.rollout.paused` mid-rollout.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Phase {
     Pending,

@@ -18,7 +18,7 @@
 //! immutable and changing it would break every upgrade.
 
 mod agent_config;
-mod daemonset;
+pub mod daemonset;
 mod resources;
 
 pub use agent_config::{AgentConfigError, CONFIG_FILE, CONFIG_MOUNT, render_agent_config};
@@ -78,6 +78,8 @@ pub struct Objects {
     pub revision: String,
     /// Hash of the rendered agent config (suffix of the ConfigMap name).
     pub config_hash: String,
+    /// What moves together across clusters (see [`release`]).
+    pub release: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +145,27 @@ pub fn desired(lp: &LogPipeline, ctx: &Context) -> Result<Objects, DesiredError>
         service_monitor,
         revision,
         config_hash,
+        release: release(lp, ctx)?,
     })
+}
+
+/// The release identity, compared across clusters by a promotion gate: the agent image,
+/// the pipeline and the labels (what a change to the agent *is*), not per-cluster fields
+/// (tenant, endpoint, auth, resources, scheduling), which differ between ops and prod for
+/// the same release.
+pub fn release(lp: &LogPipeline, ctx: &Context) -> Result<String, DesiredError> {
+    let image = lp
+        .spec
+        .agent
+        .image
+        .clone()
+        .unwrap_or_else(|| ctx.agent_image.clone());
+    let identity = serde_json::json!({
+        "image": image,
+        "pipeline": lp.spec.pipeline,
+        "labels": lp.spec.labels,
+    });
+    Ok(short_hash(&serde_json::to_vec(&identity)?))
 }
 
 /// First 10 hex digits of SHA-256: short enough for names, collisions irrelevant at the

@@ -267,3 +267,24 @@ fn image_change_is_a_new_revision_with_the_same_config() {
     assert_eq!(a.config_hash, b.config_hash);
     assert_ne!(a.revision, b.revision);
 }
+
+#[test]
+fn release_is_image_pipeline_and_labels_not_per_cluster_fields() {
+    let a = desired(&ops(), &ctx()).unwrap();
+    let mut dev = ops();
+    dev.spec.tenant = "dev".into();
+    dev.spec.endpoint = "http://loki-dev:3100/loki/api/v1/push".into();
+    dev.spec.agent.resources = None;
+    let b = desired(&dev, &ctx()).unwrap();
+    assert_ne!(
+        a.revision, b.revision,
+        "a per-cluster change is a new revision"
+    );
+    assert_eq!(a.release, b.release, "but the same release");
+    let mut image = ops();
+    image.spec.agent.image = Some("logpipe-agent:next".into());
+    assert_ne!(desired(&image, &ctx()).unwrap().release, a.release);
+    let mut pipeline = ops();
+    pipeline.spec.pipeline.pop();
+    assert_ne!(desired(&pipeline, &ctx()).unwrap().release, a.release);
+}

@@ -1,0 +1,884 @@
+//! Table tests of the rollout engine: one case per transition.
+
+use super::*;
+use crate::crd::{CanaryStep, RolloutStep};
+use logpipe_agent::config::HumanDuration;
+
+fn t(s: i64) -> Timestamp {
+    Timestamp::from_second(s).unwrap()
+}
+
+/// canary 1 node, 50%, (implicit 100%); window 10s, soak 30s, maxUnavailable 1.
+fn spec() -> RolloutSpec {
+    RolloutSpec {
+        steps: vec![
+            RolloutStep {
+                canary: Some(CanaryStep {
+                    nodes: Some(1),
+                    node_selector: None,
+                }),
+                ..Default::default()
+            },
+            RolloutStep {
+                percent: Some(50),
+                ..Default::default()
+            },
+        ],
+        soak: HumanDuration(Duration::from_secs(30)),
+        verify: crate::crd::VerifySpec {
+            window: HumanDuration(Duration::from_secs(10)),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn pod(node: &str, rev: &str, ready: bool) -> PodView {
+    PodView {
+        name: format!("agent-{node}"),
+        node: Some(node.into()),
+        revision: Some(rev.into()),
+        ready,
+        created: Some(t(0)),
+        ..Default::default()
+    }
+}
+
+/// Four nodes n1..n4, all Ready at `rev`.
+fn fleet(rev: &str) -> Vec<PodView> {
+    (1..=4).map(|i| pod(&format!("n{i}"), rev, true)).collect()
+}
+
+fn with(mut pods: Vec<PodView>, node: &str, rev: &str, ready: bool, created: i64) -> Vec<PodView> {
+    let mut p = pod(node, rev, ready);
+    p.created = Some(t(created));
+    pods.retain(|q| q.node.as_deref() != Some(node));
+    pods.push(p);
+    pods
+}
+
+fn state(phase: Phase, step: Option<usize>, started: i64) -> State {
+    State {
+        phase: Some(phase),
+        target: Some("r2".into()),
+        stable: Some("r1".into()),
+        step,
+        step_started: Some(t(started)),
+        window_started: None,
+        failed: None,
+        reason: None,
+    }
+}
+
+#[derive(Default)]
+struct Flags {
+    gated: bool,
+    paused: bool,
+    promote: bool,
+    abort: bool,
+    no_saved: bool,
+    labels: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+fn run(
+    spec: &RolloutSpec,
+    st: &State,
+    revision: &str,
+    pods: &[PodView],
+    verdicts: Verdicts,
+    now: i64,
+    flags: Flags,
+) -> Decision {
+    let obs = Observed {
+        revision,
+        pods,
+        desired_nodes: 4,
+        node_labels: &flags.labels,
+        gated: flags.gated,
+        stable_saved: !flags.no_saved,
+        saved_revision: st.stable.as_deref(),
+        paused: flags.paused,
+        promote: flags.promote,
+        abort: flags.abort,
+    };
+    step(spec, st, &obs, &verdicts, t(now))
+}
+
+fn verdict(final_check: bool, passed: bool) -> Verdicts {
+    Verdicts {
+        gate: None,
+        verification: Some(Verdict {
+            final_check,
+            passed,
+            summary: if passed {
+                String::new()
+            } else {
+                "droppedEntries 12 > 0".into()
+            },
+        }),
+    }
+}
+
+fn deleted(d: &Decision) -> Vec<String> {
+    d.actions
+        .iter()
+        .flat_map(|a| match a {
+            Action::DeletePods(p) => p.clone(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+fn healthy_r1() -> State {
+    State {
+        phase: Some(Phase::Healthy),
+        target: Some("r1".into()),
+        stable: Some("r1".into()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn plan_steps_appends_the_final_hundred_percent() {
+    assert_eq!(
+        plan_steps(&spec()),
+        [
+            StepKind::CanaryNodes(1),
+            StepKind::Percent(50),
+            StepKind::Percent(100)
+        ]
+    );
+    assert_eq!(
+        plan_steps(&RolloutSpec::default()),
+        [StepKind::Percent(100)]
+    );
+}
+
+#[test]
+fn new_revision_without_gate_starts_the_canary_on_one_node() {
+    let d = run(
+        &spec(),
+        &healthy_r1(),
+        "r2",
+        &fleet("r1"),
+        Verdicts::default(),
+        100,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Canary));
+    assert_eq!(d.state.step, Some(0));
+    assert_eq!(d.state.target.as_deref(), Some("r2"));
+    assert_eq!(d.state.step_started, Some(t(100)));
+    assert_eq!(d.template, Template::Target);
+    assert_eq!(deleted(&d), ["agent-n1"]);
+}
+
+#[test]
+fn gate_holds_opens_and_promote_skips_it() {
+    type Case = (&'static str, Option<Gate>, bool, Phase, Template, usize);
+    let cases: [Case; 4] = [
+        (
+            "held",
+            Some(Gate::Held("ops not Healthy".into())),
+            false,
+            Phase::Pending,
+            Template::Stable,
+            0,
+        ),
+        (
+            "no answer yet",
+            None,
+            false,
+            Phase::Pending,
+            Template::Stable,
+            0,
+        ),
+        (
+            "open",
+            Some(Gate::Open),
+            false,
+            Phase::Canary,
+            Template::Target,
+            1,
+        ),
+        (
+            "promoted",
+            Some(Gate::Held("ops not Healthy".into())),
+            true,
+            Phase::Canary,
+            Template::Target,
+            1,
+        ),
+    ];
+    for (name, gate, promote, phase, template, moves) in cases {
+        let pending = State {
+            phase: Some(Phase::Pending),
+            step: Some(0),
+            ..state(Phase::Pending, Some(0), 100)
+        };
+        let d = run(
+            &spec(),
+            &pending,
+            "r2",
+            &fleet("r1"),
+            Verdicts {
+                gate,
+                verification: None,
+            },
+            110,
+            Flags {
+                gated: true,
+                promote,
+                ..Default::default()
+            },
+        );
+        assert_eq!(d.state.phase, Some(phase), "{name}");
+        assert_eq!(d.template, template, "{name}");
+        assert_eq!(deleted(&d).len(), moves, "{name}");
+        assert_eq!(
+            d.actions.contains(&Action::ClearAnnotations),
+            promote,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn first_install_held_by_its_gate_has_no_daemonset() {
+    let d = run(
+        &spec(),
+        &State::default(),
+        "r1",
+        &[],
+        Verdicts {
+            gate: Some(Gate::Held("waiting".into())),
+            verification: None,
+        },
+        0,
+        Flags {
+            gated: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(d.state.phase, Some(Phase::Pending));
+    assert_eq!(d.template, Template::None);
+}
+
+#[test]
+fn canary_waits_for_ready_then_opens_its_window_then_advances_on_a_final_pass() {
+    let canary = state(Phase::Canary, Some(0), 100);
+    // Moved, not Ready yet: wait, no more moves.
+    let pods = with(fleet("r1"), "n1", "r2", false, 101);
+    let d = run(
+        &spec(),
+        &canary,
+        "r2",
+        &pods,
+        Verdicts::default(),
+        103,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Canary));
+    assert!(deleted(&d).is_empty());
+    assert_eq!(d.state.window_started, None);
+    // Ready: the window starts.
+    let pods = with(fleet("r1"), "n1", "r2", true, 101);
+    let d = run(
+        &spec(),
+        &canary,
+        "r2",
+        &pods,
+        Verdicts::default(),
+        105,
+        Flags::default(),
+    );
+    assert_eq!(d.state.window_started, Some(t(105)));
+    assert!(d.message.contains("verifying"), "{}", d.message);
+    // A check during the window passes: stay.
+    let watching = d.state.clone();
+    let d = run(
+        &spec(),
+        &watching,
+        "r2",
+        &pods,
+        verdict(false, true),
+        108,
+        Flags::default(),
+    );
+    assert_eq!(d.state, watching);
+    // The final check passes: step 1 (50% of 4 = 2 nodes) moves one more node.
+    let d = run(
+        &spec(),
+        &watching,
+        "r2",
+        &pods,
+        verdict(true, true),
+        116,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Step));
+    assert_eq!(d.state.step, Some(1));
+    assert_eq!(d.state.step_started, Some(t(116)));
+    assert_eq!(d.state.window_started, None);
+    assert_eq!(deleted(&d), ["agent-n2"]);
+}
+
+#[test]
+fn a_failed_check_rolls_back_the_moved_nodes_then_degraded() {
+    let mut canary = state(Phase::Canary, Some(0), 100);
+    canary.window_started = Some(t(105));
+    let pods = with(fleet("r1"), "n1", "r2", true, 101);
+    for (name, v) in [
+        ("during the window", verdict(false, false)),
+        ("at its end", verdict(true, false)),
+    ] {
+        let d = run(&spec(), &canary, "r2", &pods, v, 108, Flags::default());
+        assert_eq!(d.state.phase, Some(Phase::RollingBack), "{name}");
+        assert_eq!(d.template, Template::Stable, "{name}");
+        assert_eq!(d.state.failed.as_deref(), Some("r2"), "{name}");
+        assert!(
+            d.state
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("droppedEntries 12 > 0"),
+            "{name}"
+        );
+        assert_eq!(deleted(&d), ["agent-n1"], "{name}");
+    }
+    // Back on every node and Ready: Degraded, with the reason.
+    let mut back = run(
+        &spec(),
+        &canary,
+        "r2",
+        &pods,
+        verdict(false, false),
+        108,
+        Flags::default(),
+    )
+    .state;
+    let d = run(
+        &spec(),
+        &back,
+        "r2",
+        &fleet("r1"),
+        Verdicts::default(),
+        112,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Degraded));
+    assert_eq!(d.template, Template::Stable);
+    assert!(
+        d.message.contains("rolled back to revision r1"),
+        "{}",
+        d.message
+    );
+    // Degraded stays Degraded for the same revision, with the stable template.
+    back = d.state;
+    let d = run(
+        &spec(),
+        &back,
+        "r2",
+        &fleet("r1"),
+        Verdicts::default(),
+        400,
+        Flags::default(),
+    );
+    assert_eq!(d.state, back);
+    assert_eq!(d.template, Template::Stable);
+    assert!(deleted(&d).is_empty());
+}
+
+#[test]
+fn rollback_respects_max_unavailable_and_takes_not_ready_pods_for_free() {
+    let mut rolling = state(Phase::RollingBack, Some(1), 100);
+    rolling.failed = Some("r2".into());
+    // n1, n2 moved (n2 not Ready): n2 is free, n1 must wait for budget.
+    let pods = with(
+        with(fleet("r1"), "n1", "r2", true, 101),
+        "n2",
+        "r2",
+        false,
+        101,
+    );
+    let d = run(
+        &spec(),
+        &rolling,
+        "r2",
+        &pods,
+        Verdicts::default(),
+        120,
+        Flags::default(),
+    );
+    assert_eq!(deleted(&d), ["agent-n2"]);
+    assert_eq!(d.state.phase, Some(Phase::RollingBack));
+}
+
+#[test]
+fn no_stable_template_means_degraded_without_rollback() {
+    let canary = state(Phase::Canary, Some(0), 100);
+    let pods = with(fleet("r1"), "n1", "r2", true, 101);
+    let d = run(
+        &spec(),
+        &canary,
+        "r2",
+        &pods,
+        verdict(false, false),
+        108,
+        Flags {
+            no_saved: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(d.state.phase, Some(Phase::Degraded));
+    assert!(deleted(&d).is_empty());
+}
+
+#[test]
+fn abort_rolls_back_now() {
+    let step = state(Phase::Step, Some(1), 100);
+    let pods = with(fleet("r1"), "n1", "r2", true, 90);
+    let d = run(
+        &spec(),
+        &step,
+        "r2",
+        &pods,
+        Verdicts::default(),
+        101,
+        Flags {
+            abort: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(d.state.phase, Some(Phase::RollingBack));
+    assert!(d.state.reason.as_deref().unwrap().contains("aborted"));
+    assert!(d.actions.contains(&Action::ClearAnnotations));
+    assert_eq!(deleted(&d), ["agent-n1"]);
+}
+
+#[test]
+fn paused_moves_nothing_and_resumes_at_the_same_step() {
+    let step = state(Phase::Step, Some(1), 100);
+    let pods = with(fleet("r1"), "n1", "r2", true, 90);
+    let d = run(
+        &spec(),
+        &step,
+        "r2",
+        &pods,
+        Verdicts::default(),
+        101,
+        Flags {
+            paused: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(d.state.phase, Some(Phase::Paused));
+    assert_eq!(d.state.step, Some(1));
+    assert!(deleted(&d).is_empty());
+    let d = run(
+        &spec(),
+        &d.state,
+        "r2",
+        &pods,
+        Verdicts::default(),
+        102,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Step));
+    assert_eq!(deleted(&d), ["agent-n2"]);
+}
+
+#[test]
+fn promote_skips_the_rest_of_the_window() {
+    let mut canary = state(Phase::Canary, Some(0), 100);
+    canary.window_started = Some(t(105));
+    let pods = with(fleet("r1"), "n1", "r2", true, 101);
+    let d = run(
+        &spec(),
+        &canary,
+        "r2",
+        &pods,
+        Verdicts::default(),
+        106,
+        Flags {
+            promote: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(d.state.step, Some(1));
+    assert_eq!(deleted(&d), ["agent-n2"]);
+}
+
+#[test]
+fn soak_then_healthy_and_the_revision_becomes_stable() {
+    let soak = state(Phase::Soak, Some(3), 100);
+    let d = run(
+        &spec(),
+        &soak,
+        "r2",
+        &fleet("r2"),
+        Verdicts::default(),
+        110,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Soak));
+    assert!(d.message.contains("20s left"), "{}", d.message);
+    let d = run(
+        &spec(),
+        &soak,
+        "r2",
+        &fleet("r2"),
+        Verdicts::default(),
+        131,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Healthy));
+    assert_eq!(d.state.stable.as_deref(), Some("r2"));
+    assert!(d.actions.contains(&Action::SaveStable));
+    // A failed check while soaking rolls back.
+    let d = run(
+        &spec(),
+        &soak,
+        "r2",
+        &fleet("r2"),
+        verdict(false, false),
+        120,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::RollingBack));
+}
+
+#[test]
+fn last_step_passes_into_soak() {
+    let mut last = state(Phase::Step, Some(2), 100);
+    last.window_started = Some(t(105));
+    let d = run(
+        &spec(),
+        &last,
+        "r2",
+        &fleet("r2"),
+        verdict(true, true),
+        116,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Soak));
+    assert_eq!(d.state.step, Some(3));
+}
+
+#[test]
+fn a_new_revision_mid_rollout_restarts_at_the_canary_on_a_superseded_node() {
+    let step = state(Phase::Step, Some(1), 100);
+    let pods = with(
+        with(fleet("r1"), "n3", "r2", true, 90),
+        "n4",
+        "r2",
+        true,
+        95,
+    );
+    let d = run(
+        &spec(),
+        &step,
+        "r3",
+        &pods,
+        verdict(true, true),
+        120,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Canary));
+    assert_eq!(d.state.target.as_deref(), Some("r3"));
+    assert_eq!(
+        d.state.stable.as_deref(),
+        Some("r1"),
+        "r2 never became stable"
+    );
+    // The superseded revision's nodes move first; the verdict was about r2: ignored.
+    assert_eq!(deleted(&d), ["agent-n3"]);
+}
+
+#[test]
+fn a_new_revision_after_degraded_starts_a_new_rollout() {
+    let mut degraded = state(Phase::Degraded, Some(0), 100);
+    degraded.failed = Some("r2".into());
+    let d = run(
+        &spec(),
+        &degraded,
+        "r3",
+        &fleet("r1"),
+        Verdicts::default(),
+        200,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Canary));
+    assert_eq!(d.state.failed, None);
+    assert_eq!(deleted(&d), ["agent-n1"]);
+}
+
+#[test]
+fn promote_on_degraded_retries_the_failed_revision() {
+    let mut degraded = state(Phase::Degraded, Some(0), 100);
+    degraded.failed = Some("r2".into());
+    let d = run(
+        &spec(),
+        &degraded,
+        "r2",
+        &fleet("r1"),
+        Verdicts::default(),
+        200,
+        Flags {
+            promote: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(d.state.phase, Some(Phase::Canary));
+    assert_eq!(d.state.failed, None);
+    assert_eq!(deleted(&d), ["agent-n1"]);
+}
+
+#[test]
+fn a_step_that_never_gets_ready_fails_at_its_deadline() {
+    let canary = state(Phase::Canary, Some(0), 100);
+    let pods = with(fleet("r1"), "n1", "r2", false, 101);
+    let d = run(
+        &spec(),
+        &canary,
+        "r2",
+        &pods,
+        Verdicts::default(),
+        100 + 10 + 119,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Canary));
+    let d = run(
+        &spec(),
+        &canary,
+        "r2",
+        &pods,
+        Verdicts::default(),
+        100 + 10 + 121,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::RollingBack));
+    assert!(
+        d.state
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("0/1 new agents Ready")
+    );
+}
+
+#[test]
+fn budget_counts_unavailable_pods_elsewhere() {
+    let step = state(Phase::Step, Some(1), 100);
+    // n1 moved; n4 (not in the step) is down: no room for n2.
+    let mut pods = with(fleet("r1"), "n1", "r2", true, 90);
+    pods = with(pods, "n4", "r1", false, 0);
+    let d = run(
+        &spec(),
+        &step,
+        "r2",
+        &pods,
+        Verdicts::default(),
+        101,
+        Flags::default(),
+    );
+    assert!(deleted(&d).is_empty());
+    // A missing pod counts too.
+    let pods: Vec<PodView> = with(fleet("r1"), "n1", "r2", true, 90)
+        .into_iter()
+        .filter(|p| p.node.as_deref() != Some("n4"))
+        .collect();
+    let d = run(
+        &spec(),
+        &step,
+        "r2",
+        &pods,
+        Verdicts::default(),
+        101,
+        Flags::default(),
+    );
+    assert!(deleted(&d).is_empty());
+}
+
+#[test]
+fn first_install_is_one_verified_step_and_a_failure_is_degraded() {
+    let d = run(
+        &spec(),
+        &State::default(),
+        "r1",
+        &fleet("r1"),
+        Verdicts::default(),
+        10,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Step));
+    assert_eq!(d.state.step, Some(2));
+    assert_eq!(d.state.window_started, Some(t(10)));
+    let d = run(
+        &spec(),
+        &d.state,
+        "r1",
+        &fleet("r1"),
+        verdict(true, false),
+        21,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Degraded));
+    assert_eq!(d.template, Template::Target);
+}
+
+#[test]
+fn back_to_the_stable_revision_moves_nodes_back_unverified() {
+    let step = state(Phase::Step, Some(1), 100);
+    let pods = with(fleet("r1"), "n1", "r2", true, 90);
+    let d = run(
+        &spec(),
+        &step,
+        "r1",
+        &pods,
+        Verdicts::default(),
+        101,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Progressing));
+    assert_eq!(deleted(&d), ["agent-n1"]);
+    let d = run(
+        &spec(),
+        &d.state,
+        "r1",
+        &fleet("r1"),
+        Verdicts::default(),
+        105,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Healthy));
+}
+
+#[test]
+fn a_canary_selector_picks_the_labelled_node() {
+    let mut s = spec();
+    s.steps[0].canary = Some(CanaryStep {
+        nodes: None,
+        node_selector: Some(BTreeMap::from([("canary".into(), "true".into())])),
+    });
+    let labels = BTreeMap::from([(
+        "n3".to_string(),
+        BTreeMap::from([("canary".to_string(), "true".to_string())]),
+    )]);
+    let d = run(
+        &s,
+        &healthy_r1(),
+        "r2",
+        &fleet("r1"),
+        Verdicts::default(),
+        100,
+        Flags {
+            labels,
+            ..Default::default()
+        },
+    );
+    assert_eq!(deleted(&d), ["agent-n3"]);
+}
+
+#[test]
+fn resuming_from_the_written_state_repeats_no_move() {
+    // The operator wrote this state, deleted agent-n1 and died; the pod is terminating.
+    let d = run(
+        &spec(),
+        &healthy_r1(),
+        "r2",
+        &fleet("r1"),
+        Verdicts::default(),
+        100,
+        Flags::default(),
+    );
+    let mut pods = fleet("r1");
+    pods[0].terminating = true;
+    let again = run(
+        &spec(),
+        &d.state,
+        "r2",
+        &pods,
+        Verdicts::default(),
+        130,
+        Flags::default(),
+    );
+    assert_eq!(again.state.step, Some(0));
+    assert_eq!(
+        again.state.step_started,
+        Some(t(100)),
+        "the step keeps its start time"
+    );
+    assert!(
+        deleted(&again).is_empty(),
+        "budget used by the terminating pod"
+    );
+}
+
+#[test]
+fn verification_is_due_on_moved_pods_and_final_after_the_window() {
+    let obs_pods = with(fleet("r1"), "n1", "r2", true, 101);
+    let labels = BTreeMap::new();
+    let obs = Observed {
+        revision: "r2",
+        pods: &obs_pods,
+        desired_nodes: 4,
+        node_labels: &labels,
+        gated: false,
+        stable_saved: true,
+        saved_revision: Some("r1"),
+        paused: false,
+        promote: false,
+        abort: false,
+    };
+    let mut canary = state(Phase::Canary, Some(0), 100);
+    let req = verification_due(&spec(), &canary, &obs, t(103)).unwrap();
+    assert_eq!(
+        (req.pods, req.final_check),
+        (vec!["agent-n1".to_string()], false)
+    );
+    canary.window_started = Some(t(105));
+    assert!(
+        !verification_due(&spec(), &canary, &obs, t(114))
+            .unwrap()
+            .final_check
+    );
+    assert!(
+        verification_due(&spec(), &canary, &obs, t(115))
+            .unwrap()
+            .final_check
+    );
+    let pending = state(Phase::Pending, Some(0), 100);
+    assert_eq!(verification_due(&spec(), &pending, &obs, t(115)), None);
+    let degraded = state(Phase::Degraded, Some(0), 100);
+    assert_eq!(verification_due(&spec(), &degraded, &obs, t(115)), None);
+}
+
+#[test]
+fn a_gated_first_install_opens_into_the_install_step() {
+    let pending = State {
+        phase: Some(Phase::Pending),
+        target: Some("r1".into()),
+        step: Some(0),
+        step_started: Some(t(0)),
+        ..Default::default()
+    };
+    let d = run(
+        &spec(),
+        &pending,
+        "r1",
+        &[],
+        Verdicts {
+            gate: Some(Gate::Open),
+            verification: None,
+        },
+        5,
+        Flags {
+            gated: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(d.state.phase, Some(Phase::Step));
+    assert_eq!(d.state.step, Some(2), "the 100% step: nothing to hold back");
+    assert_eq!(d.template, Template::Target);
+}

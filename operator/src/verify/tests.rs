@@ -1,0 +1,289 @@
+//! Tables for the pure half of verification.
+
+use super::*;
+use logpipe_agent::config::HumanDuration;
+
+const METRICS: &str = r#"# HELP promtail_sent_entries_total Entries sent.
+# TYPE promtail_sent_entries_total counter
+promtail_sent_entries_total{host="127.0.0.1:43100"} 120
+promtail_dropped_entries_total{host="h",tenant="ops",reason="http_404"} 7
+promtail_request_duration_seconds_count{status_code="204",host="h"} 10
+promtail_request_duration_seconds_count{status_code="404",host="h"} 3
+promtail_request_duration_seconds_count{status_code="503",host="h"} 2
+promtail_request_duration_seconds_count{status_code="422",host="h"} 1
+promtail_request_duration_seconds_bucket{status_code="404",host="h",le="0.1"} 3
+process_cpu_seconds_total 1.5
+process_resident_memory_bytes 52428800
+logpipe_delivery_latency_seconds_sum 6.0
+logpipe_delivery_latency_seconds_count 4
+# EOF
+"#;
+
+#[test]
+fn metrics_are_read_by_promtail_names() {
+    let s = parse_metrics(METRICS);
+    assert_eq!(s.sent_entries, 120.0);
+    assert_eq!(s.dropped_entries, 7.0);
+    assert_eq!(
+        s.error_requests, 5.0,
+        "404 and 503, not 204, not the probe's 422, not buckets"
+    );
+    assert_eq!(s.cpu_seconds, 1.5);
+    assert_eq!(s.rss_bytes, 52428800.0);
+    assert_eq!((s.latency_sum, s.latency_count), (6.0, 4.0));
+    assert_eq!(parse_metrics("garbage\n{{{ x\n"), Sample::default());
+}
+
+#[test]
+fn quantities() {
+    for (q, cpu) in [
+        ("250m", Some(250.0)),
+        ("0.5", Some(500.0)),
+        ("2", Some(2000.0)),
+        ("x", None),
+    ] {
+        assert_eq!(parse_cpu(q), cpu, "{q}");
+    }
+    for (q, bytes) in [
+        ("700Mi", Some(700.0 * 1048576.0)),
+        ("1Gi", Some(1073741824.0)),
+        ("500M", Some(5e8)),
+        ("1024", Some(1024.0)),
+        ("lots", None),
+    ] {
+        assert_eq!(parse_memory(q), bytes, "{q}");
+    }
+}
+
+#[test]
+fn loki_query_and_answer() {
+    assert_eq!(
+        count_query(&["kwok-node-0", "n.1"], Duration::from_secs(10)),
+        r#"sum by (node_name) (count_over_time({node_name=~"kwok-node-0|n\\.1"}[10s]))"#
+    );
+    let body = r#"{"status":"success","data":{"resultType":"vector","result":[
+        {"metric":{"node_name":"kwok-node-0"},"value":[1700000000.1,"42"]}]}}"#;
+    assert_eq!(
+        parse_vector(body).unwrap(),
+        BTreeMap::from([("kwok-node-0".to_string(), 42.0)])
+    );
+    assert!(parse_vector("<html>").is_err());
+}
+
+fn pod(node: &str, ready: bool) -> PodView {
+    PodView {
+        name: format!("agent-{node}"),
+        node: Some(node.into()),
+        revision: Some("r2".into()),
+        ready,
+        ..Default::default()
+    }
+}
+
+fn good() -> Sample {
+    Sample {
+        sent_entries: 100.0,
+        rss_bytes: 40.0 * 1048576.0,
+        ..Default::default()
+    }
+}
+
+fn spec() -> VerifySpec {
+    VerifySpec {
+        window: HumanDuration(Duration::from_secs(10)),
+        query_endpoint: Some("http://loki".into()),
+        max_cpu: Some("250m".into()),
+        max_memory: Some("700Mi".into()),
+        max_latency: None,
+        ..Default::default()
+    }
+}
+
+fn measured(sample: Sample, cpu: f64, loki: f64) -> Measurements {
+    Measurements {
+        samples: BTreeMap::from([("agent-n1".to_string(), Ok(sample))]),
+        cpu_millis: BTreeMap::from([("agent-n1".to_string(), cpu)]),
+        loki: Some(Ok(BTreeMap::from([("n1".to_string(), loki)]))),
+    }
+}
+
+#[test]
+fn judge_table() {
+    struct Case {
+        name: &'static str,
+        pod: PodView,
+        m: Measurements,
+        final_check: bool,
+        passed: bool,
+        mentions: &'static str,
+    }
+    let waiting = PodView {
+        waiting_reason: Some("ErrImagePull".into()),
+        ..pod("n1", false)
+    };
+    let restarted = PodView {
+        restarts: 2,
+        ..pod("n1", true)
+    };
+    let cases = [
+        Case {
+            name: "all good at the end",
+            pod: pod("n1", true),
+            m: measured(good(), 20.0, 50.0),
+            final_check: true,
+            passed: true,
+            mentions: "",
+        },
+        Case {
+            name: "not Ready yet during the window is fine",
+            pod: pod("n1", false),
+            m: measured(Sample::default(), 0.0, 0.0),
+            final_check: false,
+            passed: true,
+            mentions: "",
+        },
+        Case {
+            name: "not Ready at the end",
+            pod: pod("n1", false),
+            m: measured(good(), 20.0, 50.0),
+            final_check: true,
+            passed: false,
+            mentions: "podsReady 0/1",
+        },
+        Case {
+            name: "image pull error fails at once",
+            pod: waiting,
+            m: Measurements::default(),
+            final_check: false,
+            passed: false,
+            mentions: "ErrImagePull on n1",
+        },
+        Case {
+            name: "a restart fails at once",
+            pod: restarted,
+            m: measured(good(), 20.0, 50.0),
+            final_check: false,
+            passed: false,
+            mentions: "restarts 2",
+        },
+        Case {
+            name: "dropped entries fail at once",
+            pod: pod("n1", true),
+            m: measured(
+                Sample {
+                    dropped_entries: 12.0,
+                    error_requests: 3.0,
+                    ..good()
+                },
+                20.0,
+                50.0,
+            ),
+            final_check: false,
+            passed: false,
+            mentions: "droppedEntries 12 (limit 0)",
+        },
+        Case {
+            name: "nothing sent at the end",
+            pod: pod("n1", true),
+            m: measured(
+                Sample {
+                    sent_entries: 0.0,
+                    ..good()
+                },
+                20.0,
+                50.0,
+            ),
+            final_check: true,
+            passed: false,
+            mentions: "entriesSent 0",
+        },
+        Case {
+            name: "no logs in Loki at the end",
+            pod: pod("n1", true),
+            m: measured(good(), 20.0, 0.0),
+            final_check: true,
+            passed: false,
+            mentions: "no entries from n1",
+        },
+        Case {
+            name: "cpu over budget at the end",
+            pod: pod("n1", true),
+            m: measured(good(), 400.0, 50.0),
+            final_check: true,
+            passed: false,
+            mentions: "cpu 400m (limit 250m)",
+        },
+        Case {
+            name: "cpu over budget during the window waits",
+            pod: pod("n1", true),
+            m: measured(good(), 400.0, 50.0),
+            final_check: false,
+            passed: true,
+            mentions: "",
+        },
+        Case {
+            name: "memory over budget fails at once",
+            pod: pod("n1", true),
+            m: measured(
+                Sample {
+                    rss_bytes: 800.0 * 1048576.0,
+                    ..good()
+                },
+                20.0,
+                50.0,
+            ),
+            final_check: false,
+            passed: false,
+            mentions: "memory 800Mi (limit 700Mi)",
+        },
+        Case {
+            name: "unscrapable at the end",
+            pod: pod("n1", true),
+            m: Measurements {
+                samples: BTreeMap::from([(
+                    "agent-n1".to_string(),
+                    Err("connection refused".to_string()),
+                )]),
+                ..measured(good(), 20.0, 50.0)
+            },
+            final_check: true,
+            passed: false,
+            mentions: "connection refused",
+        },
+    ];
+    for case in cases {
+        let (checks, verdict) = judge(&spec(), &[&case.pod], &case.m, case.final_check);
+        assert_eq!(
+            verdict.passed, case.passed,
+            "{}: {}",
+            case.name, verdict.summary
+        );
+        assert!(
+            verdict.summary.contains(case.mentions),
+            "{}: {}",
+            case.name,
+            verdict.summary
+        );
+        assert!(
+            checks.iter().all(|c| c.value.is_some()),
+            "{}: every check has a value",
+            case.name
+        );
+    }
+}
+
+#[test]
+fn loki_is_recorded_as_skipped_without_a_query_endpoint() {
+    let spec = VerifySpec {
+        query_endpoint: None,
+        ..spec()
+    };
+    let m = Measurements {
+        loki: None,
+        ..measured(good(), 20.0, 0.0)
+    };
+    let (checks, verdict) = judge(&spec, &[&pod("n1", true)], &m, true);
+    assert!(verdict.passed, "{}", verdict.summary);
+    let loki = checks.iter().find(|c| c.name == "lokiEntries").unwrap();
+    assert_eq!(loki.value.as_deref(), Some("skipped"));
+}

@@ -1,0 +1,748 @@
+//! End-to-end tests of the phased rollout (`make e2e-rollout`) on the test bed, with real
+//! agents: the node simulator runs the agent pods of the LogPipelines here as real
+//! `logpipe-agent` processes bound to their pod IPs; workload pods on every node log
+//! through them into the test bed's Loki; the operator verifies each step by scraping the
+//! agents and querying Loki, exactly as in a real cluster.
+//!
+//! Each test works in a fresh namespace with its own operator (`--namespace`) and its
+//! own Loki tenant. The tests run one at a time (they share two cores with everything
+//! else). Needs `cargo build --bins` first.
+//!
+//! ```text
+//! cargo build --bins && cargo test -p logpipe-e2e --test e2e_rollout -- --nocapture
+//! ```
+
+#[path = "e2e_rollout/bed.rs"]
+mod bed;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use logpipe_e2e::{Testbed, unique_suffix};
+use serde_json::json;
+
+use bed::{Bed, Operator, apply, checks, pipeline, publish, record_until, status, wait_healthy};
+
+/// One test at a time: each runs a fleet of real agents.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn ops() -> Testbed {
+    Testbed::ensure(&["ops"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Release 1 installed and Healthy: (bed, tenant, release 1's image, the spec).
+async fn installed(
+    testbed: &Testbed,
+    prefix: &str,
+    window: &str,
+) -> (Bed, String, bed::Release, serde_json::Value) {
+    let suffix = unique_suffix();
+    let ns = format!("{prefix}-{suffix}");
+    let bed = Bed::up(testbed, "ops", &ns).await;
+    let tag = format!("e2e-{suffix}-r1");
+    let release = publish(testbed, &tag);
+    let image = release.image.clone();
+    let tenant = format!("e2e-rollout-{suffix}");
+    let lp = pipeline(&ns, &tenant, &image, &testbed.loki_url, window);
+    let started = Instant::now();
+    apply(&bed.client, &ns, &lp).await;
+    let healthy = wait_healthy(&bed.client, &ns, bed.nodes, Duration::from_secs(180)).await;
+    println!(
+        "release 1 installed and verified on {} nodes in {:.1}s: {}",
+        bed.nodes,
+        started.elapsed().as_secs_f64(),
+        healthy["message"]
+    );
+    (bed, tenant, release, lp)
+}
+
+#[tokio::test]
+async fn good_release_goes_canary_steps_soak_healthy() {
+    let _serial = SERIAL.lock().await;
+    let testbed = ops().await;
+    let (bed, _tenant, release1, lp) = installed(&testbed, "lprl-good", "10s").await;
+    let before = status(&bed.client, &bed.ns, "logpipe").await.unwrap().1;
+
+    // Release 2: a new image tag and a pipeline change.
+    let tag2 = format!("{}-r2", release1.image.rsplit(':').next().unwrap_or("r1"));
+    let release2 = publish(&testbed, &tag2);
+    let mut next = lp.clone();
+    next["spec"]["agent"]["image"] = json!(release2.image);
+    next["spec"]["pipeline"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"staticLabels": {"release": "2"}}));
+    let started = Instant::now();
+    apply(&bed.client, &bed.ns, &next).await;
+    let old_target = before["targetRevision"].clone();
+    let record = record_until(
+        &bed.client,
+        &bed.ns,
+        bed.nodes,
+        before["stableRevision"].as_str().unwrap(),
+        Duration::from_secs(300),
+        |s| {
+            s["phase"] == "Healthy"
+                && s["targetRevision"] != old_target
+                && s["stableRevision"] == s["targetRevision"]
+        },
+    )
+    .await;
+    println!(
+        "release 2 rolled out in {:.1}s: {:?}",
+        started.elapsed().as_secs_f64(),
+        record.sequence()
+    );
+
+    let sequence = record.sequence();
+    let expected = ["Canary(0)", "Step(1)", "Step(2)", "Soak(3)", "Healthy"];
+    let mut at = 0;
+    for phase in &sequence {
+        if at < expected.len() && phase == expected[at] {
+            at += 1;
+        }
+    }
+    assert_eq!(
+        at,
+        expected.len(),
+        "phases {sequence:?} should pass through {expected:?} in order"
+    );
+    assert!(
+        !sequence
+            .iter()
+            .any(|p| p.starts_with("RollingBack") || p.starts_with("Degraded")),
+        "{sequence:?}"
+    );
+    assert!(
+        record.max_unavailable <= 1,
+        "maxUnavailable 1, saw {} agents down at once",
+        record.max_unavailable
+    );
+    let s = &record.last;
+    let c = checks(s);
+    println!(
+        "last verification: {}",
+        serde_json::to_string(&s["lastVerification"]).unwrap()
+    );
+    for name in [
+        "podsReady",
+        "restarts",
+        "entriesSent",
+        "sendErrors",
+        "droppedEntries",
+        "lokiEntries",
+        "cpu",
+        "memory",
+    ] {
+        let (value, _, passed) = c
+            .get(name)
+            .unwrap_or_else(|| panic!("check {name} missing in {c:?}"));
+        assert!(*passed, "{name} {value}");
+    }
+    assert!(
+        c["entriesSent"].0.parse::<f64>().unwrap() > 0.0,
+        "{:?}",
+        c["entriesSent"]
+    );
+    assert!(
+        c["lokiEntries"].0.parse::<f64>().unwrap() > 0.0,
+        "{:?}",
+        c["lokiEntries"]
+    );
+    assert!(c["memory"].0.ends_with("Mi"), "{:?}", c["memory"]);
+    assert_eq!(s["updatedNodes"], bed.nodes);
+    assert_eq!(s["stableRelease"], s["release"]);
+    assert_ne!(
+        s["release"], before["release"],
+        "an image and pipeline change is a new release"
+    );
+
+    bed.down().await;
+}
+
+#[tokio::test]
+async fn bad_release_stops_at_the_canary_and_rolls_back() {
+    let _serial = SERIAL.lock().await;
+    let testbed = ops().await;
+    let (bed, _tenant, _release1, lp) = installed(&testbed, "lprl-bad", "10s").await;
+    let before = status(&bed.client, &bed.ns, "logpipe").await.unwrap().1;
+    let stable = before["stableRevision"].as_str().unwrap().to_string();
+
+    // Release 2 pushes to a path Loki does not serve: every push answered 404.
+    let mut bad = lp.clone();
+    bad["spec"]["endpoint"] = json!(format!("{}/loki/api/v1/push-nowhere", testbed.loki_url));
+    let started = Instant::now();
+    apply(&bed.client, &bed.ns, &bad).await;
+    let record = record_until(
+        &bed.client,
+        &bed.ns,
+        bed.nodes,
+        before["stableRevision"].as_str().unwrap(),
+        Duration::from_secs(240),
+        |s| s["phase"] == "Degraded",
+    )
+    .await;
+    let s = &record.last;
+    println!("sequence: {:?}", record.sequence());
+    let detected = record
+        .first("RollingBack")
+        .map(|x| x.at)
+        .unwrap_or_else(|| record.first("Degraded").unwrap().at);
+    let degraded = record.first("Degraded").unwrap().at;
+    let rollback = degraded.saturating_sub(detected);
+    println!(
+        "canary started -> failure detected: {:.1}s; failure detected -> rollback complete (Degraded): {:.1}s; total {:.1}s",
+        detected
+            .saturating_sub(record.first("Canary").map(|x| x.at).unwrap_or_default())
+            .as_secs_f64(),
+        rollback.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    println!("status message: {}", s["message"]);
+    assert!(
+        rollback < Duration::from_secs(120),
+        "rollback took {rollback:?}"
+    );
+    assert_eq!(
+        record.moved_nodes.len(),
+        1,
+        "only the canary node ever moved: {:?}",
+        record.moved_nodes
+    );
+    assert!(
+        record.max_unavailable <= 1,
+        "saw {} agents down at once",
+        record.max_unavailable
+    );
+    assert!(
+        record.sequence().iter().all(|p| !p.starts_with("Step")),
+        "never past the canary: {:?}",
+        record.sequence()
+    );
+    assert_eq!(s["stableRevision"], stable.as_str());
+    assert_eq!(s["failedRevision"], s["targetRevision"]);
+    let degraded_condition = s["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap()
+        .clone();
+    assert_eq!(degraded_condition["status"], "True");
+    let reason = degraded_condition["message"].as_str().unwrap();
+    assert!(
+        reason.contains("sendErrors") || reason.contains("droppedEntries"),
+        "the reason names the failed check with its numbers: {reason}"
+    );
+    // Every agent back on the stable revision, Ready.
+    let pods = Api::<Pod>::namespaced(bed.client.clone(), &bed.ns)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=logpipe-agent"))
+        .await
+        .unwrap();
+    let live: Vec<&Pod> = pods
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    assert_eq!(live.len(), bed.nodes);
+    for p in &live {
+        assert_eq!(
+            p.annotations()
+                .get("logpipe.io/revision")
+                .map(String::as_str),
+            Some(stable.as_str()),
+            "{}",
+            p.name_any()
+        );
+    }
+    // And an Event says so.
+    let events = Api::<Event>::namespaced(bed.client.clone(), &bed.ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let reasons: Vec<String> = events
+        .items
+        .iter()
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    assert!(reasons.iter().any(|r| r == "RollingBack"), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r == "Degraded"), "{reasons:?}");
+
+    bed.down().await;
+}
+
+#[tokio::test]
+async fn operator_killed_mid_step_resumes_at_the_same_step() {
+    let _serial = SERIAL.lock().await;
+    let testbed = ops().await;
+    let (mut bed, _tenant, _release1, lp) = installed(&testbed, "lprl-kill", "30s").await;
+    let before = status(&bed.client, &bed.ns, "logpipe").await.unwrap().1;
+
+    let mut next = lp.clone();
+    next["spec"]["pipeline"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"staticLabels": {"release": "2"}}));
+    apply(&bed.client, &bed.ns, &next).await;
+    let old_target = before["targetRevision"].clone();
+    // Kill it while step 1 verifies (its window just started).
+    let at_step = record_until(
+        &bed.client,
+        &bed.ns,
+        bed.nodes,
+        before["stableRevision"].as_str().unwrap(),
+        Duration::from_secs(180),
+        |s| {
+            s["targetRevision"] != old_target
+                && s["currentStep"] == 1
+                && s["windowStartedAt"].is_string()
+        },
+    )
+    .await
+    .last;
+    bed.operator.kill().await;
+    let killed = Instant::now();
+    println!("operator killed at step 1 ({})", at_step["message"]);
+    let moved = |s: &serde_json::Value| s["updatedNodes"].as_i64().unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let pods = Api::<Pod>::namespaced(bed.client.clone(), &bed.ns)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=logpipe-agent"))
+        .await
+        .unwrap();
+    let target = at_step["targetRevision"].as_str().unwrap();
+    let on_target = pods
+        .items
+        .iter()
+        .filter(|p| {
+            p.annotations()
+                .get("logpipe.io/revision")
+                .map(String::as_str)
+                == Some(target)
+        })
+        .count() as i64;
+    assert_eq!(
+        on_target,
+        moved(&at_step),
+        "nothing moves while the operator is down"
+    );
+
+    bed.operator = Operator::start(&testbed, "ops", &bed.ns, "second").await;
+    // The new operator's first write (the message counts the window down).
+    let first_message = at_step["message"].clone();
+    let resumed = record_until(
+        &bed.client,
+        &bed.ns,
+        bed.nodes,
+        before["stableRevision"].as_str().unwrap(),
+        Duration::from_secs(60),
+        |s| s["message"] != first_message,
+    )
+    .await
+    .last;
+    println!(
+        "new operator reconciled {:.1}s after the kill: {}",
+        killed.elapsed().as_secs_f64(),
+        resumed["message"]
+    );
+    assert_eq!(resumed["targetRevision"], at_step["targetRevision"]);
+    if resumed["currentStep"] == 1 {
+        assert_eq!(
+            resumed["stepStartedAt"], at_step["stepStartedAt"],
+            "same step, same start"
+        );
+        assert_eq!(
+            resumed["windowStartedAt"], at_step["windowStartedAt"],
+            "the window goes on"
+        );
+    } else {
+        // The window ended while the operator was down: it passed on, never went back.
+        assert_eq!(resumed["currentStep"], 2, "{resumed}");
+    }
+    let record = record_until(
+        &bed.client,
+        &bed.ns,
+        bed.nodes,
+        before["stableRevision"].as_str().unwrap(),
+        Duration::from_secs(240),
+        |s| {
+            s["phase"] == "Healthy"
+                && s["stableRevision"] == s["targetRevision"]
+                && s["targetRevision"] != old_target
+        },
+    )
+    .await;
+    assert!(
+        !record
+            .sequence()
+            .iter()
+            .any(|p| p.starts_with("Canary") || p.starts_with("RollingBack")),
+        "resumed, not restarted: {:?}",
+        record.sequence()
+    );
+    println!("finished after the restart: {:?}", record.sequence());
+
+    bed.down().await;
+}
+
+/// The phase of each cluster's LogPipeline over time.
+#[derive(Default, Debug)]
+struct Timeline {
+    /// (cluster, seconds since start, phase, currentStep, message)
+    events: Vec<(String, f64, String, Option<i64>, String)>,
+    /// Clusters where a pod of a revision other than `held` ran, per cluster.
+    moved: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+}
+
+impl Timeline {
+    fn first(&self, cluster: &str, phase: &str) -> Option<f64> {
+        self.events
+            .iter()
+            .find(|(c, _, p, _, _)| c == cluster && p == phase)
+            .map(|(_, t, _, _, _)| *t)
+    }
+    fn phases(&self, cluster: &str) -> Vec<String> {
+        self.events
+            .iter()
+            .filter(|(c, ..)| c == cluster)
+            .map(|(_, _, p, s, _)| match s {
+                Some(i) => format!("{p}({i})"),
+                None => p.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Poll every cluster's LogPipeline (and agent pods) until `done` holds for the statuses.
+/// `stable`: per cluster, the revision pods run before the change (pods on any other
+/// revision are recorded as moved).
+async fn watch_clusters(
+    beds: &[(&str, &Bed)],
+    stable: &std::collections::BTreeMap<String, String>,
+    timeout: Duration,
+    done: impl Fn(&std::collections::BTreeMap<String, serde_json::Value>) -> bool,
+) -> Timeline {
+    let started = Instant::now();
+    let mut timeline = Timeline::default();
+    let mut last: std::collections::BTreeMap<String, (String, Option<i64>)> = Default::default();
+    loop {
+        let mut statuses = std::collections::BTreeMap::new();
+        for (cluster, bed) in beds {
+            let Ok((_, s)) = status(&bed.client, &bed.ns, "logpipe").await else {
+                continue;
+            };
+            let phase = s["phase"].as_str().unwrap_or("").to_string();
+            let step = s["currentStep"].as_i64();
+            if !phase.is_empty() && last.get(*cluster) != Some(&(phase.clone(), step)) {
+                let t = started.elapsed().as_secs_f64();
+                let message = s["message"].as_str().unwrap_or("").to_string();
+                println!(
+                    "  {t:>6.1}s  {cluster:<5} {phase:<12} step {:<4} {message}",
+                    step.map_or("-".into(), |i| i.to_string())
+                );
+                timeline
+                    .events
+                    .push((cluster.to_string(), t, phase.clone(), step, message));
+                last.insert(cluster.to_string(), (phase, step));
+            }
+            if let Some(held) = stable.get(*cluster)
+                && let Ok(pods) = Api::<Pod>::namespaced(bed.client.clone(), &bed.ns)
+                    .list(&ListParams::default().labels("app.kubernetes.io/name=logpipe-agent"))
+                    .await
+            {
+                for p in pods.items {
+                    let revision = p
+                        .annotations()
+                        .get("logpipe.io/revision")
+                        .cloned()
+                        .unwrap_or_default();
+                    if &revision != held {
+                        let node = p.spec.and_then(|s| s.node_name).unwrap_or_default();
+                        timeline
+                            .moved
+                            .entry(cluster.to_string())
+                            .or_default()
+                            .insert(node);
+                    }
+                }
+            }
+            statuses.insert(cluster.to_string(), s);
+        }
+        if statuses.len() == beds.len() && done(&statuses) {
+            return timeline;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?}: {:?}",
+            timeline.events
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A Secret holding `cluster`'s credentials: its kubeconfig, or ArgoCD's cluster Secret
+/// format built from it.
+fn gate_secret(
+    testbed: &Testbed,
+    cluster: &str,
+    ns: &str,
+    argocd: bool,
+) -> k8s_openapi::api::core::v1::Secret {
+    let text = std::fs::read_to_string(testbed.kubeconfig(cluster)).unwrap();
+    let mut data = std::collections::BTreeMap::new();
+    if argocd {
+        let kc: serde_json::Value = serde_yaml::from_str(&text).unwrap();
+        let c = &kc["clusters"][0]["cluster"];
+        let u = &kc["users"][0]["user"];
+        let config = json!({"tlsClientConfig": {
+            "caData": c["certificate-authority-data"],
+            "certData": u["client-certificate-data"],
+            "keyData": u["client-key-data"],
+        }});
+        data.insert("name".to_string(), cluster.to_string());
+        data.insert(
+            "server".to_string(),
+            c["server"].as_str().unwrap().to_string(),
+        );
+        data.insert("config".to_string(), config.to_string());
+    } else {
+        data.insert("kubeconfig".to_string(), text);
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": format!("cluster-{cluster}"), "namespace": ns,
+                     "labels": if argocd { json!({"argocd.argoproj.io/secret-type": "cluster"}) } else { json!({}) }},
+        "stringData": data,
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn gate_moves_a_release_ops_then_dev_then_prod_and_holds_a_bad_one() {
+    let _serial = SERIAL.lock().await;
+    let testbed = Testbed::ensure(&["ops", "dev", "prod"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let suffix = unique_suffix();
+    let ns = format!("lprl-gate-{suffix}");
+    let ops = Bed::up(&testbed, "ops", &ns).await;
+    let dev = Bed::up(&testbed, "dev", &ns).await;
+    let prod = Bed::up(&testbed, "prod", &ns).await;
+    // dev gates on ops with a kubeconfig, prod on dev with an ArgoCD cluster Secret.
+    for (bed, upstream, argocd) in [(&dev, "ops", false), (&prod, "dev", true)] {
+        let secret = gate_secret(&testbed, upstream, &ns, argocd);
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(bed.client.clone(), &ns)
+            .patch(
+                &secret.name_any(),
+                &kube::api::PatchParams::apply("e2e-rollout").force(),
+                &kube::api::Patch::Apply(&secret),
+            )
+            .await
+            .unwrap();
+    }
+    let tag1 = format!("e2e-{suffix}-g1");
+    let release1 = publish(&testbed, &tag1);
+    let image1 = release1.image.clone();
+    let spec_for = |cluster: &str, image: &str, extra_stage: Option<serde_json::Value>| {
+        let mut lp = pipeline(
+            &ns,
+            &format!("{cluster}-{suffix}"),
+            image,
+            &testbed.loki_url,
+            "8s",
+        );
+        if let Some(stage) = extra_stage {
+            lp["spec"]["pipeline"].as_array_mut().unwrap().push(stage);
+        }
+        let upstream = match cluster {
+            "dev" => Some("ops"),
+            "prod" => Some("dev"),
+            _ => None,
+        };
+        if let Some(up) = upstream {
+            lp["spec"]["rollout"]["gate"] = json!({
+                "clusterSecretRef": {"name": format!("cluster-{up}"), "key": if up == "ops" { "kubeconfig" } else { "config" }},
+                "namespace": ns,
+                "name": "logpipe",
+                "soak": "5s",
+            });
+        }
+        lp
+    };
+    let beds = [("ops", &ops), ("dev", &dev), ("prod", &prod)];
+
+    // 1. Release 1 applied everywhere at once: installed ops, then dev, then prod.
+    println!("release 1 applied to ops, dev and prod at once");
+    for (cluster, bed) in &beds {
+        apply(&bed.client, &ns, &spec_for(cluster, &image1, None)).await;
+    }
+    let all_healthy = |s: &std::collections::BTreeMap<String, serde_json::Value>| {
+        s.values().all(|s| {
+            s["phase"] == "Healthy"
+                && s["stableRevision"] == s["targetRevision"]
+                && s["readyNodes"] == s["desiredNodes"]
+        })
+    };
+    let install = watch_clusters(
+        &beds,
+        &Default::default(),
+        Duration::from_secs(400),
+        all_healthy,
+    )
+    .await;
+    let healthy_at = |t: &Timeline, c: &str| t.first(c, "Healthy").unwrap();
+    println!(
+        "installed: ops Healthy at {:.1}s, dev at {:.1}s, prod at {:.1}s",
+        healthy_at(&install, "ops"),
+        healthy_at(&install, "dev"),
+        healthy_at(&install, "prod")
+    );
+    assert!(healthy_at(&install, "ops") + 5.0 <= healthy_at(&install, "dev"));
+    assert!(healthy_at(&install, "dev") + 5.0 <= healthy_at(&install, "prod"));
+    assert_eq!(
+        install.phases("dev").first().map(String::as_str),
+        Some("Pending(0)"),
+        "dev waits for ops first"
+    );
+    let dev_status = status(&dev.client, &ns, "logpipe").await.unwrap().1;
+    println!("dev gate status: {}", dev_status["gate"]);
+    assert_eq!(dev_status["gate"]["open"], true);
+
+    // 2. Release 2 (new image tag, new stage) everywhere at once: ops, then dev, then prod.
+    let stables = |_: ()| async {
+        let mut m = std::collections::BTreeMap::new();
+        for (cluster, bed) in &beds {
+            let s = status(&bed.client, &ns, "logpipe").await.unwrap().1;
+            m.insert(
+                cluster.to_string(),
+                s["stableRevision"].as_str().unwrap().to_string(),
+            );
+        }
+        m
+    };
+    let stable1 = stables(()).await;
+    let tag2 = format!("e2e-{suffix}-g2");
+    let release2 = publish(&testbed, &tag2);
+    let image2 = release2.image.clone();
+    println!("release 2 applied to ops, dev and prod at once");
+    for (cluster, bed) in &beds {
+        apply(
+            &bed.client,
+            &ns,
+            &spec_for(
+                cluster,
+                &image2,
+                Some(json!({"staticLabels": {"release": "2"}})),
+            ),
+        )
+        .await;
+    }
+    let good = watch_clusters(&beds, &stable1, Duration::from_secs(500), |s| {
+        all_healthy(s)
+            && s.iter()
+                .all(|(c, s)| s["stableRevision"].as_str() != stable1.get(c).map(String::as_str))
+    })
+    .await;
+    let canary = |c: &str| good.first(c, "Canary").unwrap();
+    let healthy = |c: &str| {
+        good.events
+            .iter()
+            .filter(|(cl, _, p, ..)| cl == c && p == "Healthy")
+            .map(|(_, t, ..)| *t)
+            .next_back()
+            .unwrap()
+    };
+    println!(
+        "release 2: ops canary {:.1}s Healthy {:.1}s; dev canary {:.1}s Healthy {:.1}s; prod canary {:.1}s Healthy {:.1}s",
+        canary("ops"),
+        healthy("ops"),
+        canary("dev"),
+        healthy("dev"),
+        canary("prod"),
+        healthy("prod")
+    );
+    assert!(
+        healthy("ops") <= canary("dev"),
+        "dev moves only after ops is Healthy"
+    );
+    assert!(
+        healthy("dev") <= canary("prod"),
+        "prod moves only after dev is Healthy"
+    );
+    for c in ["ops", "dev", "prod"] {
+        let p = good.phases(c);
+        assert!(p.iter().any(|x| x == "Step(2)"), "{c}: {p:?}");
+    }
+
+    // 3. A bad release (an image that was never published): the ops canary fails and rolls
+    // back; dev and prod never move a node.
+    let stable2 = stables(()).await;
+    let bad_image = format!("reg.local/logpipe-agent:e2e-{suffix}-never-published");
+    println!("bad release applied to ops, dev and prod at once");
+    let applied = Instant::now();
+    for (cluster, bed) in &beds {
+        apply(
+            &bed.client,
+            &ns,
+            &spec_for(
+                cluster,
+                &bad_image,
+                Some(json!({"staticLabels": {"release": "2"}})),
+            ),
+        )
+        .await;
+    }
+    let bad = watch_clusters(&beds, &stable2, Duration::from_secs(300), |s| {
+        s["ops"]["phase"] == "Degraded"
+    })
+    .await;
+    // Keep watching a little: dev and prod must stay held.
+    let after = watch_clusters(&beds, &stable2, Duration::from_secs(120), |_| {
+        applied.elapsed() > Duration::from_secs(75)
+    })
+    .await;
+    let detected = bad.first("ops", "RollingBack").unwrap_or_default();
+    let degraded = bad.first("ops", "Degraded").unwrap();
+    println!(
+        "bad release: ops failure detected at {detected:.1}s, rolled back (Degraded) at {degraded:.1}s ({:.1}s); moved: {:?}",
+        degraded - detected,
+        bad.moved
+    );
+    assert!(degraded - detected < 120.0);
+    assert!(
+        bad.moved.get("ops").is_none_or(|n| n.len() <= 1),
+        "at most the ops canary node moved (a pod that never pulls its image lives for a second or two; the poll may miss it): {:?}",
+        bad.moved
+    );
+    let ops_status = status(&ops.client, &ns, "logpipe").await.unwrap().1;
+    assert_eq!(ops_status["phase"], "Degraded");
+    assert!(
+        ops_status["rollbackReason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("canary failed"),
+        "{}",
+        ops_status["rollbackReason"]
+    );
+    assert!(
+        !bad.moved.contains_key("dev") && !after.moved.contains_key("dev"),
+        "dev never moved: {:?}",
+        after.moved
+    );
+    assert!(
+        !bad.moved.contains_key("prod") && !after.moved.contains_key("prod"),
+        "prod never moved"
+    );
+    for bed in [&dev, &prod] {
+        let s = status(&bed.client, &ns, "logpipe").await.unwrap().1;
+        assert_eq!(s["phase"], "Pending", "{s}");
+        println!("held: {}", s["gate"]["message"]);
+    }
+
+    for bed in [ops, dev, prod] {
+        bed.down().await;
+    }
+}

@@ -1,0 +1,774 @@
+//! Pieces of the rollout tests: an operator process per test and cluster, the node
+//! simulator (the test bed's, or one started here), released agent images, workload pods
+//! with logs on every node, and a poller that records what status and pods went through.
+//!
+//! Everything started here is stopped when its guard is dropped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+};
+use kube::{Client, ResourceExt};
+use logpipe_e2e::loggen::{ContainerLog, CriWriter, numbered_line};
+use logpipe_e2e::{Testbed, repo_root, unique_suffix, workspace_binary};
+use serde_json::{Value, json};
+
+pub fn lp_api(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("logpipe.io", "v1alpha1", "LogPipeline"),
+        "logpipelines",
+    );
+    Api::namespaced_with(client.clone(), ns, &resource)
+}
+
+/// Poll `check` until it returns `Ok`, or fail with `what` and the last observation.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let started = Instant::now();
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if started.elapsed() > timeout => {
+                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// The operator as a child process, limited to one namespace; SIGKILLed when dropped.
+pub struct Operator {
+    child: Option<tokio::process::Child>,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    pub async fn start(testbed: &Testbed, cluster: &str, ns: &str, identity: &str) -> Self {
+        let port = free_port();
+        let log = testbed
+            .dir
+            .join(format!("operator-{cluster}-{ns}-{identity}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = tokio::process::Command::new(workspace_binary("logpipe-operator"))
+            .env("KUBECONFIG", testbed.kubeconfig(cluster))
+            .env("RUST_LOG", "info,logpipe_operator=debug")
+            .args(["--namespace", ns, "--lease-namespace", ns])
+            .args(["--identity", identity, "--log-format", "text"])
+            .args([
+                "--lease-duration-seconds",
+                "6",
+                "--lease-grace-seconds",
+                "2",
+            ])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let http = logpipe_e2e::http_client();
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        wait_for("the operator's /readyz", Duration::from_secs(30), || {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                match http.get(&url).send().await {
+                    Ok(r) if r.status().is_success() => Ok(()),
+                    Ok(r) => Err(r.status().to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        })
+        .await;
+        Self {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+/// The node simulator of a cluster: the test bed's when it runs, else ours (SIGTERM on
+/// drop, then SIGKILL after 30 s).
+pub struct Simulator {
+    child: Option<std::process::Child>,
+}
+
+impl Simulator {
+    pub fn ensure(testbed: &Testbed, cluster: &str) -> Self {
+        let candidates = [
+            testbed
+                .dir
+                .join("pids")
+                .join(format!("{cluster}-nodesim.pid")),
+            testbed
+                .dir
+                .join(cluster)
+                .join("nodesim")
+                .join("nodesim.pid"),
+        ];
+        for file in &candidates {
+            let pid = std::fs::read_to_string(file).ok().and_then(|text| {
+                text.split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse::<i32>().ok())
+            });
+            if let Some(pid) = pid
+                && logpipe_e2e::nodesim::is_simulator(pid)
+            {
+                return Self { child: None };
+            }
+        }
+        let log = std::fs::File::create(
+            testbed
+                .dir
+                .join(format!("nodesim-{cluster}-e2e-rollout.log")),
+        )
+        .unwrap();
+        let child = std::process::Command::new(workspace_binary("logpipe-nodesim"))
+            .arg("--kubeconfig")
+            .arg(testbed.kubeconfig(cluster))
+            .arg("--cluster")
+            .arg(cluster)
+            .arg("--testbed-dir")
+            .arg(&testbed.dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self { child: Some(child) }
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        for _ in 0..300 {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A released agent image for the node simulator; unpublished when dropped (also when a
+/// test fails).
+pub struct Release {
+    dir: PathBuf,
+    pub image: String,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// "Publish" the built agent as `reg.local/logpipe-agent:<tag>` for the node simulator
+/// (a hard link, renamed into place so a starting pod never sees half a file).
+pub fn publish(testbed: &Testbed, tag: &str) -> Release {
+    let dir = testbed.dir.join("images").join(tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    let binary = workspace_binary("logpipe-agent");
+    let tmp = dir.join(format!(".logpipe-agent.{}", unique_suffix()));
+    if std::fs::hard_link(&binary, &tmp).is_err() {
+        std::fs::copy(&binary, &tmp).unwrap();
+    }
+    std::fs::rename(&tmp, dir.join("logpipe-agent")).unwrap();
+    Release {
+        dir,
+        image: format!("reg.local/logpipe-agent:{tag}"),
+    }
+}
+
+/// Install the committed CRD (what the operator's types generate).
+pub async fn install_crd(client: &Client) {
+    let crd: CustomResourceDefinition = serde_yaml::from_str(
+        &std::fs::read_to_string(repo_root().join("crds/logpipe.io_logpipelines.yaml")).unwrap(),
+    )
+    .unwrap();
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .patch(
+            "logpipelines.logpipe.io",
+            &PatchParams::apply("e2e-rollout").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "the CRD to be established",
+        Duration::from_secs(30),
+        || async {
+            let crd = Api::<CustomResourceDefinition>::all(client.clone())
+                .get("logpipelines.logpipe.io")
+                .await
+                .map_err(|e| e.to_string())?;
+            let established = crd.status.and_then(|s| s.conditions).is_some_and(|c| {
+                c.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            });
+            established
+                .then_some(())
+                .ok_or_else(|| "not established".to_string())
+        },
+    )
+    .await;
+}
+
+pub async fn create_namespace(client: &Client, name: &str) {
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::apply("e2e-rollout"),
+            &Patch::Apply(
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
+            ),
+        )
+        .await
+        .unwrap();
+}
+
+pub async fn delete_namespace(client: &Client, name: &str) {
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(name, &DeleteParams::default())
+        .await;
+}
+
+/// A workload DaemonSet (plain pods, run by KWOK) in `ns`: something to log on every node.
+/// Returns the Running pods once there is one per node.
+pub async fn workload(client: &Client, ns: &str, nodes: usize) -> Vec<Pod> {
+    let ds = json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "workload", "namespace": ns},
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/name": "workload"}},
+            "template": {
+                "metadata": {"labels": {"app.kubernetes.io/name": "workload"}},
+                "spec": {
+                    "tolerations": [{"operator": "Exists"}],
+                    "containers": [{"name": "app", "image": "registry.example/app:1"}]
+                }
+            }
+        }
+    });
+    Api::<DaemonSet>::namespaced(client.clone(), ns)
+        .patch(
+            "workload",
+            &PatchParams::apply("e2e-rollout").force(),
+            &Patch::Apply(&ds),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "workload pods Running on every node",
+        Duration::from_secs(60),
+        || async {
+            let pods: Vec<Pod> = Api::<Pod>::namespaced(client.clone(), ns)
+                .list(&ListParams::default().labels("app.kubernetes.io/name=workload"))
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .into_iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .collect();
+            (pods.len() >= nodes)
+                .then_some(pods.clone())
+                .ok_or_else(|| format!("{} Running", pods.len()))
+        },
+    )
+    .await
+}
+
+/// Writes a CRI line every 200 ms for each workload pod until dropped.
+pub struct LogWriter {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LogWriter {
+    pub fn start(cluster_dir: &Path, pods: &[Pod], prefix: &str) -> Self {
+        let mut writers = Vec::new();
+        for pod in pods {
+            let (Some(spec), Some(name), Some(uid), Some(ns)) = (
+                pod.spec.as_ref(),
+                pod.metadata.name.clone(),
+                pod.metadata.uid.clone(),
+                pod.metadata.namespace.clone(),
+            ) else {
+                continue;
+            };
+            let Some(node) = spec.node_name.clone() else {
+                continue;
+            };
+            let log = ContainerLog {
+                namespace: ns,
+                pod: name,
+                uid,
+                container: "app".into(),
+                node,
+            };
+            let writer = CriWriter::open(log.path(cluster_dir, 0)).unwrap();
+            writers.push((log, writer));
+        }
+        let prefix = prefix.to_string();
+        let task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_millis(200));
+            // Bounded: a test never runs an hour.
+            for seq in 0..18_000u64 {
+                ticker.tick().await;
+                for (log, writer) in &mut writers {
+                    let _ = writer.line("stdout", &numbered_line(&prefix, &log.pod, seq));
+                }
+            }
+        });
+        Self { task }
+    }
+}
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Test-bed shim, until the node simulator does it itself: when KWOK's node heartbeats
+/// lapse under load (two shared cores), the node lifecycle controller marks every pod of
+/// the node `Ready=False` (event `NodeNotReady`), and the simulator, which writes a pod's
+/// status only when its own view changes, never writes `Ready=True` back, although the
+/// agent's readiness probe passes (`ContainersReady=True`). A kubelet's status manager
+/// would; this task does it for the agent pods of one namespace, every second.
+pub struct ReadyResync {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReadyResync {
+    pub fn start(client: &Client, ns: &str) -> Self {
+        let api = Api::<Pod>::namespaced(client.clone(), ns);
+        let task = tokio::spawn(async move {
+            for _ in 0..3600u32 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Ok(list) = api
+                    .list(&ListParams::default().labels("app.kubernetes.io/name=logpipe-agent"))
+                    .await
+                else {
+                    continue;
+                };
+                for pod in list.items {
+                    let name = pod.name_any();
+                    let deleting = pod.metadata.deletion_timestamp.is_some();
+                    let Some(mut conditions) = pod.status.and_then(|s| s.conditions) else {
+                        continue;
+                    };
+                    let is =
+                        |t: &str, v: &str| conditions.iter().any(|c| c.type_ == t && c.status == v);
+                    if deleting || !(is("ContainersReady", "True") && is("Ready", "False")) {
+                        continue;
+                    }
+                    for c in &mut conditions {
+                        if c.type_ == "Ready" {
+                            c.status = "True".into();
+                            c.reason = None;
+                            c.message = None;
+                        }
+                    }
+                    let patch = json!({"status": {"conditions": conditions}});
+                    let _ = api
+                        .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
+                        .await;
+                }
+            }
+        });
+        Self { task }
+    }
+}
+
+impl Drop for ReadyResync {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A LogPipeline for the rollout tests: real agents (`kwok.x-k8s.io/status: custom`),
+/// the test bed's Loki for pushes and verification queries, short windows.
+pub fn pipeline(ns: &str, tenant: &str, image: &str, loki: &str, window: &str) -> Value {
+    json!({
+        "apiVersion": "logpipe.io/v1alpha1",
+        "kind": "LogPipeline",
+        "metadata": {"name": "logpipe", "namespace": ns},
+        "spec": {
+            "tenant": tenant,
+            "endpoint": format!("{loki}/loki/api/v1/push"),
+            "agent": {
+                "image": image,
+                "tolerations": [{"operator": "Exists"}],
+                "podAnnotations": {"kwok.x-k8s.io/status": "custom"},
+                "shutdownTimeoutSeconds": 5,
+            },
+            "pipeline": [
+                {"cri": {}},
+                {"timestamp": {"source": "time", "format": "RFC3339"}},
+                {"labelDrop": ["filename"]},
+            ],
+            "rollout": {
+                "maxUnavailable": 1,
+                "steps": [{"canary": {"nodes": 1}}, {"percent": 40}, {"percent": 100}],
+                "verify": {
+                    "window": window,
+                    "queryEndpoint": loki,
+                    "maxCpu": "2",
+                    "maxMemory": "500Mi",
+                },
+                "soak": "5s",
+            },
+        },
+    })
+}
+
+pub async fn apply(client: &Client, ns: &str, lp: &Value) {
+    let name = lp["metadata"]["name"].as_str().unwrap();
+    lp_api(client, ns)
+        .patch(
+            name,
+            &PatchParams::apply("e2e-rollout").force(),
+            &Patch::Apply(lp),
+        )
+        .await
+        .unwrap();
+}
+
+pub async fn status(client: &Client, ns: &str, name: &str) -> Result<(Option<i64>, Value), String> {
+    let lp = lp_api(client, ns)
+        .get(name)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((lp.metadata.generation, lp.data["status"].clone()))
+}
+
+/// Wait for Healthy at the current generation with every node ready.
+pub async fn wait_healthy(client: &Client, ns: &str, nodes: usize, timeout: Duration) -> Value {
+    wait_for("LogPipeline Healthy", timeout, || async {
+        let (generation, s) = status(client, ns, "logpipe").await?;
+        let ok = s["phase"] == "Healthy"
+            && s["readyNodes"] == nodes
+            && s["observedGeneration"].as_i64() == generation;
+        ok.then(|| s.clone()).ok_or_else(|| s.to_string())
+    })
+    .await
+}
+
+/// One moment of a rollout as seen from outside.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub at: Duration,
+    pub phase: String,
+    pub step: Option<i64>,
+    pub message: String,
+}
+
+/// Everything a poll loop saw until `done` held.
+#[derive(Debug, Default)]
+pub struct Record {
+    /// Distinct (phase, step) in order.
+    pub phases: Vec<Seen>,
+    /// Nodes that ran a pod of another revision than the stable one at some point.
+    pub moved_nodes: BTreeSet<String>,
+    /// Most agent pods unavailable at once (not Ready, terminating or missing).
+    pub max_unavailable: usize,
+    pub last: Value,
+}
+
+impl Record {
+    pub fn sequence(&self) -> Vec<String> {
+        self.phases
+            .iter()
+            .map(|s| match s.step {
+                Some(i) => format!("{}({i})", s.phase),
+                None => s.phase.clone(),
+            })
+            .collect()
+    }
+
+    pub fn first(&self, phase: &str) -> Option<&Seen> {
+        self.phases.iter().find(|s| s.phase == phase)
+    }
+}
+
+/// Poll status and pods every 250 ms until `done(status)`; a node whose pod is not at
+/// `stable` (the revision before the change) counts as moved.
+pub async fn record_until(
+    client: &Client,
+    ns: &str,
+    nodes: usize,
+    stable: &str,
+    timeout: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Record {
+    let started = Instant::now();
+    let mut record = Record::default();
+    let pods_api = Api::<Pod>::namespaced(client.clone(), ns);
+    loop {
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?}; saw {:?}; last status {}",
+            record.sequence(),
+            record.last
+        );
+        let Ok((_, s)) = status(client, ns, "logpipe").await else {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
+        };
+        let phase = s["phase"].as_str().unwrap_or("").to_string();
+        let step = s["currentStep"].as_i64();
+        if record
+            .phases
+            .last()
+            .is_none_or(|l| l.phase != phase || l.step != step)
+        {
+            let seen = Seen {
+                at: started.elapsed(),
+                phase,
+                step,
+                message: s["message"].as_str().unwrap_or("").to_string(),
+            };
+            println!(
+                "  {:>6.1}s  {:<12} step {:<4} {}",
+                seen.at.as_secs_f64(),
+                seen.phase,
+                seen.step.map_or("-".into(), |i| i.to_string()),
+                seen.message
+            );
+            record.phases.push(seen);
+        }
+        if let Ok(list) = pods_api
+            .list(&ListParams::default().labels("app.kubernetes.io/name=logpipe-agent"))
+            .await
+        {
+            let mut ready = 0;
+            for p in &list.items {
+                let revision = p
+                    .annotations()
+                    .get("logpipe.io/revision")
+                    .cloned()
+                    .unwrap_or_default();
+                let node = p
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_default();
+                if revision != stable {
+                    record.moved_nodes.insert(node);
+                }
+                // The agent's own readiness (ContainersReady): the pod's Ready condition
+                // also drops when KWOK's node heartbeats lapse (see ReadyResync).
+                let is_ready = p.metadata.deletion_timestamp.is_none()
+                    && p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| {
+                            c.iter()
+                                .any(|c| c.type_ == "ContainersReady" && c.status == "True")
+                        });
+                if is_ready {
+                    ready += 1;
+                }
+            }
+            let down = nodes.saturating_sub(ready);
+            if down > record.max_unavailable {
+                record.max_unavailable = down;
+                let names: Vec<String> = list
+                    .items
+                    .iter()
+                    .map(|p| {
+                        let conditions = p
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .map(|c| {
+                                c.iter()
+                                    .map(|c| format!("{}={}", c.type_, c.status))
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            })
+                            .unwrap_or_default();
+                        format!(
+                            "{}{} [{conditions}]",
+                            p.name_any(),
+                            if p.metadata.deletion_timestamp.is_some() {
+                                " (terminating)"
+                            } else {
+                                ""
+                            }
+                        )
+                    })
+                    .collect();
+                println!("  {down} agents down: {}", names.join("; "));
+            }
+        }
+        record.last = s.clone();
+        if done(&s) {
+            return record;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The checks of `status.lastVerification` by name: (value, limit, passed).
+pub fn checks(s: &Value) -> BTreeMap<String, (String, String, bool)> {
+    s["lastVerification"]["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap_or("").to_string(),
+                (
+                    c["value"].as_str().unwrap_or("").to_string(),
+                    c["limit"].as_str().unwrap_or("").to_string(),
+                    c["passed"].as_bool().unwrap_or(false),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// One cluster of one test: namespace, node simulator, operator, workload with logs.
+pub struct Bed {
+    testbed: Testbed,
+    cluster: String,
+    cleaned: bool,
+    pub client: Client,
+    pub ns: String,
+    pub nodes: usize,
+    pub operator: Operator,
+    _resync: ReadyResync,
+    _logs: LogWriter,
+    _simulator: Simulator,
+}
+
+impl Bed {
+    pub async fn up(testbed: &Testbed, cluster: &str, ns: &str) -> Self {
+        let client = testbed.client(cluster).await.unwrap();
+        install_crd(&client).await;
+        create_namespace(&client, ns).await;
+        let simulator = Simulator::ensure(testbed, cluster);
+        let node_count = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+            .list_metadata(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len();
+        let pods = workload(&client, ns, node_count).await;
+        let logs = LogWriter::start(&testbed.dir.join(cluster), &pods, "rollout");
+        let operator = Operator::start(testbed, cluster, ns, "first").await;
+        let resync = ReadyResync::start(&client, ns);
+        Self {
+            _resync: resync,
+            testbed: testbed.clone(),
+            cluster: cluster.to_string(),
+            cleaned: false,
+            client,
+            ns: ns.to_string(),
+            nodes: node_count,
+            operator,
+            _logs: logs,
+            _simulator: simulator,
+        }
+    }
+
+    pub async fn down(mut self) {
+        println!("operator log: {}", self.operator.log.display());
+        // The LogPipeline first, so the finalizer runs while the operator still does.
+        let _ = lp_api(&self.client, &self.ns)
+            .delete("logpipe", &DeleteParams::default())
+            .await;
+        let client = self.client.clone();
+        let ns = self.ns.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(30), async {
+            while matches!(lp_api(&client, &ns).get_opt("logpipe").await, Ok(Some(_))) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+        .await;
+        self.operator.kill().await;
+        delete_namespace(&self.client, &self.ns).await;
+        self.cleaned = true;
+    }
+}
+
+impl Drop for Bed {
+    /// A failed test still deletes its namespace (its agents would run on otherwise), from
+    /// a thread with its own runtime: the test's runtime may be unwinding.
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let testbed = self.testbed.clone();
+        let cluster = self.cluster.clone();
+        let ns = self.ns.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(client) = testbed.client(&cluster).await else {
+                    return;
+                };
+                // The operator still runs (fields drop after this): let its finalizer
+                // delete the cluster-scoped objects, then make sure nothing holds the
+                // namespace.
+                let api = lp_api(&client, &ns);
+                let _ = api.delete("logpipe", &DeleteParams::default()).await;
+                for _ in 0..40 {
+                    if !matches!(api.get_opt("logpipe").await, Ok(Some(_))) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                let _ = api
+                    .patch(
+                        "logpipe",
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                    )
+                    .await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), delete_namespace(&client, &ns))
+                        .await;
+            });
+        })
+        .join();
+    }
+}
