@@ -44,29 +44,30 @@ enum Command {
     },
 }
 
+/// Global, so they may follow the subcommand too: `logpipe-operator run --namespace x`.
 #[derive(clap::Args)]
 struct RunArgs {
     /// Agent image used when a LogPipeline sets none.
     #[arg(long, env = "LOGPIPE_AGENT_IMAGE", default_value = DEFAULT_AGENT_IMAGE, global = true)]
     agent_image: String,
     /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "LOGPIPE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "LOGPIPE_METRICS_ADDR", default_value = "0.0.0.0:8080", global = true)]
     metrics_addr: SocketAddr,
     /// Reconcile only the LogPipelines of this namespace (default: all namespaces).
-    #[arg(long, env = "LOGPIPE_WATCH_NAMESPACE")]
+    #[arg(long, env = "LOGPIPE_WATCH_NAMESPACE", global = true)]
     namespace: Option<String>,
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default", global = true)]
     lease_namespace: String,
-    #[arg(long, default_value = "logpipe-operator")]
+    #[arg(long, default_value = "logpipe-operator", global = true)]
     lease_name: String,
     /// Unique per replica (the pod name in a cluster).
-    #[arg(long, env = "POD_NAME")]
+    #[arg(long, env = "POD_NAME", global = true)]
     identity: Option<String>,
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 15, global = true)]
     lease_duration_seconds: u64,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, global = true)]
     lease_grace_seconds: u64,
-    #[arg(long, value_enum, env = "LOGPIPE_LOG_FORMAT", default_value = "json")]
+    #[arg(long, value_enum, env = "LOGPIPE_LOG_FORMAT", default_value = "json", global = true)]
     log_format: LogFormat,
 }
 

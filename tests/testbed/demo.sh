@@ -19,7 +19,9 @@ say "building logpipe (cargo build --bins)"
 # "Publish" the agent release the operator deploys by default: the node simulator maps the
 # image tag to target/testbed/images/<tag>/logpipe-agent, as a registry would serve it.
 mkdir -p "$TESTBED/images/$VERSION"
-cp "$DEBUG/logpipe-agent" "$TESTBED/images/$VERSION/logpipe-agent"
+# Copy, then rename: running agents keep the old file, a starting pod never sees half a file.
+cp "$DEBUG/logpipe-agent" "$TESTBED/images/$VERSION/logpipe-agent.tmp"
+mv "$TESTBED/images/$VERSION/logpipe-agent.tmp" "$TESTBED/images/$VERSION/logpipe-agent"
 say "agent release ghcr.io/logpipe/logpipe-agent:$VERSION published to the test bed"
 
 start_bg() {  # NAME CMD...: a test-bed process, stopped by make testbed-down
@@ -52,8 +54,10 @@ YAML
 kc -n demo-apps rollout status deploy/checkout --timeout=60s >/dev/null
 say "workload: 5 checkout pods Running on the KWOK nodes"
 
-say "applying LogPipeline demo/logpipe (tenant ops, canary 1 node, then 50%, then 100%)"
-kc apply --server-side -f - >/dev/null <<YAML
+# apply_lp RELEASE: the demo LogPipeline; RELEASE goes into a static label, so each release
+# is a new revision of the agent config (a new hashed ConfigMap, a new DaemonSet revision).
+apply_lp() {
+  kc apply --server-side -f - >/dev/null <<YAML
 apiVersion: v1
 kind: Namespace
 metadata: {name: demo}
@@ -77,40 +81,56 @@ spec:
     - cri: {}
     - timestamp: {source: time, format: RFC3339}
     - labelDrop: [filename]
+    - staticLabels: {release: "$1"}
   rollout:
     maxUnavailable: 1
     steps:
       - canary: {nodes: 1}
       - percent: 50
       - percent: 100
-    verify: {window: 10s, queryEndpoint: "$LOKI"}
+    verify: {window: 10s, queryEndpoint: "$LOKI", maxCpu: 250m, maxMemory: 700Mi}
     soak: 10s
 YAML
+}
 
-"$DEBUG/logpipe-loggen" --cluster-dir "$CDIR" --namespace demo-apps --rate 5 --seconds 90 \
+# watch_until_healthy: print `kubectl get lp` whenever it changes, until Healthy.
+watch_until_healthy() {
+  local last="" line deadline=$((SECONDS + 300))
+  while :; do
+    line=$(kc -n demo get lp logpipe --no-headers -o custom-columns='PHASE:.status.phase,READY:.status.ready,MSG:.status.message' 2>/dev/null || true)
+    # The message counts a window down: show a step once, not every tick.
+    local shown=${line%%, verifying*}; shown=${shown%%, [0-9]*s left}
+    if [ "$shown" != "$last" ]; then say "kubectl get lp: $line"; last=$shown; fi
+    case $line in Healthy*) return ;; Degraded*) fail "the rollout went Degraded: $line" ;; esac
+    alive ops-operator || { tail -5 "$LOGS/ops-operator.log" >&2; fail "the operator exited (log: $LOGS/ops-operator.log)"; }
+    [ $SECONDS -lt $deadline ] || fail "not Healthy after 300 s (see $LOGS/ops-operator.log)"
+    sleep 1
+  done
+}
+
+"$DEBUG/logpipe-loggen" --cluster-dir "$CDIR" --namespace demo-apps --rate 5 --seconds 150 \
   --prefix demo >"$LOGS/demo-loggen.log" 2>&1 &
 LOGGEN=$!
 trap 'kill $LOGGEN 2>/dev/null || true' EXIT
 
-last=""
-deadline=$((SECONDS + 300))
-while :; do
-  line=$(kc -n demo get lp logpipe --no-headers -o custom-columns='PHASE:.status.phase,READY:.status.ready,STEP:.status.currentStep,MSG:.status.message' 2>/dev/null || true)
-  if [ "$line" != "$last" ]; then say "kubectl get lp: $line"; last=$line; fi
-  case $line in Healthy*) break ;; Degraded*) fail "the rollout went Degraded: $line" ;; esac
-  [ $SECONDS -lt $deadline ] || fail "not Healthy after 300 s (see $LOGS/ops-operator.log)"
-  sleep 2
-done
+RUN=$(date +%H%M%S)
+say "release 1: install the LogPipeline demo/logpipe (tenant ops); a first install is verified as one step"
+apply_lp "1-$RUN"
+watch_until_healthy
+say "release 2: a pipeline change. Now it moves in phases: canary 1 node, verify, 50%, verify, 100%, verify, soak"
+apply_lp "2-$RUN"
+sleep 2
+watch_until_healthy
 kc -n demo get lp -o wide
 
 say "verification recorded in status:"
 kc -n demo get lp logpipe -o jsonpath='{range .status.lastVerification.checks[*]}  {.name}: {.value} (limit {.limit}) passed={.passed}{"\n"}{end}'
 
 sleep 5
-query='sum by (pod) (count_over_time({namespace="demo-apps"}[10m]))'
+query='sum by (pod, release) (count_over_time({namespace="demo-apps"}[10m]))'
 say "LogQL, tenant ops: $query"
 curl -fsS -G -H 'X-Scope-OrgID: ops' "$LOKI/loki/api/v1/query" --data-urlencode "query=$query" |
-  python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; [print("   ", s["metric"].get("pod"), s["value"][1], "lines") for s in r]; sys.exit(0 if r else 1)' ||
+  python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; [print("   ", s["metric"].get("pod"), "release", s["metric"].get("release"), s["value"][1], "lines") for s in r]; sys.exit(0 if r else 1)' ||
   fail "no demo-apps logs in Loki"
 say "a few shipped lines with their labels:"
 curl -fsS -G -H 'X-Scope-OrgID: ops' "$LOKI/loki/api/v1/query_range" --data-urlencode 'query={namespace="demo-apps"}' \
