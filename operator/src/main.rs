@@ -51,7 +51,12 @@ struct RunArgs {
     #[arg(long, env = "LOGPIPE_AGENT_IMAGE", default_value = DEFAULT_AGENT_IMAGE, global = true)]
     agent_image: String,
     /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "LOGPIPE_METRICS_ADDR", default_value = "0.0.0.0:8080", global = true)]
+    #[arg(
+        long,
+        env = "LOGPIPE_METRICS_ADDR",
+        default_value = "0.0.0.0:8080",
+        global = true
+    )]
     metrics_addr: SocketAddr,
     /// Reconcile only the LogPipelines of this namespace (default: all namespaces).
     #[arg(long, env = "LOGPIPE_WATCH_NAMESPACE", global = true)]
@@ -67,7 +72,13 @@ struct RunArgs {
     lease_duration_seconds: u64,
     #[arg(long, default_value_t = 5, global = true)]
     lease_grace_seconds: u64,
-    #[arg(long, value_enum, env = "LOGPIPE_LOG_FORMAT", default_value = "json", global = true)]
+    #[arg(
+        long,
+        value_enum,
+        env = "LOGPIPE_LOG_FORMAT",
+        default_value = "json",
+        global = true
+    )]
     log_format: LogFormat,
 }
 
