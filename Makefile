@@ -8,7 +8,7 @@ export CLUSTERS NODES
 CARGO ?= cargo
 E2E := $(CARGO) test -p logpipe-e2e --test
 
-.PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent e2e-argocd e2e-nodesim e2e-rollout \
+.PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent e2e-argocd e2e-nodesim e2e-rollout e2e-examples \
         chart-test testbed-build testbed-up testbed-down testbed-wipe crds demo bench \
         images images-test
 
@@ -44,7 +44,7 @@ unit:
 	$(CARGO) test --workspace --lib --bins
 	$(CARGO) test -p logpipe-e2e --test crd_reference --test metrics_reference
 
-e2e: build e2e-testbed e2e-nodesim chart-test e2e-argocd e2e-operator e2e-agent e2e-rollout
+e2e: build e2e-testbed e2e-nodesim chart-test e2e-argocd e2e-examples e2e-operator e2e-agent e2e-rollout
 
 e2e-testbed: testbed-up
 	$(E2E) e2e_testbed
@@ -65,6 +65,9 @@ e2e-nodesim: build testbed-up
 
 e2e-argocd: testbed-up
 	$(E2E) e2e_argocd_health
+
+e2e-examples: testbed-up
+	$(E2E) e2e_examples
 
 chart-test: build testbed-up
 	tests/testbed/build.sh helm

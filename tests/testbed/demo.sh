@@ -24,14 +24,9 @@ cp "$DEBUG/logpipe-agent" "$TESTBED/images/$VERSION/logpipe-agent.tmp"
 mv "$TESTBED/images/$VERSION/logpipe-agent.tmp" "$TESTBED/images/$VERSION/logpipe-agent"
 say "agent release ghcr.io/logpipe/logpipe-agent:$VERSION published to the test bed"
 
-start_bg() {  # NAME CMD...: a test-bed process, stopped by make testbed-down
-  local name=$1; shift
-  if alive "$name"; then return; fi
-  setsid "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null &
-  echo "$! $1" > "$PIDS/$name.pid"
-}
 kc apply --server-side --force-conflicts -f "$repo/crds/" >/dev/null
-KUBECONFIG=$CDIR/kubeconfig start_bg ops-operator "$DEBUG/logpipe-operator" run --namespace demo --log-format text
+export KUBECONFIG=$CDIR/kubeconfig  # the operator finds its cluster as kubectl does
+start ops-operator "$DEBUG/logpipe-operator" run --namespace demo --log-format text
 say "operator running (log: $LOGS/ops-operator.log); the node simulator runs the agents (ops-nodesim.log)"
 
 # Workload pods (run by KWOK) whose logs the agents will ship.

@@ -60,3 +60,21 @@ alive() {
   [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
   tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$binary"
 }
+
+# start NAME BINARY ARGS...: run in its own session, record PID and binary, log to logs/.
+start() {
+  local name=$1 binary=$2; shift 2
+  if alive "$name"; then printf '[testbed] %s already running\n' "$name"; return; fi
+  mkdir -p "$LOGS" "$PIDS"
+  setsid "$binary" "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null &
+  local pid=$!
+  echo "$pid $binary" > "$PIDS/$name.pid"
+  # Between fork and exec the child still shows this script's command line, and `alive`
+  # would call it gone: wait for the exec (or for the child to die).
+  local _
+  for _ in $(seq 1 50); do
+    alive "$name" && return
+    kill -0 "$pid" 2>/dev/null || return
+    sleep 0.1
+  done
+}

@@ -24,13 +24,6 @@ NODESIM=${CARGO_TARGET_DIR:-$repo/target}/debug/logpipe-nodesim
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# start NAME BINARY ARGS...: run in its own session, record PID and binary, log to logs/.
-start() {
-  local name=$1 binary=$2; shift 2
-  if alive "$name"; then say "$name already running"; return; fi
-  setsid "$binary" "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null &
-  echo "$! $binary" > "$PIDS/$name.pid"
-}
 
 # wait_for NAME SECONDS CMD...: poll CMD until it succeeds; on timeout show the log.
 wait_for() {
