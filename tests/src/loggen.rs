@@ -8,8 +8,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 
-use chrono::{SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 
 /// One container's log stream on one node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,4 +86,61 @@ pub fn sequence_of(line: &str) -> Option<u64> {
         .next()?
         .parse()
         .ok()
+}
+
+/// RFC 3339 with nanoseconds, UTC, as a CRI runtime writes it.
+pub fn rfc3339_nano(unix_ns: i64) -> String {
+    DateTime::from_timestamp_nanos(unix_ns).to_rfc3339_opts(SecondsFormat::Nanos, true)
+}
+
+/// A strictly increasing clock for CRI timestamps, so no two lines share one (Loki keeps
+/// one copy of identical (timestamp, line) pairs, which would hide a duplicate).
+pub struct Clock(AtomicI64);
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Self(AtomicI64::new(crate::loki::now_ns()))
+    }
+
+    pub fn next(&self) -> i64 {
+        let now = crate::loki::now_ns();
+        let mut prev = self.0.load(Ordering::SeqCst);
+        loop {
+            let ts = now.max(prev + 1);
+            match self
+                .0
+                .compare_exchange(prev, ts, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return ts,
+                Err(p) => prev = p,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formatting() {
+        assert_eq!(rfc3339_nano(0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(
+            rfc3339_nano(1_709_251_200_000_000_001),
+            "2024-03-01T00:00:00.000000001Z"
+        );
+    }
+
+    #[test]
+    fn clock_never_repeats() {
+        let clock = Clock::new();
+        let a = clock.next();
+        assert!(clock.next() > a);
+    }
 }

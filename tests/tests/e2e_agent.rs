@@ -21,68 +21,13 @@ mod agent {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::{Duration, Instant};
 
+    use logpipe_e2e::loggen::{Clock, rfc3339_nano};
     use logpipe_e2e::loki::{self, Stream};
     use logpipe_e2e::{Testbed, unique_suffix, workspace_binary};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     // ---------------------------------------------------------------------------------------
     // Helpers
-
-    /// RFC3339 with nanoseconds, UTC, as the CRI writes it.
-    fn rfc3339_nano(ns: i64) -> String {
-        let secs = ns.div_euclid(1_000_000_000);
-        let nanos = ns.rem_euclid(1_000_000_000);
-        let days = secs.div_euclid(86_400);
-        let rem = secs.rem_euclid(86_400);
-        // Howard Hinnant's civil_from_days.
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        format!(
-            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-            rem / 3600,
-            (rem / 60) % 60,
-            rem % 60
-        )
-    }
-
-    #[test]
-    fn rfc3339_formatting() {
-        assert_eq!(rfc3339_nano(0), "1970-01-01T00:00:00.000000000Z");
-        assert_eq!(
-            rfc3339_nano(1_709_251_200_000_000_001),
-            "2024-03-01T00:00:00.000000001Z"
-        );
-    }
-
-    /// A strictly increasing clock for CRI timestamps, so no two lines share one.
-    struct Clock(std::sync::atomic::AtomicI64);
-
-    impl Clock {
-        fn new() -> Self {
-            Self(std::sync::atomic::AtomicI64::new(loki::now_ns()))
-        }
-        fn next(&self) -> i64 {
-            let now = loki::now_ns();
-            let mut prev = self.0.load(Ordering::SeqCst);
-            loop {
-                let ts = now.max(prev + 1);
-                match self
-                    .0
-                    .compare_exchange(prev, ts, Ordering::SeqCst, Ordering::SeqCst)
-                {
-                    Ok(_) => return ts,
-                    Err(p) => prev = p,
-                }
-            }
-        }
-    }
 
     /// A container log file being written, and the lines Loki should get from it.
     struct LogWriter {
