@@ -8,6 +8,7 @@
 
 pub mod argocd;
 pub mod bench;
+pub mod cluster;
 pub mod crdref;
 pub mod loggen;
 pub mod loki;

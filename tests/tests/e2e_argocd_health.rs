@@ -4,52 +4,15 @@
 //! stored, so an operator running against the same test bed cannot overwrite it between
 //! the write and the read), and the returned object is judged by the Lua script.
 
-use std::time::Duration;
-
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::GroupVersionKind;
-use logpipe_e2e::{Testbed, argocd, repo_root, unique_suffix};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use logpipe_e2e::{Testbed, argocd, cluster, unique_suffix};
 use serde_json::{Value, json};
 
 async fn lp_api(testbed: &Testbed, namespace: &str) -> Api<DynamicObject> {
     let client = testbed.client("ops").await.unwrap();
-    let crd: CustomResourceDefinition = serde_yaml::from_str(
-        &std::fs::read_to_string(repo_root().join("crds/logpipe.io_logpipelines.yaml")).unwrap(),
-    )
-    .unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        "logpipelines.logpipe.io",
-        &PatchParams::apply("logpipe-e2e").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .unwrap();
-    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-    namespaces
-        .patch(
-            namespace,
-            &PatchParams::apply("logpipe-e2e"),
-            &Patch::Apply(json!({
-                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}
-            })),
-        )
-        .await
-        .unwrap();
-    let resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("logpipe.io", "v1alpha1", "LogPipeline"),
-        "logpipelines",
-    );
-    // The CRD may take a moment to be served after it is created.
-    let api = Api::namespaced_with(client, namespace, &resource);
-    for _ in 0..50 {
-        if api.list(&Default::default()).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    api
+    cluster::install_crd(&client).await;
+    cluster::ensure_namespace(&client, namespace).await;
+    cluster::logpipelines(&client, namespace)
 }
 
 fn condition(kind: &str, status: &str, reason: &str, message: &str) -> Value {

@@ -4,11 +4,9 @@
 
 use std::path::Path;
 
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
-use kube::core::GroupVersionKind;
-use logpipe_e2e::{Testbed, repo_root};
-use serde_json::{Value, json};
+use kube::api::{Patch, PatchParams};
+use logpipe_e2e::{Testbed, cluster, repo_root};
+use serde_json::Value;
 
 fn documents(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap();
@@ -34,19 +32,7 @@ async fn example_logpipelines_are_accepted_by_the_api_server() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let client = testbed.client("ops").await.unwrap();
-    let crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition =
-        serde_yaml::from_str(
-            &std::fs::read_to_string(repo_root().join("crds/logpipe.io_logpipelines.yaml")).unwrap(),
-        )
-        .unwrap();
-    Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(client.clone())
-        .patch("logpipelines.logpipe.io", &PatchParams::apply("logpipe-e2e").force(), &Patch::Apply(&crd))
-        .await
-        .unwrap();
-    let resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("logpipe.io", "v1alpha1", "LogPipeline"),
-        "logpipelines",
-    );
+    cluster::install_crd(&client).await;
     let dry_run = PatchParams {
         dry_run: true,
         ..PatchParams::apply("logpipe-e2e")
@@ -58,29 +44,12 @@ async fn example_logpipelines_are_accepted_by_the_api_server() {
                 continue;
             }
             let namespace = doc["metadata"]["namespace"].as_str().unwrap().to_string();
-            Api::<Namespace>::all(client.clone())
-                .patch(
-                    &namespace,
-                    &PatchParams::apply("logpipe-e2e"),
-                    &Patch::Apply(json!({
-                        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}
-                    })),
-                )
-                .await
-                .unwrap();
-            let api: Api<DynamicObject> =
-                Api::namespaced_with(client.clone(), &namespace, &resource);
+            cluster::ensure_namespace(&client, &namespace).await;
+            let api = cluster::logpipelines(&client, &namespace);
             let name = doc["metadata"]["name"].as_str().unwrap();
-            // The CRD may take a moment to be served after it is applied.
-            let mut result = api.patch(name, &dry_run, &Patch::Apply(&doc)).await;
-            for _ in 0..50 {
-                if result.is_ok() {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                result = api.patch(name, &dry_run, &Patch::Apply(&doc)).await;
-            }
-            result.unwrap_or_else(|e| panic!("{} refused by the API server: {e}", file.display()));
+            api.patch(name, &dry_run, &Patch::Apply(&doc))
+                .await
+                .unwrap_or_else(|e| panic!("{} refused by the API server: {e}", file.display()));
             checked += 1;
         }
     }

@@ -15,10 +15,8 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
-    PatchParams, ValidationDirective,
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, ValidationDirective,
 };
 use kube::{Client, ResourceExt};
 use logpipe_e2e::{Testbed, repo_root, unique_suffix, workspace_binary};
@@ -26,15 +24,8 @@ use serde_json::{Value, json};
 
 const NODES: usize = 5;
 
-fn lp_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("logpipe.io", "v1alpha1", "LogPipeline"),
-        "logpipelines",
-    )
-}
-
 fn lp_api(client: &Client, ns: &str) -> Api<DynamicObject> {
-    Api::namespaced_with(client.clone(), ns, &lp_resource())
+    logpipe_e2e::cluster::logpipelines(client, ns)
 }
 
 /// Poll `check` until it returns `Some`, or fail with `what` and the last observation.
@@ -142,47 +133,9 @@ fn free_port() -> u16 {
 }
 
 async fn setup(testbed: &Testbed, client: &Client, prefix: &str) -> String {
-    let crd: CustomResourceDefinition = serde_yaml::from_str(
-        &std::fs::read_to_string(repo_root().join("crds/logpipe.io_logpipelines.yaml")).unwrap(),
-    )
-    .unwrap();
-    Api::<CustomResourceDefinition>::all(client.clone())
-        .patch(
-            "logpipelines.logpipe.io",
-            &PatchParams::apply("e2e-operator").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap();
-    wait_for(
-        "the CRD to be established",
-        Duration::from_secs(30),
-        || async {
-            let crd = Api::<CustomResourceDefinition>::all(client.clone())
-                .get("logpipelines.logpipe.io")
-                .await
-                .map_err(|e| e.to_string())?;
-            let established = crd.status.and_then(|s| s.conditions).is_some_and(|c| {
-                c.iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-            });
-            established
-                .then_some(())
-                .ok_or_else(|| "not established".to_string())
-        },
-    )
-    .await;
+    logpipe_e2e::cluster::install_crd(client).await;
     let ns = format!("{prefix}-{}", unique_suffix());
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            &ns,
-            &PatchParams::apply("e2e-operator"),
-            &Patch::Apply(
-                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
-            ),
-        )
-        .await
-        .unwrap();
+    logpipe_e2e::cluster::ensure_namespace(client, &ns).await;
     let _ = testbed;
     ns
 }

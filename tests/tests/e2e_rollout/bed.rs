@@ -12,22 +12,14 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
-};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
+pub use logpipe_e2e::cluster::{
+    ensure_namespace as create_namespace, install_crd, logpipelines as lp_api,
+};
 use logpipe_e2e::loggen::{ContainerLog, CriWriter, numbered_line};
-use logpipe_e2e::{Testbed, repo_root, unique_suffix, workspace_binary};
+use logpipe_e2e::{Testbed, unique_suffix, workspace_binary};
 use serde_json::{Value, json};
-
-pub fn lp_api(client: &Client, ns: &str) -> Api<DynamicObject> {
-    let resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("logpipe.io", "v1alpha1", "LogPipeline"),
-        "logpipelines",
-    );
-    Api::namespaced_with(client.clone(), ns, &resource)
-}
 
 /// Poll `check` until it returns `Ok`, or fail with `what` and the last observation.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
@@ -210,53 +202,6 @@ pub fn publish(testbed: &Testbed, tag: &str) -> Release {
         dir,
         image: format!("reg.local/logpipe-agent:{tag}"),
     }
-}
-
-/// Install the committed CRD (what the operator's types generate).
-pub async fn install_crd(client: &Client) {
-    let crd: CustomResourceDefinition = serde_yaml::from_str(
-        &std::fs::read_to_string(repo_root().join("crds/logpipe.io_logpipelines.yaml")).unwrap(),
-    )
-    .unwrap();
-    Api::<CustomResourceDefinition>::all(client.clone())
-        .patch(
-            "logpipelines.logpipe.io",
-            &PatchParams::apply("e2e-rollout").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap();
-    wait_for(
-        "the CRD to be established",
-        Duration::from_secs(30),
-        || async {
-            let crd = Api::<CustomResourceDefinition>::all(client.clone())
-                .get("logpipelines.logpipe.io")
-                .await
-                .map_err(|e| e.to_string())?;
-            let established = crd.status.and_then(|s| s.conditions).is_some_and(|c| {
-                c.iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-            });
-            established
-                .then_some(())
-                .ok_or_else(|| "not established".to_string())
-        },
-    )
-    .await;
-}
-
-pub async fn create_namespace(client: &Client, name: &str) {
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            name,
-            &PatchParams::apply("e2e-rollout"),
-            &Patch::Apply(
-                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
-            ),
-        )
-        .await
-        .unwrap();
 }
 
 pub async fn delete_namespace(client: &Client, name: &str) {
