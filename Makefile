@@ -56,9 +56,12 @@ e2e-agent: build testbed-up
 	$(E2E) e2e_agent
 	$(E2E) e2e_agent_outage
 
-# Phased rollouts with real agents; the gate test starts dev and prod as well.
-e2e-rollout: build testbed-up
-	$(E2E) e2e_rollout -- --nocapture --test-threads 1
+# Phased rollouts with real agents on ROLLOUT_NODES nodes in each of ops, dev and prod
+# (a running test bed with fewer nodes gets the missing ones added).
+ROLLOUT_NODES ?= 20
+e2e-rollout: build
+	$(MAKE) testbed-up CLUSTERS="ops dev prod" NODES=$(ROLLOUT_NODES)
+	NODES=$(ROLLOUT_NODES) $(E2E) e2e_rollout -- --nocapture --test-threads 1
 
 e2e-nodesim: build testbed-up
 	$(E2E) e2e_nodesim

@@ -102,6 +102,7 @@ pub struct Metrics {
     pub batch_retries: Family<HostTenantLabels, Counter>,
     pub stream_lag: FloatGauge,
     pub delivery_latency: Histogram,
+    pub newest_entry: FloatGauge,
     pub last_push_success: FloatGauge,
     // Positions.
     pub positions_commits: Counter,
@@ -274,6 +275,12 @@ impl Metrics {
             "Per acknowledged batch: acknowledgement time minus the newest entry's timestamp",
             delivery_latency.clone(),
         );
+        let newest_entry = FloatGauge::default();
+        r.register(
+            "logpipe_newest_entry_timestamp_seconds",
+            "Unix time of the newest entry read and handed to the shipper (what Loki should soon return)",
+            newest_entry.clone(),
+        );
         let last_push_success = FloatGauge::default();
         r.register(
             "logpipe_last_push_success_timestamp_seconds",
@@ -353,6 +360,7 @@ impl Metrics {
             batch_retries,
             stream_lag,
             delivery_latency,
+            newest_entry,
             last_push_success,
             positions_commits,
             positions_commit_errors,

@@ -254,16 +254,19 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
             .collect();
         let (checks, v) = verify::judge(&spec.verify, &step_views, &measured, request.final_check);
         ctx.metrics.verification(request.final_check, v.passed);
+        // A passing check during a window is neither logged nor recorded: its numbers
+        // change at every look, and the status would be written every few seconds for
+        // nothing. The end of a window, and any failure, are.
         if !v.passed || request.final_check {
             tracing::info!(pipeline = %key.name, namespace = %key.namespace, step = request.step, final_check = request.final_check, passed = v.passed, summary = %v.summary, "verification");
+            verification = Some(verify::record(
+                &objects.revision,
+                request.step,
+                checks,
+                &v,
+                &now_ts.to_string(),
+            ));
         }
-        verification = Some(verify::record(
-            &objects.revision,
-            request.step,
-            checks,
-            &v,
-            &now_ts.to_string(),
-        ));
         verdict = Some(v);
     }
     ctx.verifier

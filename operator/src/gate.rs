@@ -34,7 +34,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::crd::{GateSpec, GateStatus, LogPipeline, LogPipelineStatus, Phase};
-use crate::rollout::{Gate, human};
+use crate::rollout::{Gate, ends_at, human};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,17 +148,17 @@ pub fn decide(
     now: Timestamp,
 ) -> (Gate, GateStatus) {
     let pipeline = format!("{}/{}", spec.namespace, spec.name);
-    let status = |open: bool, remaining: Option<String>, message: String| GateStatus {
+    let status = |open: bool, opens_at: Option<String>, message: String| GateStatus {
         pipeline: pipeline.clone(),
         release: release.to_string(),
         open,
-        remaining,
+        opens_at,
         message,
     };
-    let held = |remaining: Option<String>, message: String| {
+    let held = |opens_at: Option<String>, message: String| {
         (
             Gate::Held(message.clone()),
-            status(false, remaining, message),
+            status(false, opens_at, message),
         )
     };
     let remote = match remote {
@@ -210,11 +210,11 @@ pub fn decide(
             ),
         );
     }
-    let left = human(soak.saturating_sub(Duration::from_secs(healthy_for)));
+    let opens_at = ends_at(Some(since), soak);
     held(
-        Some(left.clone()),
+        Some(opens_at.clone()),
         format!(
-            "{pipeline} Healthy at release {release} since {since}: {left} of its {} soak left",
+            "{pipeline} Healthy at release {release} since {since}: opens at {opens_at}, after its {} soak",
             human(soak)
         ),
     )
@@ -306,7 +306,7 @@ mod tests {
                 "soaking",
                 remote(Phase::Healthy, "rel", 10_000 - 600),
                 false,
-                "50m of its 1h soak left",
+                "opens at 1970-01-01T03:36:40Z, after its 1h soak",
             ),
             (
                 "other release",
@@ -346,7 +346,15 @@ mod tests {
             "rel",
             now,
         );
-        assert_eq!(soaking.remaining.as_deref(), Some("50m"));
+        assert_eq!(soaking.opens_at.as_deref(), Some("1970-01-01T03:36:40Z"));
+        // A minute later nothing changed: the same status (no write while it soaks).
+        let (_, later) = decide(
+            remote(Phase::Healthy, "rel", 10_000 - 600),
+            &spec(),
+            "rel",
+            Timestamp::from_second(10_060).unwrap(),
+        );
+        assert_eq!(later, soaking);
     }
 
     #[test]

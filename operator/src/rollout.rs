@@ -267,6 +267,13 @@ fn elapsed(since: Option<Timestamp>, now: Timestamp) -> Duration {
         .unwrap_or_default()
 }
 
+/// When something that started at `start` and lasts `length` ends, RFC 3339 to the second.
+pub fn ends_at(start: Option<Timestamp>, length: Duration) -> String {
+    let start = start.map_or(0, |s| s.as_second());
+    let end = start.saturating_add(i64::try_from(length.as_secs()).unwrap_or(i64::MAX));
+    Timestamp::from_second(end).map_or_else(|_| "?".to_string(), |t| t.to_string())
+}
+
 /// `1m30s`-style rendering for messages.
 pub fn human(d: Duration) -> String {
     logpipe_agent::config::HumanDuration(Duration::from_secs(d.as_secs())).to_string()
@@ -589,11 +596,13 @@ impl Engine<'_, '_> {
                 let message = self.healthy_message();
                 return self.decision(st, Template::Target, vec![Action::SaveStable], message);
             }
+            // An end time, not a countdown: the message (so the status) stays the same
+            // for the whole soak instead of changing at every look.
             let message = format!(
-                "soak: {}/{desired} nodes at revision {}, {} left",
+                "soak: {}/{desired} nodes at revision {}, until {}",
                 self.at_target(),
                 self.target,
-                human(soak.saturating_sub(soaked))
+                ends_at(st.step_started, soak)
             );
             return self.decision(st, Template::Target, Vec::new(), message);
         }
@@ -655,12 +664,11 @@ impl Engine<'_, '_> {
             self.start_step(&mut st, index + 1);
             return self.progress(st, None, false);
         }
-        let watched = elapsed(Some(started), self.now);
         let message = format!(
-            "{name}: {want}/{desired} nodes at revision {}, verifying ({} of {} left)",
+            "{name}: {want}/{desired} nodes at revision {}, verifying for {} until {}",
             self.target,
-            human(window.saturating_sub(watched)),
-            human(window)
+            human(window),
+            ends_at(Some(started), window)
         );
         self.decision(st, Template::Target, Vec::new(), message)
     }

@@ -20,8 +20,12 @@
 //! - `lokiEntries`: the step's nodes' entries in Loki over the window (> 0 on every node),
 //!   recorded as skipped when no query endpoint is set;
 //! - `cpu` (rate of `process_cpu_seconds_total`, in millicores) under `maxCpu`, `memory`
-//!   (`process_resident_memory_bytes`) under `maxMemory`, `latency` (mean of
-//!   `logpipe_delivery_latency_seconds`) under `maxLatency`.
+//!   (`process_resident_memory_bytes`) under `maxMemory`, `latency` under `maxLatency`:
+//!   written -> queryable when a query endpoint is set (at the end of the window, for up
+//!   to 5 of the step's nodes: the newest entry the agent read,
+//!   `logpipe_newest_entry_timestamp_seconds`, minus the newest Loki returns for the
+//!   node), else the mean of `logpipe_delivery_latency_seconds` (file write -> Loki
+//!   acknowledgement).
 //!
 //! # Guarantees
 //! - During the window only checks that can already fail count (restarts, waiting
@@ -47,6 +51,8 @@ use crate::rollout::{PodView, Verdict};
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(3);
 const LOKI_TIMEOUT: Duration = Duration::from_secs(10);
 const SCRAPE_CONCURRENCY: usize = 16;
+/// Nodes of a step whose written -> queryable latency is measured (one Loki query each).
+const LATENCY_SAMPLE_NODES: usize = 5;
 /// Waiting reasons that mean the new agent will not run without a change.
 const FATAL_WAITING: &[&str] = &[
     "ErrImagePull",
@@ -75,6 +81,8 @@ pub struct Sample {
     pub rss_bytes: f64,
     pub latency_sum: f64,
     pub latency_count: f64,
+    /// Time of the newest entry the agent has read (Unix seconds; 0: none yet).
+    pub newest_entry: f64,
 }
 
 /// Sum of every series of each metric we read (labels ignored: one agent, one host).
@@ -109,6 +117,9 @@ pub fn parse_metrics(text: &str) -> Sample {
             "process_resident_memory_bytes" => s.rss_bytes += value,
             "logpipe_delivery_latency_seconds_sum" => s.latency_sum += value,
             "logpipe_delivery_latency_seconds_count" => s.latency_count += value,
+            "logpipe_newest_entry_timestamp_seconds" => {
+                s.newest_entry = s.newest_entry.max(value);
+            }
             _ => {}
         }
     }
@@ -164,6 +175,25 @@ pub struct Measurements {
     pub cpu_millis: BTreeMap<String, f64>,
     /// Per node: entries in Loki over the window; `None`: no query endpoint.
     pub loki: Option<Result<BTreeMap<String, f64>, String>>,
+    /// Per node (a sample of the step's nodes, at the end of the window): time of the
+    /// newest entry Loki returns, asked right after the scrape (Unix seconds).
+    pub newest_queryable: BTreeMap<String, f64>,
+}
+
+/// How far what Loki can return trails what the agents have read, worst node: for each
+/// node Loki was asked about, the newest entry its agent read minus the newest entry Loki
+/// returns for it (0 when Loki has caught up: a quiet node is not late). The agent reads
+/// within a poll interval (250 ms) of the write, so this is written -> queryable.
+/// `None` when no node could be compared.
+fn queryable_lag(pods: &[&PodView], m: &Measurements) -> Option<f64> {
+    pods.iter()
+        .filter_map(|p| {
+            let node = p.node.as_deref()?;
+            let queryable = m.newest_queryable.get(node)?;
+            let sample = m.samples.get(&p.name)?.as_ref().ok()?;
+            (sample.newest_entry > 0.0).then(|| (sample.newest_entry - queryable).max(0.0))
+        })
+        .reduce(f64::max)
 }
 
 /// Judge the step's pods (pure). `final_check`: the end of the window.
@@ -351,17 +381,28 @@ pub fn judge(
         );
     }
     if let Some(max_latency) = spec.max_latency {
-        let (sum, count) = scraped.iter().fold((0.0, 0.0), |(s, c), (_, x)| {
-            (s + x.latency_sum, c + x.latency_count)
-        });
-        let mean = (count > 0.0).then(|| sum / count);
+        let (value, message) = match queryable_lag(pods, m) {
+            Some(lag) => (
+                Some(lag),
+                "written -> queryable: newest entry an agent read minus the newest Loki returns for its node, worst node",
+            ),
+            None => {
+                let (sum, count) = scraped.iter().fold((0.0, 0.0), |(s, c), (_, x)| {
+                    (s + x.latency_sum, c + x.latency_count)
+                });
+                (
+                    (count > 0.0).then(|| sum / count),
+                    "mean delivery latency, file write to Loki acknowledgement",
+                )
+            }
+        };
         push(
             CheckResult {
                 name: "latency".into(),
-                passed: !final_check || mean.is_some_and(|m| m <= max_latency.0.as_secs_f64()),
-                value: Some(mean.map_or("-".into(), |m| format!("{m:.2}s"))),
+                passed: !final_check || value.is_some_and(|v| v <= max_latency.0.as_secs_f64()),
+                value: Some(value.map_or("-".into(), |v| format!("{v:.2}s"))),
                 limit: Some(max_latency.to_string()),
-                message: Some("mean delivery latency, file write to Loki acknowledgement".into()),
+                message: Some(message.into()),
             },
             false,
         );
@@ -483,8 +524,51 @@ impl Verifier {
         if let Some(q) = loki {
             let nodes: Vec<&str> = targets.iter().map(|t| t.node.as_str()).collect();
             m.loki = Some(self.loki_counts(q, &nodes).await);
+            if final_check {
+                // A sample bounds the queries a 1,000-node step makes.
+                for node in nodes.iter().take(LATENCY_SAMPLE_NODES) {
+                    if let Ok(Some(newest)) = self.newest_queryable(q, node).await {
+                        m.newest_queryable.insert((*node).to_string(), newest);
+                    }
+                }
+            }
         }
         m
+    }
+
+    /// Time of the newest entry Loki returns for `node` over the window (Unix seconds).
+    async fn newest_queryable(&self, q: &LokiQuery, node: &str) -> Result<Option<f64>, String> {
+        let url = format!(
+            "{}/loki/api/v1/query_range",
+            q.endpoint.trim_end_matches('/')
+        );
+        let end = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| e.to_string())?;
+        let start = end.saturating_sub(q.window);
+        let response = self
+            .http
+            .get(&url)
+            .header("X-Scope-OrgID", &q.tenant)
+            .query(&[
+                ("query", newest_query(node)),
+                ("limit", "1".to_string()),
+                ("direction", "backward".to_string()),
+                ("start", start.as_nanos().to_string()),
+                ("end", end.as_nanos().to_string()),
+            ])
+            .send()
+            .await
+            .map_err(|e| format!("Loki query: {e}"))?;
+        let status = response.status();
+        let body = response
+            .text()
+            .await
+            .map_err(|e| format!("Loki query: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("Loki answered {status}"));
+        }
+        parse_newest(&body)
     }
 
     /// Millicores since the first sample of this pod (the average over the step, not
@@ -566,6 +650,43 @@ impl Verifier {
         }
         parse_vector(&body)
     }
+}
+
+/// `{node_name="a"}`: every stream of one node.
+pub fn newest_query(node: &str) -> String {
+    format!(
+        "{{node_name=\"{}\"}}",
+        node.replace('\\', "\\\\").replace('"', "\\\"")
+    )
+}
+
+#[derive(Deserialize)]
+struct StreamsResponse {
+    data: StreamsData,
+}
+
+#[derive(Deserialize)]
+struct StreamsData {
+    result: Vec<StreamValues>,
+}
+
+#[derive(Deserialize)]
+struct StreamValues {
+    values: Vec<(String, String)>,
+}
+
+/// The newest entry's time (Unix seconds) in a Loki streams answer; `None`: no entry.
+pub fn parse_newest(body: &str) -> Result<Option<f64>, String> {
+    let parsed: StreamsResponse =
+        serde_json::from_str(body).map_err(|e| format!("unexpected Loki answer: {e}"))?;
+    Ok(parsed
+        .data
+        .result
+        .iter()
+        .flat_map(|s| &s.values)
+        .filter_map(|(ns, _)| ns.parse::<i64>().ok())
+        .max()
+        .map(|ns| ns as f64 / 1e9))
 }
 
 /// `sum by (node_name) (count_over_time({node_name=~"a|b"}[10s]))`.

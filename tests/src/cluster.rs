@@ -64,6 +64,16 @@ pub async fn ensure_namespace(client: &kube::Client, name: &str) {
         .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
 }
 
+/// Nodes of the cluster: what a DaemonSet without constraints runs on.
+pub async fn node_count(client: &kube::Client) -> usize {
+    Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .list_metadata(&kube::api::ListParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("listing nodes: {e}"))
+        .items
+        .len()
+}
+
 /// LogPipelines of one namespace, as untyped objects (what a user's kubectl sees).
 pub fn logpipelines(client: &kube::Client, namespace: &str) -> Api<DynamicObject> {
     let resource = ApiResource::from_gvk_with_plural(

@@ -65,6 +65,42 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     path
 }
 
+/// A Go component the test bed builds (`tests/testbed/build.sh`) into
+/// `~/.cache/logpipe/bin/<component>-<version>` (or `$LOGPIPE_CACHE/bin`), at the version
+/// `<PREFIX>_VERSION` of tests/testbed/versions.env; fails with the command that builds it.
+pub fn cached_binary(prefix: &str, component: &str) -> PathBuf {
+    let versions = repo_root().join("tests/testbed/versions.env");
+    let text = std::fs::read_to_string(&versions)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", versions.display()));
+    let key = format!("{prefix}_VERSION=");
+    let version = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .unwrap_or_else(|| panic!("no {key} in {}", versions.display()))
+        .trim();
+    let cache = std::env::var_os("LOGPIPE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/logpipe")))
+        .unwrap_or_else(|| PathBuf::from(".cache/logpipe"));
+    let path = cache.join("bin").join(format!("{component}-{version}"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run `tests/testbed/build.sh {component}` in {} (or `make testbed-up`, which builds the test bed's components)",
+        path.display(),
+        repo_root().display()
+    );
+    path
+}
+
+/// Nodes each cluster of the test bed must have: `NODES` (what `make testbed-up` starts
+/// with), 5 by default. A running test bed with fewer gets the missing ones added.
+pub fn wanted_nodes() -> usize {
+    std::env::var("NODES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5)
+}
+
 /// Directory of the running test bed.
 pub fn testbed_dir() -> PathBuf {
     std::env::var_os("LOGPIPE_TESTBED")
@@ -104,6 +140,7 @@ impl Testbed {
                     .arg(repo_root())
                     .arg("testbed-up")
                     .arg(format!("CLUSTERS={}", clusters.join(" ")))
+                    .arg(format!("NODES={}", wanted_nodes()))
                     .output()
                     .await
                     .map_err(|e| TestbedError::Start(format!("cannot run make: {e}")))?;
@@ -145,6 +182,16 @@ impl Testbed {
                 .await
                 .ok()?
                 .ok()?;
+            let nodes = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client)
+                .list_metadata(
+                    &kube::api::ListParams::default()
+                        .labels(&format!("logpipe.io/testbed-cluster={cluster}")),
+                )
+                .await
+                .ok()?;
+            if nodes.items.len() < wanted_nodes() {
+                return None;
+            }
         }
         Some(testbed)
     }

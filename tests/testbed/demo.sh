@@ -93,9 +93,7 @@ watch_until_healthy() {
   local last="" line deadline=$((SECONDS + 300))
   while :; do
     line=$(kc -n demo get lp logpipe --no-headers -o custom-columns='PHASE:.status.phase,READY:.status.ready,MSG:.status.message' 2>/dev/null || true)
-    # The message counts a window down: show a step once, not every tick.
-    local shown=${line%%, verifying*}; shown=${shown%%, [0-9]*s left}
-    if [ "$shown" != "$last" ]; then say "kubectl get lp: $line"; last=$shown; fi
+    if [ "$line" != "$last" ]; then say "kubectl get lp: $line"; last=$line; fi
     case $line in Healthy*) return ;; Degraded*) fail "the rollout went Degraded: $line" ;; esac
     alive ops-operator || { tail -5 "$LOGS/ops-operator.log" >&2; fail "the operator exited (log: $LOGS/ops-operator.log)"; }
     [ $SECONDS -lt $deadline ] || fail "not Healthy after 300 s (see $LOGS/ops-operator.log)"

@@ -32,7 +32,7 @@ mod outage {
 
     use logpipe_e2e::loggen::{Clock, rfc3339_nano};
     use logpipe_e2e::loki;
-    use logpipe_e2e::{repo_root, testbed_dir, unique_suffix, workspace_binary};
+    use logpipe_e2e::{testbed_dir, unique_suffix, workspace_binary};
 
     /// `limits.maxBufferedBytes` of the agent under test: small, so the outage's data
     /// (about ten times this) must be held back by backpressure, not buffered.
@@ -203,33 +203,6 @@ mod outage {
             .fold(0.0, |a, b| a + b)
     }
 
-    /// The test bed's Loki binary, or a failure saying how to get it.
-    fn loki_binary() -> PathBuf {
-        let versions = repo_root().join("tests/testbed/versions.env");
-        let text = fs::read_to_string(&versions)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", versions.display()));
-        let version = text
-            .lines()
-            .find_map(|l| l.strip_prefix("LOKI_VERSION="))
-            .unwrap_or_else(|| panic!("no LOKI_VERSION in {}", versions.display()))
-            .trim()
-            .to_string();
-        let cache = std::env::var_os("LOGPIPE_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").expect("HOME is not set"))
-                    .join(".cache/logpipe")
-            });
-        let binary = cache.join("bin").join(format!("loki-{version}"));
-        assert!(
-            binary.is_file(),
-            "{} is missing: run `make testbed-up` (or `tests/testbed/build.sh loki`) in {} to build it",
-            binary.display(),
-            repo_root().display()
-        );
-        binary
-    }
-
     /// A Loki of this test only, configured like the test bed's (tests/testbed/up.sh,
     /// `loki_config`). Killed when dropped.
     struct PrivateLoki {
@@ -242,7 +215,7 @@ mod outage {
 
     impl PrivateLoki {
         fn new(dir: &Path) -> Self {
-            let binary = loki_binary();
+            let binary = logpipe_e2e::cached_binary("LOKI", "loki");
             let (http_port, grpc_port) = if port_free(PREFERRED_PORTS.0)
                 && port_free(PREFERRED_PORTS.1)
             {

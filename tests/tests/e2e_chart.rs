@@ -6,26 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use logpipe_e2e::{Testbed, repo_root};
-
-fn cached_binary(prefix: &str, component: &str) -> PathBuf {
-    let versions = std::fs::read_to_string(repo_root().join("tests/testbed/versions.env")).unwrap();
-    let key = format!("{}_VERSION=", prefix);
-    let version = versions
-        .lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .unwrap_or_else(|| panic!("{key} missing in versions.env"));
-    let cache = std::env::var_os("LOGPIPE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/logpipe"));
-    let path = cache.join("bin").join(format!("{component}-{version}"));
-    assert!(
-        path.is_file(),
-        "{} is missing: run `tests/testbed/build.sh {component}` (or `make chart-test`, which builds it)",
-        path.display()
-    );
-    path
-}
+use logpipe_e2e::{Testbed, cached_binary, repo_root};
 
 fn run(command: &mut Command) -> String {
     let output = command

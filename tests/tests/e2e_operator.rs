@@ -19,10 +19,9 @@ use kube::api::{
     Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, ValidationDirective,
 };
 use kube::{Client, ResourceExt};
+use logpipe_e2e::cluster::node_count;
 use logpipe_e2e::{Testbed, repo_root, unique_suffix, workspace_binary};
 use serde_json::{Value, json};
-
-const NODES: usize = 5;
 
 fn lp_api(client: &Client, ns: &str) -> Api<DynamicObject> {
     logpipe_e2e::cluster::logpipelines(client, ns)
@@ -179,15 +178,16 @@ async fn status(client: &Client, ns: &str, name: &str) -> Result<Value, String> 
 
 /// Wait until the LogPipeline is Healthy with every node ready at the current spec.
 async fn wait_healthy(client: &Client, ns: &str, name: &str, timeout: Duration) -> Value {
-    wait_for("LogPipeline Healthy 5/5", timeout, || async {
+    let nodes = node_count(client).await;
+    wait_for("LogPipeline Healthy on every node", timeout, || async {
         let lp = lp_api(client, ns)
             .get(name)
             .await
             .map_err(|e| e.to_string())?;
         let s = &lp.data["status"];
         let ok = s["phase"] == "Healthy"
-            && s["ready"] == format!("{NODES}/{NODES}")
-            && s["readyNodes"] == NODES
+            && s["ready"] == format!("{nodes}/{nodes}")
+            && s["readyNodes"] == nodes
             && s["observedGeneration"].as_i64() == lp.metadata.generation;
         ok.then(|| s.clone()).ok_or_else(|| s.to_string())
     })
@@ -267,12 +267,16 @@ async fn ops_example_is_reconciled_updated_quiet_and_deleted() {
     let lp = ops_example(&testbed, &ns);
     let name = lp["metadata"]["name"].as_str().unwrap().to_string();
 
-    // 1. Apply: the DaemonSet with the reference settings, 5 Ready pods, Healthy 5/5.
+    // 1. Apply: the DaemonSet with the reference settings, a Ready pod on every node.
+    let nodes = node_count(&client).await;
     let started = Instant::now();
     apply_lp(&client, &ns, &lp).await;
     let first = wait_healthy(&client, &ns, &name, Duration::from_secs(60)).await;
-    println!("ops example Healthy 5/5 after {:?}", started.elapsed());
-    assert_eq!(ready_pods(&client, &ns).await.len(), NODES);
+    println!(
+        "ops example Healthy {nodes}/{nodes} after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(ready_pods(&client, &ns).await.len(), nodes);
     let ds = Api::<DaemonSet>::namespaced(client.clone(), &ns)
         .get(&name)
         .await
@@ -373,14 +377,14 @@ async fn ops_example_is_reconciled_updated_quiet_and_deleted() {
             let s = status(&client, &ns, &name).await?;
             let moved = s["targetRevision"] != first["targetRevision"]
                 && s["phase"] == "Healthy"
-                && s["updatedNodes"] == NODES
-                && s["readyNodes"] == NODES;
+                && s["updatedNodes"] == nodes
+                && s["readyNodes"] == nodes;
             moved.then(|| s.clone()).ok_or_else(|| s.to_string())
         },
     )
     .await;
     println!(
-        "new revision rolled to {NODES} nodes in {:?}",
+        "new revision rolled to {nodes} nodes in {:?}",
         started.elapsed()
     );
     assert_ne!(
@@ -389,7 +393,7 @@ async fn ops_example_is_reconciled_updated_quiet_and_deleted() {
     );
     assert_eq!(second["stableRevision"], second["targetRevision"]);
     let pods = ready_pods(&client, &ns).await;
-    assert_eq!(pods.len(), NODES);
+    assert_eq!(pods.len(), nodes);
     for pod in &pods {
         assert_eq!(
             pod.annotations()

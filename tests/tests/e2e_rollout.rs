@@ -23,7 +23,10 @@ use kube::api::{Api, ListParams};
 use logpipe_e2e::{Testbed, unique_suffix};
 use serde_json::json;
 
-use bed::{Bed, Operator, apply, checks, pipeline, publish, record_until, status, wait_healthy};
+use bed::{
+    Bed, Operator, apply, checks, kubectl, max_unavailable, nodes_at, pipeline, publish,
+    record_until, resource_version, rfc3339, status, wait_for, wait_healthy,
+};
 
 /// One test at a time: each runs a fleet of real agents.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -47,7 +50,7 @@ async fn installed(
     let release = publish(testbed, &tag);
     let image = release.image.clone();
     let tenant = format!("e2e-rollout-{suffix}");
-    let lp = pipeline(&ns, &tenant, &image, &testbed.loki_url, window);
+    let lp = pipeline(&ns, &tenant, &image, &testbed.loki_url, window, bed.nodes);
     let started = Instant::now();
     apply(&bed.client, &ns, &lp).await;
     let healthy = wait_healthy(&bed.client, &ns, bed.nodes, Duration::from_secs(180)).await;
@@ -118,8 +121,9 @@ async fn good_release_goes_canary_steps_soak_healthy() {
         "{sequence:?}"
     );
     assert!(
-        record.max_unavailable <= 1,
-        "maxUnavailable 1, saw {} agents down at once",
+        record.max_unavailable <= max_unavailable(bed.nodes),
+        "maxUnavailable {}, saw {} agents down at once",
+        max_unavailable(bed.nodes),
         record.max_unavailable
     );
     let s = &record.last;
@@ -137,6 +141,7 @@ async fn good_release_goes_canary_steps_soak_healthy() {
         "lokiEntries",
         "cpu",
         "memory",
+        "latency",
     ] {
         let (value, _, passed) = c
             .get(name)
@@ -154,6 +159,20 @@ async fn good_release_goes_canary_steps_soak_healthy() {
         c["lokiEntries"]
     );
     assert!(c["memory"].0.ends_with("Mi"), "{:?}", c["memory"]);
+    // Written -> queryable, measured against Loki (not the agent's own acknowledgements).
+    let latency = s["lastVerification"]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "latency")
+        .unwrap();
+    assert!(
+        latency["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("queryable"),
+        "{latency}"
+    );
     assert_eq!(s["updatedNodes"], bed.nodes);
     assert_eq!(s["stableRelease"], s["release"]);
     assert_ne!(
@@ -214,8 +233,9 @@ async fn bad_release_stops_at_the_canary_and_rolls_back() {
         record.moved_nodes
     );
     assert!(
-        record.max_unavailable <= 1,
-        "saw {} agents down at once",
+        record.max_unavailable <= max_unavailable(bed.nodes),
+        "maxUnavailable {}, saw {} agents down at once",
+        max_unavailable(bed.nodes),
         record.max_unavailable
     );
     assert!(
@@ -304,11 +324,24 @@ async fn operator_killed_mid_step_resumes_at_the_same_step() {
     )
     .await
     .last;
+    // A window in progress writes nothing: its message names the end time, and passing
+    // checks during the window are not recorded.
+    let quiet_from = resource_version(&bed.client, &bed.ns, "logpipe").await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let quiet_to = resource_version(&bed.client, &bed.ns, "logpipe").await;
+    let now = status(&bed.client, &bed.ns, "logpipe").await.unwrap().1;
+    if now["currentStep"] == 1 {
+        assert_eq!(
+            quiet_from, quiet_to,
+            "no status write during 5 s of a verification window: {now}"
+        );
+    }
+
     bed.operator.kill().await;
     let killed = Instant::now();
     println!("operator killed at step 1 ({})", at_step["message"]);
     let moved = |s: &serde_json::Value| s["updatedNodes"].as_i64().unwrap_or(0);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
     let pods = Api::<Pod>::namespaced(bed.client.clone(), &bed.ns)
         .list(&ListParams::default().labels("app.kubernetes.io/name=logpipe-agent"))
         .await
@@ -331,50 +364,39 @@ async fn operator_killed_mid_step_resumes_at_the_same_step() {
     );
 
     bed.operator = Operator::start(&testbed, "ops", &bed.ns, "second").await;
-    // The new operator's first write (the message counts the window down).
-    let first_message = at_step["message"].clone();
-    let resumed = record_until(
-        &bed.client,
-        &bed.ns,
-        bed.nodes,
-        before["stableRevision"].as_str().unwrap(),
-        Duration::from_secs(60),
-        |s| s["message"] != first_message,
-    )
-    .await
-    .last;
     println!(
-        "new operator reconciled {:.1}s after the kill: {}",
-        killed.elapsed().as_secs_f64(),
-        resumed["message"]
+        "second operator started {:.1}s after the kill",
+        killed.elapsed().as_secs_f64()
     );
-    assert_eq!(resumed["targetRevision"], at_step["targetRevision"]);
-    if resumed["currentStep"] == 1 {
-        assert_eq!(
-            resumed["stepStartedAt"], at_step["stepStartedAt"],
-            "same step, same start"
-        );
-        assert_eq!(
-            resumed["windowStartedAt"], at_step["windowStartedAt"],
-            "the window goes on"
-        );
-    } else {
-        // The window ended while the operator was down: it passed on, never went back.
-        assert_eq!(resumed["currentStep"], 2, "{resumed}");
-    }
+    // Every status of step 1 the new operator writes keeps the step's start and window.
+    let step1 = std::sync::Mutex::new(Vec::new());
     let record = record_until(
         &bed.client,
         &bed.ns,
         bed.nodes,
         before["stableRevision"].as_str().unwrap(),
-        Duration::from_secs(240),
+        Duration::from_secs(300),
         |s| {
+            if s["currentStep"] == 1 {
+                step1.lock().unwrap().push(s.clone());
+            }
             s["phase"] == "Healthy"
                 && s["stableRevision"] == s["targetRevision"]
                 && s["targetRevision"] != old_target
         },
     )
     .await;
+    for s in step1.lock().unwrap().iter() {
+        assert_eq!(s["targetRevision"], at_step["targetRevision"]);
+        assert_eq!(
+            s["stepStartedAt"], at_step["stepStartedAt"],
+            "same step, same start"
+        );
+        assert_eq!(
+            s["windowStartedAt"], at_step["windowStartedAt"],
+            "the window goes on"
+        );
+    }
     assert!(
         !record
             .sequence()
@@ -383,8 +405,237 @@ async fn operator_killed_mid_step_resumes_at_the_same_step() {
         "resumed, not restarted: {:?}",
         record.sequence()
     );
+    // Step 1's window ended where it would have without the kill: at its start + 30 s
+    // (plus the final check), not 30 s after the second operator came up (>= 45 s).
+    let window_started = rfc3339(&at_step["windowStartedAt"]);
+    let step2_started = record
+        .step_started
+        .get(&2)
+        .map(|t| rfc3339(&json!(t)))
+        .unwrap_or_else(|| panic!("step 2 never seen: {:?}", record.sequence()));
+    let window = (step2_started - window_started).num_milliseconds() as f64 / 1000.0;
+    println!("step 1's window lasted {window:.1}s across the restart (30s asked)");
+    assert!(
+        (30.0..40.0).contains(&window),
+        "step 1's window should end 30 s after it started, not restart: {window:.1}s"
+    );
     println!("finished after the restart: {:?}", record.sequence());
 
+    bed.down().await;
+}
+
+/// Manual control with plain kubectl, on a canary chosen by node labels: pause (nothing
+/// moves), resume, promote past a step's window, abort back to the stable revision.
+#[tokio::test]
+async fn kubectl_pause_resume_promote_abort_on_a_node_selector_canary() {
+    let _serial = SERIAL.lock().await;
+    let testbed = ops().await;
+    let (bed, _tenant, _release1, lp) = installed(&testbed, "lprl-ctl", "10s").await;
+    let before = status(&bed.client, &bed.ns, "logpipe").await.unwrap().1;
+    let stable = before["stableRevision"].as_str().unwrap().to_string();
+    let ns = bed.ns.clone();
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["-n", ns.as_str()];
+        all.extend_from_slice(args);
+        kubectl(&testbed, "ops", &all)
+    };
+
+    // The canary: the last two nodes by name, so the selector (not the name order, which
+    // a count canary follows) decides.
+    let label = format!("logpipe.io/canary-{}", unique_suffix());
+    let mut names: Vec<String> = Api::<k8s_openapi::api::core::v1::Node>::all(bed.client.clone())
+        .list_metadata(&ListParams::default().labels("logpipe.io/testbed-cluster=ops"))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|n| n.name_any())
+        .collect();
+    names.sort();
+    let canary: std::collections::BTreeSet<String> = names.iter().rev().take(2).cloned().collect();
+    for node in &canary {
+        kubectl(
+            &testbed,
+            "ops",
+            &["label", "node", node, &format!("{label}=true")],
+        );
+    }
+
+    // Release 2 with a 10-minute window: only a promotion moves it on in time.
+    let mut next = lp.clone();
+    next["spec"]["pipeline"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"staticLabels": {"release": "2"}}));
+    next["spec"]["rollout"]["steps"] = json!([
+        {"canary": {"nodeSelector": {label.clone(): "true"}}},
+        {"percent": 50},
+        {"percent": 100},
+    ]);
+    next["spec"]["rollout"]["verify"]["window"] = json!("10m");
+    apply(&bed.client, &bed.ns, &next).await;
+    let old_target = before["targetRevision"].clone();
+    let canary_verifying = record_until(
+        &bed.client,
+        &bed.ns,
+        bed.nodes,
+        &stable,
+        Duration::from_secs(120),
+        |s| {
+            s["targetRevision"] != old_target
+                && s["phase"] == "Canary"
+                && s["windowStartedAt"].is_string()
+        },
+    )
+    .await
+    .last;
+    let target = canary_verifying["targetRevision"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        nodes_at(&bed.client, &bed.ns, &target).await,
+        canary,
+        "the canary is the labelled nodes"
+    );
+    println!("canary on {canary:?}: {}", canary_verifying["message"]);
+
+    // Pause: Paused, and nothing moves.
+    ctl(&[
+        "patch",
+        "lp",
+        "logpipe",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"rollout":{"paused":true}}}"#,
+    ]);
+    record_until(
+        &bed.client,
+        &bed.ns,
+        bed.nodes,
+        &stable,
+        Duration::from_secs(30),
+        |s| s["phase"] == "Paused",
+    )
+    .await;
+    let shown = ctl(&["get", "lp", "logpipe"]);
+    println!("paused:\n{shown}");
+    assert!(
+        shown.contains("Paused"),
+        "kubectl get lp shows the phase: {shown}"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        nodes_at(&bed.client, &bed.ns, &target).await,
+        canary,
+        "nothing moves while paused"
+    );
+
+    // Resume: back to the canary's window.
+    ctl(&[
+        "patch",
+        "lp",
+        "logpipe",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"rollout":{"paused":false}}}"#,
+    ]);
+    record_until(
+        &bed.client,
+        &bed.ns,
+        bed.nodes,
+        &stable,
+        Duration::from_secs(30),
+        |s| s["phase"] == "Canary",
+    )
+    .await;
+
+    // Promote: on to step 1 (50%) long before the 10-minute window ends.
+    let promoted_at = Instant::now();
+    ctl(&["annotate", "lp", "logpipe", "logpipe.io/promote=now"]);
+    let step1 = record_until(
+        &bed.client,
+        &bed.ns,
+        bed.nodes,
+        &stable,
+        Duration::from_secs(60),
+        |s| s["currentStep"] == 1,
+    )
+    .await
+    .last;
+    println!(
+        "promoted to step 1 in {:.1}s: {}",
+        promoted_at.elapsed().as_secs_f64(),
+        step1["message"]
+    );
+    let half = bed.nodes.div_ceil(2);
+    wait_for("step 1's nodes moved", Duration::from_secs(120), || async {
+        let moved = nodes_at(&bed.client, &bed.ns, &target).await;
+        (moved.len() >= half && moved.is_superset(&canary))
+            .then_some(())
+            .ok_or_else(|| format!("{moved:?}"))
+    })
+    .await;
+    let annotations = ctl(&[
+        "get",
+        "lp",
+        "logpipe",
+        "-o",
+        "jsonpath={.metadata.annotations}",
+    ]);
+    assert!(
+        !annotations.contains("logpipe.io/promote"),
+        "the operator removes the promote annotation once acted on: {annotations}"
+    );
+
+    // Abort: back to the stable revision on every node, Degraded with the reason.
+    let aborted_at = Instant::now();
+    ctl(&["annotate", "lp", "logpipe", "logpipe.io/abort=now"]);
+    let record = record_until(
+        &bed.client,
+        &bed.ns,
+        bed.nodes,
+        &stable,
+        Duration::from_secs(180),
+        |s| s["phase"] == "Degraded",
+    )
+    .await;
+    let s = &record.last;
+    println!(
+        "aborted: rolled back in {:.1}s: {}",
+        aborted_at.elapsed().as_secs_f64(),
+        s["message"]
+    );
+    assert!(
+        s["rollbackReason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("aborted"),
+        "{}",
+        s["rollbackReason"]
+    );
+    assert_eq!(s["failedRevision"], target.as_str());
+    assert_eq!(s["stableRevision"], stable.as_str());
+    assert!(nodes_at(&bed.client, &bed.ns, &target).await.is_empty());
+    assert_eq!(
+        nodes_at(&bed.client, &bed.ns, &stable).await.len(),
+        bed.nodes
+    );
+    assert!(
+        record.max_unavailable <= max_unavailable(bed.nodes),
+        "saw {} agents down at once",
+        record.max_unavailable
+    );
+
+    for node in &canary {
+        kubectl(
+            &testbed,
+            "ops",
+            &["label", "node", node, &format!("{label}-")],
+        );
+    }
     bed.down().await;
 }
 
@@ -553,6 +804,7 @@ async fn gate_moves_a_release_ops_then_dev_then_prod_and_holds_a_bad_one() {
             image,
             &testbed.loki_url,
             "8s",
+            ops.nodes,
         );
         if let Some(stage) = extra_stage {
             lp["spec"]["pipeline"].as_array_mut().unwrap().push(stage);

@@ -57,6 +57,7 @@ pub async fn run_shipper(
 ) {
     let mut batch = Batch::default();
     let mut probed = false;
+    let mut newest_ns = 0;
     loop {
         let deadline = batch
             .started()
@@ -64,6 +65,10 @@ pub async fn run_shipper(
         tokio::select! {
             received = rx.recv() => match received {
                 Some(pending) => {
+                    if pending.entry.timestamp_ns > newest_ns {
+                        newest_ns = pending.entry.timestamp_ns;
+                        shipper.metrics.newest_entry.set(newest_ns as f64 / 1e9);
+                    }
                     let size = pending.entry.line.len() as u64;
                     if !batch.is_empty() && batch.bytes() + size > shipper.cfg.batch_bytes {
                         let full = std::mem::take(&mut batch);

@@ -85,9 +85,11 @@ pub struct GateStatus {
     /// The release it must be Healthy at.
     pub release: String,
     pub open: bool,
-    /// Soak time left (e.g. `3h12m`), when the other side is Healthy at the release.
+    /// When the gate opens (RFC 3339), once the other side is Healthy at the release: its
+    /// `healthySince` plus the gate's soak. A time, not a countdown, so the status does
+    /// not change while nothing happens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub remaining: Option<String>,
+    pub opens_at: Option<String>,
     pub message: String,
 }
 

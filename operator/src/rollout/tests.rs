@@ -293,9 +293,15 @@ fn canary_waits_for_ready_then_opens_its_window_then_advances_on_a_final_pass() 
         Flags::default(),
     );
     assert_eq!(d.state.window_started, Some(t(105)));
-    assert!(d.message.contains("verifying"), "{}", d.message);
-    // A check during the window passes: stay.
+    assert!(
+        d.message
+            .contains("verifying for 10s until 1970-01-01T00:01:55Z"),
+        "{}",
+        d.message
+    );
+    // A check during the window passes: stay, with the same words (no status write).
     let watching = d.state.clone();
+    let verifying = d.message.clone();
     let d = run(
         &spec(),
         &watching,
@@ -306,6 +312,7 @@ fn canary_waits_for_ready_then_opens_its_window_then_advances_on_a_final_pass() 
         Flags::default(),
     );
     assert_eq!(d.state, watching);
+    assert_eq!(d.message, verifying);
     // The final check passes: step 1 (50% of 4 = 2 nodes) moves one more node.
     let d = run(
         &spec(),
@@ -522,7 +529,11 @@ fn soak_then_healthy_and_the_revision_becomes_stable() {
         Flags::default(),
     );
     assert_eq!(d.state.phase, Some(Phase::Soak));
-    assert!(d.message.contains("20s left"), "{}", d.message);
+    assert!(
+        d.message.contains("until 1970-01-01T00:02:10Z"),
+        "{}",
+        d.message
+    );
     let d = run(
         &spec(),
         &soak,

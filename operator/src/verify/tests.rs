@@ -16,6 +16,7 @@ process_cpu_seconds_total 1.5
 process_resident_memory_bytes 52428800
 logpipe_delivery_latency_seconds_sum 6.0
 logpipe_delivery_latency_seconds_count 4
+logpipe_newest_entry_timestamp_seconds 1700000000.5
 # EOF
 "#;
 
@@ -31,6 +32,7 @@ fn metrics_are_read_by_promtail_names() {
     assert_eq!(s.cpu_seconds, 1.5);
     assert_eq!(s.rss_bytes, 52428800.0);
     assert_eq!((s.latency_sum, s.latency_count), (6.0, 4.0));
+    assert_eq!(s.newest_entry, 1_700_000_000.5);
     assert_eq!(parse_metrics("garbage\n{{{ x\n"), Sample::default());
 }
 
@@ -104,7 +106,64 @@ fn measured(sample: Sample, cpu: f64, loki: f64) -> Measurements {
         samples: BTreeMap::from([("agent-n1".to_string(), Ok(sample))]),
         cpu_millis: BTreeMap::from([("agent-n1".to_string(), cpu)]),
         loki: Some(Ok(BTreeMap::from([("n1".to_string(), loki)]))),
+        newest_queryable: BTreeMap::new(),
     }
+}
+
+#[test]
+fn newest_entry_query_and_answer() {
+    assert_eq!(newest_query("ops-node-1"), r#"{node_name="ops-node-1"}"#);
+    assert_eq!(newest_query(r#"a"b"#), r#"{node_name="a\"b"}"#);
+    let body = r#"{"status":"success","data":{"resultType":"streams","result":[
+        {"stream":{"node_name":"n1","pod":"a"},"values":[["1700000002500000000","x"]]},
+        {"stream":{"node_name":"n1","pod":"b"},"values":[["1700000001000000000","y"]]}]}}"#;
+    assert_eq!(parse_newest(body).unwrap(), Some(1_700_000_002.5));
+    let empty = r#"{"status":"success","data":{"resultType":"streams","result":[]}}"#;
+    assert_eq!(parse_newest(empty).unwrap(), None);
+    assert!(parse_newest("<html>").is_err());
+}
+
+#[test]
+fn latency_is_written_to_queryable_when_loki_was_asked() {
+    let spec = VerifySpec {
+        max_latency: Some(HumanDuration(Duration::from_secs(5))),
+        ..spec()
+    };
+    let latency = |m: &Measurements| {
+        let p = pod("n1", true);
+        let (checks, verdict) = judge(&spec, &[&p], m, true);
+        let c = checks.into_iter().find(|c| c.name == "latency").unwrap();
+        (
+            c.value.unwrap(),
+            c.passed,
+            verdict.passed,
+            c.message.unwrap(),
+        )
+    };
+    let read_at = |newest: f64| Sample {
+        newest_entry: newest,
+        latency_sum: 1.0,
+        latency_count: 4.0,
+        ..good()
+    };
+    // Loki returns what the agent read 2 s after it: within 5 s.
+    let mut m = measured(read_at(1000.0), 20.0, 50.0);
+    m.newest_queryable.insert("n1".into(), 998.0);
+    let (value, passed, verdict, message) = latency(&m);
+    assert_eq!((value.as_str(), passed, verdict), ("2.00s", true, true));
+    assert!(message.contains("queryable"), "{message}");
+    // 12 s behind: fails with the number.
+    m.newest_queryable.insert("n1".into(), 988.0);
+    assert_eq!(latency(&m).0, "12.00s");
+    assert!(!latency(&m).1 && !latency(&m).2);
+    // A quiet node Loki has caught up with is not late.
+    m.newest_queryable.insert("n1".into(), 1000.0);
+    assert_eq!(latency(&m).0, "0.00s");
+    // Loki not asked (no endpoint, or no entry yet): the agent's mean write -> ack.
+    m.newest_queryable.clear();
+    let (value, passed, _, message) = latency(&m);
+    assert_eq!((value.as_str(), passed), ("0.25s", true));
+    assert!(message.contains("acknowledgement"), "{message}");
 }
 
 #[test]

@@ -363,9 +363,23 @@ impl Drop for ReadyResync {
     }
 }
 
-/// A LogPipeline for the rollout tests: real agents (`kwok.x-k8s.io/status: custom`),
-/// the test bed's Loki for pushes and verification queries, short windows.
-pub fn pipeline(ns: &str, tenant: &str, image: &str, loki: &str, window: &str) -> Value {
+/// The unavailability budget of the test pipelines on `nodes` nodes: a fifth of them, so
+/// a 20-node step moves in batches of 4.
+pub fn max_unavailable(nodes: usize) -> usize {
+    (nodes / 5).max(1)
+}
+
+/// A LogPipeline for the rollout tests on `nodes` nodes: real agents
+/// (`kwok.x-k8s.io/status: custom`), the test bed's Loki for pushes and verification
+/// queries, short windows.
+pub fn pipeline(
+    ns: &str,
+    tenant: &str,
+    image: &str,
+    loki: &str,
+    window: &str,
+    nodes: usize,
+) -> Value {
     json!({
         "apiVersion": "logpipe.io/v1alpha1",
         "kind": "LogPipeline",
@@ -385,13 +399,14 @@ pub fn pipeline(ns: &str, tenant: &str, image: &str, loki: &str, window: &str) -
                 {"labelDrop": ["filename"]},
             ],
             "rollout": {
-                "maxUnavailable": 1,
+                "maxUnavailable": max_unavailable(nodes),
                 "steps": [{"canary": {"nodes": 1}}, {"percent": 40}, {"percent": 100}],
                 "verify": {
                     "window": window,
                     "queryEndpoint": loki,
                     "maxCpu": "2",
                     "maxMemory": "500Mi",
+                    "maxLatency": "30s",
                 },
                 "soak": "5s",
             },
@@ -417,6 +432,59 @@ pub async fn status(client: &Client, ns: &str, name: &str) -> Result<(Option<i64
         .await
         .map_err(|e| e.to_string())?;
     Ok((lp.metadata.generation, lp.data["status"].clone()))
+}
+
+/// Plain kubectl against one cluster of the test bed, as a person would type it.
+pub fn kubectl(testbed: &Testbed, cluster: &str, args: &[&str]) -> String {
+    let binary = logpipe_e2e::cached_binary("K8S", "kubectl");
+    let output = std::process::Command::new(&binary)
+        .arg("--kubeconfig")
+        .arg(testbed.kubeconfig(cluster))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+    assert!(
+        output.status.success(),
+        "kubectl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Nodes whose live agent pod runs `revision`.
+pub async fn nodes_at(client: &Client, ns: &str, revision: &str) -> BTreeSet<String> {
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=logpipe-agent"))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.annotations()
+                .get("logpipe.io/revision")
+                .map(String::as_str)
+                == Some(revision)
+        })
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect()
+}
+
+pub async fn resource_version(client: &Client, ns: &str, name: &str) -> String {
+    lp_api(client, ns)
+        .get(name)
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap_or_default()
+}
+
+/// An RFC 3339 time of a status field.
+pub fn rfc3339(value: &Value) -> chrono::DateTime<chrono::FixedOffset> {
+    let text = value.as_str().unwrap_or_default();
+    chrono::DateTime::parse_from_rfc3339(text)
+        .unwrap_or_else(|e| panic!("{value} is not an RFC 3339 time: {e}"))
 }
 
 /// Wait for Healthy at the current generation with every node ready.
@@ -449,6 +517,8 @@ pub struct Record {
     pub moved_nodes: BTreeSet<String>,
     /// Most agent pods unavailable at once (not Ready, terminating or missing).
     pub max_unavailable: usize,
+    /// `stepStartedAt` of each step (`currentStep`) seen.
+    pub step_started: BTreeMap<i64, String>,
     pub last: Value,
 }
 
@@ -494,6 +564,12 @@ pub async fn record_until(
         };
         let phase = s["phase"].as_str().unwrap_or("").to_string();
         let step = s["currentStep"].as_i64();
+        if let (Some(i), Some(at)) = (step, s["stepStartedAt"].as_str()) {
+            record
+                .step_started
+                .entry(i)
+                .or_insert_with(|| at.to_string());
+        }
         if record
             .phases
             .last()
