@@ -327,6 +327,20 @@ async fn ops_example_is_reconciled_updated_quiet_and_deleted() {
     assert_eq!(cm.immutable, Some(true));
     assert!(cm.data.unwrap()["config.yaml"].contains("tenant: ops"));
 
+    // Someone else's change to the DaemonSet (as `kubectl label` makes it) survives the
+    // reconciles below: server-side apply gives the operator only the fields it sets.
+    Api::<DaemonSet>::namespaced(client.clone(), &ns)
+        .patch(
+            &name,
+            &PatchParams {
+                field_manager: Some("e2e-platform-team".into()),
+                ..Default::default()
+            },
+            &Patch::Merge(json!({"metadata": {"labels": {"example.com/team": "platform"}}})),
+        )
+        .await
+        .unwrap();
+
     // 2. Quiet: reconciles triggered by pod events write nothing.
     let before = versions(&client, &ns, &name).await;
     let reconciles_before = operator.metric("logpipe_operator_reconciles_total").await;
@@ -361,6 +375,18 @@ async fn ops_example_is_reconciled_updated_quiet_and_deleted() {
     );
     assert_eq!(writes, 0.0, "no status write when nothing changed");
     assert_eq!(before, after, "no object written when nothing changed");
+    let labels = Api::<DaemonSet>::namespaced(client.clone(), &ns)
+        .get(&name)
+        .await
+        .unwrap()
+        .metadata
+        .labels
+        .unwrap_or_default();
+    assert_eq!(
+        labels.get("example.com/team").map(String::as_str),
+        Some("platform"),
+        "another field manager's label survives reconciles: {labels:?}"
+    );
 
     // 3. Edit the spec: new ConfigMap hash, new revision, rolled to every node.
     let mut edited = lp.clone();
