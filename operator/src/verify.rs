@@ -538,36 +538,23 @@ impl Verifier {
 
     /// Time of the newest entry Loki returns for `node` over the window (Unix seconds).
     async fn newest_queryable(&self, q: &LokiQuery, node: &str) -> Result<Option<f64>, String> {
-        let url = format!(
-            "{}/loki/api/v1/query_range",
-            q.endpoint.trim_end_matches('/')
-        );
         let end = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_err(|e| e.to_string())?;
         let start = end.saturating_sub(q.window);
-        let response = self
-            .http
-            .get(&url)
-            .header("X-Scope-OrgID", &q.tenant)
-            .query(&[
-                ("query", newest_query(node)),
-                ("limit", "1".to_string()),
-                ("direction", "backward".to_string()),
-                ("start", start.as_nanos().to_string()),
-                ("end", end.as_nanos().to_string()),
-            ])
-            .send()
-            .await
-            .map_err(|e| format!("Loki query: {e}"))?;
-        let status = response.status();
-        let body = response
-            .text()
-            .await
-            .map_err(|e| format!("Loki query: {e}"))?;
-        if !status.is_success() {
-            return Err(format!("Loki answered {status}"));
-        }
+        let body = self
+            .loki_get(
+                q,
+                "query_range",
+                &[
+                    ("query", newest_query(node)),
+                    ("limit", "1".to_string()),
+                    ("direction", "backward".to_string()),
+                    ("start", start.as_nanos().to_string()),
+                    ("end", end.as_nanos().to_string()),
+                ],
+            )
+            .await?;
         parse_newest(&body)
     }
 
@@ -627,13 +614,25 @@ impl Verifier {
         q: &LokiQuery,
         nodes: &[&str],
     ) -> Result<BTreeMap<String, f64>, String> {
-        let query = count_query(nodes, q.window);
-        let url = format!("{}/loki/api/v1/query", q.endpoint.trim_end_matches('/'));
+        let body = self
+            .loki_get(q, "query", &[("query", count_query(nodes, q.window))])
+            .await?;
+        parse_vector(&body)
+    }
+
+    /// GET `<endpoint>/loki/api/v1/<api>` for the LogPipeline's tenant: the body, or why not.
+    async fn loki_get(
+        &self,
+        q: &LokiQuery,
+        api: &str,
+        params: &[(&str, String)],
+    ) -> Result<String, String> {
+        let url = format!("{}/loki/api/v1/{api}", q.endpoint.trim_end_matches('/'));
         let response = self
             .http
             .get(&url)
             .header("X-Scope-OrgID", &q.tenant)
-            .query(&[("query", query.as_str())])
+            .query(params)
             .send()
             .await
             .map_err(|e| format!("Loki query: {e}"))?;
@@ -648,7 +647,7 @@ impl Verifier {
                 body.chars().take(200).collect::<String>()
             ));
         }
-        parse_vector(&body)
+        Ok(body)
     }
 }
 

@@ -500,25 +500,22 @@ async fn kubectl_pause_resume_promote_abort_on_a_node_selector_canary() {
     );
     println!("canary on {canary:?}: {}", canary_verifying["message"]);
 
+    // `paused` as a person sets it, then wait for the phase it leads to.
+    let set_paused = |paused: bool, phase: &'static str| {
+        let patch = format!(r#"{{"spec":{{"rollout":{{"paused":{paused}}}}}}}"#);
+        ctl(&["patch", "lp", "logpipe", "--type", "merge", "-p", &patch]);
+        record_until(
+            &bed.client,
+            &bed.ns,
+            bed.nodes,
+            &stable,
+            Duration::from_secs(30),
+            move |s| s["phase"] == phase,
+        )
+    };
+
     // Pause: Paused, and nothing moves.
-    ctl(&[
-        "patch",
-        "lp",
-        "logpipe",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"rollout":{"paused":true}}}"#,
-    ]);
-    record_until(
-        &bed.client,
-        &bed.ns,
-        bed.nodes,
-        &stable,
-        Duration::from_secs(30),
-        |s| s["phase"] == "Paused",
-    )
-    .await;
+    set_paused(true, "Paused").await;
     let shown = ctl(&["get", "lp", "logpipe"]);
     println!("paused:\n{shown}");
     assert!(
@@ -533,24 +530,7 @@ async fn kubectl_pause_resume_promote_abort_on_a_node_selector_canary() {
     );
 
     // Resume: back to the canary's window.
-    ctl(&[
-        "patch",
-        "lp",
-        "logpipe",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"rollout":{"paused":false}}}"#,
-    ]);
-    record_until(
-        &bed.client,
-        &bed.ns,
-        bed.nodes,
-        &stable,
-        Duration::from_secs(30),
-        |s| s["phase"] == "Canary",
-    )
-    .await;
+    set_paused(false, "Canary").await;
 
     // Promote: on to step 1 (50%) long before the 10-minute window ends.
     let promoted_at = Instant::now();
