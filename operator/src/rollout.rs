@@ -283,10 +283,13 @@ fn live(pods: &[PodView]) -> impl Iterator<Item = &PodView> {
     pods.iter().filter(|p| !p.terminating)
 }
 
-/// The step's node set: the first `want` live pods in rollout order. Order: pods already
-/// at the target (never move a node twice), then nodes a canary selector picks, then
-/// pods of a superseded revision (already off stable), then by node name (stable and
-/// reviewable).
+/// The step's node set: the first `want` nodes in rollout order, one pod each (the live
+/// one, else the terminating one). Order: pods already at the target (never move a node
+/// twice), then terminating pods (their node is being moved: the DaemonSet recreates
+/// them from the target template), then nodes a canary selector picks, then pods of a
+/// superseded revision (already off stable), then by node name (stable and reviewable).
+/// A node with no pod at all (deleted, not yet recreated) takes a place too: without
+/// that, a step would pick one more node while a moved one is in transition.
 fn step_set<'a>(
     steps: &[StepKind],
     index: usize,
@@ -308,15 +311,24 @@ fn step_set<'a>(
             .iter()
             .any(|sel| labels.is_some_and(|l| sel.iter().all(|(k, v)| l.get(k) == Some(v))))
     };
-    let mut order: Vec<&PodView> = live(obs.pods).collect();
+    let live_nodes: std::collections::BTreeSet<&str> =
+        live(obs.pods).map(PodView::node_name).collect();
+    let mut order: Vec<&PodView> = obs
+        .pods
+        .iter()
+        .filter(|p| !p.terminating || !live_nodes.contains(p.node_name()))
+        .collect();
     order.sort_by_key(|p| {
         (
             !p.at(target),
+            !p.terminating,
             !selected(p),
             stable.is_none_or(|s| p.at(s)),
             p.node_name().to_string(),
         )
     });
+    let mut seen = std::collections::BTreeSet::new();
+    order.retain(|p| seen.insert(p.node_name()));
     let total = order.len();
     let base = obs.desired_nodes.max(total);
     let mut want = 0usize;
@@ -330,7 +342,7 @@ fn step_set<'a>(
     }
     // Missing pods count as not moved: a step waits for them (or fails at its deadline).
     let want = want.min(base).max(usize::from(base > 0));
-    order.truncate(want);
+    order.truncate(want.saturating_sub(base - total));
     (order, want)
 }
 
@@ -627,7 +639,11 @@ impl Engine<'_, '_> {
             self.target,
             st.stable.as_deref(),
         );
-        let to_move: Vec<&PodView> = set.iter().copied().filter(|p| !p.at(self.target)).collect();
+        let to_move: Vec<&PodView> = set
+            .iter()
+            .copied()
+            .filter(|p| !p.at(self.target) && !p.terminating)
+            .collect();
         let ready = set.iter().filter(|p| p.at(self.target) && p.ready).count();
         let window = window(self.spec, index);
         let deadline = window + MOVE_GRACE;

@@ -619,6 +619,106 @@ async fn kubectl_pause_resume_promote_abort_on_a_node_selector_canary() {
     bed.down().await;
 }
 
+/// A release arriving while another is at its canary supersedes it: the rollout starts over
+/// at the canary with the new revision, the superseded canary node moves first, and the
+/// superseded revision never becomes stable.
+#[tokio::test]
+async fn a_new_release_mid_rollout_supersedes_the_one_in_progress() {
+    let _serial = SERIAL.lock().await;
+    let testbed = ops().await;
+    let (bed, _tenant, _release1, lp) = installed(&testbed, "lprl-super", "10s").await;
+    let before = status(&bed.client, &bed.ns, "logpipe").await.unwrap().1;
+    let stable = before["stableRevision"].as_str().unwrap().to_string();
+    let release = |n: &str, window: &str| {
+        let mut next = lp.clone();
+        next["spec"]["pipeline"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"staticLabels": {"release": n}}));
+        next["spec"]["rollout"]["verify"]["window"] = json!(window);
+        next
+    };
+
+    // Release 2 sits in its canary's 10-minute window.
+    apply(&bed.client, &bed.ns, &release("2", "10m")).await;
+    let at_canary = record_until(
+        &bed.client,
+        &bed.ns,
+        bed.nodes,
+        &stable,
+        Duration::from_secs(120),
+        |s| {
+            s["targetRevision"] != before["targetRevision"]
+                && s["phase"] == "Canary"
+                && s["windowStartedAt"].is_string()
+        },
+    )
+    .await
+    .last;
+    let superseded = at_canary["targetRevision"].as_str().unwrap().to_string();
+    let canary = nodes_at(&bed.client, &bed.ns, &superseded).await;
+    assert_eq!(canary.len(), 1, "{canary:?}");
+
+    // Release 3 arrives: canary again, on the node release 2 had moved.
+    let started = Instant::now();
+    apply(&bed.client, &bed.ns, &release("3", "10s")).await;
+    let at_new_canary = record_until(
+        &bed.client,
+        &bed.ns,
+        bed.nodes,
+        &stable,
+        Duration::from_secs(120),
+        |s| {
+            s["targetRevision"] != superseded.as_str()
+                && s["phase"] == "Canary"
+                && s["windowStartedAt"].is_string()
+        },
+    )
+    .await
+    .last;
+    let newest = at_new_canary["targetRevision"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(newest, stable);
+    assert_eq!(
+        nodes_at(&bed.client, &bed.ns, &newest).await,
+        canary,
+        "the superseded revision's node is the new canary"
+    );
+    assert!(nodes_at(&bed.client, &bed.ns, &superseded).await.is_empty());
+
+    let record = record_until(
+        &bed.client,
+        &bed.ns,
+        bed.nodes,
+        &stable,
+        Duration::from_secs(300),
+        |s| s["phase"] == "Healthy" && s["stableRevision"] == newest.as_str(),
+    )
+    .await;
+    println!(
+        "release 3 superseded release 2 at its canary and was Healthy {:.1}s later: {:?}",
+        started.elapsed().as_secs_f64(),
+        record.sequence()
+    );
+    assert!(
+        !record
+            .sequence()
+            .iter()
+            .any(|p| p.starts_with("RollingBack") || p.starts_with("Degraded")),
+        "{:?}",
+        record.sequence()
+    );
+    assert_eq!(
+        nodes_at(&bed.client, &bed.ns, &newest).await.len(),
+        bed.nodes
+    );
+    assert_ne!(record.last["stableRevision"], superseded.as_str());
+
+    bed.down().await;
+}
+
 /// The phase of each cluster's LogPipeline over time.
 #[derive(Default, Debug)]
 struct Timeline {

@@ -893,3 +893,52 @@ fn a_gated_first_install_opens_into_the_install_step() {
     assert_eq!(d.state.step, Some(2), "the 100% step: nothing to hold back");
     assert_eq!(d.template, Template::Target);
 }
+
+#[test]
+fn a_node_in_transition_keeps_its_place_in_the_step() {
+    // Room for two agents down: the canary's node must not be joined by a second one
+    // while its old pod terminates, or after it is gone and not yet recreated.
+    let spec = RolloutSpec {
+        max_unavailable: 2,
+        ..spec()
+    };
+    let canary = state(Phase::Canary, Some(0), 100);
+    let d = run(
+        &spec,
+        &canary,
+        "r2",
+        &fleet("r1"),
+        Verdicts::default(),
+        100,
+        Flags::default(),
+    );
+    assert_eq!(deleted(&d), ["agent-n1"]);
+    let mut terminating = fleet("r1");
+    terminating[0].terminating = true;
+    let missing: Vec<PodView> = fleet("r1").into_iter().skip(1).collect();
+    for (name, pods) in [("terminating", terminating), ("missing", missing)] {
+        let d = run(
+            &spec,
+            &canary,
+            "r2",
+            &pods,
+            Verdicts::default(),
+            101,
+            Flags::default(),
+        );
+        assert!(deleted(&d).is_empty(), "{name}: {:?}", deleted(&d));
+        assert!(d.message.contains("0/1 nodes"), "{name}: {}", d.message);
+    }
+    // Recreated at the target and Ready: the canary is that node alone; its window starts.
+    let d = run(
+        &spec,
+        &canary,
+        "r2",
+        &with(fleet("r1"), "n1", "r2", true, 102),
+        Verdicts::default(),
+        103,
+        Flags::default(),
+    );
+    assert!(deleted(&d).is_empty(), "{:?}", deleted(&d));
+    assert_eq!(d.state.window_started, Some(t(103)));
+}
