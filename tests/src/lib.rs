@@ -13,6 +13,7 @@ pub mod crdref;
 pub mod loggen;
 pub mod loki;
 pub mod nodesim;
+pub mod operator;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -99,6 +100,33 @@ pub fn wanted_nodes() -> usize {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(5)
+}
+
+/// Poll `check` every 500 ms until it returns `Ok`, or fail with `what` and the last
+/// observation after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if started.elapsed() > timeout => {
+                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
 }
 
 /// Directory of the running test bed.

@@ -78,14 +78,6 @@ mod agent {
         }
     }
 
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
     /// One agent process.
     struct Agent {
         child: Child,
@@ -122,7 +114,7 @@ mod agent {
         }
 
         fn start(&self, extra_args: &[&str]) -> Agent {
-            let listen = format!("127.0.0.1:{}", free_port());
+            let listen = format!("127.0.0.1:{}", logpipe_e2e::free_port());
             let log = fs::OpenOptions::new()
                 .create(true)
                 .append(true)

@@ -141,14 +141,6 @@ mod outage {
         std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
     }
 
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
     fn sigterm(child: &Child) {
         let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
@@ -221,7 +213,7 @@ mod outage {
             {
                 PREFERRED_PORTS
             } else {
-                let ports = (free_port(), free_port());
+                let ports = (logpipe_e2e::free_port(), logpipe_e2e::free_port());
                 println!("ports {PREFERRED_PORTS:?} are taken, the private Loki uses {ports:?}");
                 ports
             };
@@ -403,7 +395,7 @@ analytics: {{reporting_enabled: false}}
                 ),
             )
             .unwrap();
-            let listen = format!("127.0.0.1:{}", free_port());
+            let listen = format!("127.0.0.1:{}", logpipe_e2e::free_port());
             let log = fs::OpenOptions::new()
                 .create(true)
                 .append(true)

@@ -6,9 +6,6 @@
 //! (and other tests sharing the test bed) never see each other's LogPipelines.
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -20,115 +17,12 @@ use kube::api::{
 };
 use kube::{Client, ResourceExt};
 use logpipe_e2e::cluster::node_count;
-use logpipe_e2e::{Testbed, repo_root, unique_suffix, workspace_binary};
+use logpipe_e2e::operator::Operator;
+use logpipe_e2e::{Testbed, repo_root, unique_suffix, wait_for};
 use serde_json::{Value, json};
 
 fn lp_api(client: &Client, ns: &str) -> Api<DynamicObject> {
     logpipe_e2e::cluster::logpipelines(client, ns)
-}
-
-/// Poll `check` until it returns `Some`, or fail with `what` and the last observation.
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let started = Instant::now();
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(last) if started.elapsed() > timeout => {
-                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
-}
-
-/// The operator as a child process; killed (SIGKILL) when dropped.
-struct Operator {
-    child: tokio::process::Child,
-    metrics: String,
-    log: PathBuf,
-}
-
-impl Operator {
-    async fn start(testbed: &Testbed, ns: &str, identity: &str) -> Self {
-        let port = free_port();
-        let log = testbed.dir.join(format!("operator-{ns}-{identity}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = tokio::process::Command::new(workspace_binary("logpipe-operator"))
-            .env("KUBECONFIG", testbed.kubeconfig("ops"))
-            .env("RUST_LOG", "info,logpipe_operator=debug")
-            .args([
-                "--namespace",
-                ns,
-                "--lease-namespace",
-                ns,
-                "--identity",
-                identity,
-            ])
-            .args([
-                "--lease-duration-seconds",
-                "6",
-                "--lease-grace-seconds",
-                "2",
-            ])
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(["--agent-image", "reg.local/logpipe-agent:e2e"])
-            .stdout(Stdio::from(file.try_clone().unwrap()))
-            .stderr(Stdio::from(file))
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let operator = Self {
-            child,
-            metrics: format!("http://127.0.0.1:{port}/metrics"),
-            log,
-        };
-        let http = logpipe_e2e::http_client();
-        let url = operator.metrics.replace("/metrics", "/readyz");
-        wait_for("the operator's /readyz", Duration::from_secs(30), || {
-            let http = http.clone();
-            let url = url.clone();
-            async move {
-                match http.get(&url).send().await {
-                    Ok(r) if r.status().is_success() => Ok(()),
-                    Ok(r) => Err(r.status().to_string()),
-                    Err(e) => Err(e.to_string()),
-                }
-            }
-        })
-        .await;
-        operator
-    }
-
-    /// A counter of the operator's /metrics.
-    async fn metric(&self, name: &str) -> f64 {
-        let body = logpipe_e2e::http_client()
-            .get(&self.metrics)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        body.lines()
-            .find_map(|l| {
-                l.strip_prefix(name)
-                    .and_then(|rest| rest.trim().parse().ok())
-            })
-            .unwrap_or_else(|| panic!("{name} not in\n{body}"))
-    }
-
-    async fn kill(mut self) {
-        let _ = self.child.kill().await;
-    }
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
 }
 
 async fn setup(testbed: &Testbed, client: &Client, prefix: &str) -> String {
@@ -263,7 +157,7 @@ async fn ops_example_is_reconciled_updated_quiet_and_deleted() {
         .unwrap_or_else(|e| panic!("{e}"));
     let client = testbed.client("ops").await.unwrap();
     let ns = setup(&testbed, &client, "lpop-e2e").await;
-    let operator = Operator::start(&testbed, &ns, "solo").await;
+    let mut operator = Operator::start(&testbed, "ops", &ns, "solo").await;
     let lp = ops_example(&testbed, &ns);
     let name = lp["metadata"]["name"].as_str().unwrap().to_string();
 
@@ -532,13 +426,13 @@ async fn leader_killed_mid_reconcile_standby_takes_over() {
             .and_then(|l| l.spec.and_then(|s| s.holder_identity))
             .ok_or_else(|| "no holder".to_string())
     };
-    let first = Operator::start(&testbed, &ns, "first").await;
+    let mut first = Operator::start(&testbed, "ops", &ns, "first").await;
     let leader = wait_for("a leader", Duration::from_secs(30), || {
         holder(leases.clone())
     })
     .await;
     assert_eq!(leader, "first");
-    let second = Operator::start(&testbed, &ns, "second").await;
+    let mut second = Operator::start(&testbed, "ops", &ns, "second").await;
     assert_eq!(
         second.metric("logpipe_operator_leader").await,
         0.0,

@@ -448,13 +448,6 @@ fn check_runs(image: &Image, usage: &str) {
     );
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 fn http_get(port: u16, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -539,7 +532,7 @@ fn run_like_the_daemonset(image: &Image) {
     run(Command::new("chmod").arg("0700").arg(&positions));
 
     let loki = FakeLoki::start();
-    let port = free_port();
+    let port = logpipe_e2e::free_port();
     std::fs::write(
         config.join("config.yaml"),
         format!(

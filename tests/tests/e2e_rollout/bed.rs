@@ -5,7 +5,6 @@
 //! Everything started here is stopped when its guard is dropped.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -18,89 +17,10 @@ pub use logpipe_e2e::cluster::{
     ensure_namespace as create_namespace, install_crd, logpipelines as lp_api,
 };
 use logpipe_e2e::loggen::{ContainerLog, CriWriter, numbered_line};
+pub use logpipe_e2e::operator::Operator;
+pub use logpipe_e2e::wait_for;
 use logpipe_e2e::{Testbed, unique_suffix, workspace_binary};
 use serde_json::{Value, json};
-
-/// Poll `check` until it returns `Ok`, or fail with `what` and the last observation.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let started = Instant::now();
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(last) if started.elapsed() > timeout => {
-                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-/// The operator as a child process, limited to one namespace; SIGKILLed when dropped.
-pub struct Operator {
-    child: Option<tokio::process::Child>,
-    pub log: PathBuf,
-}
-
-impl Operator {
-    pub async fn start(testbed: &Testbed, cluster: &str, ns: &str, identity: &str) -> Self {
-        let port = free_port();
-        let log = testbed
-            .dir
-            .join(format!("operator-{cluster}-{ns}-{identity}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = tokio::process::Command::new(workspace_binary("logpipe-operator"))
-            .env("KUBECONFIG", testbed.kubeconfig(cluster))
-            .env("RUST_LOG", "info,logpipe_operator=debug")
-            .args(["--namespace", ns, "--lease-namespace", ns])
-            .args(["--identity", identity, "--log-format", "text"])
-            .args([
-                "--lease-duration-seconds",
-                "6",
-                "--lease-grace-seconds",
-                "2",
-            ])
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::from(file.try_clone().unwrap()))
-            .stderr(Stdio::from(file))
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let http = logpipe_e2e::http_client();
-        let url = format!("http://127.0.0.1:{port}/readyz");
-        wait_for("the operator's /readyz", Duration::from_secs(30), || {
-            let http = http.clone();
-            let url = url.clone();
-            async move {
-                match http.get(&url).send().await {
-                    Ok(r) if r.status().is_success() => Ok(()),
-                    Ok(r) => Err(r.status().to_string()),
-                    Err(e) => Err(e.to_string()),
-                }
-            }
-        })
-        .await;
-        Self {
-            child: Some(child),
-            log,
-        }
-    }
-
-    /// SIGKILL, as a crash or an OOM kill would.
-    pub async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
-        }
-    }
-}
 
 /// The node simulator of a cluster: the test bed's when it runs, else ours (SIGTERM on
 /// drop, then SIGKILL after 30 s).
