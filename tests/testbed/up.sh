@@ -207,56 +207,8 @@ overrides:
     ingestion_rate_mb: 0.02
     ingestion_burst_size_mb: 0.03
 OV
-  cat > "$dir/loki.yaml" <<LK
-auth_enabled: true
-server:
-  http_listen_address: 127.0.0.1
-  http_listen_port: $LOKI_HTTP_PORT
-  grpc_listen_address: 127.0.0.1
-  grpc_listen_port: $LOKI_GRPC_PORT
-  log_level: warn
-  grpc_server_max_recv_msg_size: 67108864
-common:
-  instance_addr: 127.0.0.1
-  path_prefix: $dir/data
-  replication_factor: 1
-  ring:
-    instance_addr: 127.0.0.1
-    kvstore: {store: inmemory}
-  storage:
-    filesystem:
-      chunks_directory: $dir/data/chunks
-      rules_directory: $dir/data/rules
-memberlist:
-  bind_addr: [127.0.0.1]
-schema_config:
-  configs:
-  - {from: "2024-01-01", store: tsdb, object_store: filesystem, schema: v13, index: {prefix: index_, period: 24h}}
-limits_config:
-  reject_old_samples: false
-  ingestion_rate_mb: 256
-  ingestion_burst_size_mb: 512
-  per_stream_rate_limit: 256MB
-  per_stream_rate_limit_burst: 512MB
-  max_line_size: 8MB
-  allow_structured_metadata: true
-  max_query_length: 0
-  max_entries_limit_per_query: 1000000
-runtime_config:
-  file: $dir/overrides.yaml
-  period: 5s
-ingester:
-  chunk_idle_period: 5m
-  wal: {dir: $dir/data/wal}
-query_range:
-  results_cache:
-    cache: {embedded_cache: {enabled: false}}
-  cache_results: false
-ruler:
-  storage: {type: local, local: {directory: $dir/data/rules}}
-pattern_ingester: {enabled: false}
-analytics: {reporting_enabled: false}
-LK
+  sed -e "s|@HTTP_PORT@|$LOKI_HTTP_PORT|g" -e "s|@GRPC_PORT@|$LOKI_GRPC_PORT|g" -e "s|@DIR@|$dir|g" \
+    "$here/loki.yaml.tmpl" > "$dir/loki.yaml"
 }
 
 up_loki() {

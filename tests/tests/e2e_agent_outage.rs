@@ -32,7 +32,7 @@ mod outage {
 
     use logpipe_e2e::loggen::{Clock, rfc3339_nano};
     use logpipe_e2e::loki;
-    use logpipe_e2e::{testbed_dir, unique_suffix, workspace_binary};
+    use logpipe_e2e::{repo_root, testbed_dir, unique_suffix, workspace_binary};
 
     /// `limits.maxBufferedBytes` of the agent under test: small, so the outage's data
     /// (about ten times this) must be held back by backpressure, not buffered.
@@ -195,8 +195,8 @@ mod outage {
             .fold(0.0, |a, b| a + b)
     }
 
-    /// A Loki of this test only, configured like the test bed's (tests/testbed/up.sh,
-    /// `loki_config`). Killed when dropped.
+    /// A Loki of this test only, configured as the test bed's (tests/testbed/loki.yaml.tmpl).
+    /// Killed when dropped.
     struct PrivateLoki {
         binary: PathBuf,
         config: PathBuf,
@@ -217,60 +217,17 @@ mod outage {
                 println!("ports {PREFERRED_PORTS:?} are taken, the private Loki uses {ports:?}");
                 ports
             };
-            let data = dir.join("data");
-            fs::create_dir_all(&data).unwrap();
-            let data = data.display();
+            fs::create_dir_all(dir.join("data")).unwrap();
+            fs::write(dir.join("overrides.yaml"), "overrides: {}\n").unwrap();
+            let template = repo_root().join("tests/testbed/loki.yaml.tmpl");
             let config = dir.join("loki.yaml");
             fs::write(
                 &config,
-                format!(
-                    r#"auth_enabled: true
-server:
-  http_listen_address: 127.0.0.1
-  http_listen_port: {http_port}
-  grpc_listen_address: 127.0.0.1
-  grpc_listen_port: {grpc_port}
-  log_level: warn
-  grpc_server_max_recv_msg_size: 67108864
-common:
-  instance_addr: 127.0.0.1
-  path_prefix: {data}
-  replication_factor: 1
-  ring:
-    instance_addr: 127.0.0.1
-    kvstore: {{store: inmemory}}
-  storage:
-    filesystem:
-      chunks_directory: {data}/chunks
-      rules_directory: {data}/rules
-memberlist:
-  bind_addr: [127.0.0.1]
-schema_config:
-  configs:
-  - {{from: "2024-01-01", store: tsdb, object_store: filesystem, schema: v13, index: {{prefix: index_, period: 24h}}}}
-limits_config:
-  reject_old_samples: false
-  ingestion_rate_mb: 256
-  ingestion_burst_size_mb: 512
-  per_stream_rate_limit: 256MB
-  per_stream_rate_limit_burst: 512MB
-  max_line_size: 8MB
-  allow_structured_metadata: true
-  max_query_length: 0
-  max_entries_limit_per_query: 1000000
-ingester:
-  chunk_idle_period: 5m
-  wal: {{dir: {data}/wal}}
-query_range:
-  results_cache:
-    cache: {{embedded_cache: {{enabled: false}}}}
-  cache_results: false
-ruler:
-  storage: {{type: local, local: {{directory: {data}/rules}}}}
-pattern_ingester: {{enabled: false}}
-analytics: {{reporting_enabled: false}}
-"#
-                ),
+                fs::read_to_string(&template)
+                    .unwrap_or_else(|e| panic!("{}: {e}", template.display()))
+                    .replace("@HTTP_PORT@", &http_port.to_string())
+                    .replace("@GRPC_PORT@", &grpc_port.to_string())
+                    .replace("@DIR@", &dir.display().to_string()),
             )
             .unwrap();
             Self {
