@@ -3,19 +3,6 @@
 set -uo pipefail
 source "$(cd "$(dirname "$0")" && pwd)/lib.sh"
 [ -d "$PIDS" ] || { echo "[testbed] nothing to stop"; exit 0; }
-stop() {
-  local name=$1 pid binary wait=10
-  # The node simulator stops every agent within its pod's grace period first.
-  case $name in *nodesim*) wait=90 ;; esac
-  read -r pid binary < "$PIDS/$name.pid" || return
-  if alive "$name"; then
-    kill -TERM "$pid" 2>/dev/null
-    for _ in $(seq 1 $((wait * 5))); do alive "$name" || break; sleep 0.2; done
-    alive "$name" && kill -KILL "$pid" 2>/dev/null
-    echo "[testbed] stopped $name ($pid)"
-  fi
-  rm -f "$PIDS/$name.pid"
-}
 # Dependents first: operators, node simulators (and their agents), then KWOK, schedulers,
 # controller-managers, API servers, etcd, Loki.
 order=(operator nodesim kwok kube-scheduler kube-controller-manager kube-apiserver etcd loki)

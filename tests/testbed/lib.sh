@@ -61,6 +61,29 @@ alive() {
   tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$binary"
 }
 
+# replaced NAME: the process runs, but its binary was rebuilt since (the file it runs from
+# was replaced): a stale node simulator would hide a fix.
+replaced() {
+  local pid
+  read -r pid _ < "$PIDS/$1.pid" 2>/dev/null || return 1
+  [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == *" (deleted)" ]]
+}
+
+# stop NAME: SIGTERM the process recorded under NAME, SIGKILL if it lingers; forget it.
+stop() {
+  local name=$1 pid binary wait=10
+  # The node simulator stops every agent within its pod's grace period first.
+  case $name in *nodesim*) wait=90 ;; esac
+  read -r pid binary < "$PIDS/$name.pid" || return
+  if alive "$name"; then
+    kill -TERM "$pid" 2>/dev/null
+    for _ in $(seq 1 $((wait * 5))); do alive "$name" || break; sleep 0.2; done
+    alive "$name" && kill -KILL "$pid" 2>/dev/null
+    echo "[testbed] stopped $name ($pid)"
+  fi
+  rm -f "$PIDS/$name.pid"
+}
+
 # start NAME BINARY ARGS...: run in its own session, record PID and binary, log to logs/.
 start() {
   local name=$1 binary=$2; shift 2

@@ -192,6 +192,10 @@ up_cluster() {
 
   # The node simulator runs real agents for agent pods annotated kwok.x-k8s.io/status=custom.
   mkdir -p "$TESTBED/images"
+  if alive "$CLUSTER-nodesim" && replaced "$CLUSTER-nodesim"; then
+    say "$CLUSTER-nodesim was rebuilt: restarting it"
+    stop "$CLUSTER-nodesim"
+  fi
   start "$CLUSTER-nodesim" "$NODESIM" --kubeconfig "$kc" --cluster "$CLUSTER"
   wait_for "$CLUSTER-nodesim" 60 test -f "$CDIR/nodesim/nodesim.pid"
 }

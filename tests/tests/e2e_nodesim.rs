@@ -400,6 +400,38 @@ async fn nodesim_runs_agent_pods_as_processes() {
     let ips: std::collections::BTreeSet<_> = running.iter().map(pod_ip).collect();
     assert_eq!(ips.len(), running.len(), "pod IPs must be distinct");
 
+    // 1b. Ready=False written by someone else while the agent is ready (what the node
+    // lifecycle controller does when a node's heartbeat lapses) is put right.
+    let marked = running[0].metadata.name.clone().unwrap();
+    let mut conditions = running[0]
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap();
+    for c in conditions.iter_mut().filter(|c| c.type_ == "Ready") {
+        c.status = "False".into();
+        c.reason = Some("NodeNotReady".into());
+    }
+    pods.patch_status(
+        &marked,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"conditions": conditions}})),
+    )
+    .await
+    .unwrap();
+    let marked_down = pods.get(&marked).await.unwrap();
+    assert!(
+        !is_ready(&marked_down),
+        "the patch took: {:?}",
+        marked_down.status
+    );
+    wait_for(
+        "the simulator to write Ready back",
+        Duration::from_secs(15),
+        || async { pods.get(&marked).await.ok().filter(is_ready) },
+    )
+    .await;
+
     // 2. An unpublished tag stays ErrImagePull, not Ready; publishing it starts the pod.
     let first_node = nodes.keys().next().unwrap().clone();
     let mut lonely = container(&format!(

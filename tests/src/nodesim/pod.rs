@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, ContainerStateTerminated, Node, Pod, Secret,
+    ConfigMap, Container, ContainerStateTerminated, Node, Pod, PodStatus, Secret,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
@@ -612,6 +612,11 @@ impl Worker {
             },
             &mut self.transitions,
         );
+        // Someone else rewrote the conditions (the node lifecycle controller marks pods
+        // not Ready when a node's heartbeat lapses): what we published no longer stands.
+        if condition_states(self.pod.status.as_ref()) != condition_states(Some(&status)) {
+            self.published = None;
+        }
         let Ok(value) = serde_json::to_value(&status) else {
             return;
         };
@@ -1023,4 +1028,14 @@ fn translate_config(path: &std::path::Path, mounts: &Mounts) -> Option<String> {
         tracing::warn!(path = %path.display(), error = %e, "cannot write the translated config");
     }
     positions
+}
+
+/// `(type, status)` of each condition, ordered: what a reader of the pod acts on.
+fn condition_states(status: Option<&PodStatus>) -> std::collections::BTreeSet<(String, String)> {
+    status
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|c| (c.type_.clone(), c.status.clone()))
+        .collect()
 }

@@ -226,63 +226,6 @@ impl Drop for LogWriter {
     }
 }
 
-/// Test-bed shim, until the node simulator does it itself: when KWOK's node heartbeats
-/// lapse under load (two shared cores), the node lifecycle controller marks every pod of
-/// the node `Ready=False` (event `NodeNotReady`), and the simulator, which writes a pod's
-/// status only when its own view changes, never writes `Ready=True` back, although the
-/// agent's readiness probe passes (`ContainersReady=True`). A kubelet's status manager
-/// would; this task does it for the agent pods of one namespace, every second.
-pub struct ReadyResync {
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ReadyResync {
-    pub fn start(client: &Client, ns: &str) -> Self {
-        let api = Api::<Pod>::namespaced(client.clone(), ns);
-        let task = tokio::spawn(async move {
-            for _ in 0..3600u32 {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let Ok(list) = api
-                    .list(&ListParams::default().labels("app.kubernetes.io/name=logpipe-agent"))
-                    .await
-                else {
-                    continue;
-                };
-                for pod in list.items {
-                    let name = pod.name_any();
-                    let deleting = pod.metadata.deletion_timestamp.is_some();
-                    let Some(mut conditions) = pod.status.and_then(|s| s.conditions) else {
-                        continue;
-                    };
-                    let is =
-                        |t: &str, v: &str| conditions.iter().any(|c| c.type_ == t && c.status == v);
-                    if deleting || !(is("ContainersReady", "True") && is("Ready", "False")) {
-                        continue;
-                    }
-                    for c in &mut conditions {
-                        if c.type_ == "Ready" {
-                            c.status = "True".into();
-                            c.reason = None;
-                            c.message = None;
-                        }
-                    }
-                    let patch = json!({"status": {"conditions": conditions}});
-                    let _ = api
-                        .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
-                        .await;
-                }
-            }
-        });
-        Self { task }
-    }
-}
-
-impl Drop for ReadyResync {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// The unavailability budget of the test pipelines on `nodes` nodes: a fifth of them, so
 /// a 20-node step moves in batches of 4.
 pub fn max_unavailable(nodes: usize) -> usize {
@@ -530,7 +473,8 @@ pub async fn record_until(
                     record.moved_nodes.insert(node);
                 }
                 // The agent's own readiness (ContainersReady): the pod's Ready condition
-                // also drops when KWOK's node heartbeats lapse (see ReadyResync).
+                // also drops when KWOK's node heartbeats lapse, until the simulator writes
+                // it back.
                 let is_ready = p.metadata.deletion_timestamp.is_none()
                     && p.status
                         .as_ref()
@@ -611,7 +555,6 @@ pub struct Bed {
     pub ns: String,
     pub nodes: usize,
     pub operator: Operator,
-    _resync: ReadyResync,
     _logs: LogWriter,
     _simulator: Simulator,
 }
@@ -631,9 +574,7 @@ impl Bed {
         let pods = workload(&client, ns, node_count).await;
         let logs = LogWriter::start(&testbed.dir.join(cluster), &pods, "rollout");
         let operator = Operator::start(testbed, cluster, ns, "first").await;
-        let resync = ReadyResync::start(&client, ns);
         Self {
-            _resync: resync,
             testbed: testbed.clone(),
             cluster: cluster.to_string(),
             cleaned: false,
