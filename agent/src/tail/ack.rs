@@ -21,7 +21,8 @@
 //! and for [`RETIRED_RETENTION_MS`] after, so a compressed copy is recognised.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 use crate::entry::Entry;
 use crate::positions::{Fingerprint, PositionRecord};
@@ -132,6 +133,9 @@ impl Inner {
 #[derive(Debug, Default)]
 pub struct Ledger {
     inner: Mutex<Inner>,
+    /// Signalled when acknowledgements release bytes: a tailer paused by the buffer limit
+    /// resumes at once instead of at its next scan.
+    released: Condvar,
 }
 
 impl Ledger {
@@ -142,6 +146,7 @@ impl Ledger {
                 retired: loaded,
                 ..Inner::default()
             }),
+            released: Condvar::new(),
         }
     }
 
@@ -241,6 +246,21 @@ impl Ledger {
             inner.retire_drained(key);
         }
         inner.generation += 1;
+        drop(inner);
+        if released > 0 {
+            self.released.notify_all();
+        }
+    }
+
+    /// Wait until fewer than `limit` bytes are buffered, at most `timeout`; returns
+    /// whether there is room.
+    pub fn wait_for_room(&self, limit: u64, timeout: Duration) -> bool {
+        let inner = self.lock();
+        let (inner, _) = self
+            .released
+            .wait_timeout_while(inner, timeout, |inner| inner.buffered >= limit)
+            .unwrap_or_else(|p| p.into_inner());
+        inner.buffered < limit
     }
 
     /// The pipeline consumed the file up to `consumed` and still holds lines from

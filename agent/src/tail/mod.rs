@@ -204,6 +204,8 @@ pub struct Tailer<H: LineHandler> {
     /// One read buffer for every file: allocating it per file and pass was measurable.
     chunk: Vec<u8>,
     closed_channel: bool,
+    /// The last read pass stopped at the buffer limit.
+    backpressured: bool,
 }
 
 impl<H: LineHandler> Tailer<H> {
@@ -229,6 +231,7 @@ impl<H: LineHandler> Tailer<H> {
             out: Vec::new(),
             chunk: vec![0u8; READ_CHUNK],
             closed_channel: false,
+            backpressured: false,
         }
     }
 
@@ -252,8 +255,18 @@ impl<H: LineHandler> Tailer<H> {
             }
             let read = self.read_pass();
             if read == 0 {
-                let pause = next_scan.saturating_duration_since(Instant::now());
-                std::thread::sleep(pause.min(self.cfg.poll_interval));
+                let pause = next_scan
+                    .saturating_duration_since(Instant::now())
+                    .min(self.cfg.poll_interval);
+                if self.backpressured {
+                    // Paused by the buffer limit: go on as soon as Loki acknowledged a
+                    // batch. Sleeping to the next scan made a backlog drain at one buffer
+                    // per poll interval (4 MiB per 250 ms), however fast Loki answered.
+                    self.ledger
+                        .wait_for_room(self.cfg.max_buffered_bytes, pause);
+                } else {
+                    std::thread::sleep(pause);
+                }
             }
         }
         tracing::info!(files = self.files.len(), "tailer stopped");
@@ -541,6 +554,7 @@ impl<H: LineHandler> Tailer<H> {
                 }
             }
         }
+        self.backpressured = paused;
         self.metrics
             .buffered_bytes
             .set(self.ledger.buffered_bytes() as i64);
@@ -567,9 +581,8 @@ impl<H: LineHandler> Tailer<H> {
                 self.cfg.max_raw_line_bytes,
                 &self.metrics,
             );
-            // Entries reach the ledger only after this loop, so the read itself is capped by
-            // what the buffer limit has left: one backlogged file cannot overshoot it by a
-            // whole per-file budget.
+            // The read itself is capped by what the buffer limit has left: one backlogged
+            // file cannot overshoot it by a whole per-file budget.
             let budget = (self.cfg.per_file_budget as u64).min(
                 self.cfg
                     .max_buffered_bytes
@@ -640,6 +653,16 @@ impl<H: LineHandler> Tailer<H> {
                     &self.metrics,
                     &self.chunk[..n],
                 );
+                // Ship per chunk rather than per file: the entries of a whole per-file
+                // budget (up to 1 MiB of lines) would otherwise wait in `out`, whose
+                // capacity stays.
+                ship(
+                    &self.ledger,
+                    &self.tx,
+                    &mut self.out,
+                    file.key,
+                    &mut self.closed_channel,
+                );
             }
             if let Some(wait) = wait {
                 file.wait_until = Some(now + wait);
@@ -689,26 +712,42 @@ impl<H: LineHandler> Tailer<H> {
     }
 
     fn ship(&mut self, key: FileKey) {
-        for entry in self.out.drain(..) {
-            let bytes = entry_cost(&entry);
-            let Some(token) = self.ledger.register(key, entry.end_offset, bytes) else {
-                continue;
-            };
-            if self
-                .tx
-                .send(Pending {
-                    entry,
-                    token,
-                    bytes,
-                })
-                .is_err()
-            {
-                self.closed_channel = true;
-                break;
-            }
-        }
-        self.out.clear();
+        ship(
+            &self.ledger,
+            &self.tx,
+            &mut self.out,
+            key,
+            &mut self.closed_channel,
+        );
     }
+}
+
+/// Register `out`'s entries in the ledger and send them to the shipper, in order.
+fn ship(
+    ledger: &Ledger,
+    tx: &UnboundedSender<Pending>,
+    out: &mut Vec<Entry>,
+    key: FileKey,
+    closed_channel: &mut bool,
+) {
+    for entry in out.drain(..) {
+        let bytes = entry_cost(&entry);
+        let Some(token) = ledger.register(key, entry.end_offset, bytes) else {
+            continue;
+        };
+        if tx
+            .send(Pending {
+                entry,
+                token,
+                bytes,
+            })
+            .is_err()
+        {
+            *closed_channel = true;
+            break;
+        }
+    }
+    out.clear();
 }
 
 /// What an entry counts for in the buffer limit: its text plus bookkeeping.
