@@ -122,7 +122,30 @@ fn run(args: Args) -> Result<(), MainError> {
     Ok(())
 }
 
+/// glibc gives every thread that allocates an arena of its own, up to 8 per core, and an
+/// arena keeps what was freed in it. Here the tailer thread allocates the lines, the
+/// runtime's workers free them and encode the batches, and each arena's high-water mark
+/// adds up: measured on the bench corpus, two arenas instead of one per thread lower the
+/// peak RSS by about 1.5 MiB at no measurable CPU cost (the threads rarely allocate at
+/// the same instant). `MALLOC_ARENA_MAX` in the environment, when set, is left to rule.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn tune_malloc() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    // SAFETY: mallopt only sets an allocator parameter; it is called first thing in main,
+    // before any other thread exists, and its failure (0) leaves the default in place.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_malloc() {}
+
 fn main() -> ExitCode {
+    tune_malloc();
     let args = Args::parse();
     init_logging(&args.log_format);
     match run(args) {

@@ -105,6 +105,8 @@ pub struct Options {
     pub steady_duration: Duration,
     pub steady_warmup: Duration,
     pub steady_containers: usize,
+    /// Who is measured (both unless `--subjects` says otherwise).
+    pub subjects: Vec<Subject>,
     pub command: String,
 }
 
@@ -177,6 +179,9 @@ pub async fn run(options: &Options) -> Result<Outcome, BenchError> {
                 [Subject::Promtail, Subject::Agent]
             };
             for subject in order {
+                if !options.subjects.contains(&subject) {
+                    continue;
+                }
                 let run_dir = options
                     .out
                     .join("runs")
@@ -223,6 +228,9 @@ pub async fn run(options: &Options) -> Result<Outcome, BenchError> {
     let mut steady_runs = Vec::new();
     for &rate in &options.steady_rates {
         for subject in [Subject::Agent, Subject::Promtail] {
+            if !options.subjects.contains(&subject) {
+                continue;
+            }
             let run = steady::steady_run(SteadyJob {
                 subject,
                 rate,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use logpipe_e2e::bench::runner::Binaries;
+use logpipe_e2e::bench::runner::{Binaries, Subject};
 use logpipe_e2e::bench::{self, BenchError, Options, Size, report};
 
 #[derive(Debug, Parser)]
@@ -45,6 +45,13 @@ struct Args {
     /// Steady-state seconds per rate, warm-up included; default 40 (small 15).
     #[arg(long)]
     steady_seconds: Option<u64>,
+    /// Who is measured, comma-separated (`agent`, `promtail`); default both. Measuring one
+    /// alone is for quick comparisons of a change: the ratios need both.
+    #[arg(long, value_delimiter = ',', value_parser = ["agent", "promtail"])]
+    subjects: Option<Vec<String>>,
+    /// Skip the steady-state runs.
+    #[arg(long)]
+    no_steady: bool,
 }
 
 fn home_cache_bin(name: &str) -> PathBuf {
@@ -130,13 +137,24 @@ async fn options(args: Args) -> Result<Options, BenchError> {
         bins: Binaries { agent, promtail },
         loki_url,
         loki_skip_reason,
-        steady_rates: args.steady_rates.unwrap_or_else(|| {
-            if small {
-                vec![1_000, 10_000]
-            } else {
-                vec![1_000, 10_000, 50_000]
-            }
-        }),
+        steady_rates: if args.no_steady {
+            Vec::new()
+        } else {
+            args.steady_rates.unwrap_or_else(|| {
+                if small {
+                    vec![1_000, 10_000]
+                } else {
+                    vec![1_000, 10_000, 50_000]
+                }
+            })
+        },
+        subjects: match args.subjects {
+            None => vec![Subject::Agent, Subject::Promtail],
+            Some(names) => [Subject::Agent, Subject::Promtail]
+                .into_iter()
+                .filter(|s| names.iter().any(|n| n == s.name()))
+                .collect(),
+        },
         steady_duration: Duration::from_secs(steady_seconds),
         steady_warmup: Duration::from_secs((steady_seconds / 5).clamp(2, 8)),
         steady_containers: 16,
