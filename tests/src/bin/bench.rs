@@ -181,11 +181,34 @@ async fn main_async(args: Args) -> Result<(), BenchError> {
             " (no font found: the chart has no text)"
         }
     );
-    let failed = outcome.corpus_runs.iter().filter(|r| !r.ok).count()
-        + outcome.steady_runs.iter().filter(|r| !r.ok).count();
+    // Promtail not keeping up (at 50k lines/s it may not) is a finding, written down with
+    // its numbers; only our agent failing, or the harness, fails the bench.
+    let ours = |subject: &Subject| *subject == Subject::Agent;
+    let failed = outcome
+        .corpus_runs
+        .iter()
+        .filter(|r| !r.ok && ours(&r.subject))
+        .count()
+        + outcome
+            .steady_runs
+            .iter()
+            .filter(|r| !r.ok && ours(&r.subject))
+            .count();
+    for run in outcome
+        .steady_runs
+        .iter()
+        .filter(|r| !r.ok && !ours(&r.subject))
+    {
+        eprintln!(
+            "[bench] {} at {} lines/s: {}",
+            run.subject.name(),
+            run.rate_lines_s,
+            run.error.as_deref().unwrap_or("failed")
+        );
+    }
     if failed > 0 {
         return Err(BenchError::Other(format!(
-            "{failed} run(s) failed; see results.md"
+            "{failed} run(s) of logpipe-agent failed; see results.md"
         )));
     }
     Ok(())
