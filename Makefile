@@ -94,10 +94,12 @@ bench:
 # BENCH_SIZE=small: 200) against a native DaemonSet RollingUpdate. Starts (or grows) the
 # test bed to that many nodes; honours LOGPIPE_PORT_BASE / LOGPIPE_NET_OFFSET like it.
 # Writes target/bench/operator.json and merges it into results.{json,md} when they exist.
+# One cargo call: built apart, the two packages unify features differently and each
+# rebuilds the other's dependencies.
 BENCH_NODES ?= $(if $(filter small,$(BENCH_SIZE)),200,1000)
 bench-operator:
-	$(CARGO) build --release -p logpipe-operator --bin logpipe-operator
-	$(CARGO) build --release -p logpipe-e2e --bin logpipe-bench-operator --bin logpipe-nodesim
+	$(CARGO) build --release -p logpipe-operator -p logpipe-e2e \
+	  --bin logpipe-operator --bin logpipe-bench-operator --bin logpipe-nodesim
 	LOGPIPE_NODESIM_PROFILE=release NODES=$(BENCH_NODES) tests/testbed/up.sh
 	target/release/logpipe-bench-operator --nodes $(BENCH_NODES)
 

@@ -219,6 +219,21 @@ pub fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
     Some(lower + (upper - lower) * (rank - below) / (count - below))
 }
 
+/// Whether the q-quantile falls in the `+Inf` bucket: [`histogram_quantile`] then gives
+/// the largest finite bound, a lower bound of the real value.
+pub fn beyond_last_bound(q: f64, buckets: &[(f64, f64)]) -> bool {
+    let Some(total) = buckets.last().map(|(_, c)| *c) else {
+        return false;
+    };
+    let finite = buckets
+        .iter()
+        .filter(|(le, _)| le.is_finite())
+        .map(|(_, c)| *c)
+        .last()
+        .unwrap_or(0.0);
+    total > 0.0 && finite < q * total
+}
+
 /// `logpipe_operator_kube_requests_total` by (verb, resource).
 pub fn requests(samples: &[Sample]) -> BTreeMap<(String, String), f64> {
     samples
@@ -414,7 +429,14 @@ pub fn markdown(section: &Value) -> String {
         ),
         (
             "reconcile duration p99",
-            cell(section, "reconcile_p99_s", |v| format!("{:.0} ms", v * 1e3)),
+            cell(section, "reconcile_p99_s", |v| {
+                let bound = section["reconcile_p99_is_lower_bound"] == json!(true);
+                format!("{}{:.0} ms", if bound { "≥ " } else { "" }, v * 1e3)
+            }),
+        ),
+        (
+            "operator RSS before the first apply",
+            cell(section, "idle_rss_bytes", |v| format!("{:.1} MiB", v / MIB)),
         ),
         (
             "operator peak RSS (VmHWM)",
@@ -562,6 +584,20 @@ impl OperatorProcess {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Fails when the process has exited (something else may kill it: the bench says so
+    /// at once instead of waiting for a timeout).
+    fn check(&mut self) -> Result<(), BenchError> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(other(format!(
+                "the operator (pid {}) exited mid-run: {status}; log: {}",
+                self.pid,
+                self.log.display()
+            ))),
+            Err(e) => Err(other(format!("cannot wait for the operator: {e}"))),
         }
     }
 
@@ -888,6 +924,7 @@ impl Phases {
 /// Wait until the LogPipeline is Healthy at its current generation, at a revision other
 /// than `old`, with every one of `nodes` pods Ready at that revision. Returns the revision.
 async fn wait_healthy(
+    operator: &mut OperatorProcess,
     client: &kube::Client,
     ns: &str,
     nodes: usize,
@@ -898,6 +935,7 @@ async fn wait_healthy(
 ) -> Result<String, BenchError> {
     let mut last = String::new();
     loop {
+        operator.check()?;
         if started.elapsed() > limit {
             return Err(other(format!(
                 "timed out after {}s waiting for Healthy with {nodes} nodes; last: {last}",
@@ -936,6 +974,7 @@ async fn wait_healthy(
 /// What the operator run measured.
 #[derive(Debug, Default)]
 struct OperatorRun {
+    idle_rss_bytes: Option<f64>,
     apply_to_daemonset_s: Option<f64>,
     install_s: Option<f64>,
     rollout_s: Option<f64>,
@@ -944,6 +983,7 @@ struct OperatorRun {
     reconciles: Option<f64>,
     reconcile_p50_s: Option<f64>,
     reconcile_p99_s: Option<f64>,
+    reconcile_p99_lower_bound: bool,
     reconcile_mean_s: Option<f64>,
     reconcile_buckets: Vec<(f64, f64)>,
     peak_rss_bytes: Option<f64>,
@@ -965,13 +1005,16 @@ async fn operator_run(
     nodes: usize,
     run: &mut OperatorRun,
 ) -> Result<(), BenchError> {
-    let operator = OperatorProcess::start(options, kubeconfig, ns).await?;
+    let mut operator = OperatorProcess::start(options, kubeconfig, ns).await?;
     say(format!(
         "operator pid {} leading (log {})",
         operator.pid,
         operator.log.display()
     ));
     let rss = RssSampler::start(operator.pid);
+    let idle_from = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    run.idle_rss_bytes = median(rss.between(idle_from, Instant::now()));
     let ds_api = Api::<DaemonSet>::namespaced(client.clone(), ns);
 
     // Release 1: a first install (every pod at once, verified as one 100% step).
@@ -994,6 +1037,7 @@ async fn operator_run(
     ));
     let mut install_phases = Phases::default();
     let r1 = wait_healthy(
+        &mut operator,
         client,
         ns,
         nodes,
@@ -1019,6 +1063,7 @@ async fn operator_run(
     apply_pipeline(client, ns, &pipeline(ns, "r2", max_unavailable(options))).await?;
     let mut phases = Phases::default();
     let r2 = wait_healthy(
+        &mut operator,
         client,
         ns,
         nodes,
@@ -1041,6 +1086,7 @@ async fn operator_run(
     let delta = bucket_delta(&buckets(&before, HISTOGRAM), &buckets(&after, HISTOGRAM));
     run.reconcile_p50_s = histogram_quantile(0.5, &delta);
     run.reconcile_p99_s = histogram_quantile(0.99, &delta);
+    run.reconcile_p99_lower_bound = beyond_last_bound(0.99, &delta);
     let count = |s: &[Sample]| scalar(s, &format!("{HISTOGRAM}_count")).unwrap_or(0.0);
     let sum = |s: &[Sample]| scalar(s, &format!("{HISTOGRAM}_sum")).unwrap_or(0.0);
     let reconciles = count(&after) - count(&before);
@@ -1091,6 +1137,25 @@ async fn operator_run(
     drop(rss);
     drop(operator);
     Ok(())
+}
+
+/// Without an operator: drop the LogPipeline's finalizer and delete the cluster-scoped
+/// objects it would have deleted (best effort).
+async fn force_cleanup(client: &kube::Client, ns: &str) {
+    let _ = lp_api(client, ns)
+        .patch(
+            LP_NAME,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await;
+    let name = format!("logpipe:{ns}:{LP_NAME}");
+    let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client.clone())
+        .delete(&name, &DeleteParams::default())
+        .await;
+    let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone())
+        .delete(&name, &DeleteParams::default())
+        .await;
 }
 
 async fn ds_template(api: &Api<DaemonSet>) -> Result<Value, BenchError> {
@@ -1340,6 +1405,10 @@ pub async fn run(options: &Options) -> Result<Value, BenchError> {
         run.error = Some(e.to_string());
     }
     let operator_wall = operator_started.elapsed();
+    if run.error.is_some() {
+        // The operator is gone: nobody runs the LogPipeline's finalizer.
+        force_cleanup(&client, &ns).await;
+    }
     say("deleting the operator's namespace (its pods) before the native run");
     namespaces
         .delete_and_wait(&ns, Duration::from_secs(300))
@@ -1503,6 +1572,17 @@ pub async fn run(options: &Options) -> Result<Value, BenchError> {
             .map(|(le, c)| json!({"le": if le.is_finite() { json!(le) } else { json!("+Inf") }, "count": c}))
             .collect::<Vec<_>>()),
     );
+    obj.insert(
+        "reconcile_p99_is_lower_bound".into(),
+        json!(run.reconcile_p99_lower_bound),
+    );
+    put(
+        &mut obj,
+        &mut reasons,
+        "idle_rss_bytes",
+        run.idle_rss_bytes,
+        &failed("idle RSS"),
+    );
     put(
         &mut obj,
         &mut reasons,
@@ -1563,7 +1643,8 @@ pub async fn run(options: &Options) -> Result<Value, BenchError> {
             "rollout_s": "image tag changed -> Healthy at the new revision, stable == target, every node's pod Ready at it (status polled every 250 ms)",
             "native_rollout_s": "template changed -> observedGeneration current, updatedNumberScheduled == numberAvailable == numberReady == desired (polled every 250 ms)",
             "api_requests_per_rollout": "logpipe_operator_kube_requests_total (a tower layer on the operator's kube client) at Healthy minus before the change; a watch counts once per connection; the DaemonSet controller's, scheduler's and KWOK's requests are not in it",
-            "reconcile_p50_s": "from logpipe_operator_reconcile_duration_seconds buckets over the rollout (after - before), interpolated within a bucket as Prometheus' histogram_quantile does; buckets 10ms,50ms,100ms,250ms,500ms,1s,2.5s,5s,10s bound its precision",
+            "reconcile_p50_s": "from logpipe_operator_reconcile_duration_seconds buckets over the rollout (after - before), interpolated within a bucket as Prometheus' histogram_quantile does; buckets 10ms,50ms,100ms,250ms,500ms,1s,2.5s,5s,10s,30s,60s,120s bound its precision; reconcile_p99_is_lower_bound says when p99 lies above the last bound (then the value is that bound)",
+            "idle_rss_bytes": "median VmRSS over 3 s after the operator leads, before the first apply",
             "peak_rss_bytes": "VmHWM of the operator process at Healthy (its whole life: install and rollout)",
             "peak_rss_sampled_rollout_bytes": "largest VmRSS sampled during the rollout",
             "steady_rss_bytes": "median VmRSS over the steady window, starting 5 s after Healthy",
@@ -1671,6 +1752,9 @@ logpipe_operator_leader 1\n\
         // In the +Inf bucket: the largest finite bound.
         let tail = vec![(0.1, 1.0), (1.0, 2.0), (f64::INFINITY, 10.0)];
         assert_eq!(histogram_quantile(0.99, &tail), Some(1.0));
+        assert!(beyond_last_bound(0.99, &tail));
+        assert!(!beyond_last_bound(0.99, &b));
+        assert!(!beyond_last_bound(0.2, &tail));
         assert_eq!(
             histogram_quantile(0.5, &[(0.1, 0.0), (f64::INFINITY, 0.0)]),
             None

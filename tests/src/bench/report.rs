@@ -3,9 +3,9 @@
 //! JSON shape: one object per component (`agent`, `promtail`, `operator`) holding the
 //! headline figures by their issue-7 names; a figure that could not be measured is
 //! `null` and its reason is under the component's `reasons`. `operator` is
-//! `make bench-operator`'s `operator.json` (see [`super::operator`]), or nulls with reasons. Details per sink
-//! (`null`, `loki`) and per steady rate sit beside the headline figures; every raw run is
-//! under `runs`.
+//! `make bench-operator`'s `operator.json` (see [`super::operator`]), or nulls with
+//! reasons. Details per sink (`null`, `loki`) and per steady rate sit beside the headline
+//! figures; every raw run is under `runs`.
 
 use std::path::Path;
 
