@@ -9,7 +9,7 @@ CARGO ?= cargo
 E2E := $(CARGO) test -p logpipe-e2e --test
 
 .PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent e2e-argocd e2e-nodesim e2e-rollout e2e-examples \
-        chart-test testbed-build testbed-up testbed-down testbed-wipe crds demo bench \
+        chart-test testbed-build testbed-up testbed-down testbed-wipe crds demo bench bench-operator \
         images images-test
 
 all: build
@@ -91,6 +91,20 @@ bench:
 	tests/testbed/build.sh promtail
 	$(MAKE) testbed-up
 	target/release/logpipe-bench --size "$${BENCH_SIZE:-default}"
+	$(MAKE) bench-operator
+
+# The operator's side (issue 7): a phased rollout on BENCH_NODES KWOK nodes (1000;
+# BENCH_SIZE=small: 200) against a native DaemonSet RollingUpdate. Starts (or grows) the
+# test bed to that many nodes; honours LOGPIPE_PORT_BASE / LOGPIPE_NET_OFFSET like it.
+# Writes target/bench/operator.json and merges it into results.{json,md} when they exist.
+# One cargo call: built apart, the two packages unify features differently and each
+# rebuilds the other's dependencies.
+BENCH_NODES ?= $(if $(filter small,$(BENCH_SIZE)),200,1000)
+bench-operator:
+	$(CARGO) build --release -p logpipe-operator -p logpipe-e2e \
+	  --bin logpipe-operator --bin logpipe-bench-operator --bin logpipe-nodesim
+	LOGPIPE_NODESIM_PROFILE=release NODES=$(BENCH_NODES) tests/testbed/up.sh
+	target/release/logpipe-bench-operator --nodes $(BENCH_NODES)
 
 ## Container images without a Docker daemon (operator/Dockerfile and agent/Dockerfile are
 ## for machines with Docker): target/images/logpipe-{operator,agent}.tar, docker-archives

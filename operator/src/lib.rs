@@ -11,6 +11,7 @@ pub mod crdgen;
 pub mod desired;
 pub mod events;
 pub mod gate;
+pub mod kube_requests;
 pub mod leader;
 pub mod metrics;
 pub mod render;

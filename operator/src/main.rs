@@ -6,13 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use logpipe_operator::controller::{self, Ctx};
 use logpipe_operator::leader::{self, LeaseConfig};
 use logpipe_operator::metrics::{Health, Metrics, router};
 use logpipe_operator::verify::{Verifier, VerifyError};
-use logpipe_operator::{crdgen, render};
+use logpipe_operator::{crdgen, kube_requests, render};
 use tokio::sync::oneshot;
 
 /// The agent release bundled with this operator version.
@@ -168,8 +167,12 @@ async fn run(args: RunArgs) -> Result<(), MainError> {
     // reqwest (verification) is built without a bundled crypto provider: use ring, as kube.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let verifier = Verifier::new()?;
-    let client = Client::try_default().await?;
     let metrics = Arc::new(Metrics::default());
+    let config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    // Every request the operator sends is counted (logpipe_operator_kube_requests_total).
+    let client = kube_requests::counted_client(config, metrics.clone())?;
     let health = Arc::new(Health::default());
 
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)

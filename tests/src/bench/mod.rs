@@ -16,6 +16,7 @@
 //! the machine used meanwhile.
 
 pub mod corpus;
+pub mod operator;
 pub mod procstat;
 pub mod receiver;
 pub mod report;

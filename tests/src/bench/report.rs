@@ -2,10 +2,10 @@
 //!
 //! JSON shape: one object per component (`agent`, `promtail`, `operator`) holding the
 //! headline figures by their issue-7 names; a figure that could not be measured is
-//! `null` and its reason is under the component's `reasons` (the operator bench fills
-//! `operator` in later: only its values and `reasons` change). Details per sink
-//! (`null`, `loki`) and per steady rate sit beside the headline figures; every raw run is
-//! under `runs`.
+//! `null` and its reason is under the component's `reasons`. `operator` is
+//! `make bench-operator`'s `operator.json` (see [`super::operator`]), or nulls with
+//! reasons. Details per sink (`null`, `loki`) and per steady rate sit beside the headline
+//! figures; every raw run is under `runs`.
 
 use std::path::Path;
 
@@ -321,8 +321,6 @@ pub fn results_json(outcome: &Outcome, options: &Options) -> Value {
         .get("rss_bytes_at_10k_lines_s")
         .and_then(Value::as_f64);
     let target = |name: &str, goal: &str, measured: Option<f64>, met: Option<bool>| json!({"target": goal, "measured": measured, "met": met, "name": name});
-    let operator_reason = "not measured yet: the operator benchmark (1,000-node KWOK rollout, issue 7 \
-                           'Operator') is done separately and fills these in";
     let mut steady_cpu = Map::new();
     for (rate, v) in &r.steady_cpu {
         steady_cpu.insert(rate.to_string(), json!(v));
@@ -401,17 +399,8 @@ pub fn results_json(outcome: &Outcome, options: &Options) -> Value {
             target("agent.null_mb_per_cpu_s", ">= 150", agent_mb, agent_mb.map(|v| v >= 150.0)),
             target("agent.rss_bytes_at_10k_lines_s", "< 33554432 (32 MiB)", agent_rss10k, agent_rss10k.map(|v| v < 32.0 * MIB)),
         ],
-        "operator": {
-            "rollout_1000_nodes_s": null,
-            "native_rollout_1000_nodes_s": null,
-            "steady_rss_bytes": null,
-            "reason": operator_reason,
-            "reasons": {
-                "rollout_1000_nodes_s": operator_reason,
-                "native_rollout_1000_nodes_s": operator_reason,
-                "steady_rss_bytes": operator_reason,
-            },
-        },
+        // make bench-operator's figures (target/bench/operator.json), or null + reason.
+        "operator": super::operator::load_section(&options.out),
         "runs": {
             "corpus": outcome.corpus_runs,
             "steady": outcome.steady_runs,
@@ -539,7 +528,10 @@ pub fn results_md(outcome: &Outcome, options: &Options, results: &Value) -> Stri
         "\nLabels per stream — agent: {:?}; Promtail: {:?}.\n",
         a.null.label_names, p.null.label_names
     ));
-    md.push_str("\nOperator figures (`operator.*`): not measured yet (null in results.json, with the reason).\n");
+    md.push_str(&super::operator::merge_md(
+        "\n",
+        &super::operator::markdown(&results["operator"]),
+    ));
     md.push_str(
         "\nNotes: CPU seconds are utime+stime of the process up to the moment the receiver held the last entry; \
          MB = 10^6 bytes of CRI files read. The machine's 2 cores are shared, so wall times are noisy; \
