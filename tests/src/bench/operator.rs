@@ -227,10 +227,9 @@ pub fn beyond_last_bound(q: f64, buckets: &[(f64, f64)]) -> bool {
     };
     let finite = buckets
         .iter()
-        .filter(|(le, _)| le.is_finite())
-        .map(|(_, c)| *c)
-        .last()
-        .unwrap_or(0.0);
+        .rev()
+        .find(|(le, _)| le.is_finite())
+        .map_or(0.0, |(_, c)| *c);
     total > 0.0 && finite < q * total
 }
 
@@ -923,16 +922,28 @@ impl Phases {
 
 /// Wait until the LogPipeline is Healthy at its current generation, at a revision other
 /// than `old`, with every one of `nodes` pods Ready at that revision. Returns the revision.
+/// What [`wait_healthy`] waits for: `nodes` pods at a revision other than `old`, within
+/// `limit` of `started`.
+struct Goal<'a> {
+    nodes: usize,
+    old: Option<&'a str>,
+    started: Instant,
+    limit: Duration,
+}
+
 async fn wait_healthy(
     operator: &mut OperatorProcess,
     client: &kube::Client,
     ns: &str,
-    nodes: usize,
-    old: Option<&str>,
-    started: Instant,
-    limit: Duration,
+    goal: Goal<'_>,
     phases: &mut Phases,
 ) -> Result<String, BenchError> {
+    let Goal {
+        nodes,
+        old,
+        started,
+        limit,
+    } = goal;
     let mut last = String::new();
     loop {
         operator.check()?;
@@ -1040,10 +1051,12 @@ async fn operator_run(
         &mut operator,
         client,
         ns,
-        nodes,
-        None,
-        applied,
-        options.install_timeout,
+        Goal {
+            nodes,
+            old: None,
+            started: applied,
+            limit: options.install_timeout,
+        },
         &mut install_phases,
     )
     .await?;
@@ -1066,10 +1079,12 @@ async fn operator_run(
         &mut operator,
         client,
         ns,
-        nodes,
-        Some(&r1),
-        changed,
-        options.rollout_timeout,
+        Goal {
+            nodes,
+            old: Some(&r1),
+            started: changed,
+            limit: options.rollout_timeout,
+        },
         &mut phases,
     )
     .await?;
@@ -1812,7 +1827,7 @@ logpipe_operator_leader 1\n\
         let replaced = merge_md(&format!("{appended}\nNotes.\n"), "## Operator\n\nnew\n");
         assert_eq!(
             replaced,
-            format!("# Bench\n\ntext\n\n{MD_BEGIN}\n## Operator\n\nnew\n{MD_END}\nNotes.\n")
+            format!("# Bench\n\ntext\n\n{MD_BEGIN}\n## Operator\n\nnew\n{MD_END}\n\nNotes.\n")
         );
         assert_eq!(merge_md(&replaced, "## Operator\n\nnew\n"), replaced);
     }
