@@ -100,11 +100,15 @@ bench:
 # One cargo call: built apart, the two packages unify features differently and each
 # rebuilds the other's dependencies.
 BENCH_NODES ?= $(if $(filter small,$(BENCH_SIZE)),200,1000)
+# A test bed of its own (directory, ports, addresses), stopped afterwards: nodes are never
+# removed, and the end-to-end tests' bed must not grow to 1000 nodes.
+BENCH_BED ?= LOGPIPE_TESTBED=$(CURDIR)/target/testbed-bench LOGPIPE_PORT_BASE=51000 LOGPIPE_NET_OFFSET=64
 bench-operator:
 	$(CARGO) build --release -p logpipe-operator -p logpipe-e2e \
 	  --bin logpipe-operator --bin logpipe-bench-operator --bin logpipe-nodesim
-	LOGPIPE_NODESIM_PROFILE=release NODES=$(BENCH_NODES) tests/testbed/up.sh
-	target/release/logpipe-bench-operator --nodes $(BENCH_NODES)
+	$(BENCH_BED) LOGPIPE_NODESIM_PROFILE=release NODES=$(BENCH_NODES) tests/testbed/up.sh
+	$(BENCH_BED) target/release/logpipe-bench-operator --nodes $(BENCH_NODES)
+	$(BENCH_BED) tests/testbed/down.sh
 
 ## Container images without a Docker daemon (operator/Dockerfile and agent/Dockerfile are
 ## for machines with Docker): target/images/logpipe-{operator,agent}.tar, docker-archives
