@@ -127,14 +127,7 @@ impl Batch {
         }
         let streams: Vec<StreamAdapter> = merged
             .into_iter()
-            .map(|(labels, mut entries)| {
-                entries.sort_by_key(|e| e.timestamp.map(|t| (t.seconds, t.nanos)));
-                StreamAdapter {
-                    labels,
-                    entries,
-                    hash: 0,
-                }
-            })
+            .map(|(labels, entries)| stream(labels, entries))
             .collect();
         let raw_len: usize = streams
             .iter()
@@ -237,6 +230,15 @@ impl BlockWriter {
     }
 }
 
+/// One stream of a push: its entries in time order, as Loki wants them.
+fn stream(labels: String, mut entries: Vec<EntryAdapter>) -> StreamAdapter {
+    entries.sort_by_key(|e| e.timestamp.map(|t| (t.seconds, t.nanos)));
+    StreamAdapter {
+        labels,
+        entries,
+        hash: 0,
+    }
+}
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -340,14 +342,7 @@ mod tests {
         let request = PushRequest {
             streams: expected
                 .into_iter()
-                .map(|(labels, mut entries)| {
-                    entries.sort_by_key(|e| e.timestamp.map(|t| (t.seconds, t.nanos)));
-                    StreamAdapter {
-                        labels,
-                        entries,
-                        hash: 0,
-                    }
-                })
+                .map(|(labels, entries)| stream(labels, entries))
                 .collect(),
         };
         let raw = request.encode_to_vec();

@@ -852,18 +852,23 @@ fn feed<H: LineHandler>(
     file.buf.extend_from_slice(&rest[head..]);
     // After a wait the rest may hold whole lines; otherwise it has no newline.
     file.scanned = if wait.is_some() { 0 } else { file.buf.len() };
-    if lines > 0 {
-        metrics
-            .read_lines
-            .get_or_create(&PathLabel {
-                path: file.path_str.clone(),
-            })
-            .inc_by(lines);
-    }
+    count_lines(metrics, &file.path_str, lines);
     if wait.is_none() && file.buf.len() > max_raw_line {
         return process_lines(file, handler, out, max_raw_line, metrics);
     }
     wait
+}
+
+/// Add `lines` to the file's `promtail_read_lines_total`.
+fn count_lines(metrics: &Metrics, path: &str, lines: u64) {
+    if lines > 0 {
+        metrics
+            .read_lines
+            .get_or_create(&PathLabel {
+                path: path.to_string(),
+            })
+            .inc_by(lines);
+    }
 }
 
 /// Hand every complete line in the buffer to the handler; cut a raw line that exceeds
@@ -911,14 +916,7 @@ fn process_lines<H: LineHandler>(
     }
     file.buf.drain(..head);
     file.scanned -= head;
-    if lines > 0 {
-        metrics
-            .read_lines
-            .get_or_create(&PathLabel {
-                path: file.path_str.clone(),
-            })
-            .inc_by(lines);
-    }
+    count_lines(metrics, &file.path_str, lines);
     wait
 }
 

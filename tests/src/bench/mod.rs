@@ -315,3 +315,29 @@ pub fn version_of(binary: &Path, flag: &str) -> Option<String> {
         + &String::from_utf8_lossy(&output.stderr);
     text.lines().next().map(|l| l.trim().to_string())
 }
+
+/// A bench binary's `main`: run `work` on a two-worker runtime; print its error, prefixed
+/// with `name`, and fail.
+pub fn run_main<F>(name: &str, work: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = Result<(), BenchError>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

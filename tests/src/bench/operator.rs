@@ -41,6 +41,7 @@ use serde_json::{Map, Value, json};
 
 use super::BenchError;
 use super::procstat;
+use super::report::put;
 
 const FIELD_MANAGER: &str = "logpipe-bench";
 const LP_NAME: &str = "logpipe";
@@ -1336,24 +1337,6 @@ async fn kube_client(kubeconfig: &Path) -> Result<kube::Client, BenchError> {
         .client(&cluster)
         .await
         .map_err(|e| other(e.to_string()))
-}
-
-fn put(
-    obj: &mut Map<String, Value>,
-    reasons: &mut Map<String, Value>,
-    key: &str,
-    value: Option<f64>,
-    reason: &str,
-) {
-    match value {
-        Some(v) if v.is_finite() => {
-            obj.insert(key.into(), json!(v));
-        }
-        _ => {
-            obj.insert(key.into(), Value::Null);
-            reasons.insert(key.into(), json!(reason));
-        }
-    }
 }
 
 /// Run everything; returns the `operator` section (also when a part failed: the figures it

@@ -82,7 +82,7 @@ fn steady_of(runs: &[SteadyRun], subject: Subject, rate: u64) -> Option<&SteadyR
 }
 
 /// Sets `key` to `value`, or to `null` with `reason` under `reasons`.
-fn put(
+pub(crate) fn put(
     obj: &mut Map<String, Value>,
     reasons: &mut Map<String, Value>,
     key: &str,

@@ -215,23 +215,5 @@ async fn main_async(args: Args) -> Result<(), BenchError> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("logpipe-bench: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(main_async(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("logpipe-bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    logpipe_e2e::bench::run_main("logpipe-bench", main_async(Args::parse()))
 }
