@@ -14,6 +14,7 @@ pub mod loggen;
 pub mod loki;
 pub mod nodesim;
 pub mod operator;
+pub mod simulator;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -11,13 +11,13 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use logpipe_e2e::simulator::Simulator;
 use logpipe_e2e::{Testbed, unique_suffix};
 use serde_json::json;
 
@@ -62,81 +62,6 @@ while not stop.wait(0.2):
 event("sigterm")
 server.shutdown()
 "#;
-
-/// The simulator for the cluster: ours (stopped with SIGTERM on drop), or one already
-/// running from the test bed, which is then used as is.
-struct Simulator {
-    child: Option<Child>,
-}
-
-impl Simulator {
-    fn start(testbed: &Testbed, log: &Path) -> Self {
-        let pid_file = testbed
-            .dir
-            .join(CLUSTER)
-            .join("nodesim")
-            .join("nodesim.pid");
-        if let Ok(pid) = std::fs::read_to_string(&pid_file)
-            && pid
-                .trim()
-                .parse()
-                .is_ok_and(logpipe_e2e::nodesim::is_simulator)
-        {
-            eprintln!("using the running node simulator (pid {})", pid.trim());
-            return Self { child: None };
-        }
-        let log = std::fs::File::create(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_logpipe-nodesim"))
-            .arg("--kubeconfig")
-            .arg(testbed.kubeconfig(CLUSTER))
-            .arg("--cluster")
-            .arg(CLUSTER)
-            .arg("--testbed-dir")
-            .arg(&testbed.dir)
-            .env("RUST_LOG", "info,logpipe_e2e::nodesim=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Self { child: Some(child) }
-    }
-
-    fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        for _ in 0..300 {
-            if child.try_wait().unwrap().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("the node simulator did not stop within 30s of SIGTERM");
-    }
-}
-
-impl Drop for Simulator {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            }
-            for _ in 0..300 {
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-        }
-    }
-}
 
 /// Poll `check` until it returns Some, or fail after `limit` with `what`.
 async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
@@ -246,8 +171,9 @@ async fn nodesim_runs_agent_pods_as_processes() {
 
     let image_dir = publish(&testbed, &tag);
     std::fs::create_dir_all(testbed.dir.join("logs")).unwrap();
-    let mut simulator = Simulator::start(
+    let mut simulator = Simulator::ensure(
         &testbed,
+        CLUSTER,
         &testbed
             .dir
             .join("logs")
@@ -567,7 +493,10 @@ async fn nodesim_runs_agent_pods_as_processes() {
             .and_then(|ns| ns.is_none().then_some(()))
     })
     .await;
-    simulator.stop();
+    assert!(
+        simulator.stop(),
+        "the node simulator did not stop within 30s of SIGTERM"
+    );
     for dir in [image_dir, late_dir] {
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -18,81 +17,10 @@ pub use logpipe_e2e::cluster::{
 };
 use logpipe_e2e::loggen::{ContainerLog, CriWriter, numbered_line};
 pub use logpipe_e2e::operator::Operator;
+use logpipe_e2e::simulator::Simulator;
 pub use logpipe_e2e::wait_for;
 use logpipe_e2e::{Testbed, unique_suffix, workspace_binary};
 use serde_json::{Value, json};
-
-/// The node simulator of a cluster: the test bed's when it runs, else ours (SIGTERM on
-/// drop, then SIGKILL after 30 s).
-pub struct Simulator {
-    child: Option<std::process::Child>,
-}
-
-impl Simulator {
-    pub fn ensure(testbed: &Testbed, cluster: &str) -> Self {
-        let candidates = [
-            testbed
-                .dir
-                .join("pids")
-                .join(format!("{cluster}-nodesim.pid")),
-            testbed
-                .dir
-                .join(cluster)
-                .join("nodesim")
-                .join("nodesim.pid"),
-        ];
-        for file in &candidates {
-            let pid = std::fs::read_to_string(file).ok().and_then(|text| {
-                text.split_whitespace()
-                    .next()
-                    .and_then(|p| p.parse::<i32>().ok())
-            });
-            if let Some(pid) = pid
-                && logpipe_e2e::nodesim::is_simulator(pid)
-            {
-                return Self { child: None };
-            }
-        }
-        let log = std::fs::File::create(
-            testbed
-                .dir
-                .join(format!("nodesim-{cluster}-e2e-rollout.log")),
-        )
-        .unwrap();
-        let child = std::process::Command::new(workspace_binary("logpipe-nodesim"))
-            .arg("--kubeconfig")
-            .arg(testbed.kubeconfig(cluster))
-            .arg("--cluster")
-            .arg(cluster)
-            .arg("--testbed-dir")
-            .arg(&testbed.dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Self { child: Some(child) }
-    }
-}
-
-impl Drop for Simulator {
-    fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        for _ in 0..300 {
-            if matches!(child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
 
 /// A released agent image for the node simulator; unpublished when dropped (also when a
 /// test fails).
@@ -564,7 +492,13 @@ impl Bed {
         let client = testbed.client(cluster).await.unwrap();
         install_crd(&client).await;
         create_namespace(&client, ns).await;
-        let simulator = Simulator::ensure(testbed, cluster);
+        let simulator = Simulator::ensure(
+            testbed,
+            cluster,
+            &testbed
+                .dir
+                .join(format!("nodesim-{cluster}-e2e-rollout.log")),
+        );
         let node_count = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
             .list_metadata(&ListParams::default())
             .await
