@@ -18,7 +18,8 @@
 //!   Loki's answer to the agent's readiness probe, an empty push),
 //!   `droppedEntries` (`promtail_dropped_entries_total`), both must be 0;
 //! - `lokiEntries`: the step's nodes' entries in Loki over the window (> 0 on every node),
-//!   recorded as skipped when no query endpoint is set;
+//!   asked at the end of the window only; recorded as skipped when no query endpoint is
+//!   set;
 //! - `cpu` (rate of `process_cpu_seconds_total`, in millicores) under `maxCpu`, `memory`
 //!   (`process_resident_memory_bytes`) under `maxMemory`, `latency` under `maxLatency`:
 //!   written -> queryable when a query endpoint is set (at the end of the window, for up
@@ -521,10 +522,15 @@ impl Verifier {
                 }
             }
         }
-        if let Some(q) = loki {
-            let nodes: Vec<&str> = targets.iter().map(|t| t.node.as_str()).collect();
-            m.loki = Some(self.loki_counts(q, &nodes).await);
-            if final_check {
+        match loki {
+            // Loki's answers count only at the end of the window: no query every few
+            // seconds before it.
+            Some(_) if !final_check => {
+                m.loki = Some(Err("counted at the end of the window".into()));
+            }
+            Some(q) => {
+                let nodes: Vec<&str> = targets.iter().map(|t| t.node.as_str()).collect();
+                m.loki = Some(self.loki_counts(q, &nodes).await);
                 // A sample bounds the queries a 1,000-node step makes.
                 for node in nodes.iter().take(LATENCY_SAMPLE_NODES) {
                     if let Ok(Some(newest)) = self.newest_queryable(q, node).await {
@@ -532,6 +538,7 @@ impl Verifier {
                     }
                 }
             }
+            None => {}
         }
         m
     }
