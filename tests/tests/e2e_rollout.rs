@@ -905,12 +905,23 @@ async fn gate_moves_a_release_ops_then_dev_then_prod_and_holds_a_bad_one() {
         lp
     };
     let beds = [("ops", &ops), ("dev", &dev), ("prod", &prod)];
+    // One change applied to every cluster at once, as ArgoCD syncing them all would.
+    let apply_everywhere = |image: &str, stage: Option<serde_json::Value>| {
+        let specs: Vec<_> = beds
+            .iter()
+            .map(|(cluster, bed)| (bed.client.clone(), spec_for(cluster, image, stage.clone())))
+            .collect();
+        let ns = ns.clone();
+        async move {
+            for (client, lp) in specs {
+                apply(&client, &ns, &lp).await;
+            }
+        }
+    };
 
     // 1. Release 1 applied everywhere at once: installed ops, then dev, then prod.
     println!("release 1 applied to ops, dev and prod at once");
-    for (cluster, bed) in &beds {
-        apply(&bed.client, &ns, &spec_for(cluster, &image1, None)).await;
-    }
+    apply_everywhere(&image1, None).await;
     let all_healthy = |s: &std::collections::BTreeMap<String, serde_json::Value>| {
         s.values().all(|s| {
             s["phase"] == "Healthy"
@@ -960,18 +971,7 @@ async fn gate_moves_a_release_ops_then_dev_then_prod_and_holds_a_bad_one() {
     let release2 = publish(&testbed, &tag2);
     let image2 = release2.image.clone();
     println!("release 2 applied to ops, dev and prod at once");
-    for (cluster, bed) in &beds {
-        apply(
-            &bed.client,
-            &ns,
-            &spec_for(
-                cluster,
-                &image2,
-                Some(json!({"staticLabels": {"release": "2"}})),
-            ),
-        )
-        .await;
-    }
+    apply_everywhere(&image2, Some(json!({"staticLabels": {"release": "2"}}))).await;
     let good = watch_clusters(&beds, &stable1, Duration::from_secs(500), |s| {
         all_healthy(s)
             && s.iter()
@@ -1015,18 +1015,7 @@ async fn gate_moves_a_release_ops_then_dev_then_prod_and_holds_a_bad_one() {
     let bad_image = format!("reg.local/logpipe-agent:e2e-{suffix}-never-published");
     println!("bad release applied to ops, dev and prod at once");
     let applied = Instant::now();
-    for (cluster, bed) in &beds {
-        apply(
-            &bed.client,
-            &ns,
-            &spec_for(
-                cluster,
-                &bad_image,
-                Some(json!({"staticLabels": {"release": "2"}})),
-            ),
-        )
-        .await;
-    }
+    apply_everywhere(&bad_image, Some(json!({"staticLabels": {"release": "2"}}))).await;
     let bad = watch_clusters(&beds, &stable2, Duration::from_secs(300), |s| {
         s["ops"]["phase"] == "Degraded"
     })

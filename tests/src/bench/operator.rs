@@ -41,7 +41,7 @@ use serde_json::{Map, Value, json};
 
 use super::BenchError;
 use super::procstat;
-use super::report::put;
+use super::report::{median, put};
 
 const FIELD_MANAGER: &str = "logpipe-bench";
 const LP_NAME: &str = "logpipe";
@@ -271,21 +271,6 @@ fn scalar(samples: &[Sample], name: &str) -> Option<f64> {
         .iter()
         .find(|s| s.name == name && s.labels.is_empty())
         .map(|s| s.value)
-}
-
-/// Median of finite values.
-pub fn median(mut values: Vec<f64>) -> Option<f64> {
-    values.retain(|v| v.is_finite());
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    Some(if values.len() % 2 == 1 {
-        values[mid]
-    } else {
-        (values[mid - 1] + values[mid]) / 2.0
-    })
 }
 
 // ---------------------------------------------------------------------------------------

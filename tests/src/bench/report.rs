@@ -19,7 +19,8 @@ use super::{BenchError, Options, Outcome};
 
 const MIB: f64 = 1048576.0;
 
-fn median(mut values: Vec<f64>) -> Option<f64> {
+/// Median of finite values.
+pub(crate) fn median(mut values: Vec<f64>) -> Option<f64> {
     values.retain(|v| v.is_finite());
     if values.is_empty() {
         return None;
