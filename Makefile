@@ -17,9 +17,9 @@ all: build
 build:
 	$(CARGO) build --workspace --bins
 
-## Test bed (see README "Test bed"): real control plane(s) and Loki on loopback.
+## Test bed (see README "Test bed"): real control plane(s) and a real log store (VictoriaLogs) on loopback.
 testbed-build:
-	tests/testbed/build.sh etcd kube kwok loki
+	tests/testbed/build.sh etcd kube kwok victorialogs
 
 testbed-up:
 	tests/testbed/up.sh

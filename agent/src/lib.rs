@@ -20,3 +20,4 @@ pub mod runtime;
 pub mod server;
 pub mod stages;
 pub mod tail;
+pub mod termination;

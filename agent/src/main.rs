@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use logpipe_agent::config::AgentConfig;
 use logpipe_agent::runtime::{self, Options};
+use logpipe_agent::termination;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,6 +41,11 @@ struct Args {
     /// Log format: `json` (default) or `text`.
     #[arg(long, default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
+    /// On a fatal error, write its message here (the container's termination message;
+    /// first 4 KiB). Default /dev/termination-log, written only if it exists; an empty
+    /// value disables it.
+    #[arg(long = termination::FLAG, value_name = "PATH")]
+    termination_log: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,11 +154,13 @@ fn main() -> ExitCode {
     tune_malloc();
     let args = Args::parse();
     init_logging(&args.log_format);
+    let last_words = termination::Target::from_flag(args.termination_log.as_deref());
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "logpipe-agent failed");
             eprintln!("logpipe-agent: {e}");
+            termination::write_message(&last_words, &e.to_string());
             ExitCode::FAILURE
         }
     }

@@ -17,6 +17,22 @@
 //! The rest are `logpipe_*`, plus the standard `process_cpu_seconds_total` and
 //! `process_resident_memory_bytes` read from `/proc/self` at scrape time. Label values
 //! are bounded: paths of files on this node, one host, fixed reason strings.
+//!
+//! What the operator reads to judge a rollout step has no labels at all (one agent
+//! serves one LogPipeline), and its names are in [`names`]:
+//!
+//! | metric | type | meaning |
+//! |---|---|---|
+//! | `logpipe_written_bytes_total` | counter | bytes written to the files this agent tails, since it started tailing each (from its saved position, or 0): per file, the larger of its size at a scan and the offset read (a `.gz`: decompressed bytes read) |
+//! | `logpipe_acknowledged_bytes_total` | counter | of those, bytes up to the files' committed offsets (what positions may advance to): entries Loki acknowledged or refused for good, and lines a stage dropped on purpose |
+//! | `logpipe_unacknowledged_bytes` | gauge | written − acknowledged: unread, in flight, held, or lost undecided; 0 on a node where nothing was written |
+//! | `logpipe_oldest_unacknowledged_seconds` | gauge | age of the oldest unacknowledged byte, from when the agent first saw it (scan or read, ≤ 1 s early); 0 when none |
+//! | `logpipe_active_streams` | gauge | distinct streams (label sets as pushed, external labels included) in pushes of the last [`crate::loki::ACTIVE_STREAMS_WINDOW`] |
+//!
+//! The age is measured from first sight, not from entry timestamps: unread bytes have no
+//! timestamp yet, and a timestamp is the application's (a backlog, a skewed clock, a
+//! `timestamp` stage) — it would make a node that just started reading old files look
+//! stuck, and a stuck one with a future clock look fine. See [`crate::tail::ack`].
 
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
@@ -27,6 +43,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::tail::ack::Lag;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PathLabel {
@@ -60,6 +78,28 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: String,
+}
+
+/// Names of the metrics the operator reads, as exposed on `/metrics` (a counter's
+/// samples carry `_total`). Registration uses the same constants.
+pub mod names {
+    pub const SENT_ENTRIES: &str = "promtail_sent_entries";
+    pub const SENT_ENTRIES_TOTAL: &str = "promtail_sent_entries_total";
+    pub const DROPPED_ENTRIES: &str = "promtail_dropped_entries";
+    pub const DROPPED_ENTRIES_TOTAL: &str = "promtail_dropped_entries_total";
+    pub const REQUEST_DURATION: &str = "promtail_request_duration_seconds";
+    pub const REQUEST_DURATION_COUNT: &str = "promtail_request_duration_seconds_count";
+    pub const DELIVERY_LATENCY: &str = "logpipe_delivery_latency_seconds";
+    pub const DELIVERY_LATENCY_SUM: &str = "logpipe_delivery_latency_seconds_sum";
+    pub const DELIVERY_LATENCY_COUNT: &str = "logpipe_delivery_latency_seconds_count";
+    pub const NEWEST_ENTRY: &str = "logpipe_newest_entry_timestamp_seconds";
+    pub const WRITTEN_BYTES: &str = "logpipe_written_bytes";
+    pub const WRITTEN_BYTES_TOTAL: &str = "logpipe_written_bytes_total";
+    pub const ACKNOWLEDGED_BYTES: &str = "logpipe_acknowledged_bytes";
+    pub const ACKNOWLEDGED_BYTES_TOTAL: &str = "logpipe_acknowledged_bytes_total";
+    pub const UNACKNOWLEDGED_BYTES: &str = "logpipe_unacknowledged_bytes";
+    pub const OLDEST_UNACKNOWLEDGED: &str = "logpipe_oldest_unacknowledged_seconds";
+    pub const ACTIVE_STREAMS: &str = "logpipe_active_streams";
 }
 
 type FloatGauge = Gauge<f64, AtomicU64>;
@@ -108,6 +148,12 @@ pub struct Metrics {
     pub positions_commits: Counter,
     pub positions_commit_errors: Counter,
     pub positions_last_commit: FloatGauge,
+    // Nothing left behind, stream cardinality.
+    pub written_bytes: Counter,
+    pub acknowledged_bytes: Counter,
+    pub unacknowledged_bytes: Gauge,
+    pub oldest_unacknowledged: FloatGauge,
+    pub active_streams: Gauge,
     // Discovery.
     pub discovery_pods: Gauge,
     pub discovery_synced: Gauge,
@@ -232,13 +278,13 @@ impl Metrics {
         );
         let sent_entries = Family::<HostLabel, Counter>::default();
         r.register(
-            "promtail_sent_entries",
+            names::SENT_ENTRIES,
             "Number of log entries sent to the ingester",
             sent_entries.clone(),
         );
         let dropped_entries = Family::<DropLabels, Counter>::default();
         r.register(
-            "promtail_dropped_entries",
+            names::DROPPED_ENTRIES,
             "Number of log entries dropped because Loki refused them (non-retryable)",
             dropped_entries.clone(),
         );
@@ -253,7 +299,7 @@ impl Metrics {
                 request_histogram,
             );
         r.register(
-            "promtail_request_duration_seconds",
+            names::REQUEST_DURATION,
             "Duration of send requests",
             request_duration.clone(),
         );
@@ -271,13 +317,13 @@ impl Metrics {
         );
         let delivery_latency = Histogram::new(exponential_buckets(0.05, 2.0, 12));
         r.register(
-            "logpipe_delivery_latency_seconds",
+            names::DELIVERY_LATENCY,
             "Per acknowledged batch: acknowledgement time minus the newest entry's timestamp",
             delivery_latency.clone(),
         );
         let newest_entry = FloatGauge::default();
         r.register(
-            "logpipe_newest_entry_timestamp_seconds",
+            names::NEWEST_ENTRY,
             "Unix time of the newest entry read and handed to the shipper (what Loki should soon return)",
             newest_entry.clone(),
         );
@@ -305,6 +351,37 @@ impl Metrics {
             "logpipe_positions_last_commit_timestamp_seconds",
             "Unix time of the last positions file save",
             positions_last_commit.clone(),
+        );
+
+        let written_bytes = Counter::default();
+        r.register(
+            names::WRITTEN_BYTES,
+            "Bytes written to the tailed files since this agent started tailing each (from its position): per file the larger of its size at a scan and the offset read",
+            written_bytes.clone(),
+        );
+        let acknowledged_bytes = Counter::default();
+        r.register(
+            names::ACKNOWLEDGED_BYTES,
+            "Of the written bytes, those up to the committed offsets: acknowledged (or refused for good) by Loki, or dropped on purpose by a stage",
+            acknowledged_bytes.clone(),
+        );
+        let unacknowledged_bytes = Gauge::default();
+        r.register(
+            names::UNACKNOWLEDGED_BYTES,
+            "Written minus acknowledged bytes: unread, in flight, held, or lost without a decision (0 when nothing was written)",
+            unacknowledged_bytes.clone(),
+        );
+        let oldest_unacknowledged = FloatGauge::default();
+        r.register(
+            names::OLDEST_UNACKNOWLEDGED,
+            "Age of the oldest unacknowledged byte, since the agent first saw it in its file (0 when none)",
+            oldest_unacknowledged.clone(),
+        );
+        let active_streams = Gauge::default();
+        r.register(
+            names::ACTIVE_STREAMS,
+            "Distinct streams (label sets as pushed) in the pushes of the last 5 minutes",
+            active_streams.clone(),
         );
 
         let discovery_pods = Gauge::default();
@@ -365,6 +442,11 @@ impl Metrics {
             positions_commits,
             positions_commit_errors,
             positions_last_commit,
+            written_bytes,
+            acknowledged_bytes,
+            unacknowledged_bytes,
+            oldest_unacknowledged,
+            active_streams,
             discovery_pods,
             discovery_synced,
             process_cpu,
@@ -380,6 +462,25 @@ impl Metrics {
         self.read_bytes.remove(&label);
         self.file_bytes.remove(&label);
         self.read_lines.remove(&label);
+    }
+
+    /// Set the lag metrics from the ledger's totals. The counters only move up (a total
+    /// read a moment earlier is never taken back).
+    pub fn publish_lag(&self, lag: &Lag, now_ms: i64) {
+        let up = |counter: &Counter, total: u64| {
+            let delta = total.saturating_sub(counter.get());
+            if delta > 0 {
+                counter.inc_by(delta);
+            }
+        };
+        up(&self.written_bytes, lag.written);
+        up(&self.acknowledged_bytes, lag.acknowledged);
+        self.unacknowledged_bytes
+            .set(i64::try_from(lag.unacknowledged()).unwrap_or(i64::MAX));
+        let age_ms = lag
+            .oldest_unacknowledged_ms
+            .map_or(0, |seen| now_ms.saturating_sub(seen).max(0));
+        self.oldest_unacknowledged.set(age_ms as f64 / 1000.0);
     }
 
     /// The Prometheus text exposition, process gauges refreshed first.

@@ -31,7 +31,7 @@ use crate::relabel::{self, RelabelError, Relabeler};
 use crate::server::{self, Health, ServerError};
 use crate::stages::{Pipeline, PipelineStats, StageError, StreamState};
 use crate::tail::ack::Ledger;
-use crate::tail::{FileInfo, LineHandler, TailConfig, Tailer, now_ms};
+use crate::tail::{FileInfo, LineHandler, LineOutcome, TailConfig, Tailer, now_ms};
 
 /// Longest wait for discovery's first list before files are read with path labels.
 pub const WAIT_FOR_SYNC: Duration = Duration::from_secs(30);
@@ -205,20 +205,25 @@ impl LineHandler for PipelineHandler {
         start: u64,
         end: u64,
         out: &mut Vec<Entry>,
-    ) -> Option<Duration> {
-        let labels = stream.labels.as_ref()?;
-        self.pipeline
-            .push(
-                &mut stream.state,
-                raw,
-                start,
-                end,
-                labels,
-                now_ns(),
-                out,
-                &mut self.stats,
-            )
-            .wait
+    ) -> LineOutcome {
+        // A target a relabel rule dropped: its lines are skipped on purpose.
+        let Some(labels) = stream.labels.as_ref() else {
+            return LineOutcome::DONE;
+        };
+        let outcome = self.pipeline.push(
+            &mut stream.state,
+            raw,
+            start,
+            end,
+            labels,
+            now_ns(),
+            out,
+            &mut self.stats,
+        );
+        LineOutcome {
+            wait: outcome.wait,
+            decided: outcome.decided,
+        }
     }
 
     fn flush(&mut self, stream: &mut FileStream, force: bool, out: &mut Vec<Entry>) {

@@ -222,12 +222,12 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
                 ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
             })
             .collect();
-        let loki = spec
+        let store = spec
             .verify
-            .query_endpoint
-            .as_ref()
-            .map(|endpoint| verify::LokiQuery {
-                endpoint: endpoint.clone(),
+            .store()
+            .map(|(kind, endpoint)| verify::StoreQuery {
+                kind,
+                endpoint: endpoint.to_string(),
                 tenant: lp.spec.tenant.clone(),
                 window: request.window,
             });
@@ -235,13 +235,13 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
             || spec.verify.max_cpu.is_some()
             || spec.verify.max_memory.is_some()
             || spec.verify.max_latency.is_some()
-            || loki.is_some()
+            || store.is_some()
         {
             ctx.verifier
                 .measure(
                     &targets,
                     lp.spec.monitoring.port,
-                    loki.as_ref(),
+                    store.as_ref(),
                     request.final_check,
                 )
                 .await

@@ -2,9 +2,12 @@
 //!
 //! # Flow
 //! 1. [`Verifier::measure`] (the I/O): scrape each step pod's `/metrics` at
-//!    `podIP:<monitoring.port>`, and, when `rollout.verify.queryEndpoint` is set, ask Loki
-//!    `sum by (node_name) (count_over_time({node_name=~"<nodes>"}[<window>]))` for the
-//!    LogPipeline's tenant. Every call has a timeout; scrapes run concurrently (bounded).
+//!    `podIP:<monitoring.port>`, and, when a store is set (`rollout.verify.query`, or the
+//!    deprecated `queryEndpoint`: Loki), ask it for the step's nodes' entries over the
+//!    window and their newest entry, for the LogPipeline's tenant: LogQL for Loki
+//!    ([`loki`]), LogsQL for VictoriaLogs ([`victorialogs`]). The requests are built and
+//!    the answers read by pure functions; this module only sends them. Every call has a
+//!    timeout; scrapes run concurrently (bounded).
 //! 2. [`judge`] (pure): each check with its measured value and its limit, recorded in
 //!    `status.lastVerification.checks`.
 //!
@@ -17,15 +20,16 @@
 //!   requests answered 4xx/5xx, from `promtail_request_duration_seconds_count`; not 422,
 //!   Loki's answer to the agent's readiness probe, an empty push),
 //!   `droppedEntries` (`promtail_dropped_entries_total`), both must be 0;
-//! - `lokiEntries`: the step's nodes' entries in Loki over the window (> 0 on every node),
-//!   asked at the end of the window only; recorded as skipped when no query endpoint is
+//! - `storeEntries`: the step's nodes' entries in the store over the window (> 0 on every
+//!   node), asked at the end of the window only; recorded as skipped when no store is
 //!   set;
 //! - `cpu` (rate of `process_cpu_seconds_total`, in millicores) under `maxCpu`, `memory`
 //!   (`process_resident_memory_bytes`) under `maxMemory`, `latency` under `maxLatency`:
-//!   written -> queryable when a query endpoint is set (at the end of the window, for up
-//!   to 5 of the step's nodes: the newest entry the agent read,
-//!   `logpipe_newest_entry_timestamp_seconds`, minus the newest Loki returns for the
-//!   node), else the mean of `logpipe_delivery_latency_seconds` (file write -> Loki
+//!   written -> queryable when a store is set (at the end of the window, for up to 5 of
+//!   the step's nodes with Loki, one query per node; for every node with VictoriaLogs,
+//!   one query in all: the newest entry the agent read,
+//!   `logpipe_newest_entry_timestamp_seconds`, minus the newest the store returns for
+//!   the node), else the mean of `logpipe_delivery_latency_seconds` (file write -> push
 //!   acknowledgement).
 //!
 //! # Guarantees
@@ -44,15 +48,21 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use serde::Deserialize;
 
+pub use crate::crd::StoreKind;
 use crate::crd::{CheckResult, Verification, VerifySpec};
 use crate::rollout::{PodView, Verdict};
 
+pub mod loki;
+mod store;
+pub mod victorialogs;
+
+pub use store::{StoreAnswer, StoreQuery, StoreRequest, answer};
+
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(3);
-const LOKI_TIMEOUT: Duration = Duration::from_secs(10);
+const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 const SCRAPE_CONCURRENCY: usize = 16;
-/// Nodes of a step whose written -> queryable latency is measured (one Loki query each).
+/// Nodes of a step whose written -> queryable latency Loki is asked about (one query each).
 const LATENCY_SAMPLE_NODES: usize = 5;
 /// Waiting reasons that mean the new agent will not run without a change.
 const FATAL_WAITING: &[&str] = &[
@@ -174,17 +184,18 @@ pub struct Measurements {
     pub samples: BTreeMap<String, Result<Sample, String>>,
     /// Per pod: CPU in millicores since the previous scrape.
     pub cpu_millis: BTreeMap<String, f64>,
-    /// Per node: entries in Loki over the window; `None`: no query endpoint.
-    pub loki: Option<Result<BTreeMap<String, f64>, String>>,
-    /// Per node (a sample of the step's nodes, at the end of the window): time of the
-    /// newest entry Loki returns, asked right after the scrape (Unix seconds).
+    /// Per node: entries in the store over the window; `None`: no store set.
+    pub store: Option<Result<BTreeMap<String, f64>, String>>,
+    /// Per node (the step's nodes, or a sample of them, at the end of the window): time of
+    /// the newest entry the store returns, asked right after the scrape (Unix seconds).
     pub newest_queryable: BTreeMap<String, f64>,
 }
 
-/// How far what Loki can return trails what the agents have read, worst node: for each
-/// node Loki was asked about, the newest entry its agent read minus the newest entry Loki
-/// returns for it (0 when Loki has caught up: a quiet node is not late). The agent reads
-/// within a poll interval (250 ms) of the write, so this is written -> queryable.
+/// How far what the store can return trails what the agents have read, worst node: for
+/// each node the store was asked about, the newest entry its agent read minus the newest
+/// entry the store returns for it (0 when it has caught up: a quiet node is not late).
+/// The agent reads within a poll interval (250 ms) of the write, so this is
+/// written -> queryable.
 /// `None` when no node could be compared.
 fn queryable_lag(pods: &[&PodView], m: &Measurements) -> Option<f64> {
     pods.iter()
@@ -295,20 +306,20 @@ pub fn judge(
             true,
         );
     }
-    match &m.loki {
+    match &m.store {
         None => push(
             CheckResult {
-                name: "lokiEntries".into(),
+                name: "storeEntries".into(),
                 passed: true,
                 value: Some("skipped".into()),
                 limit: None,
-                message: Some("rollout.verify.queryEndpoint is not set".into()),
+                message: Some("rollout.verify.query is not set".into()),
             },
             false,
         ),
         Some(Err(e)) => push(
             CheckResult {
-                name: "lokiEntries".into(),
+                name: "storeEntries".into(),
                 passed: !final_check,
                 value: Some("-".into()),
                 limit: Some(">0".into()),
@@ -330,7 +341,7 @@ pub fn judge(
                 .collect();
             push(
                 CheckResult {
-                    name: "lokiEntries".into(),
+                    name: "storeEntries".into(),
                     passed: !final_check || empty.is_empty(),
                     value: Some(format!("{min:.0}")),
                     limit: Some(">0".into()),
@@ -385,7 +396,7 @@ pub fn judge(
         let (value, message) = match queryable_lag(pods, m) {
             Some(lag) => (
                 Some(lag),
-                "written -> queryable: newest entry an agent read minus the newest Loki returns for its node, worst node",
+                "written -> queryable: newest entry an agent read minus the newest the store returns for its node, worst node",
             ),
             None => {
                 let (sum, count) = scraped.iter().fold((0.0, 0.0), |(s, c), (_, x)| {
@@ -393,7 +404,7 @@ pub fn judge(
                 });
                 (
                     (count > 0.0).then(|| sum / count),
-                    "mean delivery latency, file write to Loki acknowledgement",
+                    "mean delivery latency, file write to push acknowledgement",
                 )
             }
         };
@@ -458,14 +469,6 @@ pub struct Target {
     pub ip: Option<String>,
 }
 
-/// Where to find the step's logs in Loki.
-#[derive(Clone, Debug)]
-pub struct LokiQuery {
-    pub endpoint: String,
-    pub tenant: String,
-    pub window: Duration,
-}
-
 /// The I/O half: HTTP client and the CPU baselines (pod uid -> time, cpu seconds).
 pub struct Verifier {
     http: reqwest::Client,
@@ -476,7 +479,7 @@ impl Verifier {
     pub fn new() -> Result<Self, VerifyError> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
-            .timeout(LOKI_TIMEOUT)
+            .timeout(STORE_TIMEOUT)
             .build()?;
         Ok(Self {
             http,
@@ -488,7 +491,7 @@ impl Verifier {
         &self,
         targets: &[Target],
         port: i32,
-        loki: Option<&LokiQuery>,
+        store: Option<&StoreQuery>,
         final_check: bool,
     ) -> Measurements {
         let mut m = Measurements::default();
@@ -522,47 +525,21 @@ impl Verifier {
                 }
             }
         }
-        match loki {
-            // Loki's answers count only at the end of the window: no query every few
+        match store {
+            // The store's answers count only at the end of the window: no query every few
             // seconds before it.
             Some(_) if !final_check => {
-                m.loki = Some(Err("counted at the end of the window".into()));
+                m.store = Some(Err("counted at the end of the window".into()));
             }
             Some(q) => {
                 let nodes: Vec<&str> = targets.iter().map(|t| t.node.as_str()).collect();
-                m.loki = Some(self.loki_counts(q, &nodes).await);
-                // A sample bounds the queries a 1,000-node step makes.
-                for node in nodes.iter().take(LATENCY_SAMPLE_NODES) {
-                    if let Ok(Some(newest)) = self.newest_queryable(q, node).await {
-                        m.newest_queryable.insert((*node).to_string(), newest);
-                    }
-                }
+                let (counts, newest) = self.ask_store(q, &nodes).await;
+                m.store = Some(counts);
+                m.newest_queryable = newest;
             }
             None => {}
         }
         m
-    }
-
-    /// Time of the newest entry Loki returns for `node` over the window (Unix seconds).
-    async fn newest_queryable(&self, q: &LokiQuery, node: &str) -> Result<Option<f64>, String> {
-        let end = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_err(|e| e.to_string())?;
-        let start = end.saturating_sub(q.window);
-        let body = self
-            .loki_get(
-                q,
-                "query_range",
-                &[
-                    ("query", newest_query(node)),
-                    ("limit", "1".to_string()),
-                    ("direction", "backward".to_string()),
-                    ("start", start.as_nanos().to_string()),
-                    ("end", end.as_nanos().to_string()),
-                ],
-            )
-            .await?;
-        parse_newest(&body)
     }
 
     /// Millicores since the first sample of this pod (the average over the step, not
@@ -615,138 +592,6 @@ impl Verifier {
             .map_err(|e| format!("GET {url}: {e}"))?;
         Ok(parse_metrics(&text))
     }
-
-    async fn loki_counts(
-        &self,
-        q: &LokiQuery,
-        nodes: &[&str],
-    ) -> Result<BTreeMap<String, f64>, String> {
-        let body = self
-            .loki_get(q, "query", &[("query", count_query(nodes, q.window))])
-            .await?;
-        parse_vector(&body)
-    }
-
-    /// GET `<endpoint>/loki/api/v1/<api>` for the LogPipeline's tenant: the body, or why not.
-    async fn loki_get(
-        &self,
-        q: &LokiQuery,
-        api: &str,
-        params: &[(&str, String)],
-    ) -> Result<String, String> {
-        let url = format!("{}/loki/api/v1/{api}", q.endpoint.trim_end_matches('/'));
-        let response = self
-            .http
-            .get(&url)
-            .header("X-Scope-OrgID", &q.tenant)
-            .query(params)
-            .send()
-            .await
-            .map_err(|e| format!("Loki query: {e}"))?;
-        let status = response.status();
-        let body = response
-            .text()
-            .await
-            .map_err(|e| format!("Loki query: {e}"))?;
-        if !status.is_success() {
-            return Err(format!(
-                "Loki answered {status}: {}",
-                body.chars().take(200).collect::<String>()
-            ));
-        }
-        Ok(body)
-    }
-}
-
-/// `{node_name="a"}`: every stream of one node.
-pub fn newest_query(node: &str) -> String {
-    format!(
-        "{{node_name=\"{}\"}}",
-        node.replace('\\', "\\\\").replace('"', "\\\"")
-    )
-}
-
-#[derive(Deserialize)]
-struct StreamsResponse {
-    data: StreamsData,
-}
-
-#[derive(Deserialize)]
-struct StreamsData {
-    result: Vec<StreamValues>,
-}
-
-#[derive(Deserialize)]
-struct StreamValues {
-    values: Vec<(String, String)>,
-}
-
-/// The newest entry's time (Unix seconds) in a Loki streams answer; `None`: no entry.
-pub fn parse_newest(body: &str) -> Result<Option<f64>, String> {
-    let parsed: StreamsResponse =
-        serde_json::from_str(body).map_err(|e| format!("unexpected Loki answer: {e}"))?;
-    Ok(parsed
-        .data
-        .result
-        .iter()
-        .flat_map(|s| &s.values)
-        .filter_map(|(ns, _)| ns.parse::<i64>().ok())
-        .max()
-        .map(|ns| ns as f64 / 1e9))
-}
-
-/// `sum by (node_name) (count_over_time({node_name=~"a|b"}[10s]))`.
-pub fn count_query(nodes: &[&str], window: Duration) -> String {
-    let alternatives: Vec<String> = nodes.iter().map(|n| regex_escape(n)).collect();
-    format!(
-        "sum by (node_name) (count_over_time({{node_name=~\"{}\"}}[{}s]))",
-        alternatives.join("|"),
-        window.as_secs().max(1)
-    )
-}
-
-/// Escape a node name for a LogQL regex inside a double-quoted string.
-fn regex_escape(s: &str) -> String {
-    let mut out = String::new();
-    for c in s.chars() {
-        if "\\.+*?()|[]{}^$".contains(c) {
-            // Backslash for the regex, doubled for the LogQL string.
-            out.push_str("\\\\");
-        }
-        out.push(c);
-    }
-    out
-}
-
-#[derive(Deserialize)]
-struct VectorResponse {
-    data: VectorData,
-}
-
-#[derive(Deserialize)]
-struct VectorData {
-    result: Vec<VectorSample>,
-}
-
-#[derive(Deserialize)]
-struct VectorSample {
-    metric: BTreeMap<String, String>,
-    value: (serde_json::Value, String),
-}
-
-/// Node -> count from a Loki instant-vector answer.
-pub fn parse_vector(body: &str) -> Result<BTreeMap<String, f64>, String> {
-    let parsed: VectorResponse =
-        serde_json::from_str(body).map_err(|e| format!("unexpected Loki answer: {e}"))?;
-    Ok(parsed
-        .data
-        .result
-        .into_iter()
-        .filter_map(|s| {
-            let node = s.metric.get("node_name")?.clone();
-            Some((node, s.value.1.parse().ok()?))
-        })
-        .collect())
 }
 
 #[cfg(test)]

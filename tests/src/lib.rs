@@ -1,8 +1,8 @@
 //! Shared pieces of the end-to-end tests: the local test bed (real kube-apiserver, etcd,
-//! controller-manager, scheduler, KWOK nodes, real Loki) and small Loki helpers.
+//! controller-manager, scheduler, KWOK nodes, a real log store) and small store helpers.
 //!
 //! The test bed is found through the files `make testbed-up` writes
-//! (`target/testbed/<cluster>/kubeconfig`, `target/testbed/loki-url`). When it is not up,
+//! (`target/testbed/<cluster>/kubeconfig`, `target/testbed/store-url`). When it is not up,
 //! [`Testbed::ensure`] starts it; when it cannot, the test fails with the reason and the
 //! command to run. A missing component never makes a test pass.
 
@@ -10,11 +10,12 @@ pub mod argocd;
 pub mod bench;
 pub mod cluster;
 pub mod crdref;
+pub mod faultproxy;
 pub mod loggen;
-pub mod loki;
 pub mod nodesim;
 pub mod operator;
 pub mod simulator;
+pub mod store;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,7 +27,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 pub enum TestbedError {
     #[error(
         "the test bed could not be started ({0}).\nRun `make testbed-up` in {repo} to see why; the first run builds \
-         Kubernetes, etcd, KWOK and Loki from Go modules (Go required, about 25 minutes on 2 cores).",
+         Kubernetes, etcd, KWOK and VictoriaLogs from Go modules (Go required, about 12 minutes on 2 cores).",
         repo = repo_root().display()
     )]
     Start(String),
@@ -137,11 +138,12 @@ pub fn testbed_dir() -> PathBuf {
         .unwrap_or_else(|| target_dir().join("testbed"))
 }
 
-/// A running test bed: clusters by name, and the Loki shared by all.
+/// A running test bed: clusters by name, and the log store (VictoriaLogs) shared by all.
 #[derive(Clone, Debug)]
 pub struct Testbed {
     pub dir: PathBuf,
-    pub loki_url: String,
+    /// The store's base URL; see [`store`] for its paths.
+    pub store_url: String,
 }
 
 static STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -190,14 +192,14 @@ impl Testbed {
     }
 
     async fn running(dir: &Path, clusters: &[&str]) -> Option<Self> {
-        let loki_url = std::fs::read_to_string(dir.join("loki-url")).ok()?;
+        let store_url = std::fs::read_to_string(dir.join("store-url")).ok()?;
         let testbed = Self {
             dir: dir.to_path_buf(),
-            loki_url: loki_url.trim().to_string(),
+            store_url: store_url.trim().to_string(),
         };
         let http = http_client();
         let ready = http
-            .get(format!("{}/ready", testbed.loki_url))
+            .get(format!("{}{}", testbed.store_url, store::READY_PATH))
             .timeout(Duration::from_secs(3))
             .send()
             .await
@@ -223,6 +225,11 @@ impl Testbed {
             }
         }
         Some(testbed)
+    }
+
+    /// Where agents push (Loki's push protocol).
+    pub fn push_url(&self) -> String {
+        format!("{}{}", self.store_url, store::PUSH_PATH)
     }
 
     /// The kubeconfig of one cluster (`ops`, `dev`, `prod`).
@@ -265,7 +272,7 @@ impl Testbed {
 }
 
 /// A short suffix unique to this test run, so reruns against a long-lived test bed (and
-/// its Loki, which keeps what it got) never see each other's data.
+/// its store, which keeps what it got) never see each other's data.
 pub fn unique_suffix() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -105,11 +105,11 @@ impl Default for Clock {
 
 impl Clock {
     pub fn new() -> Self {
-        Self(AtomicI64::new(crate::loki::now_ns()))
+        Self(AtomicI64::new(crate::store::now_ns()))
     }
 
     pub fn next(&self) -> i64 {
-        let now = crate::loki::now_ns();
+        let now = crate::store::now_ns();
         let mut prev = self.0.load(Ordering::SeqCst);
         loop {
             let ts = now.max(prev + 1);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the test bed's Go components from the Go module proxy into the cache (never the repo).
-#   tests/testbed/build.sh [etcd|kube|kwok|loki|promtail|helm ...]   (default: the core set)
+#   tests/testbed/build.sh [etcd|kube|kwok|victorialogs|otelcol|helm ...]   (default: the core set)
 # A binary already in the cache is reused; each component prints one progress line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -86,16 +86,41 @@ build_kwok() {
   plain_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" "kwok-$KWOK_VERSION"
 }
 
-build_loki() {
-  have "loki-$LOKI_VERSION" && { progress loki "cached"; return; }
-  wrapper loki github.com/grafana/loki/v3 "$LOKI_VERSION" "" "-s -w" \
-    "github.com/grafana/loki/v3/cmd/loki=loki-$LOKI_VERSION"
+build_victorialogs() {
+  have "victoria-logs-$VICTORIALOGS_VERSION" && { progress victorialogs "cached"; return; }
+  plain_install victorialogs github.com/VictoriaMetrics/VictoriaLogs/app/victoria-logs \
+    "$VICTORIALOGS_VERSION" "victoria-logs-$VICTORIALOGS_VERSION"
 }
 
-build_promtail() {
-  have "promtail-$PROMTAIL_VERSION" && { progress promtail "cached"; return; }
-  wrapper promtail github.com/grafana/loki/v3 "$PROMTAIL_VERSION" "" "-s -w" \
-    "github.com/grafana/loki/v3/clients/cmd/promtail=promtail-$PROMTAIL_VERSION"
+# The comparator of `make bench`: tests/otelcol/main.go built against pinned collector modules.
+# A throwaway module under $CACHE/src/ (go.mod from tests/otelcol/go.mod.tmpl, main.go copied),
+# `go mod tidy` there, then one binary. Every collector module must come out at one release.
+build_otelcol() {
+  have "otelcol-$OTELCOL_VERSION" && { progress otelcol "cached"; return; }
+  local src="$here/../otelcol" dir="$CACHE/src/otelcol-$OTELCOL_VERSION"
+  local log="$CACHE/logs/build-otelcol-$OTELCOL_VERSION.log" out="$BIN/otelcol-$OTELCOL_VERSION"
+  local started=$SECONDS
+  mkdir -p "$dir"
+  progress otelcol "building tests/otelcol with collector $OTELCOL_VERSION, contrib $OTELCOL_CONTRIB_VERSION (log: $log)"
+  (
+    set -e
+    cd "$dir" || exit 1
+    rm -f go.mod go.sum main.go
+    sed -e "s/@GO_VERSION@/$GO_VERSION/" -e "s/@OTELCOL_VERSION@/$OTELCOL_VERSION/g" \
+        -e "s/@OTELCOL_CONTRIB_VERSION@/$OTELCOL_CONTRIB_VERSION/g" "$src/go.mod.tmpl" > go.mod || exit 1
+    cp "$src/main.go" main.go || exit 1
+    go mod tidy || exit 1
+    # One release: core modules at OTELCOL_VERSION (or its v1.x twin), contrib at OTELCOL_CONTRIB_VERSION.
+    local stray
+    stray=$(go list -m all | awk -v core="$OTELCOL_VERSION" -v contrib="$OTELCOL_CONTRIB_VERSION" '
+      $1 ~ /^go\.opentelemetry\.io\/collector/ && $2 != core && $2 !~ /^v1\./ { print }
+      $1 ~ /^github\.com\/open-telemetry\/opentelemetry-collector-contrib\// && $2 != contrib { print }') || exit 1
+    [ -z "$stray" ] || { echo "collector modules off the pinned release:"; echo "$stray"; exit 1; }
+    go list -m all | grep -E 'opentelemetry-collector|go.opentelemetry.io/collector' || true
+    go build -trimpath -ldflags "-s -w -X main.version=$OTELCOL_VERSION" -o "$out.tmp" . || exit 1
+    mv "$out.tmp" "$out" || exit 1
+  ) >"$log" 2>&1 || { progress otelcol "FAILED, see $log"; tail -20 "$log" >&2; return 1; }
+  progress otelcol "built in $((SECONDS - started)) s"
 }
 
 build_helm() {
@@ -104,7 +129,7 @@ build_helm() {
 }
 
 components=("$@")
-[ ${#components[@]} -gt 0 ] || components=(etcd kube kwok loki)
+[ ${#components[@]} -gt 0 ] || components=(etcd kube kwok victorialogs)
 # One build of a component at a time: a second caller waits, then finds it cached.
 locked() {
   exec {lock}>"$CACHE/build-$1.lock"
@@ -114,8 +139,8 @@ locked() {
 }
 for c in "${components[@]}"; do
   case $c in
-    etcd|kube|kwok|loki|promtail|helm) locked "$c" ;;
-    all) for a in etcd kube kwok loki promtail helm; do locked "$a"; done ;;
-    *) echo "build.sh: unknown component '$c' (etcd kube kwok loki promtail helm all)" >&2; exit 2 ;;
+    etcd|kube|kwok|victorialogs|otelcol|helm) locked "$c" ;;
+    all) for a in etcd kube kwok victorialogs otelcol helm; do locked "$a"; done ;;
+    *) echo "build.sh: unknown component '$c' (etcd kube kwok victorialogs otelcol helm all)" >&2; exit 2 ;;
   esac
 done

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make demo: on the local test bed, run the operator and real agents, apply a LogPipeline,
-# tell the rollout as it happens, and show the shipped logs with a LogQL query.
+# tell the rollout as it happens, and show the shipped logs, read back from the test bed's
+# store (VictoriaLogs) with LogsQL.
 # Leaves the test bed up; `make testbed-down` stops it. Exits non-zero if the story fails.
 set -euo pipefail
 source "$(cd "$(dirname "$0")" && pwd)/lib.sh"
@@ -9,7 +10,9 @@ STARTED=$SECONDS
 say() { printf '\033[1m[demo %3ds]\033[0m %s\n' "$((SECONDS - STARTED))" "$*"; }
 fail() { printf '[demo] FAILED: %s\n' "$*" >&2; exit 1; }
 kc() { "$KUBECTL" --kubeconfig "$CDIR/kubeconfig" "$@"; }
-LOKI=$(cat "$TESTBED/loki-url")
+STORE=$(cat "$TESTBED/store-url")
+# VictoriaLogs tenants are numeric: the test bed maps the clusters ops, dev, prod to 1, 2, 3.
+TENANT=1
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -1)
 DEBUG=$repo/target/debug
 
@@ -61,8 +64,8 @@ apiVersion: logpipe.io/v1alpha1
 kind: LogPipeline
 metadata: {name: logpipe, namespace: demo}
 spec:
-  tenant: ops
-  endpoint: $LOKI/loki/api/v1/push
+  tenant: "$TENANT"   # cluster ops
+  endpoint: $STORE/insert/loki/api/v1/push
   agent:
     priorityClassName: system-node-critical
     tolerations: [{operator: Exists}]
@@ -83,7 +86,11 @@ spec:
       - canary: {nodes: 1}
       - percent: 50
       - percent: 100
-    verify: {window: 10s, queryEndpoint: "$LOKI", maxCpu: 250m, maxMemory: 700Mi}
+    verify:
+      window: 10s
+      query: {type: victorialogs, endpoint: "$STORE"}
+      maxCpu: 250m
+      maxMemory: 700Mi
     soak: 10s
 YAML
 }
@@ -107,7 +114,7 @@ LOGGEN=$!
 trap 'kill $LOGGEN 2>/dev/null || true' EXIT
 
 RUN=$(date +%H%M%S)
-say "release 1: install the LogPipeline demo/logpipe (tenant ops); a first install is verified as one step"
+say "release 1: install the LogPipeline demo/logpipe (tenant $TENANT, cluster ops); a first install is verified as one step"
 apply_lp "1-$RUN"
 watch_until_healthy
 say "release 2: a pipeline change. Now it moves in phases: canary 1 node, verify, 50%, verify, 100%, verify, soak"
@@ -120,15 +127,17 @@ say "verification recorded in status:"
 kc -n demo get lp logpipe -o jsonpath='{range .status.lastVerification.checks[*]}  {.name}: {.value} (limit {.limit}) passed={.passed}{"\n"}{end}'
 
 sleep 5
-query='sum by (pod, release) (count_over_time({namespace="demo-apps"}[10m]))'
-say "LogQL, tenant ops: $query"
-curl -fsS -G -H 'X-Scope-OrgID: ops' "$LOKI/loki/api/v1/query" --data-urlencode "query=$query" |
-  python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; [print("   ", s["metric"].get("pod"), "release", s["metric"].get("release"), s["value"][1], "lines") for s in r]; sys.exit(0 if r else 1)' ||
-  fail "no demo-apps logs in Loki"
+# logsql QUERY: the JSON lines VictoriaLogs answers, for the demo's tenant.
+logsql() { curl -fsS -H "AccountID: $TENANT" -H 'ProjectID: 0' "$STORE/select/logsql/query" --data-urlencode "query=$1"; }
+query='{namespace="demo-apps"} _time:10m | stats by (node_name, release) count() lines | sort by (node_name, release)'
+say "LogsQL, tenant $TENANT: $query"
+logsql "$query" | python3 -c 'import json,sys
+rows=[json.loads(l) for l in sys.stdin if l.strip()]
+[print("   ", r.get("node_name"), "release", r.get("release"), r["lines"], "lines") for r in rows]
+sys.exit(0 if rows else 1)' || fail "no demo-apps logs in the store"
 say "a few shipped lines with their labels:"
-curl -fsS -G -H 'X-Scope-OrgID: ops' "$LOKI/loki/api/v1/query_range" --data-urlencode 'query={namespace="demo-apps"}' \
-  --data-urlencode limit=3 | python3 -c 'import json,sys
-for s in json.load(sys.stdin)["data"]["result"]:
-    print("   ", s["stream"]); [print("      ", v[1]) for v in s["values"][:1]]'
+logsql '{namespace="demo-apps"} _time:10m | sort by (_time desc) | limit 3' | python3 -c 'import json,sys
+for l in sys.stdin:
+    r=json.loads(l); print("   ", r["_stream"]); print("      ", r["_msg"])'
 say "done in $((SECONDS - STARTED)) s. The test bed stays up: KUBECONFIG=$CDIR/kubeconfig kubectl get lp -A"
 say "stop everything with: make testbed-down"

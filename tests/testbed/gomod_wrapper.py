@@ -2,7 +2,7 @@
 """Write a throwaway wrapper go.mod that builds an upstream main module with `replace` lines.
 
 `go install pkg@version` refuses modules whose go.mod has relative `replace` lines
-(k8s.io/kubernetes, etcd's server, Loki). The wrapper requires the upstream module, copies
+(k8s.io/kubernetes, etcd's server). The wrapper requires the upstream module, copies
 its non-relative replace and exclude lines, and maps each relative replace to the published
 module: the version upstream requires when it is a real one, else `--default-version`.
 

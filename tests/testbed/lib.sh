@@ -13,8 +13,7 @@ PIDS=$TESTBED/pids
 # ports and another loopback pod network: LOGPIPE_PORT_BASE=51000 LOGPIPE_NET_OFFSET=64.
 PORT_BASE=${LOGPIPE_PORT_BASE:-41000}
 NET_OFFSET=${LOGPIPE_NET_OFFSET:-0}
-LOKI_HTTP_PORT=${LOKI_HTTP_PORT:-$((PORT_BASE + 2100))}
-LOKI_GRPC_PORT=${LOKI_GRPC_PORT:-$((PORT_BASE + 2095))}
+STORE_HTTP_PORT=${STORE_HTTP_PORT:-$((PORT_BASE + 2100))}
 KUBECTL=$BIN/kubectl-$K8S_VERSION
 
 # The clusters the test bed knows, in a fixed order: the index fixes ports and addresses,
@@ -93,9 +92,10 @@ start() {
   local pid=$!
   echo "$pid $binary" > "$PIDS/$name.pid"
   # Between fork and exec the child still shows this script's command line, and `alive`
-  # would call it gone: wait for the exec (or for the child to die).
+  # would call it gone: wait for the exec (or for the child to die). On a loaded machine
+  # the exec of a large binary has taken more than 5 s.
   local _
-  for _ in $(seq 1 50); do
+  for _ in $(seq 1 300); do
     alive "$name" && return
     kill -0 "$pid" 2>/dev/null || return
     sleep 0.1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start the test bed: per cluster etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, KWOK with $NODES nodes; one Loki for all. Idempotent: what already runs
+# kube-scheduler, KWOK with $NODES nodes; one log store (VictoriaLogs) for all. Idempotent: what already runs
 # is kept. Env: CLUSTERS="ops dev prod" (default ops), NODES (default 5).
 set -euo pipefail
 source "$(cd "$(dirname "$0")" && pwd)/lib.sh"
@@ -220,38 +220,31 @@ up_cluster() {
   wait_for "$CLUSTER-nodesim" 60 test -f "$CDIR/nodesim/nodesim.pid"
 }
 
-loki_config() {
-  local dir=$TESTBED/loki
+# The log store: VictoriaLogs decodes the agent's Loki push (/insert/loki/api/v1/push) and
+# answers LogsQL (/select/logsql/*); tenants are numeric (X-Scope-OrgID: <account>[:<project>]).
+# -retentionPeriod: it answers 204 yet drops entries older than its retention, and tests
+# replay old timestamps. -loki.disableMessageParsing: keep each line whole in _msg (by
+# default JSON lines are split into fields and the line itself is gone).
+up_store() {
+  local dir=$TESTBED/victorialogs
   mkdir -p "$dir"
-  cat > "$dir/overrides.yaml" <<OV
-# Per-tenant limits: the tenant "ratelimited" gets tiny ingestion limits, so tests can
-# make the real Loki answer 429.
-overrides:
-  ratelimited:
-    ingestion_rate_mb: 0.02
-    ingestion_burst_size_mb: 0.03
-OV
-  sed -e "s|@HTTP_PORT@|$LOKI_HTTP_PORT|g" -e "s|@GRPC_PORT@|$LOKI_GRPC_PORT|g" -e "s|@DIR@|$dir|g" \
-    "$here/loki.yaml.tmpl" > "$dir/loki.yaml"
-}
-
-up_loki() {
-  loki_config
-  require_port loki "$LOKI_HTTP_PORT"
-  start loki "$BIN/loki-$LOKI_VERSION" -config.file "$TESTBED/loki/loki.yaml" -target all
-  wait_for loki 120 curl -fsS "http://127.0.0.1:$LOKI_HTTP_PORT/ready"
-  echo "http://127.0.0.1:$LOKI_HTTP_PORT" > "$TESTBED/loki-url"
+  require_port victorialogs "$STORE_HTTP_PORT"
+  start victorialogs "$BIN/victoria-logs-$VICTORIALOGS_VERSION" \
+    -httpListenAddr="127.0.0.1:$STORE_HTTP_PORT" -storageDataPath="$dir/data" \
+    -retentionPeriod=100y -loki.disableMessageParsing
+  wait_for victorialogs 60 curl -fsS "http://127.0.0.1:$STORE_HTTP_PORT/insert/loki/ready"
+  echo "http://127.0.0.1:$STORE_HTTP_PORT" > "$TESTBED/store-url"
 }
 
 for c in $CLUSTERS; do cluster_index "$c" >/dev/null || exit 2; done
 for c in $CLUSTERS; do up_cluster "$c"; done
-"$here/build.sh" loki
-up_loki
+"$here/build.sh" victorialogs
+up_store
 
 say "up in $((SECONDS - STARTED)) s"
 for c in $CLUSTERS; do
   cluster_env "$c"
   say "  $c: KUBECONFIG=$CDIR/kubeconfig  ($("$KUBECTL" --kubeconfig "$CDIR/kubeconfig" get nodes --no-headers 2>/dev/null | grep -c ' Ready') nodes Ready)"
 done
-say "  loki: $(cat "$TESTBED/loki-url")  (tenants via X-Scope-OrgID)"
+say "  store: $(cat "$TESTBED/store-url")  (VictoriaLogs; Loki push at /insert/loki/api/v1/push, numeric tenants via X-Scope-OrgID)"
 say "  logs: $LOGS   stop: make testbed-down"

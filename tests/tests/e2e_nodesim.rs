@@ -210,7 +210,9 @@ async fn nodesim_runs_agent_pods_as_processes() {
             "apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": "agent-config", "namespace": namespace},
             "data": {"config.yaml": format!(
-                "# nodesim-e2e-marker\nloki: {{url: \"http://127.0.0.1:43100/loki/api/v1/push\", tenant: ops}}\npositionsFile: {host_dir}/positions.json\n"
+                "# nodesim-e2e-marker\nloki: {{url: \"{push_url}\", tenant: \"{tenant}\"}}\npositionsFile: {host_dir}/positions.json\n",
+                push_url = testbed.push_url(),
+                tenant = logpipe_e2e::store::unique_tenant(),
             )}
         })))
         .await

@@ -33,7 +33,7 @@ async fn setup(testbed: &Testbed, client: &Client, prefix: &str) -> String {
     ns
 }
 
-/// examples/ops.yaml's LogPipeline, in namespace `ns`, pushing to the test bed's Loki.
+/// examples/ops.yaml's LogPipeline, in namespace `ns`, pushing to the test bed's store.
 fn ops_example(testbed: &Testbed, ns: &str) -> Value {
     let text = std::fs::read_to_string(repo_root().join("examples/ops.yaml")).unwrap();
     let mut lp: Value = serde_yaml::Deserializer::from_str(&text)
@@ -41,10 +41,10 @@ fn ops_example(testbed: &Testbed, ns: &str) -> Value {
         .find(|doc: &Value| doc["kind"] == "LogPipeline")
         .unwrap();
     lp["metadata"]["namespace"] = json!(ns);
-    lp["spec"]["endpoint"] = json!(format!("{}/loki/api/v1/push", testbed.loki_url));
+    lp["spec"]["endpoint"] = json!(testbed.push_url());
     // KWOK runs these agent pods (no process, nothing shipped): this test is about what the
     // operator builds and applies, so verification only waits for Ready pods, briefly, and
-    // never reaches for the example's in-cluster Loki address.
+    // never reaches for the example's in-cluster query address.
     lp["spec"]["rollout"]["verify"] = json!({"window": "1s", "shipping": false});
     lp["spec"]["rollout"]["soak"] = json!("1s");
     lp
@@ -531,7 +531,7 @@ async fn bad_specs_are_refused_with_a_readable_message() {
         "apiVersion": "logpipe.io/v1alpha1",
         "kind": "LogPipeline",
         "metadata": {"name": "bad", "namespace": ns},
-        "spec": {"tenant": "ops", "endpoint": format!("{}/loki/api/v1/push", testbed.loki_url), "pipeline": [{"cri": {}}]},
+        "spec": {"tenant": "ops", "endpoint": testbed.push_url(), "pipeline": [{"cri": {}}]},
     });
     // kubectl apply's defaults: server-side, strict field validation; dry run keeps the
     // namespace empty.

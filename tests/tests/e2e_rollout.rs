@@ -1,11 +1,11 @@
 //! End-to-end tests of the phased rollout (`make e2e-rollout`) on the test bed, with real
 //! agents: the node simulator runs the agent pods of the LogPipelines here as real
 //! `logpipe-agent` processes bound to their pod IPs; workload pods on every node log
-//! through them into the test bed's Loki; the operator verifies each step by scraping the
-//! agents and querying Loki, exactly as in a real cluster.
+//! through them into the test bed's store (VictoriaLogs); the operator verifies each step by scraping the
+//! agents and querying the store (LogsQL), exactly as in a real cluster.
 //!
 //! Each test works in a fresh namespace with its own operator (`--namespace`) and its
-//! own Loki tenant. The tests run one at a time (they share two cores with everything
+//! own (numeric) tenant. The tests run one at a time (they share two cores with everything
 //! else). Needs `cargo build --bins` first.
 //!
 //! ```text
@@ -49,8 +49,8 @@ async fn installed(
     let tag = format!("e2e-{suffix}-r1");
     let release = publish(testbed, &tag);
     let image = release.image.clone();
-    let tenant = format!("e2e-rollout-{suffix}");
-    let lp = pipeline(&ns, &tenant, &image, &testbed.loki_url, window, bed.nodes);
+    let tenant = logpipe_e2e::store::unique_tenant();
+    let lp = pipeline(&ns, &tenant, &image, &testbed.store_url, window, bed.nodes);
     let started = Instant::now();
     apply(&bed.client, &ns, &lp).await;
     let healthy = wait_healthy(&bed.client, &ns, bed.nodes, Duration::from_secs(180)).await;
@@ -138,7 +138,7 @@ async fn good_release_goes_canary_steps_soak_healthy() {
         "entriesSent",
         "sendErrors",
         "droppedEntries",
-        "lokiEntries",
+        "storeEntries",
         "cpu",
         "memory",
         "latency",
@@ -154,12 +154,12 @@ async fn good_release_goes_canary_steps_soak_healthy() {
         c["entriesSent"]
     );
     assert!(
-        c["lokiEntries"].0.parse::<f64>().unwrap() > 0.0,
+        c["storeEntries"].0.parse::<f64>().unwrap() > 0.0,
         "{:?}",
-        c["lokiEntries"]
+        c["storeEntries"]
     );
     assert!(c["memory"].0.ends_with("Mi"), "{:?}", c["memory"]);
-    // Written -> queryable, measured against Loki (not the agent's own acknowledgements).
+    // Written -> queryable, measured against the store (not the agent's own acknowledgements).
     let latency = s["lastVerification"]["checks"]
         .as_array()
         .unwrap()
@@ -191,9 +191,9 @@ async fn bad_release_stops_at_the_canary_and_rolls_back() {
     let before = status(&bed.client, &bed.ns, "logpipe").await.unwrap().1;
     let stable = before["stableRevision"].as_str().unwrap().to_string();
 
-    // Release 2 pushes to a path Loki does not serve: every push answered 404.
+    // Release 2 pushes to a path the store does not serve: every push is refused (400).
     let mut bad = lp.clone();
-    bad["spec"]["endpoint"] = json!(format!("{}/loki/api/v1/push-nowhere", testbed.loki_url));
+    bad["spec"]["endpoint"] = json!(format!("{}-nowhere", testbed.push_url()));
     let started = Instant::now();
     apply(&bed.client, &bed.ns, &bad).await;
     let record = record_until(
@@ -874,15 +874,20 @@ async fn gate_moves_a_release_ops_then_dev_then_prod_and_holds_a_bad_one() {
             .await
             .unwrap();
     }
+    // Each cluster ships to a tenant of its own (numeric: the store is VictoriaLogs).
+    let tenants: std::collections::BTreeMap<&str, String> = ["ops", "dev", "prod"]
+        .into_iter()
+        .map(|c| (c, logpipe_e2e::store::unique_tenant()))
+        .collect();
     let tag1 = format!("e2e-{suffix}-g1");
     let release1 = publish(&testbed, &tag1);
     let image1 = release1.image.clone();
     let spec_for = |cluster: &str, image: &str, extra_stage: Option<serde_json::Value>| {
         let mut lp = pipeline(
             &ns,
-            &format!("{cluster}-{suffix}"),
+            &tenants[cluster],
             image,
-            &testbed.loki_url,
+            &testbed.store_url,
             "8s",
             ops.nodes,
         );

@@ -7,7 +7,8 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use logpipe_e2e::{Testbed, loki, unique_suffix};
+use logpipe_e2e::faultproxy::{Budget, Fault, FaultProxy, Rejection};
+use logpipe_e2e::{Testbed, store, unique_suffix};
 use serde_json::json;
 
 fn node_is_ready(node: &Node) -> bool {
@@ -126,53 +127,158 @@ async fn daemonset_gets_a_ready_pod_on_every_node() {
 }
 
 #[tokio::test]
-async fn loki_keeps_tenants_apart() {
+async fn store_keeps_numeric_tenants_apart_and_refuses_a_named_one() {
     let testbed = Testbed::ensure(&["ops"])
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    let (tenant, neighbour) = (store::unique_tenant(), store::unique_tenant());
     let marker = format!("smoke-{}", unique_suffix());
     let labels = BTreeMap::from([("job".to_string(), marker.clone())]);
-    let start = loki::now_ns() - 1_000_000_000;
+    let start = store::now_ns() - 1_000_000_000;
     let line = format!("hello from the test bed {marker}");
-    loki::push(
-        &testbed.loki_url,
-        "ops",
+    store::push(
+        &testbed.store_url,
+        &tenant,
         &labels,
-        &[(loki::now_ns(), line.clone())],
+        &[(store::now_ns(), line.clone())],
     )
     .await
     .unwrap();
 
     let query = format!("{{job=\"{marker}\"}}");
-    let found = loki::wait_for(
-        &testbed.loki_url,
-        "ops",
+    let found = store::wait_for(
+        &testbed.store_url,
+        &tenant,
         &query,
         start,
         Duration::from_secs(30),
-        |s| loki::count(s) == 1,
+        |s| store::count(s) == 1,
     )
     .await
     .unwrap();
     assert_eq!(
-        loki::count(&found),
+        store::count(&found),
         1,
-        "the line pushed under tenant ops: {found:?}"
+        "the line pushed under tenant {tenant}: {found:?}"
     );
     assert_eq!(found[0].entries[0].1, line);
 
-    let other = loki::query_range(
-        &testbed.loki_url,
-        "dev",
+    let other = store::query_range(
+        &testbed.store_url,
+        &neighbour,
         &query,
         start,
-        loki::now_ns() + 1_000_000_000,
+        store::now_ns() + 1_000_000_000,
     )
     .await
     .unwrap();
     assert_eq!(
-        loki::count(&other),
+        store::count(&other),
         0,
-        "tenant dev must not see tenant ops' line: {other:?}"
+        "tenant {neighbour} must not see tenant {tenant}'s line: {other:?}"
+    );
+
+    // A Loki tenant name is refused by VictoriaLogs: the docs tell users to use numbers.
+    let refused = store::push(
+        &testbed.store_url,
+        "ops",
+        &labels,
+        &[(store::now_ns(), line)],
+    )
+    .await;
+    assert!(
+        matches!(&refused, Err(store::StoreError::Status { status: 400, body }) if body.contains("accountID")),
+        "{refused:?}"
+    );
+}
+
+/// Each fault answers in the store's place for exactly its budget; what is forwarded
+/// lands in the real store.
+#[tokio::test]
+async fn fault_proxy_answers_its_faults_and_forwards_the_rest() {
+    let testbed = Testbed::ensure(&["ops"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let proxy = FaultProxy::start(&testbed.store_url).await.unwrap();
+    proxy.inject(
+        Fault::RateLimited {
+            retry_after: Duration::from_secs(3),
+        },
+        Budget::Requests(1),
+    );
+    proxy.inject(Fault::ServerError, Budget::Requests(1));
+    proxy.inject(
+        Fault::Rejected(Rejection::EntryTooFarBehind),
+        Budget::Requests(1),
+    );
+    proxy.inject(Fault::DropConnection, Budget::Requests(1));
+    proxy.inject(
+        Fault::Delay(Duration::from_millis(300)),
+        Budget::Requests(1),
+    );
+    let tenant = store::unique_tenant();
+    let marker = format!("proxied-{}", unique_suffix());
+    let labels = BTreeMap::from([("job".to_string(), marker.clone())]);
+    let start = store::now_ns() - 1_000_000_000;
+    let mut answers = Vec::new();
+    for i in 0..6 {
+        let pushed = store::push(
+            &proxy.url(),
+            &tenant,
+            &labels,
+            &[(store::now_ns(), format!("line {i}"))],
+        )
+        .await;
+        answers.push(match pushed {
+            Ok(()) => "ok".to_string(),
+            Err(store::StoreError::Status { status, body }) => format!("{status} {body}"),
+            Err(e) => format!("error {e}"),
+        });
+    }
+    assert!(
+        answers[0].starts_with("429 Ingestion rate limit exceeded"),
+        "{answers:?}"
+    );
+    assert!(answers[1].starts_with("500 "), "{answers:?}");
+    assert!(
+        answers[2].starts_with("400 ") && answers[2].contains("entry too far behind"),
+        "{answers:?}"
+    );
+    assert!(
+        answers[3].starts_with("error "),
+        "a dropped connection: {answers:?}"
+    );
+    assert_eq!(answers[4..], ["ok", "ok"], "{answers:?}");
+    let stats = proxy.stats();
+    assert_eq!(
+        (
+            stats.get("429"),
+            stats.get("500"),
+            stats.get("400"),
+            stats.get("drop"),
+            stats.get("delay")
+        ),
+        (1, 1, 1, 1, 1)
+    );
+    assert_eq!(stats.get("forwarded"), 2);
+    let query = format!("{{job=\"{marker}\"}}");
+    let found = store::wait_for(
+        &testbed.store_url,
+        &tenant,
+        &query,
+        start,
+        Duration::from_secs(30),
+        |s| store::count(s) >= 2,
+    )
+    .await
+    .unwrap();
+    let lines: Vec<_> = found
+        .iter()
+        .flat_map(|s| s.entries.iter().map(|(_, l)| l.as_str()))
+        .collect();
+    assert_eq!(
+        lines,
+        ["line 4", "line 5"],
+        "only the forwarded pushes land"
     );
 }

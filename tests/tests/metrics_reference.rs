@@ -14,7 +14,17 @@ use regex::Regex;
 
 /// name -> (help, Prometheus type as exposed, or "" when the family is empty now).
 fn registered(source: &str, prefix: &str, exposition: &str) -> BTreeMap<String, (String, String)> {
-    let call = Regex::new(r#"register\(\s*"([a-zA-Z0-9_:]+)",\s*"([^"]*)""#).unwrap();
+    // A name is a literal or one of the `pub const`s of the module (`names::X`), which
+    // the operator reads too.
+    let constant = Regex::new(r#"pub const ([A-Z0-9_]+): &str = "([a-zA-Z0-9_:]+)";"#).unwrap();
+    let constants: BTreeMap<&str, &str> = constant
+        .captures_iter(source)
+        .map(|c| (c.get(1).unwrap().as_str(), c.get(2).unwrap().as_str()))
+        .collect();
+    let call = Regex::new(
+        r#"register\(\s*(?:"([a-zA-Z0-9_:]+)"|names::([A-Z0-9_]+)),\s*"([^"]*)""#,
+    )
+    .unwrap();
     let mut types = BTreeMap::new();
     for line in exposition.lines() {
         if let Some((name, kind)) = line.strip_prefix("# TYPE ").and_then(|r| r.split_once(' ')) {
@@ -23,9 +33,17 @@ fn registered(source: &str, prefix: &str, exposition: &str) -> BTreeMap<String, 
     }
     let mut out = BTreeMap::new();
     for capture in call.captures_iter(source) {
-        let name = format!("{prefix}{}", &capture[1]);
+        let literal = match (capture.get(1), capture.get(2)) {
+            (Some(name), _) => name.as_str(),
+            (None, Some(constant)) => constants
+                .get(constant.as_str())
+                .copied()
+                .unwrap_or_else(|| panic!("register(names::{}): no such const", &capture[2])),
+            (None, None) => unreachable!("the regex matches one or the other"),
+        };
+        let name = format!("{prefix}{literal}");
         let kind = types.get(&name).cloned().unwrap_or_default();
-        out.insert(name, (capture[2].to_string(), kind));
+        out.insert(name, (capture[3].to_string(), kind));
     }
     for name in types.keys() {
         assert!(

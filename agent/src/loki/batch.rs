@@ -10,6 +10,7 @@ use prost::Message;
 use prost::encoding::{self, WireType};
 
 use super::proto::{EntryAdapter, LabelPairAdapter, StreamAdapter, Timestamp};
+use super::streams::stream_key;
 use crate::entry::{LabelSet, render_labels};
 use crate::tail::ack::{AckToken, Pending};
 
@@ -48,6 +49,8 @@ pub struct Encoded {
     pub line_bytes: u64,
     pub tokens: Vec<AckToken>,
     pub newest_ns: i64,
+    /// [`super::streams::stream_key`] of each stream of the request.
+    pub streams: Vec<u64>,
 }
 
 impl Batch {
@@ -125,6 +128,7 @@ impl Batch {
             // Two label sets can render the same once external labels are merged.
             merged.entry(labels).or_default().extend(stream.entries);
         }
+        let keys: Vec<u64> = merged.keys().map(|labels| stream_key(labels)).collect();
         let streams: Vec<StreamAdapter> = merged
             .into_iter()
             .map(|(labels, entries)| stream(labels, entries))
@@ -154,6 +158,7 @@ impl Batch {
             line_bytes: self.bytes,
             tokens: self.tokens,
             newest_ns: self.newest_ns,
+            streams: keys,
         })
     }
 }
@@ -274,6 +279,14 @@ mod tests {
             BTreeMap::from([("cluster".into(), "ops".into()), ("app".into(), "x".into())]);
         let encoded = batch.encode(&external).unwrap();
         assert_eq!(encoded.tokens.len(), 3);
+        assert_eq!(
+            encoded.streams,
+            [
+                stream_key(r#"{app="a", cluster="ops"}"#),
+                stream_key(r#"{app="b\"q", cluster="ops"}"#)
+            ],
+            "streams are keyed as pushed, external labels merged"
+        );
         assert_eq!(encoded.newest_ns, 3_000_000_000);
         let raw = snap::raw::Decoder::new()
             .decompress_vec(&encoded.body)

@@ -17,6 +17,9 @@
 pub mod batch;
 pub mod client;
 pub mod proto;
+pub mod streams;
+
+pub use self::streams::ACTIVE_STREAMS_WINDOW;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::batch::Batch;
 use self::client::{LokiClient, Outcome};
+use self::streams::ActiveStreams;
 use crate::metrics::Metrics;
 use crate::tail::ack::{Ledger, Pending};
 
@@ -58,6 +62,10 @@ pub async fn run_shipper(
     let mut batch = Batch::default();
     let mut probed = false;
     let mut newest_ns = 0;
+    let mut active = ActiveStreams::default();
+    // Streams also fall out of the window while nothing is pushed.
+    let mut expire = tokio::time::interval(Duration::from_secs(15));
+    expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let deadline = batch
             .started()
@@ -72,7 +80,7 @@ pub async fn run_shipper(
                     let size = pending.entry.line.len() as u64;
                     if !batch.is_empty() && batch.bytes() + size > shipper.cfg.batch_bytes {
                         let full = std::mem::take(&mut batch);
-                        if !send(&shipper, full, &cancel).await {
+                        if !send(&shipper, &mut active, full, &cancel).await {
                             return;
                         }
                     }
@@ -80,7 +88,7 @@ pub async fn run_shipper(
                 }
                 None => {
                     if !batch.is_empty() {
-                        send(&shipper, batch, &cancel).await;
+                        send(&shipper, &mut active, batch, &cancel).await;
                     }
                     return;
                 }
@@ -92,7 +100,7 @@ pub async fn run_shipper(
                 }
             } => {
                 let due = std::mem::take(&mut batch);
-                if !send(&shipper, due, &cancel).await {
+                if !send(&shipper, &mut active, due, &cancel).await {
                     return;
                 }
             }
@@ -103,13 +111,22 @@ pub async fn run_shipper(
                 let ok = shipper.client.probe().await;
                 tracing::debug!(ok, "probed Loki");
             }
+            _ = expire.tick() => {
+                let count = active.expire(crate::tail::now_ms());
+                shipper.metrics.active_streams.set(count as i64);
+            }
             _ = cancel.cancelled() => return,
         }
     }
 }
 
 /// Push one batch; `false` when cancelled.
-async fn send(shipper: &Shipper, batch: Batch, cancel: &CancellationToken) -> bool {
+async fn send(
+    shipper: &Shipper,
+    active: &mut ActiveStreams,
+    batch: Batch,
+    cancel: &CancellationToken,
+) -> bool {
     let encoded = match batch.encode(&shipper.cfg.external_labels) {
         Ok(encoded) => encoded,
         Err(e) => {
@@ -117,6 +134,8 @@ async fn send(shipper: &Shipper, batch: Batch, cancel: &CancellationToken) -> bo
             return true;
         }
     };
+    let count = active.pushed(&encoded.streams, crate::tail::now_ms());
+    shipper.metrics.active_streams.set(count as i64);
     let outcome = shipper
         .client
         .push(encoded.body.clone(), encoded.entries, cancel)

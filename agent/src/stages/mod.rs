@@ -23,6 +23,10 @@
 //!   start of the earliest raw line still held (a partial line, a pending multiline
 //!   entry). Committing `min(acknowledged end_offset, held_from)` never loses data;
 //!   at worst a restart repeats the prefix of a split line.
+//! - Every line's fate is explicit: each path that emits, drops or holds a line records
+//!   it, and [`PushOutcome::decided`] says whether the pushed line got one. The reader
+//!   counts a line as done only then, so a line lost by a bug shows as lag
+//!   (`logpipe_unacknowledged_bytes`) instead of moving the position past it.
 //! - Entries of a stream leave in the order their first raw line was read.
 //! - The hot path (a parsed CRI line through timestamp and label stages) allocates only
 //!   the entry's line: labels are shared `Arc`s, and a stage that changes them reuses the
@@ -102,6 +106,12 @@ impl PipelineStats {
 pub struct PushOutcome {
     /// A `limit` stage in wait mode: pause reading this stream this long.
     pub wait: Option<Duration>,
+    /// The line's fate was decided: it went out in an entry, a stage (or the malformed
+    /// policy) dropped it on purpose, or the state holds it (see
+    /// [`StreamState::held_from`]). `false` means the line vanished without a decision —
+    /// a bug — and the reader must not count it as done (it shows as unacknowledged lag
+    /// and holds the file's position back).
+    pub decided: bool,
 }
 
 /// Drop reason of lines the parser could not read, under `malformedLines: drop`.
@@ -267,11 +277,12 @@ impl Pipeline {
             out,
             stats,
             wait: None,
+            decided_to: 0,
         };
         let parsed = match self.parser {
             Parser::None => {
                 self.unparsed(state, raw, start_offset, end_offset, labels, &mut ctx);
-                return ctx.outcome();
+                return ctx.outcome(end_offset);
             }
             Parser::Cri => cri::parse_cri(raw).map(|line| {
                 self.parsed(
@@ -309,13 +320,16 @@ impl Pipeline {
         if parsed.is_err() {
             ctx.stats.malformed_lines += 1;
             match self.malformed {
-                MalformedLinePolicy::Drop => ctx.stats.count_drop(MALFORMED_REASON),
+                MalformedLinePolicy::Drop => {
+                    ctx.stats.count_drop(MALFORMED_REASON);
+                    ctx.decide(end_offset);
+                }
                 MalformedLinePolicy::Pass => {
                     self.unparsed(state, raw, start_offset, end_offset, labels, &mut ctx)
                 }
             }
         }
-        ctx.outcome()
+        ctx.outcome(end_offset)
     }
 
     /// Emit what the state holds longer than its stage allows (multiline `maxWait`), or
@@ -334,6 +348,7 @@ impl Pipeline {
             out,
             stats,
             wait: None,
+            decided_to: 0,
         };
         if force {
             // The stdout/stderr order of two unfinished lines is unknown; the earlier
@@ -482,6 +497,7 @@ impl Pipeline {
         partial.end = end_offset;
         if line.partial {
             state.partial[index] = partial;
+            ctx.decide(end_offset);
             return;
         }
         self.emit_partial(state, &mut partial, line.stream, end_offset, &labels, ctx);
@@ -628,6 +644,7 @@ impl Pipeline {
                 Compiled::Drop(rule) => {
                     if rule.drops(&work, fields, ctx.now_ns) {
                         ctx.stats.count_drop(&rule.reason);
+                        ctx.decide(work.end_offset);
                         return;
                     }
                 }
@@ -649,6 +666,7 @@ impl Pipeline {
                             block.work.line.push('\n');
                             block.work.line.push_str(&work.line);
                             block.work.end_offset = work.end_offset;
+                            ctx.decide(work.end_offset);
                             block.lines += 1;
                             block.last_push_ns = ctx.now_ns;
                             if block.lines < *max_lines {
@@ -657,12 +675,15 @@ impl Pipeline {
                             // Full: it goes on now rather than waiting for the next line.
                             pending.take()
                         }
-                        _ => pending.replace(Pending {
-                            work,
-                            fields: fields.clone(),
-                            lines: 1,
-                            last_push_ns: ctx.now_ns,
-                        }),
+                        _ => {
+                            ctx.decide(work.end_offset);
+                            pending.replace(Pending {
+                                work,
+                                fields: fields.clone(),
+                                lines: 1,
+                                last_push_ns: ctx.now_ns,
+                            })
+                        }
                     };
                     if let Some(mut block) = previous {
                         self.run(index + 1, block.work, &mut block.fields, state, ctx);
@@ -689,6 +710,7 @@ impl Pipeline {
                         bucket.tokens -= 1.0;
                     } else if *drop {
                         ctx.stats.count_drop(RATE_LIMITED_REASON);
+                        ctx.decide(work.end_offset);
                         return;
                     } else {
                         let wait = Duration::from_secs_f64(((1.0 - bucket.tokens) / rate).max(0.0));
@@ -698,6 +720,7 @@ impl Pipeline {
                 }
             }
         }
+        ctx.decide(work.end_offset);
         ctx.out.push(Entry {
             timestamp_ns: work.timestamp_ns,
             line: work.line,
@@ -714,11 +737,21 @@ struct Ctx<'a> {
     out: &'a mut Vec<Entry>,
     stats: &'a mut PipelineStats,
     wait: Option<Duration>,
+    /// The furthest end offset of anything emitted, dropped on purpose or held.
+    decided_to: u64,
 }
 
 impl Ctx<'_> {
-    fn outcome(&self) -> PushOutcome {
-        PushOutcome { wait: self.wait }
+    /// Every terminal path of a line (out, dropped, held) calls this with its end offset.
+    fn decide(&mut self, end_offset: u64) {
+        self.decided_to = self.decided_to.max(end_offset);
+    }
+
+    fn outcome(&self, end_offset: u64) -> PushOutcome {
+        PushOutcome {
+            wait: self.wait,
+            decided: self.decided_to >= end_offset,
+        }
     }
 }
 

@@ -58,7 +58,7 @@ impl Feeder {
     fn push_at(&mut self, line: &[u8], now: i64) -> PushOutcome {
         let start = self.offset;
         self.offset += line.len() as u64 + 1;
-        self.pipeline.push(
+        let outcome = self.pipeline.push(
             &mut self.state,
             line,
             start,
@@ -67,7 +67,14 @@ impl Feeder {
             now,
             &mut self.out,
             &mut self.stats,
-        )
+        );
+        // Every stage test doubles as a check that no path loses a line undecided.
+        assert!(
+            outcome.decided,
+            "line {:?} left the pipeline without a decision",
+            String::from_utf8_lossy(line)
+        );
+        outcome
     }
 
     fn push(&mut self, line: &[u8]) -> PushOutcome {

@@ -9,8 +9,9 @@
 //! Guarantees:
 //! - A file's committed offset is never past an entry that is not acknowledged: it is the
 //!   end of the last entry whose every predecessor (in that file) is acknowledged, or,
-//!   when no entry is outstanding, the consumed offset (lines the pipeline dropped do not
-//!   hold positions back) — and never past the first line the pipeline still holds.
+//!   when no entry is outstanding, the decided offset (lines the pipeline dropped on
+//!   purpose do not hold positions back) — never past the first line the pipeline still
+//!   holds, nor past a line it lost without a decision.
 //! - `buffered_bytes` counts every registered, unacknowledged entry; the tailer stops
 //!   reading above its limit, so memory is bounded by it (plus one read pass).
 //!
@@ -19,6 +20,27 @@
 //!
 //! Caveats: a closed file's record stays (retired) while files with its identity exist,
 //! and for [`RETIRED_RETENTION_MS`] after, so a compressed copy is recognised.
+//!
+//! # Lag: written and acknowledged bytes
+//!
+//! The same records answer "is anything left behind?" ([`Ledger::lag`]), with no second
+//! bookkeeping: for every file instance the agent tails in this run (from the offset it
+//! started at: its saved position, or 0),
+//! - *written* is how far the file is known to extend: the largest of its size at a scan
+//!   and the offset read so far ([`Ledger::written`]; for a `.gz`, the decompressed bytes
+//!   read), minus the start offset;
+//! - *acknowledged* is the committed offset (what positions may advance to) minus the
+//!   start offset: it covers lines Loki acknowledged (or refused for good) and lines a
+//!   stage dropped on purpose, never a line still held, in flight, unread, or handed to
+//!   the pipeline and lost without a decision (see [`crate::tail::LineOutcome`]).
+//!
+//! Files the tailer is done with are folded into running totals, so both sums only grow
+//! (counters) across rotation and deletion. Files never tailed (skipped rotated files,
+//! already finished ones) count for nothing. Each instance keeps, per second in which it
+//! grew, a mark (offset, first seen); the oldest unacknowledged byte's age is measured
+//! from the mark that covers it: from when the agent first saw the byte, at most a second
+//! early. Caveat: bytes a copytruncate destroyed before they were read, and lines held
+//! when it happened, cannot be shipped by anyone: they count as acknowledged.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Condvar, Mutex};
@@ -35,6 +57,29 @@ pub const RETIRED_RETENTION_MS: i64 = 60 * 60 * 1000;
 
 /// Slots a file's queue of unacknowledged entries keeps when it empties.
 const KEEP_SLOTS: usize = 64;
+
+/// A file's growth marks are merged within this window (ms): the age resolution.
+const MARK_MS: i64 = 1000;
+/// At most this many marks per file; further growth extends the newest (ages err long).
+const MAX_MARKS: usize = 128;
+
+/// What [`Ledger::lag`] reports: totals over this run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lag {
+    /// Bytes written to the tailed files since the agent started tailing them.
+    pub written: u64,
+    /// Of those, bytes up to the committed offsets.
+    pub acknowledged: u64,
+    /// When (Unix ms) the agent first saw the oldest byte not acknowledged; `None` when
+    /// everything written is acknowledged.
+    pub oldest_unacknowledged_ms: Option<i64>,
+}
+
+impl Lag {
+    pub fn unacknowledged(&self) -> u64 {
+        self.written.saturating_sub(self.acknowledged)
+    }
+}
 
 /// Identifies one registered entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -76,22 +121,78 @@ struct FileAcks {
     watermark: u64,
     front_seq: u64,
     pending: VecDeque<Slot>,
+    /// End of the lines whose fate the pipeline decided (see [`Ledger::progress`]).
     consumed: u64,
     held_from: Option<u64>,
     closed: Option<CloseKind>,
+    /// Offset the instance was opened at: lag counts from here.
+    start: u64,
+    /// How far the file is known to extend.
+    written_end: u64,
+    /// (offset, Unix ms): bytes up to `offset` were first seen by then; oldest first.
+    marks: VecDeque<(u64, i64)>,
 }
 
 impl FileAcks {
     fn committed(&self) -> u64 {
+        // Never past `consumed`: an acknowledged entry after a line lost undecided must
+        // not carry the position over that line.
         let done = if self.pending.is_empty() {
-            self.consumed.max(self.watermark)
+            self.consumed
         } else {
-            self.watermark
+            self.watermark.min(self.consumed)
         };
         match self.held_from {
             Some(held) => done.min(held),
             None => done,
         }
+    }
+
+    /// The end of the acknowledged bytes: the committed offset, or, for an instance a
+    /// truncation abandoned, everything it ever had once its entries are answered.
+    fn acknowledged_end(&self) -> u64 {
+        if self.closed == Some(CloseKind::Abandoned) && self.pending.is_empty() {
+            self.written_end.max(self.consumed)
+        } else {
+            self.committed()
+        }
+    }
+
+    fn written_to(&mut self, end: u64, now_ms: i64) {
+        if end <= self.written_end {
+            return;
+        }
+        self.written_end = end;
+        let full = self.marks.len() >= MAX_MARKS;
+        match self.marks.back_mut() {
+            Some(last) if full || now_ms - last.1 < MARK_MS => last.0 = end,
+            _ => self.marks.push_back((end, now_ms)),
+        }
+    }
+
+    /// (written, acknowledged, first seen of the oldest unacknowledged byte); drops the
+    /// marks wholly acknowledged.
+    fn lag(&mut self, now_ms: i64) -> (u64, u64, Option<i64>) {
+        let written_end = self.written_end.max(self.consumed);
+        let acked_end = self.acknowledged_end().min(written_end);
+        while self.marks.front().is_some_and(|&(end, _)| end <= acked_end) {
+            self.marks.pop_front();
+        }
+        let oldest = if acked_end < written_end {
+            // Bytes read past the last scan's size may have no mark of their own yet.
+            Some(
+                self.marks
+                    .front()
+                    .map_or(now_ms, |&(_, seen)| seen.min(now_ms)),
+            )
+        } else {
+            None
+        };
+        (
+            written_end.saturating_sub(self.start),
+            acked_end.saturating_sub(self.start),
+            oldest,
+        )
     }
 
     fn pop_acked(&mut self) {
@@ -119,6 +220,11 @@ struct Inner {
     retired: BTreeMap<String, PositionRecord>,
     buffered: u64,
     generation: u64,
+    /// Lag totals of the instances no longer tracked.
+    closed_written: u64,
+    closed_acknowledged: u64,
+    /// First seen of the oldest byte a closed instance left unacknowledged (a lost line).
+    closed_oldest_ms: Option<i64>,
 }
 
 impl Inner {
@@ -129,13 +235,23 @@ impl Inner {
         let (Some(kind), true) = (file.closed, file.pending.is_empty()) else {
             return;
         };
-        if let Some(file) = self.files.remove(&key)
-            && kind == CloseKind::Finished
-        {
-            let mut record = file.identity.clone();
-            record.offset = file.committed();
-            record.finished = file.held_from.is_none() && record.offset >= file.consumed;
-            self.retired.insert(file.path, record);
+        if let Some(mut file) = self.files.remove(&key) {
+            let (written, acknowledged, oldest) = file.lag(super::now_ms());
+            self.closed_written += written;
+            self.closed_acknowledged += acknowledged;
+            if let Some(oldest) = oldest {
+                self.closed_oldest_ms =
+                    Some(self.closed_oldest_ms.map_or(oldest, |o| o.min(oldest)));
+            }
+            if kind == CloseKind::Finished {
+                let mut record = file.identity.clone();
+                record.offset = file.committed();
+                // A line lost undecided before the end keeps the file unfinished, so the
+                // next run reads it again rather than losing it.
+                record.finished = file.held_from.is_none()
+                    && record.offset >= file.consumed.max(file.written_end);
+                self.retired.insert(file.path, record);
+            }
         }
     }
 }
@@ -205,6 +321,9 @@ impl Ledger {
                 consumed: start,
                 held_from: None,
                 closed: None,
+                start,
+                written_end: start,
+                marks: VecDeque::new(),
             },
         );
         inner.generation += 1;
@@ -274,8 +393,8 @@ impl Ledger {
         inner.buffered < limit
     }
 
-    /// The pipeline consumed the file up to `consumed` and still holds lines from
-    /// `held_from`.
+    /// The pipeline decided the fate of every line of the file up to `consumed` (emitted,
+    /// dropped on purpose, or held) and still holds lines from `held_from`.
     pub fn progress(&self, key: FileKey, consumed: u64, held_from: Option<u64>) {
         let mut inner = self.lock();
         if let Some(file) = inner.files.get_mut(&key)
@@ -301,12 +420,46 @@ impl Ledger {
         }
     }
 
+    /// The file extends at least to `end` (its size at a scan, or the offset read), seen
+    /// at `now_ms`.
+    pub fn written(&self, key: FileKey, end: u64, now_ms: i64) {
+        if let Some(file) = self.lock().files.get_mut(&key) {
+            file.written_to(end, now_ms);
+        }
+    }
+
+    /// Written and acknowledged bytes of this run, and the oldest unacknowledged byte.
+    pub fn lag(&self, now_ms: i64) -> Lag {
+        let mut inner = self.lock();
+        let mut lag = Lag {
+            written: inner.closed_written,
+            acknowledged: inner.closed_acknowledged,
+            oldest_unacknowledged_ms: inner.closed_oldest_ms,
+        };
+        for file in inner.files.values_mut() {
+            let (written, acknowledged, oldest) = file.lag(now_ms);
+            lag.written += written;
+            lag.acknowledged += acknowledged;
+            if let Some(oldest) = oldest {
+                lag.oldest_unacknowledged_ms = Some(
+                    lag.oldest_unacknowledged_ms
+                        .map_or(oldest, |o| o.min(oldest)),
+                );
+            }
+        }
+        lag
+    }
+
     /// The tailer is done with the file; its record is retired once every entry is
     /// acknowledged.
     pub fn close(&self, key: FileKey, kind: CloseKind) {
         let mut inner = self.lock();
         if let Some(file) = inner.files.get_mut(&key) {
             file.closed = Some(kind);
+            if kind == CloseKind::Abandoned {
+                // The handler's state for this instance is gone with it.
+                file.held_from = None;
+            }
         }
         inner.retire_drained(key);
         inner.generation += 1;
@@ -461,6 +614,7 @@ mod tests {
         let tokens: Vec<AckToken> = (1..=10_000)
             .map(|i| ledger.register(key, i * 10, 10).unwrap())
             .collect();
+        ledger.progress(key, 100_000, None);
         assert!(!ledger.wait_for_room(100_000, Duration::from_millis(1)));
         let waiter = {
             let ledger = ledger.clone();

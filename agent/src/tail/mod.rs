@@ -11,7 +11,9 @@
 //! 2. [`Tailer::read_pass`] reads every open file within a per-file budget, unless the
 //!    bytes read and not yet acknowledged exceed `max_buffered_bytes` (backpressure), splits
 //!    lines, feeds the handler, registers each entry in the [`ack::Ledger`] and sends it;
-//!    then reports how far the file was consumed and from where the handler holds lines.
+//!    then reports how far the handler decided every line ([`LineOutcome::decided`]) and
+//!    from where it holds lines, and how far the file extends (the lag accounting of
+//!    [`ack`]: written and acknowledged bytes).
 //!
 //! Guarantees:
 //! - Each byte of a file is handed to the handler once per agent run; a rotated file is
@@ -62,6 +64,9 @@ use self::ack::{CloseKind, FileKey, Ledger, Pending};
 
 const READ_CHUNK: usize = 64 * 1024;
 
+/// The lag metrics walk every tracked file: at most this often, not every pass.
+const LAG_PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
+
 #[derive(Debug, thiserror::Error)]
 pub enum TailError {
     #[error("cannot list {path}: {source}")]
@@ -80,6 +85,25 @@ pub struct FileInfo {
     pub first_seen: Instant,
 }
 
+/// What the handler did with one raw line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LineOutcome {
+    /// Pause reading this file that long (rate limit in wait mode).
+    pub wait: Option<Duration>,
+    /// The line was emitted, dropped on purpose, or is held (see
+    /// [`LineHandler::held_from`]). A line handed over and not decided holds the file's
+    /// position (and its acknowledged bytes) at its start for the rest of the run.
+    pub decided: bool,
+}
+
+impl LineOutcome {
+    /// Decided, no pause.
+    pub const DONE: Self = Self {
+        wait: None,
+        decided: true,
+    };
+}
+
 /// Turns raw lines into entries: the pipeline, in the runtime.
 pub trait LineHandler {
     type Stream;
@@ -87,8 +111,7 @@ pub trait LineHandler {
     fn open(&mut self, file: &FileInfo) -> Option<Self::Stream>;
     /// Called once per pass before the file is read (labels may have changed).
     fn refresh(&mut self, _file: &FileInfo, _stream: &mut Self::Stream) {}
-    /// One raw line without its `\n`, at `[start, end)` in the file. `Some(wait)`: pause
-    /// reading this file that long (rate limit in wait mode).
+    /// One raw line without its `\n`, at `[start, end)` in the file.
     fn line(
         &mut self,
         stream: &mut Self::Stream,
@@ -96,7 +119,7 @@ pub trait LineHandler {
         start: u64,
         end: u64,
         out: &mut Vec<Entry>,
-    ) -> Option<Duration>;
+    ) -> LineOutcome;
     /// Emit what waited too long, or everything when `force`.
     fn flush(&mut self, stream: &mut Self::Stream, force: bool, out: &mut Vec<Entry>);
     /// Start of the earliest raw line the stream still holds.
@@ -174,12 +197,27 @@ struct Tailed<S> {
     read_pos: u64,
     /// File offset of `buf[0]`: everything before was handed to the handler.
     consumed: u64,
+    /// End of the contiguous run of lines, from the start, whose fate the handler decided
+    /// (what the ledger may count as done). Equal to `consumed` unless a line was lost.
+    decided: u64,
     buf: Vec<u8>,
     /// Bytes of `buf` already searched for a newline.
     scanned: usize,
     stream: S,
     gone: bool,
     wait_until: Option<Instant>,
+}
+
+impl<S> Tailed<S> {
+    /// The line `[start, end)` went to the handler: it is consumed, and done only if
+    /// decided and every line before it was.
+    fn handed(&mut self, start: u64, end: u64, outcome: LineOutcome) -> Option<Duration> {
+        self.consumed = end;
+        if outcome.decided && self.decided == start {
+            self.decided = end;
+        }
+        outcome.wait
+    }
 }
 
 /// Why a present file is not tailed.
@@ -206,6 +244,8 @@ pub struct Tailer<H: LineHandler> {
     closed_channel: bool,
     /// The last read pass stopped at the buffer limit.
     backpressured: bool,
+    /// When the lag gauges were last refreshed.
+    lag_published: Option<Instant>,
 }
 
 impl<H: LineHandler> Tailer<H> {
@@ -232,6 +272,7 @@ impl<H: LineHandler> Tailer<H> {
             chunk: vec![0u8; READ_CHUNK],
             closed_channel: false,
             backpressured: false,
+            lag_published: None,
         }
     }
 
@@ -333,6 +374,7 @@ impl<H: LineHandler> Tailer<H> {
     /// Reconcile the files on disk with the open ones.
     pub fn scan(&mut self) -> Result<(), TailError> {
         let found = self.list()?;
+        let seen_ms = now_ms();
         let by_inode: HashMap<(u64, u64), &Found> =
             found.iter().map(|f| ((f.dev, f.inode), f)).collect();
 
@@ -354,6 +396,10 @@ impl<H: LineHandler> Tailer<H> {
                             path: file.path_str.clone(),
                         })
                         .set(now.size as i64);
+                    // A `.gz`'s size on disk is not its content's: its reads count.
+                    if matches!(file.source, Source::Plain(_)) {
+                        self.ledger.written(file.key, now.size, seen_ms);
+                    }
                 }
                 None => file.gone = true,
             }
@@ -523,6 +569,7 @@ impl<H: LineHandler> Tailer<H> {
                 source,
                 read_pos: start,
                 consumed: start,
+                decided: start,
                 buf: Vec::new(),
                 scanned: 0,
                 stream,
@@ -559,6 +606,14 @@ impl<H: LineHandler> Tailer<H> {
             .buffered_bytes
             .set(self.ledger.buffered_bytes() as i64);
         self.metrics.files_active.set(self.files.len() as i64);
+        if self
+            .lag_published
+            .is_none_or(|at| at.elapsed() >= LAG_PUBLISH_INTERVAL)
+        {
+            self.lag_published = Some(Instant::now());
+            self.metrics
+                .publish_lag(&self.ledger.lag(now_ms()), now_ms());
+        }
         total
     }
 
@@ -624,6 +679,7 @@ impl<H: LineHandler> Tailer<H> {
                             file.key = new_key;
                             file.read_pos = 0;
                             file.consumed = 0;
+                            file.decided = 0;
                             file.buf.clear();
                             file.scanned = 0;
                             if let Source::Plain(f) = &mut file.source {
@@ -675,6 +731,7 @@ impl<H: LineHandler> Tailer<H> {
                     .read_bytes
                     .get_or_create(&label)
                     .set(file.read_pos as i64);
+                self.ledger.written(file.key, file.read_pos, now_ms());
                 refresh_fingerprint(file, &self.ledger);
             }
         }
@@ -684,9 +741,10 @@ impl<H: LineHandler> Tailer<H> {
                 let start = file.consumed;
                 let end = file.read_pos;
                 let raw = std::mem::take(&mut file.buf);
-                self.handler
+                let outcome = self
+                    .handler
                     .line(&mut file.stream, &raw, start, end, &mut self.out);
-                file.consumed = end;
+                file.handed(start, end, outcome);
                 file.scanned = 0;
             }
             self.handler.flush(&mut file.stream, true, &mut self.out);
@@ -694,9 +752,9 @@ impl<H: LineHandler> Tailer<H> {
             self.handler.flush(&mut file.stream, false, &mut self.out);
         }
         let held = self.handler.held_from(&file.stream);
-        let (file_key, consumed) = (file.key, file.consumed);
+        let (file_key, decided) = (file.key, file.decided);
         self.ship(file_key);
-        self.ledger.progress(file_key, consumed, held);
+        self.ledger.progress(file_key, decided, held);
         if finished && let Some(file) = self.files.remove(&key) {
             tracing::info!(path = %file.path_str, offset = file.read_pos, "file finished");
             self.ledger.close(file.key, CloseKind::Finished);
@@ -841,8 +899,8 @@ fn feed<H: LineHandler>(
         let newline = head + i;
         let start = file.consumed;
         let end = start + (newline + 1 - head) as u64;
-        wait = handler.line(&mut file.stream, &rest[head..newline], start, end, out);
-        file.consumed = end;
+        let outcome = handler.line(&mut file.stream, &rest[head..newline], start, end, out);
+        wait = file.handed(start, end, outcome);
         head = newline + 1;
         lines += 1;
         if wait.is_some() {
@@ -889,8 +947,9 @@ fn process_lines<H: LineHandler>(
                 let newline = file.scanned + i;
                 let start = file.consumed;
                 let end = start + (newline + 1 - head) as u64;
-                wait = handler.line(&mut file.stream, &file.buf[head..newline], start, end, out);
-                file.consumed = end;
+                let outcome =
+                    handler.line(&mut file.stream, &file.buf[head..newline], start, end, out);
+                wait = file.handed(start, end, outcome);
                 head = newline + 1;
                 file.scanned = head;
                 lines += 1;
@@ -904,8 +963,9 @@ fn process_lines<H: LineHandler>(
                     let start = file.consumed;
                     let end = start + (file.buf.len() - head) as u64;
                     metrics.oversized_raw_lines.inc();
-                    wait = handler.line(&mut file.stream, &file.buf[head..], start, end, out);
-                    file.consumed = end;
+                    let outcome =
+                        handler.line(&mut file.stream, &file.buf[head..], start, end, out);
+                    wait = file.handed(start, end, outcome);
                     head = file.buf.len();
                     file.scanned = head;
                     lines += 1;

@@ -1,5 +1,6 @@
 //! Tailer scenarios with a trivial handler (one entry per line; `DROP...` lines are
-//! dropped; a `HOLD...` line is held until the next line).
+//! dropped; a `HOLD...` line is held until the next line; a `LOSE...` line vanishes
+//! without a decision, as a bug would lose it).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use super::ack::{AckToken, Ledger, Pending};
+use super::ack::{AckToken, Lag, Ledger, Pending};
 use super::*;
 
 #[derive(Default)]
@@ -29,13 +30,19 @@ impl LineHandler for Lines {
         start: u64,
         end: u64,
         out: &mut Vec<Entry>,
-    ) -> Option<Duration> {
+    ) -> LineOutcome {
         let text = String::from_utf8_lossy(raw).to_string();
         let joined = match stream.held.take() {
             Some((_, first)) => format!("{first}+{text}"),
             None if text.starts_with("HOLD") => {
                 stream.held = Some((start, text));
-                return None;
+                return LineOutcome::DONE;
+            }
+            None if text.starts_with("LOSE") => {
+                return LineOutcome {
+                    wait: None,
+                    decided: false,
+                };
             }
             None => text,
         };
@@ -48,7 +55,7 @@ impl LineHandler for Lines {
                 end_offset: end,
             });
         }
-        None
+        LineOutcome::DONE
     }
     fn flush(&mut self, stream: &mut Held, force: bool, out: &mut Vec<Entry>) {
         if force && let Some((_, text)) = stream.held.take() {
@@ -325,4 +332,169 @@ fn a_new_container_restart_is_a_new_file() {
     bed.append(&format!("{POD}/1.log"), "run1\n");
     assert_eq!(bed.step_acked(), ["run1"]);
     assert_eq!(bed.tailer.open_paths().len(), 2);
+}
+
+fn lag(bed: &Bed) -> (u64, u64, bool) {
+    let lag = bed.ledger.lag(now_ms());
+    (
+        lag.written,
+        lag.acknowledged,
+        lag.oldest_unacknowledged_ms.is_some(),
+    )
+}
+
+#[test]
+fn lag_is_zero_where_nothing_was_written() {
+    let mut bed = Bed::new();
+    assert_eq!(lag(&bed), (0, 0, false), "no files at all");
+    bed.append(&format!("{POD}/0.log"), "");
+    bed.step_acked();
+    assert_eq!(lag(&bed), (0, 0, false), "an empty file");
+    // A restart at the end of what was written: quiet, whatever the file holds.
+    bed.append(&format!("{POD}/0.log"), "a\nb\n");
+    bed.step_acked();
+    let records = bed.ledger.snapshot(now_ms());
+    let mut bed = Bed::with(bed.dir, Ledger::new(records), 1 << 20, now_ms());
+    bed.step_acked();
+    assert_eq!(lag(&bed), (0, 0, false));
+}
+
+#[test]
+fn written_bytes_are_acknowledged_once_loki_acknowledged_them() {
+    let mut bed = Bed::new();
+    bed.append(&format!("{POD}/0.log"), "one\ntwo\n");
+    let (lines, tokens) = bed.step();
+    assert_eq!(lines, ["one", "two"]);
+    assert_eq!(lag(&bed), (8, 0, true), "read and sent, not acknowledged");
+    bed.ledger.ack(&tokens[1..]);
+    assert_eq!(lag(&bed), (8, 0, true), "in order: one is still out");
+    bed.ledger.ack(&tokens[..1]);
+    assert_eq!(lag(&bed), (8, 8, false));
+}
+
+#[test]
+fn bytes_not_read_yet_are_lag() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bed = Bed::with(dir, Ledger::default(), 100, 0);
+    let many: String = (0..50).map(|i| format!("line {i:02}\n")).collect();
+    bed.append(&format!("{POD}/0.log"), &many);
+    bed.append("ns_pod-b_uid-2/app/0.log", &many);
+    let (_, tokens) = bed.step();
+    let (written, acknowledged, _) = lag(&bed);
+    assert_eq!((written, acknowledged), (800, 0), "the scan saw it all");
+    bed.ledger.ack(&tokens);
+    let (written, acknowledged, oldest) = lag(&bed);
+    assert!(
+        written == 800 && acknowledged < 800 && oldest,
+        "{acknowledged}: the paused file is behind"
+    );
+    for _ in 0..20 {
+        bed.step_acked();
+    }
+    assert_eq!(lag(&bed), (800, 800, false));
+}
+
+#[test]
+fn dropped_lines_count_as_acknowledged_but_a_lost_line_is_lag() {
+    let mut bed = Bed::new();
+    let rel = format!("{POD}/0.log");
+    bed.append(&rel, "DROP a\nDROP b\n");
+    bed.step_acked();
+    assert_eq!(lag(&bed), (14, 14, false), "a drop is decided, not lag");
+    // A line lost without a decision: lag, and the position stays before it even
+    // though the lines after it are acknowledged.
+    bed.append(&rel, "LOSE\nc\n");
+    assert_eq!(bed.step_acked(), ["c"]);
+    assert_eq!(lag(&bed), (21, 14, true));
+    let key = bed.path(&rel).display().to_string();
+    assert_eq!(bed.ledger.snapshot(0)[&key].offset, 14);
+    // Still lag once the file is gone: it is not forgotten as done.
+    fs::remove_dir_all(bed.path("ns_pod-a_uid-1")).unwrap();
+    bed.step_acked();
+    assert_eq!(bed.ledger.open_files(), 0);
+    assert_eq!(lag(&bed), (21, 14, true));
+    assert!(
+        !bed.ledger.snapshot(0)[&key].finished,
+        "read again after a restart"
+    );
+}
+
+#[test]
+fn rotation_and_deletion_keep_the_totals() {
+    let mut bed = Bed::new();
+    let active = format!("{POD}/0.log");
+    let rotated = format!("{POD}/0.log.20240101-000000");
+    bed.append(&active, "r1\nr2\n");
+    bed.step_acked();
+    fs::rename(bed.path(&active), bed.path(&rotated)).unwrap();
+    bed.append(&rotated, "r3\n");
+    bed.append(&active, "n1\n");
+    let (_, tokens) = bed.step();
+    assert_eq!(lag(&bed), (12, 6, true), "r3 and n1 in flight");
+    bed.ledger.ack(&tokens);
+    fs::remove_file(bed.path(&rotated)).unwrap();
+    bed.step_acked();
+    assert_eq!(bed.tailer.open_paths(), [bed.path(&active)]);
+    assert_eq!(lag(&bed), (12, 12, false), "the deleted file still counts");
+    // A copytruncate: the new content counts from 0, the old instance stays counted.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(bed.path(&active))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    bed.append(&active, "x\n");
+    bed.step_acked();
+    assert_eq!(lag(&bed), (14, 14, false));
+}
+
+#[test]
+fn the_oldest_unacknowledged_byte_is_aged_from_when_it_was_first_seen() {
+    let ledger = Ledger::default();
+    let key = ledger.open(
+        "/f".into(),
+        PositionRecord {
+            offset: 0,
+            dev: 1,
+            inode: 1,
+            fingerprint: None,
+            compressed: false,
+            finished: false,
+            last_seen_ms: 0,
+        },
+    );
+    ledger.written(key, 10, 1_000);
+    ledger.written(key, 20, 1_500);
+    ledger.written(key, 30, 5_000);
+    let t = ledger.register(key, 10, 10).unwrap();
+    let u = ledger.register(key, 30, 20).unwrap();
+    ledger.progress(key, 30, None);
+    let lag = ledger.lag(9_000);
+    assert_eq!((lag.written, lag.acknowledged), (30, 0));
+    assert_eq!(lag.oldest_unacknowledged_ms, Some(1_000));
+    ledger.ack(&[t]);
+    // Bytes 10..20 were first seen with the mark of 1_000 (merged within a second).
+    assert_eq!(ledger.lag(9_000).oldest_unacknowledged_ms, Some(1_000));
+    assert_eq!(ledger.lag(9_000).acknowledged, 10);
+    ledger.ack(&[u]);
+    assert_eq!(ledger.lag(9_000).oldest_unacknowledged_ms, None);
+
+    let metrics = Metrics::new();
+    metrics.publish_lag(
+        &Lag {
+            written: 30,
+            acknowledged: 10,
+            oldest_unacknowledged_ms: Some(1_000),
+        },
+        9_000,
+    );
+    let text = metrics.encode().unwrap();
+    for needle in [
+        "logpipe_written_bytes_total 30",
+        "logpipe_acknowledged_bytes_total 10",
+        "logpipe_unacknowledged_bytes 20",
+        "logpipe_oldest_unacknowledged_seconds 8.0",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
 }

@@ -52,8 +52,11 @@ pub const DEFAULT_METRICS_PORT: i32 = 12345;
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.tls) || self.endpoint.startsWith('https://')")
     .message("tls is set but endpoint is not an https:// URL: use https:// or remove tls"))]
+#[x_kube(validation = Rule::new(VICTORIALOGS_TENANT_RULE)
+    .message("tenant must be <accountID> or <accountID>:<projectID>, numbers (e.g. 0 or 12:3), when rollout.verify.query.type is victorialogs: VictoriaLogs reads the tenant as its AccountID and ProjectID"))]
 pub struct LogPipelineSpec {
-    /// Loki tenant, sent as `X-Scope-OrgID` (e.g. `ops`, `dev`, `prod`).
+    /// Loki tenant, sent as `X-Scope-OrgID` (e.g. `ops`, `dev`, `prod`). With VictoriaLogs
+    /// (`rollout.verify.query.type: victorialogs`): `<accountID>[:<projectID>]`, numbers.
     #[schemars(length(max = 150))]
     #[x_kube(validation = Rule::new("self.size() > 0").message("tenant must not be empty: it is sent to Loki as X-Scope-OrgID"))]
     #[x_kube(validation = Rule::new("self != '.' && self != '..'").message("tenant must not be '.' or '..': Loki refuses these tenant IDs"))]
@@ -102,6 +105,10 @@ pub struct LogPipelineSpec {
     #[serde(default)]
     pub rollout: RolloutSpec,
 }
+
+/// VictoriaLogs tenants are two uint32 numbers (`AccountID`, `ProjectID`); the operator
+/// refuses an out-of-range number at verification time with the same message.
+const VICTORIALOGS_TENANT_RULE: &str = "!has(self.rollout) || !has(self.rollout.verify) || !has(self.rollout.verify.query) || self.rollout.verify.query.type != 'victorialogs' || self.tenant.matches('^[0-9]{1,10}(:[0-9]{1,10})?$')";
 
 /// One stage object must set exactly one of the agent's stage kinds (mirrors
 /// [`Stage::kind`]); unknown keys are refused earlier by strict field validation.

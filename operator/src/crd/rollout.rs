@@ -95,12 +95,18 @@ pub struct CanaryStep {
 /// Checks of a step; each one measured and recorded in `status.lastVerification`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.queryEndpoint) && has(self.query))")
+    .message("rollout.verify: set query {type, endpoint} or the deprecated queryEndpoint, not both"))]
 pub struct VerifySpec {
     /// How long a step is watched before it passes.
     #[serde(default = "default_window")]
     pub window: HumanDuration,
-    /// Loki query URL (LogQL) used to find the step's nodes' logs, e.g.
-    /// `http://loki-query-frontend.loki.svc:3100`. Unset: the Loki check is skipped.
+    /// The log store asked for the step's nodes' logs (check `storeEntries`, and the
+    /// written -> queryable latency). Unset: the store check is skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<QuerySpec>,
+    /// Deprecated: use query {type: loki, endpoint}. A Loki query URL (LogQL), e.g.
+    /// `http://loki-query-frontend.loki.svc:3100`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048))]
     #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#\\\\s]+(/[^\\\\s]*)?$')")
@@ -118,21 +124,69 @@ pub struct VerifySpec {
     /// Memory budget per agent (e.g. 700Mi).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_memory: Option<String>,
-    /// Delivery latency budget, file write to queryable in Loki.
+    /// Delivery latency budget, file write to queryable in the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_latency: Option<HumanDuration>,
+}
+
+impl VerifySpec {
+    /// The store to ask and its query URL: `query`, else the deprecated `queryEndpoint`
+    /// (Loki). `None`: the store check is skipped.
+    pub fn store(&self) -> Option<(StoreKind, &str)> {
+        match (&self.query, &self.query_endpoint) {
+            (Some(q), _) => Some((q.kind, q.endpoint.as_str())),
+            (None, Some(endpoint)) => Some((StoreKind::Loki, endpoint.as_str())),
+            (None, None) => None,
+        }
+    }
 }
 
 impl Default for VerifySpec {
     fn default() -> Self {
         Self {
             window: default_window(),
+            query: None,
             query_endpoint: None,
             pods_ready: true,
             shipping: true,
             max_cpu: None,
             max_memory: None,
             max_latency: None,
+        }
+    }
+}
+
+/// Where the step's logs are queried.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct QuerySpec {
+    /// The store and its query language: `loki` (LogQL, tenant sent as X-Scope-OrgID) or
+    /// `victorialogs` (LogsQL; the tenant must be `<accountID>[:<projectID>]`, numbers,
+    /// sent as the AccountID and ProjectID headers).
+    #[serde(rename = "type")]
+    pub kind: StoreKind,
+    /// Query URL of the store, e.g. `http://loki-query-frontend.loki.svc:3100` or
+    /// `http://victorialogs.logging.svc:9428`.
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#\\\\s]+(/[^\\\\s]*)?$')")
+        .message("rollout.verify.query.endpoint must be an http:// or https:// URL, e.g. http://victorialogs.logging.svc:9428"))]
+    pub endpoint: String,
+}
+
+/// A log store verification can query.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Loki,
+    VictoriaLogs,
+}
+
+impl StoreKind {
+    /// The store's name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Loki => "Loki",
+            Self::VictoriaLogs => "VictoriaLogs",
         }
     }
 }

@@ -3,6 +3,10 @@
 use super::*;
 use logpipe_agent::config::HumanDuration;
 
+use crate::crd::QuerySpec;
+
+mod stores;
+
 const METRICS: &str = r#"# HELP promtail_sent_entries_total Entries sent.
 # TYPE promtail_sent_entries_total counter
 promtail_sent_entries_total{host="127.0.0.1:43100"} 120
@@ -57,21 +61,6 @@ fn quantities() {
     }
 }
 
-#[test]
-fn loki_query_and_answer() {
-    assert_eq!(
-        count_query(&["kwok-node-0", "n.1"], Duration::from_secs(10)),
-        r#"sum by (node_name) (count_over_time({node_name=~"kwok-node-0|n\\.1"}[10s]))"#
-    );
-    let body = r#"{"status":"success","data":{"resultType":"vector","result":[
-        {"metric":{"node_name":"kwok-node-0"},"value":[1700000000.1,"42"]}]}}"#;
-    assert_eq!(
-        parse_vector(body).unwrap(),
-        BTreeMap::from([("kwok-node-0".to_string(), 42.0)])
-    );
-    assert!(parse_vector("<html>").is_err());
-}
-
 fn pod(node: &str, ready: bool) -> PodView {
     PodView {
         name: format!("agent-{node}"),
@@ -101,30 +90,17 @@ fn spec() -> VerifySpec {
     }
 }
 
-fn measured(sample: Sample, cpu: f64, loki: f64) -> Measurements {
+fn measured(sample: Sample, cpu: f64, store: f64) -> Measurements {
     Measurements {
         samples: BTreeMap::from([("agent-n1".to_string(), Ok(sample))]),
         cpu_millis: BTreeMap::from([("agent-n1".to_string(), cpu)]),
-        loki: Some(Ok(BTreeMap::from([("n1".to_string(), loki)]))),
+        store: Some(Ok(BTreeMap::from([("n1".to_string(), store)]))),
         newest_queryable: BTreeMap::new(),
     }
 }
 
 #[test]
-fn newest_entry_query_and_answer() {
-    assert_eq!(newest_query("ops-node-1"), r#"{node_name="ops-node-1"}"#);
-    assert_eq!(newest_query(r#"a"b"#), r#"{node_name="a\"b"}"#);
-    let body = r#"{"status":"success","data":{"resultType":"streams","result":[
-        {"stream":{"node_name":"n1","pod":"a"},"values":[["1700000002500000000","x"]]},
-        {"stream":{"node_name":"n1","pod":"b"},"values":[["1700000001000000000","y"]]}]}}"#;
-    assert_eq!(parse_newest(body).unwrap(), Some(1_700_000_002.5));
-    let empty = r#"{"status":"success","data":{"resultType":"streams","result":[]}}"#;
-    assert_eq!(parse_newest(empty).unwrap(), None);
-    assert!(parse_newest("<html>").is_err());
-}
-
-#[test]
-fn latency_is_written_to_queryable_when_loki_was_asked() {
+fn latency_is_written_to_queryable_when_the_store_was_asked() {
     let spec = VerifySpec {
         max_latency: Some(HumanDuration(Duration::from_secs(5))),
         ..spec()
@@ -146,7 +122,7 @@ fn latency_is_written_to_queryable_when_loki_was_asked() {
         latency_count: 4.0,
         ..good()
     };
-    // Loki returns what the agent read 2 s after it: within 5 s.
+    // The store returns what the agent read 2 s after it: within 5 s.
     let mut m = measured(read_at(1000.0), 20.0, 50.0);
     m.newest_queryable.insert("n1".into(), 998.0);
     let (value, passed, verdict, message) = latency(&m);
@@ -156,10 +132,10 @@ fn latency_is_written_to_queryable_when_loki_was_asked() {
     m.newest_queryable.insert("n1".into(), 988.0);
     assert_eq!(latency(&m).0, "12.00s");
     assert!(!latency(&m).1 && !latency(&m).2);
-    // A quiet node Loki has caught up with is not late.
+    // A quiet node the store has caught up with is not late.
     m.newest_queryable.insert("n1".into(), 1000.0);
     assert_eq!(latency(&m).0, "0.00s");
-    // Loki not asked (no endpoint, or no entry yet): the agent's mean write -> ack.
+    // The store not asked (none set, or no entry yet): the agent's mean write -> ack.
     m.newest_queryable.clear();
     let (value, passed, _, message) = latency(&m);
     assert_eq!((value.as_str(), passed), ("0.25s", true));
@@ -257,7 +233,7 @@ fn judge_table() {
             mentions: "entriesSent 0",
         },
         Case {
-            name: "no logs in Loki at the end",
+            name: "no logs in the store at the end",
             pod: pod("n1", true),
             m: measured(good(), 20.0, 0.0),
             final_check: true,
@@ -332,17 +308,80 @@ fn judge_table() {
 }
 
 #[test]
-fn loki_is_recorded_as_skipped_without_a_query_endpoint() {
+fn store_is_recorded_as_skipped_without_a_query() {
     let spec = VerifySpec {
         query_endpoint: None,
         ..spec()
     };
     let m = Measurements {
-        loki: None,
+        store: None,
         ..measured(good(), 20.0, 0.0)
     };
     let (checks, verdict) = judge(&spec, &[&pod("n1", true)], &m, true);
     assert!(verdict.passed, "{}", verdict.summary);
-    let loki = checks.iter().find(|c| c.name == "lokiEntries").unwrap();
-    assert_eq!(loki.value.as_deref(), Some("skipped"));
+    let store = checks.iter().find(|c| c.name == "storeEntries").unwrap();
+    assert_eq!(store.value.as_deref(), Some("skipped"));
+    assert_eq!(
+        store.message.as_deref(),
+        Some("rollout.verify.query is not set")
+    );
+}
+
+#[test]
+fn a_store_error_fails_store_entries_at_the_end_with_its_message() {
+    let tenant_error = victorialogs::tenant("ops").unwrap_err();
+    let m = Measurements {
+        store: Some(Err(tenant_error.clone())),
+        ..measured(good(), 20.0, 0.0)
+    };
+    let p = pod("n1", true);
+    let (_, during) = judge(&spec(), &[&p], &m, false);
+    assert!(during.passed, "{}", during.summary);
+    let (checks, verdict) = judge(&spec(), &[&p], &m, true);
+    assert!(!verdict.passed);
+    assert!(
+        verdict
+            .summary
+            .contains(&format!("storeEntries - (limit >0): {tenant_error}")),
+        "{}",
+        verdict.summary
+    );
+    let c = checks.iter().find(|c| c.name == "storeEntries").unwrap();
+    assert!(!c.passed);
+}
+
+#[test]
+fn the_store_comes_from_query_else_the_deprecated_query_endpoint() {
+    let query = |kind, endpoint: &str| {
+        Some(QuerySpec {
+            kind,
+            endpoint: endpoint.into(),
+        })
+    };
+    let cases = [
+        (None, None, None),
+        (
+            Some("http://loki:3100"),
+            None,
+            Some((StoreKind::Loki, "http://loki:3100")),
+        ),
+        (
+            None,
+            query(StoreKind::VictoriaLogs, "http://vl:9428"),
+            Some((StoreKind::VictoriaLogs, "http://vl:9428")),
+        ),
+        (
+            None,
+            query(StoreKind::Loki, "http://loki:3100"),
+            Some((StoreKind::Loki, "http://loki:3100")),
+        ),
+    ];
+    for (query_endpoint, query, store) in cases {
+        let spec = VerifySpec {
+            query_endpoint: query_endpoint.map(str::to_string),
+            query,
+            ..VerifySpec::default()
+        };
+        assert_eq!(spec.store(), store, "{spec:?}");
+    }
 }

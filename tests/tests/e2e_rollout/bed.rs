@@ -161,13 +161,13 @@ pub fn max_unavailable(nodes: usize) -> usize {
 }
 
 /// A LogPipeline for the rollout tests on `nodes` nodes: real agents
-/// (`kwok.x-k8s.io/status: custom`), the test bed's Loki for pushes and verification
-/// queries, short windows.
+/// (`kwok.x-k8s.io/status: custom`), the test bed's store (VictoriaLogs) for pushes and
+/// verification queries (LogsQL), short windows.
 pub fn pipeline(
     ns: &str,
     tenant: &str,
     image: &str,
-    loki: &str,
+    store: &str,
     window: &str,
     nodes: usize,
 ) -> Value {
@@ -177,7 +177,7 @@ pub fn pipeline(
         "metadata": {"name": "logpipe", "namespace": ns},
         "spec": {
             "tenant": tenant,
-            "endpoint": format!("{loki}/loki/api/v1/push"),
+            "endpoint": format!("{store}{}", logpipe_e2e::store::PUSH_PATH),
             "agent": {
                 "image": image,
                 "tolerations": [{"operator": "Exists"}],
@@ -194,7 +194,7 @@ pub fn pipeline(
                 "steps": [{"canary": {"nodes": 1}}, {"percent": 40}, {"percent": 100}],
                 "verify": {
                     "window": window,
-                    "queryEndpoint": loki,
+                    "query": {"type": "victorialogs", "endpoint": store},
                     "maxCpu": "2",
                     "maxMemory": "500Mi",
                     "maxLatency": "30s",
