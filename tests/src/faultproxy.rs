@@ -103,7 +103,7 @@ impl Injected {
             Budget::Requests(n) => self.used < n,
             Budget::For(span) => now.duration_since(self.started) < span,
             Budget::Share { every, total } => {
-                self.used < total && (self.seen - 1) % every.max(1) == 0
+                self.used < total && (self.seen - 1).is_multiple_of(every.max(1))
             }
         };
         if hit {

@@ -1,21 +1,22 @@
-//! The agent through a 60-second Loki outage, while lines keep coming: every line is
-//! delivered once Loki is back, and the agent's memory stays bounded meanwhile (reading
-//! stops at `limits.maxBufferedBytes`: backpressure, not buffering).
+//! The agent through a 60-second outage of its log store, while lines keep coming: every
+//! line is delivered once the store is back, and the agent's memory stays bounded meanwhile
+//! (reading stops at `limits.maxBufferedBytes`: backpressure, not buffering).
 //!
-//! The shared Loki of the test bed serves other tests, so this test runs its own: the
-//! test bed's cached Loki binary, configured like the shared one (tenants, loopback only,
-//! in-memory ring, filesystem storage with a WAL), on its own ports and data directory.
-//! It is stopped with SIGTERM and started again on the same ports and data, so what Loki
+//! The store is VictoriaLogs (fed through its Loki push endpoint, a numeric tenant). The
+//! test bed's shared store serves other tests, so this test runs its own: the test bed's
+//! cached VictoriaLogs binary, started with the same flags as the shared one
+//! (tests/testbed/up.sh `up_store`), on its own loopback port and `-storageDataPath`. It is
+//! stopped with SIGTERM and started again on the same port and data directory, so what it
 //! acknowledged before the outage stays queryable.
 //!
-//! Loki keeps one copy of identical (timestamp, line) pairs of a stream, so a line sent
-//! twice cannot be seen by querying it: every line is unique (writer, sequence number),
-//! completeness is checked in Loki by sequence set, and re-sends are counted from the
-//! agent's own `promtail_sent_entries_total`.
+//! The store keeps every copy of an entry (unlike Loki, which keeps one copy of identical
+//! (timestamp, line) pairs), so a line sent twice is visible in it: every line is unique
+//! (writer, sequence number) and each is asserted to be stored exactly once; re-sends are
+//! also counted from the agent's own `promtail_sent_entries_total`.
 //!
-//! Needs `cargo build -p logpipe-agent` first and the Loki binary of the test bed
-//! (`make testbed-up` or `tests/testbed/build.sh loki`); the shared test bed itself need
-//! not be running.
+//! Needs `cargo build -p logpipe-agent` first and the VictoriaLogs binary of the test bed
+//! (`make testbed-up` or `tests/testbed/build.sh victorialogs`); the shared test bed itself
+//! need not be running.
 
 // cfg(test) so clippy's allow-unwrap-in-tests covers the helpers too.
 #[cfg(test)]
@@ -31,15 +32,15 @@ mod outage {
     use std::time::{Duration, Instant};
 
     use logpipe_e2e::loggen::{Clock, rfc3339_nano};
-    use logpipe_e2e::loki;
-    use logpipe_e2e::{repo_root, testbed_dir, unique_suffix, workspace_binary};
+    use logpipe_e2e::store;
+    use logpipe_e2e::{testbed_dir, unique_suffix, workspace_binary};
 
     /// `limits.maxBufferedBytes` of the agent under test: small, so the outage's data
     /// (about ten times this) must be held back by backpressure, not buffered.
     const MAX_BUFFERED_BYTES: u64 = 2 * 1024 * 1024;
     /// `loki.batchBytes`.
     const BATCH_BYTES: u64 = 65_536;
-    /// How long Loki is down while the writers keep writing.
+    /// How long the store is down while the writers keep writing.
     const OUTAGE: Duration = Duration::from_secs(60);
     /// Container log files written concurrently.
     const WRITERS: usize = 4;
@@ -50,8 +51,8 @@ mod outage {
     const PAYLOAD_BYTES: usize = 680;
     /// A writer never runs longer than this, whatever happens to the test.
     const WRITER_LIMIT: Duration = Duration::from_secs(400);
-    /// Loki's ports, when free (else any free ports).
-    const PREFERRED_PORTS: (u16, u16) = (43300, 43295);
+    /// The private store's port, when free (else any free port).
+    const PREFERRED_PORT: u16 = 43300;
     /// How often RSS and readiness are sampled.
     const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
@@ -195,45 +196,32 @@ mod outage {
             .fold(0.0, |a, b| a + b)
     }
 
-    /// A Loki of this test only, configured as the test bed's (tests/testbed/loki.yaml.tmpl).
-    /// Killed when dropped.
-    struct PrivateLoki {
+    /// A VictoriaLogs of this test only, started as the test bed's (tests/testbed/up.sh
+    /// `up_store`: loopback only, `-retentionPeriod=100y -loki.disableMessageParsing`), on
+    /// its own port and `-storageDataPath`. Killed when dropped.
+    struct PrivateStore {
         binary: PathBuf,
-        config: PathBuf,
+        data: PathBuf,
         log: PathBuf,
         http_port: u16,
         child: Option<Child>,
     }
 
-    impl PrivateLoki {
+    impl PrivateStore {
         fn new(dir: &Path) -> Self {
-            let binary = logpipe_e2e::cached_binary("LOKI", "loki");
-            let (http_port, grpc_port) = if port_free(PREFERRED_PORTS.0)
-                && port_free(PREFERRED_PORTS.1)
-            {
-                PREFERRED_PORTS
+            let binary = logpipe_e2e::cached_binary("VICTORIALOGS", "victoria-logs");
+            let http_port = if port_free(PREFERRED_PORT) {
+                PREFERRED_PORT
             } else {
-                let ports = (logpipe_e2e::free_port(), logpipe_e2e::free_port());
-                println!("ports {PREFERRED_PORTS:?} are taken, the private Loki uses {ports:?}");
-                ports
+                let port = logpipe_e2e::free_port();
+                println!("port {PREFERRED_PORT} is taken, the private store uses {port}");
+                port
             };
-            fs::create_dir_all(dir.join("data")).unwrap();
-            fs::write(dir.join("overrides.yaml"), "overrides: {}\n").unwrap();
-            let template = repo_root().join("tests/testbed/loki.yaml.tmpl");
-            let config = dir.join("loki.yaml");
-            fs::write(
-                &config,
-                fs::read_to_string(&template)
-                    .unwrap_or_else(|e| panic!("{}: {e}", template.display()))
-                    .replace("@HTTP_PORT@", &http_port.to_string())
-                    .replace("@GRPC_PORT@", &grpc_port.to_string())
-                    .replace("@DIR@", &dir.display().to_string()),
-            )
-            .unwrap();
+            fs::create_dir_all(dir).unwrap();
             Self {
                 binary,
-                config,
-                log: dir.join("loki.log"),
+                data: dir.join("data"),
+                log: dir.join("victoria-logs.log"),
                 http_port,
                 child: None,
             }
@@ -244,13 +232,13 @@ mod outage {
         }
 
         fn start(&mut self) {
-            assert!(self.child.is_none(), "the private Loki runs already");
+            assert!(self.child.is_none(), "the private store runs already");
             // After a stop the port may take a moment to be free again.
             let deadline = Instant::now() + Duration::from_secs(15);
             while !port_free(self.http_port) {
                 assert!(
                     Instant::now() < deadline,
-                    "127.0.0.1:{} is taken: the private Loki cannot start",
+                    "127.0.0.1:{} is taken: the private store cannot start",
                     self.http_port
                 );
                 std::thread::sleep(Duration::from_millis(200));
@@ -261,8 +249,10 @@ mod outage {
                 .open(&self.log)
                 .unwrap();
             let child = Command::new(&self.binary)
-                .arg(format!("-config.file={}", self.config.display()))
-                .arg("-target=all")
+                .arg(format!("-httpListenAddr=127.0.0.1:{}", self.http_port))
+                .arg(format!("-storageDataPath={}", self.data.display()))
+                .arg("-retentionPeriod=100y")
+                .arg("-loki.disableMessageParsing")
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
@@ -271,25 +261,25 @@ mod outage {
             self.child = Some(child);
         }
 
-        /// `/ready` answers 200; fails if Loki exited.
+        /// The Loki push endpoint's readiness answers 200; fails if the store exited.
         async fn is_ready(&mut self) -> bool {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 self.child = None;
                 panic!(
-                    "the private Loki exited ({status}); log {}:\n{}",
+                    "the private store exited ({status}); log {}:\n{}",
                     self.log.display(),
                     tail(&self.log, 25)
                 );
             }
             logpipe_e2e::http_client()
-                .get(format!("{}/ready", self.url()))
+                .get(format!("{}{}", self.url(), store::READY_PATH))
                 .timeout(Duration::from_secs(2))
                 .send()
                 .await
                 .is_ok_and(|resp| resp.status().is_success())
         }
 
-        /// Poll `/ready` until it answers 200; fails if Loki exits or `limit` passes.
+        /// Poll readiness until it answers 200; fails if the store exits or `limit` passes.
         async fn wait_ready(&mut self, limit: Duration) -> Duration {
             let started = Instant::now();
             loop {
@@ -298,7 +288,7 @@ mod outage {
                 }
                 assert!(
                     started.elapsed() < limit,
-                    "the private Loki not ready after {limit:?}; log {}:\n{}",
+                    "the private store not ready after {limit:?}; log {}:\n{}",
                     self.log.display(),
                     tail(&self.log, 25)
                 );
@@ -306,10 +296,10 @@ mod outage {
             }
         }
 
-        /// SIGTERM (Loki shuts down cleanly, its WAL keeps what it acknowledged); returns
-        /// how long it took.
+        /// SIGTERM (VictoriaLogs flushes what it took to its data directory and exits);
+        /// returns how long it took.
         fn stop(&mut self) -> Duration {
-            let mut child = self.child.take().expect("the private Loki is not running");
+            let mut child = self.child.take().expect("the private store is not running");
             let started = Instant::now();
             sigterm(&child);
             match wait_exit(&mut child, Duration::from_secs(60)) {
@@ -317,13 +307,13 @@ mod outage {
                 None => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    panic!("the private Loki did not exit within 60 s of SIGTERM");
+                    panic!("the private store did not exit within 60 s of SIGTERM");
                 }
             }
         }
     }
 
-    impl Drop for PrivateLoki {
+    impl Drop for PrivateStore {
         fn drop(&mut self) {
             if let Some(mut child) = self.child.take() {
                 let _ = child.kill();
@@ -344,7 +334,7 @@ mod outage {
             fs::write(
                 &config,
                 format!(
-                    "loki:\n  url: {push_url}\n  tenant: {tenant}\n  batchWait: 200ms\n  batchBytes: {BATCH_BYTES}\n  \
+                    "loki:\n  url: {push_url}\n  tenant: \"{tenant}\"\n  batchWait: 200ms\n  batchBytes: {BATCH_BYTES}\n  \
                      timeout: 5s\n  minBackoff: 100ms\n  maxBackoff: 2s\n\
                      limits:\n  maxBufferedBytes: {MAX_BUFFERED_BYTES}\n\
                      shutdownTimeout: 5s\n\
@@ -489,19 +479,19 @@ mod outage {
         }
     }
 
-    /// Sequence numbers per writer found in Loki, with how often each was found.
+    /// Sequence numbers per writer found in the store, with how often each was found.
     async fn delivered(
-        loki_url: &str,
+        store_url: &str,
         tenant: &str,
         selector: &str,
         start_ns: i64,
-    ) -> Result<BTreeMap<String, BTreeMap<u64, usize>>, loki::LokiError> {
-        let streams = loki::query_range(
-            loki_url,
+    ) -> Result<BTreeMap<String, BTreeMap<u64, usize>>, store::StoreError> {
+        let streams = store::query_range(
+            store_url,
             tenant,
             selector,
             start_ns,
-            loki::now_ns() + 1_000_000_000,
+            store::now_ns() + 1_000_000_000,
         )
         .await?;
         let mut out: BTreeMap<String, BTreeMap<u64, usize>> = BTreeMap::new();
@@ -524,7 +514,7 @@ mod outage {
     // ---------------------------------------------------------------------------------------
     // Test
 
-    /// Bound on the agent's RSS while Loki is down and while the agent catches up after:
+    /// Bound on the agent's RSS while the store is down and while the agent catches up after:
     /// baseline + 3 × maxBufferedBytes.
     ///
     /// The baseline is the peak RSS over 5 s of normal flow (code, runtime, HTTP client,
@@ -544,29 +534,29 @@ mod outage {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn loki_down_60s_everything_delivered_after_and_memory_stays_bounded() {
+    async fn store_down_60s_everything_delivered_after_and_memory_stays_bounded() {
         let run = unique_suffix();
         let dir = testbed_dir()
             .join("scratch")
             .join(format!("agent-outage-{run}"));
         fs::create_dir_all(dir.join("pods")).unwrap();
-        let tenant = format!("outage-{run}");
+        let tenant = store::unique_tenant();
         let ns = format!("outage-{run}");
         let selector = format!("{{namespace=\"{ns}\"}}");
-        let start_ns = loki::now_ns() - 5_000_000_000;
+        let start_ns = store::now_ns() - 5_000_000_000;
 
-        let mut loki_proc = PrivateLoki::new(&dir.join("loki"));
-        loki_proc.start();
-        let first_ready = loki_proc.wait_ready(Duration::from_secs(120)).await;
+        let mut store_proc = PrivateStore::new(&dir.join("victorialogs"));
+        store_proc.start();
+        let first_ready = store_proc.wait_ready(Duration::from_secs(120)).await;
         println!(
-            "private Loki {} ready in {:.1} s (log {})",
-            loki_proc.url(),
+            "private store (VictoriaLogs) {} ready in {:.1} s, tenant {tenant} (log {})",
+            store_proc.url(),
             first_ready.as_secs_f64(),
-            loki_proc.log.display()
+            store_proc.log.display()
         );
         let mut agent = Agent::start(
             &dir,
-            &format!("{}/loki/api/v1/push", loki_proc.url()),
+            &format!("{}{}", store_proc.url(), store::PUSH_PATH),
             &tenant,
         );
 
@@ -590,10 +580,10 @@ mod outage {
             })
             .collect();
 
-        // Lines flow: some are queryable in Loki and the agent says it is ready.
+        // Lines flow: some are queryable in the store and the agent says it is ready.
         let flowing = Instant::now();
         loop {
-            let got = delivered(&loki_proc.url(), &tenant, &selector, start_ns)
+            let got = delivered(&store_proc.url(), &tenant, &selector, start_ns)
                 .await
                 .unwrap_or_default();
             let ready = agent.ready().await.map(|(s, _)| s);
@@ -602,7 +592,7 @@ mod outage {
             }
             assert!(
                 flowing.elapsed() < Duration::from_secs(60),
-                "lines do not flow to the private Loki ({} writers seen, agent /-/ready {ready:?}); agent log {}:\n{}",
+                "lines do not flow to the private store ({} writers seen, agent /-/ready {ready:?}); agent log {}:\n{}",
                 got.len(),
                 dir.join("agent.log").display(),
                 tail(&dir.join("agent.log"), 15)
@@ -625,12 +615,12 @@ mod outage {
         let bound = rss_bound(baseline);
 
         // The outage.
-        let stopping = loki_proc.stop();
+        let stopping = store_proc.stop();
         let outage_started = Instant::now();
         let written_at_outage = written.load(Ordering::SeqCst);
         let bytes_at_outage = log_bytes(&dir.join("pods"));
         println!(
-            "Loki stopped (SIGTERM, exited in {:.1} s) after {written_at_outage} lines written; agent RSS baseline {}",
+            "store stopped (SIGTERM, exited in {:.1} s) after {written_at_outage} lines written; agent RSS baseline {}",
             stopping.as_secs_f64(),
             mib(baseline)
         );
@@ -664,9 +654,9 @@ mod outage {
         peak_buffered = peak_buffered.max(sum_metric(&during, "logpipe_buffered_bytes "));
         let outage_bytes = log_bytes(&dir.join("pods")) - bytes_at_outage;
 
-        // Loki back on the same ports and data; the writers stop.
+        // The store back on the same port and data; the writers stop.
         let (peak_rss, rss_samples) = rss.take();
-        loki_proc.start();
+        store_proc.start();
         let restarted = Instant::now();
         stop.store(true, Ordering::SeqCst);
         let mut expected: BTreeMap<String, u64> = BTreeMap::new();
@@ -691,7 +681,7 @@ mod outage {
             mib(MAX_BUFFERED_BYTES)
         );
 
-        // Catch-up: Loki ready and the agent has sent everything, then Loki has it all.
+        // Catch-up: the store ready and the agent has sent everything, then the store has it all.
         let mut ready_after = None;
         let mut peak_buffered_catch_up = 0.0f64;
         let mut sent = 0.0;
@@ -700,7 +690,7 @@ mod outage {
         let mut agent_ready_again = false;
         while restarted.elapsed() < Duration::from_secs(240) {
             agent.assert_running();
-            if ready_after.is_none() && loki_proc.is_ready().await {
+            if ready_after.is_none() && store_proc.is_ready().await {
                 ready_after = Some(restarted.elapsed());
             }
             let m = agent.metrics().await;
@@ -718,15 +708,15 @@ mod outage {
         }
         let ready_after = ready_after.unwrap_or_else(|| {
             panic!(
-                "the private Loki not ready 240 s after its restart; log {}:\n{}",
-                loki_proc.log.display(),
-                tail(&loki_proc.log, 25)
+                "the private store not ready 240 s after its restart; log {}:\n{}",
+                store_proc.log.display(),
+                tail(&store_proc.log, 25)
             )
         });
         let mut got = BTreeMap::new();
         let mut queryable = None;
         while restarted.elapsed() < Duration::from_secs(300) {
-            match delivered(&loki_proc.url(), &tenant, &selector, start_ns).await {
+            match delivered(&store_proc.url(), &tenant, &selector, start_ns).await {
                 Ok(now) => {
                     let count: u64 = now.values().map(|s| s.len() as u64).sum();
                     got = now;
@@ -735,7 +725,7 @@ mod outage {
                         break;
                     }
                 }
-                Err(e) => println!("querying the private Loki: {e}"),
+                Err(e) => println!("querying the private store: {e}"),
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -746,7 +736,7 @@ mod outage {
         let dropped = sum_metric(&end, "promtail_dropped_entries_total");
         let sent_total = sum_metric(&end, "promtail_sent_entries_total");
         println!(
-            "Loki restarted, ready in {:.1} s; agent caught up (all sent, nothing buffered) {} after the restart, \
+            "store restarted, ready in {:.1} s; agent caught up (all sent, nothing buffered) {} after the restart, \
              all queryable {}; from the restart on: peak RSS {} (bound {}), peak buffered {}",
             ready_after.as_secs_f64(),
             caught_up.map_or("never".into(), |d| format!("{:.1} s", d.as_secs_f64())),
@@ -766,7 +756,7 @@ mod outage {
             let missing: Vec<u64> = (0..n).filter(|s| !seen.contains_key(s)).collect();
             assert!(
                 missing.is_empty(),
-                "{pod}: {} of {n} lines missing in Loki, e.g. seq {:?} (agent sent {sent}, buffered {buffered}, dropped {dropped}); agent log {}",
+                "{pod}: {} of {n} lines missing in the store, e.g. seq {:?} (agent sent {sent}, buffered {buffered}, dropped {dropped}); agent log {}",
                 missing.len(),
                 &missing[..missing.len().min(10)],
                 dir.join("agent.log").display()
@@ -797,7 +787,7 @@ mod outage {
         );
         assert!(
             peak_rss_catch_up <= bound,
-            "agent RSS peaked at {} after Loki's restart, over the bound {} (baseline {})",
+            "agent RSS peaked at {} after the store's restart, over the bound {} (baseline {})",
             mib(peak_rss_catch_up),
             mib(bound),
             mib(baseline)
@@ -840,12 +830,15 @@ mod outage {
             caught_up.is_some(),
             "the agent did not catch up: sent {sent} of {total}, {buffered} bytes buffered"
         );
-        assert!(agent_ready_again, "/-/ready is not ready once Loki is back");
+        assert!(
+            agent_ready_again,
+            "/-/ready is not ready once the store is back"
+        );
 
         assert!(agent.sigterm().success(), "agent exit status");
-        drop(loki_proc);
+        drop(store_proc);
         // Keep the logs; the data is large.
-        let _ = fs::remove_dir_all(dir.join("loki").join("data"));
+        let _ = fs::remove_dir_all(dir.join("victorialogs").join("data"));
         let _ = fs::remove_dir_all(dir.join("pods"));
     }
 }

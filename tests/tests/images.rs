@@ -11,12 +11,12 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use logpipe_e2e::{repo_root, target_dir};
+use logpipe_e2e::{Testbed, repo_root, store, target_dir};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -507,7 +507,7 @@ fn agent_image() {
 /// no_new_privs, read-only root filesystem, a tmpfs /tmp, the root-owned pod log tree
 /// (dirs 0750, files 0640) mounted read-only at /var/log/pods, a root-owned positions
 /// directory at /var/lib/logpipe, the config read-only at /etc/logpipe/config. It reads
-/// the log file, pushes to a stand-in Loki and saves its positions after the
+/// the log file, pushes to the test bed's real store and saves its positions after the
 /// acknowledgement: what the Dockerfile says uid 0 without DAC capabilities is enough for.
 fn run_like_the_daemonset(image: &Image) {
     need_tool("unshare", "apt-get install -y util-linux");
@@ -531,16 +531,20 @@ fn run_like_the_daemonset(image: &Image) {
     run(Command::new("chmod").arg("0640").arg(pod_dir.join("0.log")));
     run(Command::new("chmod").arg("0700").arg(&positions));
 
-    let loki = FakeLoki::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let testbed = runtime
+        .block_on(Testbed::ensure(&["ops"]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let tenant = store::unique_tenant();
     let port = logpipe_e2e::free_port();
     std::fs::write(
         config.join("config.yaml"),
         format!(
-            "loki:\n  url: http://127.0.0.1:{}/loki/api/v1/push\n  tenant: images-test\n  \
+            "loki:\n  url: {}\n  tenant: \"{tenant}\"\n  \
              batchWait: 100ms\n\
              logRoot: /var/log/pods\npositionsFile: /var/lib/logpipe/positions.json\n\
              listen: 127.0.0.1:{port}\npipeline:\n- cri: {{}}\n",
-            loki.port
+            testbed.push_url()
         ),
     )
     .unwrap();
@@ -606,12 +610,30 @@ exec setpriv --reuid=0 --regid=0 --clear-groups --no-new-privs \
     assert!(
         done(&metrics),
         "the agent in its image did not ship the 3 lines of its log file and save its \
-         positions within 30 s (stand-in Loki got {} pushes; metrics on 127.0.0.1:{port}):\n\
-         {metrics}\nagent log:\n{}",
-        loki.pushes(),
+         positions within 30 s (metrics on 127.0.0.1:{port}):\n{metrics}\nagent log:\n{}",
         agent_log()
     );
-    assert!(loki.pushes() >= 1, "the stand-in Loki got no push");
+    // The lines are dated 2026-01-01: ask from the day before.
+    let since = chrono_ns("2025-12-31T00:00:00Z");
+    let stored = runtime
+        .block_on(store::wait_for(
+            &testbed.store_url,
+            &tenant,
+            "{namespace=\"default\", pod=\"demo\"}",
+            since,
+            Duration::from_secs(30),
+            |s| store::count(s) >= 3,
+        ))
+        .unwrap();
+    let lines: Vec<&str> = stored
+        .iter()
+        .flat_map(|s| s.entries.iter().map(|(_, l)| l.as_str()))
+        .collect();
+    assert_eq!(
+        lines,
+        ["line 0 of the image test", "line 1 of the image test", "line 2 of the image test"],
+        "the store under tenant {tenant}"
+    );
     assert!(
         positions.join("positions.json").is_file(),
         "no positions file in the positions directory: {:?}",
@@ -621,9 +643,8 @@ exec setpriv --reuid=0 --regid=0 --clear-groups --no-new-privs \
     let eff = u64::from_str_radix(caps.trim(), 16)
         .unwrap_or_else(|_| panic!("could not read the agent's CapEff: {caps:?}"));
     eprintln!(
-        "logpipe-agent: shipped {} lines in {} pushes, saved positions, CapEff {eff:#x}",
+        "logpipe-agent: shipped {} lines, found in the store, saved positions, CapEff {eff:#x}",
         counter(&metrics, "promtail_sent_entries_total"),
-        loki.pushes()
     );
     assert_eq!(
         eff & !(1 << 18),
@@ -656,67 +677,11 @@ fn agent_caps(pid: u32) -> String {
         .to_string()
 }
 
-/// A stand-in for Loki's push endpoint: answers every request 204 and counts them.
-struct FakeLoki {
-    port: u16,
-    pushes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl FakeLoki {
-    fn start() -> FakeLoki {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let pushes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = pushes.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let counter = counter.clone();
-                std::thread::spawn(move || serve(stream, &counter));
-            }
-        });
-        FakeLoki { port, pushes }
-    }
-
-    fn pushes(&self) -> usize {
-        self.pushes.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-/// HTTP/1.1 keep-alive: head, Content-Length body, 204; until the client closes.
-fn serve(mut stream: TcpStream, pushes: &std::sync::atomic::AtomicUsize) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 65536];
-    loop {
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            match stream.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        while buf.len() < end + 4 + length {
-            match stream.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        buf.drain(..end + 4 + length);
-        if head.starts_with("post ") {
-            pushes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-        if stream
-            .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
-            .is_err()
-        {
-            return;
-        }
-    }
+fn chrono_ns(rfc3339: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .ok()
+        .and_then(|t| t.timestamp_nanos_opt())
+        .unwrap_or_default()
 }
 
 /// Sum of a metric's samples over all label sets in a Prometheus text exposition.
