@@ -88,7 +88,7 @@ demo: testbed-up
 bench:
 	$(CARGO) build --release -p logpipe-agent --bin logpipe-agent
 	$(CARGO) build --release -p logpipe-e2e --bin logpipe-bench
-	tests/testbed/build.sh promtail
+	tests/testbed/build.sh otelcol
 	$(MAKE) testbed-up
 	target/release/logpipe-bench --size "$${BENCH_SIZE:-default}"
 	$(MAKE) bench-operator

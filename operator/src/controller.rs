@@ -2,11 +2,15 @@
 //! DaemonSets and agent pods, and reconciles one LogPipeline at a time per object.
 //!
 //! Reconcile = desired (pure) -> read the rollout state (status), stable snapshot, pods ->
-//! gate (when a new release waits) -> verification (when due) -> rollout decision (pure)
+//! the Secrets the pods (and the gate) need -> gate (when a new release waits, or moves
+//! under it: a stop pauses or aborts the rollout) -> verification (when due) -> rollout
+//! decision (pure)
 //! -> apply with the chosen template -> delete pods / save stable / clear annotations ->
 //! ConfigMap GC -> status (pure) -> status write if changed -> Events on transitions.
 //! Errors requeue with exponential backoff per object (1 s doubling to 5 min, reset on
 //! success); a spec the agent would refuse is reported in status, not retried fast.
+//! Failures (`status::Failure`: invalid spec, refused apply, missing Secret) are written
+//! to the status by [`report_failure`], with one Event when they appear or change.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -14,7 +18,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
@@ -27,7 +31,7 @@ use kube::runtime::{WatchStreamExt, predicates, utils::Predicate};
 use kube::{Client, ResourceExt};
 
 use crate::apply::{self, ApplyError, FINALIZER};
-use crate::crd::LogPipeline;
+use crate::crd::{GateFailureAction, GateSpec, GateStatus, LogPipeline, Phase};
 use crate::desired::daemonset::CONTAINER;
 use crate::desired::{
     self, ANNOTATION_REVISION, DesiredError, Key, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGER,
@@ -36,10 +40,12 @@ use crate::events;
 use crate::gate;
 use crate::metrics::Metrics;
 use crate::rollout::{self, PodView, Template};
-use crate::status::{self, Observed};
+use crate::status::{self, Failure, FailureReason, Observed};
 use crate::verify::{self, Verifier};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Longest wait before looking again for a missing Secret.
+const SECRET_RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -49,6 +55,8 @@ pub enum Error {
     Desired(#[from] DesiredError),
     #[error("finalizer: {0}")]
     Finalizer(String),
+    #[error("{}", .0.line())]
+    Failed(Failure),
 }
 
 impl Error {
@@ -57,6 +65,7 @@ impl Error {
             Self::Apply(e) => e.reason(),
             Self::Desired(_) => "invalid_spec",
             Self::Finalizer(_) => "finalizer",
+            Self::Failed(f) => f.reason.metric(),
         }
     }
 }
@@ -68,6 +77,8 @@ pub struct Ctx {
     pub recorder: Recorder,
     pub verifier: Verifier,
     failures: Mutex<HashMap<ObjectRef<LogPipeline>, u32>>,
+    /// When each LogPipeline's gate was last asked (see `gate::reuse`).
+    gate_asked: Mutex<HashMap<ObjectRef<LogPipeline>, Timestamp>>,
 }
 
 impl Ctx {
@@ -85,6 +96,7 @@ impl Ctx {
             recorder,
             verifier,
             failures: Mutex::new(HashMap::new()),
+            gate_asked: Mutex::new(HashMap::new()),
         }
     }
 
@@ -135,7 +147,8 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
         Ok(objects) => objects,
         Err(e) => {
             // Permanent until the spec changes: say so in status, retry slowly.
-            report_failure(lp, ctx, "InvalidSpec", &e.to_string(), String::new()).await;
+            let failure = Failure::new(FailureReason::InvalidSpec, e.to_string());
+            report_failure(lp, ctx, &failure).await;
             return Err(e.into());
         }
     };
@@ -150,6 +163,11 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
         .and_then(|ds| ds.status.as_ref())
         .map(|s| s.desired_number_scheduled)
         .unwrap_or(0);
+    // Counted for the DaemonSet's current spec; before that, 0 or a count being made.
+    let desired_known = existing.as_ref().is_some_and(|ds| {
+        let observed = ds.status.as_ref().and_then(|s| s.observed_generation);
+        observed.is_some() && observed >= ds.metadata.generation
+    });
     let selects_nodes = spec
         .steps
         .iter()
@@ -167,10 +185,15 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
         .and_then(|s| s.stable_release.clone())
         .or_else(|| stable.as_ref().map(|s| s.release.clone()));
     let gated = spec.gate.is_some() && stable_release.as_deref() != Some(objects.release.as_str());
-    let observed = rollout::Observed {
+    if let Some(failure) = missing_secret(lp, ctx, &key.namespace, gated).await? {
+        report_failure(lp, ctx, &failure).await;
+        return Err(Error::Failed(failure));
+    }
+    let mut observed = rollout::Observed {
         revision: &objects.revision,
         pods: &views,
         desired_nodes: usize::try_from(desired_nodes).unwrap_or(0),
+        desired_known,
         node_labels: &node_labels,
         gated,
         stable_saved: stable
@@ -183,20 +206,55 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     };
     let now_ts = Timestamp::now();
 
-    // The gate is asked only while a new release waits for it.
+    // The gate is asked while a new release waits for it, and watched while it moves.
     let mut gate_status = old
         .and_then(|s| s.gate.clone())
         .filter(|_| spec.gate.is_some());
     let waiting = state.target.as_deref() != Some(objects.revision.as_str())
-        || state.phase == Some(crate::crd::Phase::Pending);
-    let gate_verdict = match (&spec.gate, gated && waiting) {
-        (Some(gate_spec), true) => {
-            let remote = gate::fetch(&ctx.client, &key.namespace, gate_spec)
-                .await
-                .map_err(|e| e.to_string());
-            let (verdict, gs) = gate::decide(remote, gate_spec, &objects.release, now_ts);
-            gate_status = Some(gs);
-            Some(verdict)
+        || state.phase == Some(Phase::Pending);
+    let mut gate_verdict = None;
+    let mut gate_stop = None;
+    if let Some(gate_spec) = &spec.gate
+        && let Some(stage) = gate_stage(gate_spec, gated, waiting, state.phase)
+    {
+        let (verdict, gs) = consult_gate(
+            lp,
+            ctx,
+            gate_spec,
+            &objects.release,
+            stage,
+            gate_status.as_ref(),
+            now_ts,
+        )
+        .await;
+        gate_status = Some(gs);
+        match (stage, verdict) {
+            (gate::Stage::Waiting, verdict) => gate_verdict = Some(verdict.waiting()),
+            (gate::Stage::Moving, gate::Verdict::Stop(why)) => {
+                // The engine's own levers: its pause flag, or the abort path.
+                match gate_spec.on_failure {
+                    GateFailureAction::Pause => observed.paused = true,
+                    GateFailureAction::Rollback => observed.abort = true,
+                }
+                gate_stop = Some(why);
+            }
+            (gate::Stage::Moving, _) => {}
+        }
+    }
+
+    // The stable agents' active streams, before the step moves them.
+    let baseline = match (rollout::baseline_due(spec, &state, &observed), state.step) {
+        (Some(names), Some(step)) => {
+            let targets: Vec<verify::Target> = pods
+                .iter()
+                .filter(|p| names.contains(&p.name_any()))
+                .map(verify::Target::of)
+                .collect();
+            Some(
+                ctx.verifier
+                    .baseline(step, &targets, lp.spec.monitoring.port)
+                    .await,
+            )
         }
         _ => None,
     };
@@ -231,10 +289,12 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
                 tenant: lp.spec.tenant.clone(),
                 window: request.window,
             });
-        let measured = if spec.verify.shipping
+        let mut measured = if spec.verify.shipping
             || spec.verify.max_cpu.is_some()
             || spec.verify.max_memory.is_some()
             || spec.verify.max_latency.is_some()
+            || spec.verify.max_streams.is_some()
+            || spec.verify.max_stream_growth.is_some()
             || store.is_some()
         {
             ctx.verifier
@@ -248,6 +308,7 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
         } else {
             verify::Measurements::default()
         };
+        measured.stream_baseline = state.stream_baseline.as_ref().map(|b| b.nodes.clone());
         let step_views: Vec<&PodView> = views
             .iter()
             .filter(|v| request.pods.contains(&v.name))
@@ -272,16 +333,20 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     ctx.verifier
         .retain(&pods.iter().filter_map(|p| p.uid()).collect::<Vec<_>>());
 
-    let decision = rollout::step(
+    let mut decision = rollout::step(
         spec,
         &state,
         &observed,
         &rollout::Verdicts {
             gate: gate_verdict,
             verification: verdict,
+            baseline,
         },
         now_ts,
     );
+    if let Some(why) = &gate_stop {
+        explain_gate_stop(&mut decision, &state, why, promote || abort);
+    }
     let daemon_set = match (decision.template, &stable) {
         (Template::Target, _) | (Template::Stable, None) => Some(objects.daemon_set.clone()),
         (Template::Stable, Some(snapshot)) => Some(snapshot.apply_to(&objects.daemon_set)),
@@ -293,14 +358,7 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     {
         Ok(ds) => ds,
         Err(e) => {
-            report_failure(
-                lp,
-                ctx,
-                "ApplyFailed",
-                &e.to_string(),
-                objects.revision.clone(),
-            )
-            .await;
+            report_failure(lp, ctx, &Failure::of_apply(&e)).await;
             return Err(e.into());
         }
     };
@@ -383,28 +441,21 @@ async fn write_status(
 }
 
 /// Best effort: a failure to write the failure is only logged (the error is returned anyway).
-async fn report_failure(
-    lp: &LogPipeline,
-    ctx: &Ctx,
-    reason: &str,
-    message: &str,
-    revision: String,
-) {
+/// Everything but the failure stays as the last successful reconcile left it (see
+/// `status` on failures): the failed spec is not recorded as the target.
+async fn report_failure(lp: &LogPipeline, ctx: &Ctx, failure: &Failure) {
     let old = lp.status.as_ref();
     let observed = Observed {
         generation: lp.metadata.generation,
         desired_nodes: old.map(|s| s.desired_nodes).unwrap_or(0),
         pods: Vec::new(),
-        target_revision: if revision.is_empty() {
-            old.and_then(|s| s.target_revision.clone())
-                .unwrap_or_default()
-        } else {
-            revision
-        },
+        target_revision: old
+            .and_then(|s| s.target_revision.clone())
+            .unwrap_or_default(),
         release: old.and_then(|s| s.release.clone()).unwrap_or_default(),
         config_map: old.and_then(|s| s.config_map.clone()).unwrap_or_default(),
         paused: lp.spec.rollout.paused,
-        failure: Some((reason.to_string(), message.to_string())),
+        failure: Some(failure.clone()),
     };
     let status = status::compute(old, &observed, None, &now());
     if let Err(error) = write_status(lp, ctx, &status).await {
@@ -412,9 +463,109 @@ async fn report_failure(
     }
 }
 
+/// The first Secret the agent pods mount (or the gate reads, while it applies) that is
+/// missing: a new pod would wait in ContainerCreating forever, the gate could not be asked.
+async fn missing_secret(
+    lp: &LogPipeline,
+    ctx: &Ctx,
+    namespace: &str,
+    gated: bool,
+) -> Result<Option<Failure>, Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    for r in status::secret_refs(&lp.spec, gated) {
+        let found = api
+            .get_opt(&r.name)
+            .await
+            .map_err(|source| ApplyError::Api {
+                action: "read a Secret the LogPipeline names",
+                source,
+            })?;
+        let data = found.map(|s| s.data.unwrap_or_default());
+        if let Some(failure) = status::secret_failure(namespace, &r, data.as_ref()) {
+            return Ok(Some(failure));
+        }
+    }
+    Ok(None)
+}
+
+/// Where a gated release stands: waiting for the gate, or moving under its watch. With
+/// `onFailure: pause` the watch ends at the soak (the engine cannot hold a soak).
+fn gate_stage(
+    spec: &GateSpec,
+    gated: bool,
+    waiting: bool,
+    phase: Option<Phase>,
+) -> Option<gate::Stage> {
+    let rollback = spec.on_failure == GateFailureAction::Rollback;
+    match (gated, waiting, phase) {
+        (false, _, _) => None,
+        (true, true, _) => Some(gate::Stage::Waiting),
+        (true, false, Some(Phase::Canary | Phase::Step | Phase::Paused)) => {
+            Some(gate::Stage::Moving)
+        }
+        (true, false, Some(Phase::Soak)) if rollback => Some(gate::Stage::Moving),
+        _ => None,
+    }
+}
+
+/// The gate's answer: its last one while it stands (`gate::reuse`), else a new ask.
+async fn consult_gate(
+    lp: &LogPipeline,
+    ctx: &Ctx,
+    spec: &GateSpec,
+    release: &str,
+    stage: gate::Stage,
+    previous: Option<&GateStatus>,
+    now: Timestamp,
+) -> (gate::Verdict, GateStatus) {
+    let object = ObjectRef::from(lp);
+    let last = ctx
+        .gate_asked
+        .lock()
+        .ok()
+        .and_then(|asked| asked.get(&object).copied());
+    if let Some(answer) = gate::reuse(spec, previous, release, stage, last, now) {
+        return answer;
+    }
+    let namespace = lp.namespace().unwrap_or_default();
+    let remote = gate::fetch(&ctx.client, &namespace, spec)
+        .await
+        .map_err(|e| e.to_string());
+    if let Ok(mut asked) = ctx.gate_asked.lock() {
+        asked.insert(object, now);
+    }
+    gate::decide(remote, spec, release, stage, previous, now)
+}
+
+/// The engine paused or aborted because the gate said stop, not a person: say so in its
+/// message and rollback reason, and leave the annotations alone (none was set).
+fn explain_gate_stop(
+    decision: &mut rollout::Decision,
+    before: &rollout::State,
+    why: &str,
+    annotated: bool,
+) {
+    if !annotated {
+        decision
+            .actions
+            .retain(|a| *a != rollout::Action::ClearAnnotations);
+    }
+    match decision.state.reason.clone() {
+        Some(engine) if decision.state.reason != before.reason => {
+            let ours = format!("aborted by the gate: {why}");
+            decision.message = decision.message.replace(&engine, &ours);
+            decision.state.reason = Some(ours);
+        }
+        _ => decision.message = format!("{} (gate: {why})", decision.message),
+    }
+}
+
 async fn cleanup(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     let key = Key::of(lp)?;
     apply::delete_cluster_scoped(&ctx.client, &key).await?;
+    if let Ok(mut asked) = ctx.gate_asked.lock() {
+        asked.remove(&ObjectRef::from(lp));
+    }
     tracing::info!(pipeline = %key.name, namespace = %key.namespace, "deleted cluster-scoped objects");
     Ok(Action::await_change())
 }
@@ -448,7 +599,24 @@ pub fn pod_view(pod: &Pod) -> PodView {
             .and_then(|s| s.waiting.as_ref())
             .and_then(|w| w.reason.clone()),
         created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        termination_message: agent.and_then(termination_message),
     }
+}
+
+/// The agent's last words (`terminationMessagePolicy: FallbackToLogsOnError`: its
+/// termination-log file, else the end of its log): of the run that just ended, else of
+/// the previous one (a crash-looping container waits with them in `lastState`). Only a
+/// failed run's.
+fn termination_message(c: &ContainerStatus) -> Option<String> {
+    let words = |s: Option<&k8s_openapi::api::core::v1::ContainerState>| {
+        s.and_then(|s| s.terminated.as_ref())
+            .filter(|t| t.exit_code != 0)
+            .and_then(|t| t.message.as_deref())
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(str::to_string)
+    };
+    words(c.state.as_ref()).or_else(|| words(c.last_state.as_ref()))
 }
 
 pub fn error_policy(lp: Arc<LogPipeline>, error: &Error, ctx: Arc<Ctx>) -> Action {
@@ -465,6 +633,10 @@ pub fn error_policy(lp: Arc<LogPipeline>, error: &Error, ctx: Arc<Ctx>) -> Actio
     let delay = match error {
         // Nothing changes until the spec does (which triggers a reconcile by itself).
         Error::Desired(_) => MAX_BACKOFF,
+        // Creating the Secret wakes nothing (Secrets are not watched): look again soon.
+        Error::Failed(f) if f.reason == FailureReason::SecretMissing => {
+            backoff(failures.saturating_sub(1)).min(SECRET_RETRY)
+        }
         _ => backoff(failures.saturating_sub(1)),
     };
     tracing::warn!(pipeline = %lp.name_any(), namespace = lp.namespace().unwrap_or_default(), %error, reason = error.reason(), retry_in_s = delay.as_secs(), "reconcile failed");
@@ -533,5 +705,221 @@ mod tests {
             .map(|n| backoff(n).as_secs())
             .to_vec();
         assert_eq!(secs, [1, 2, 4, 8, 256, 300, 300]);
+    }
+
+    fn agent_pod(state: serde_json::Value, last_state: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "lp-abc", "annotations": {ANNOTATION_REVISION: "r2"}},
+            "spec": {"nodeName": "ops-node-0", "containers": [{"name": CONTAINER}]},
+            "status": {"containerStatuses": [{
+                "name": CONTAINER, "image": "x", "imageID": "", "ready": false,
+                "restartCount": 3, "state": state, "lastState": last_state,
+            }]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn termination_message_table() {
+        let words = "logpipe-agent: regex stage 2: missing ] at 'a[b'";
+        let failed = serde_json::json!({"terminated": {"exitCode": 1, "message": words}});
+        let waiting = serde_json::json!({"waiting": {"reason": "CrashLoopBackOff"}});
+        let cases = [
+            (
+                "terminated now",
+                failed.clone(),
+                serde_json::json!({}),
+                Some(words),
+            ),
+            (
+                "crash loop: the last run's",
+                waiting.clone(),
+                failed.clone(),
+                Some(words),
+            ),
+            (
+                "a clean exit has no last words",
+                waiting.clone(),
+                serde_json::json!({"terminated": {"exitCode": 0, "message": "bye"}}),
+                None,
+            ),
+            (
+                "an empty message is none",
+                waiting,
+                serde_json::json!({"terminated": {"exitCode": 1, "message": " \n"}}),
+                None,
+            ),
+            (
+                "running, never failed",
+                serde_json::json!({"running": {}}),
+                serde_json::json!({}),
+                None,
+            ),
+        ];
+        for (name, state, last, want) in cases {
+            let view = pod_view(&agent_pod(state, last));
+            assert_eq!(view.termination_message.as_deref(), want, "{name}");
+        }
+    }
+
+    /// Regression: a canary that crash-looped on a bad regex said only
+    /// `CrashLoopBackOff on ops-node-0`, not why.
+    #[test]
+    fn a_crash_looping_canary_fails_with_the_agents_last_words() {
+        let pod = agent_pod(
+            serde_json::json!({"waiting": {"reason": "CrashLoopBackOff"}}),
+            serde_json::json!({"terminated": {"exitCode": 1,
+                "message": "logpipe-agent: regex stage 2: missing ] at 'a[b'"}}),
+        );
+        let view = pod_view(&pod);
+        let (_, verdict) = verify::judge(
+            &crate::crd::VerifySpec::default(),
+            &[&view],
+            &verify::Measurements::default(),
+            false,
+        );
+        assert!(!verdict.passed);
+        assert!(
+            verdict.summary.contains(
+                "CrashLoopBackOff on ops-node-0: agent exited: logpipe-agent: regex stage 2: missing ] at 'a[b'"
+            ),
+            "{}",
+            verdict.summary
+        );
+    }
+
+    #[test]
+    fn gate_stage_table() {
+        use gate::Stage::{Moving, Waiting};
+        let pause = GateSpec {
+            on_failure: GateFailureAction::Pause,
+            ..serde_json::from_value(serde_json::json!({
+                "clusterSecretRef": {"name": "ops", "key": "kubeconfig"},
+                "namespace": "logging", "name": "logpipe",
+            }))
+            .unwrap()
+        };
+        let rollback = GateSpec {
+            on_failure: GateFailureAction::Rollback,
+            ..pause.clone()
+        };
+        let cases = [
+            ("not gated", &pause, false, true, Some(Phase::Pending), None),
+            (
+                "a new release",
+                &pause,
+                true,
+                true,
+                Some(Phase::Healthy),
+                Some(Waiting),
+            ),
+            (
+                "held",
+                &pause,
+                true,
+                true,
+                Some(Phase::Pending),
+                Some(Waiting),
+            ),
+            (
+                "canary",
+                &pause,
+                true,
+                false,
+                Some(Phase::Canary),
+                Some(Moving),
+            ),
+            ("step", &pause, true, false, Some(Phase::Step), Some(Moving)),
+            (
+                "paused",
+                &pause,
+                true,
+                false,
+                Some(Phase::Paused),
+                Some(Moving),
+            ),
+            (
+                "soak, pause: not watched",
+                &pause,
+                true,
+                false,
+                Some(Phase::Soak),
+                None,
+            ),
+            (
+                "soak, rollback",
+                &rollback,
+                true,
+                false,
+                Some(Phase::Soak),
+                Some(Moving),
+            ),
+            (
+                "rolling back",
+                &rollback,
+                true,
+                false,
+                Some(Phase::RollingBack),
+                None,
+            ),
+            (
+                "degraded",
+                &rollback,
+                true,
+                false,
+                Some(Phase::Degraded),
+                None,
+            ),
+        ];
+        for (name, spec, gated, waiting, phase, want) in cases {
+            assert_eq!(gate_stage(spec, gated, waiting, phase), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_gate_stop_says_so() {
+        let before = rollout::State {
+            phase: Some(Phase::Step),
+            ..Default::default()
+        };
+        let engine = "aborted at step 1 (50%) (annotation logpipe.io/abort)";
+        let mut aborted = rollout::Decision {
+            state: rollout::State {
+                phase: Some(Phase::RollingBack),
+                reason: Some(engine.into()),
+                ..Default::default()
+            },
+            template: rollout::Template::Stable,
+            actions: vec![rollout::Action::ClearAnnotations],
+            message: format!(
+                "rolling back to revision r1: 2 nodes to move back, 3/5 Ready: {engine}"
+            ),
+            requeue: Duration::from_secs(2),
+        };
+        explain_gate_stop(&mut aborted, &before, "ops turned Degraded", false);
+        assert!(aborted.actions.is_empty(), "no annotation to clear");
+        assert_eq!(
+            aborted.state.reason.as_deref(),
+            Some("aborted by the gate: ops turned Degraded")
+        );
+        assert!(
+            aborted
+                .message
+                .ends_with("3/5 Ready: aborted by the gate: ops turned Degraded"),
+            "{}",
+            aborted.message
+        );
+        let mut paused = rollout::Decision {
+            state: before.clone(),
+            message: "paused at step 1 (50%): 3/5 nodes at revision r2".into(),
+            actions: vec![rollout::Action::ClearAnnotations],
+            ..aborted.clone()
+        };
+        explain_gate_stop(&mut paused, &before, "ops turned Degraded", true);
+        assert_eq!(paused.actions, [rollout::Action::ClearAnnotations]);
+        assert_eq!(
+            paused.message,
+            "paused at step 1 (50%): 3/5 nodes at revision r2 (gate: ops turned Degraded)"
+        );
     }
 }

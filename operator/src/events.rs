@@ -1,10 +1,15 @@
 //! Kubernetes Events on meaningful transitions only (never one per reconcile): decided by a
 //! pure function of the old and new status, published through kube's Recorder.
+//!
+//! A reconcile failure (`status::FailureReason` on the Ready condition) is one Warning
+//! Event named by its reason when it appears or its message changes; the same failure
+//! reconcile after reconcile is no new Event.
 
 use kube::Resource;
 use kube::runtime::events::{Event, EventType, Recorder};
 
 use crate::crd::{LogPipeline, LogPipelineStatus, Phase};
+use crate::status::FailureReason;
 
 /// An Event to publish.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +35,22 @@ pub fn transitions(old: Option<&LogPipelineStatus>, new: &LogPipelineStatus) -> 
                 ),
             });
         }
+    }
+    let ready = |s: &LogPipelineStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    if let Some((reason, message)) = ready(new)
+        && let Some(failure) = FailureReason::of_condition(&reason)
+        && old.and_then(ready) != Some((reason, message.clone()))
+    {
+        out.push(Transition {
+            warning: true,
+            reason: failure.as_str(),
+            note: message,
+        });
     }
     let old_phase = old.and_then(|s| s.phase);
     let old_step = old.and_then(|s| s.current_step);
@@ -145,5 +166,57 @@ mod tests {
             reasons(Some(&healthy), &status(Phase::Pending, "b")),
             ["NewRevision", "HeldByGate"]
         );
+    }
+
+    fn failing(reason: &str, message: &str) -> LogPipelineStatus {
+        let mut s = status(Phase::Healthy, "a");
+        s.conditions
+            .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Ready".into(),
+                status: "False".into(),
+                reason: reason.into(),
+                message: message.into(),
+                observed_generation: None,
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ),
+            });
+        s
+    }
+
+    #[test]
+    fn a_failure_is_one_event_until_it_changes() {
+        let healthy = status(Phase::Healthy, "a");
+        let refused = failing("ApplyFailed", "the API server refused DaemonSet lp: x");
+        let cases: [(&str, &LogPipelineStatus, &LogPipelineStatus, Vec<&str>); 5] = [
+            ("appears", &healthy, &refused, vec!["ApplyFailed"]),
+            ("the same again", &refused, &refused, vec![]),
+            (
+                "another message",
+                &refused,
+                &failing("ApplyFailed", "the API server refused DaemonSet lp: y"),
+                vec!["ApplyFailed"],
+            ),
+            (
+                "another reason",
+                &refused,
+                &failing("SecretMissing", "Secret logging/loki not found"),
+                vec!["SecretMissing"],
+            ),
+            (
+                "not one of ours",
+                &healthy,
+                &failing("NodesNotReady", "0/1"),
+                vec![],
+            ),
+        ];
+        for (name, old, new, want) in cases {
+            let got: Vec<&str> = transitions(Some(old), new)
+                .iter()
+                .map(|t| t.reason)
+                .collect();
+            assert_eq!(got, want, "{name}");
+        }
+        assert!(transitions(Some(&healthy), &refused)[0].warning);
     }
 }

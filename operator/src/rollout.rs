@@ -17,10 +17,25 @@
 //! Steps: the effective steps are `spec.rollout.steps` plus a final 100% step when the last
 //! one is not 100% (so every rollout ends with all nodes moved). Step k moves nodes until
 //! its node count is reached (canary: a count or the nodes matching a selector; percent:
-//! `ceil(p * nodes / 100)`), waits for the new agents to be Ready, then watches them for
+//! `ceil(p * nodes / 100)` of the nodes the DaemonSet should cover,
+//! `desiredNumberScheduled`), waits for the new agents to be Ready, then watches them for
 //! the step's window; only a passing final verification moves to the next step. After the
 //! last step the revision soaks (`spec.rollout.soak`), then becomes stable (its pod
 //! template is saved so it can be put back later).
+//!
+//! A step's window starts only when every node the step covers runs a Ready pod of the new
+//! revision: nodes with no pod yet count as not moved, and nothing is counted before the
+//! DaemonSet's status describes its current spec ([`Observed::desired_known`]), so a step
+//! is never judged on the pods that happen to exist. A step fails when a new pod is not
+//! Ready `rollout.progressDeadline` after it was created, or when nothing moved for that
+//! long (a fatal waiting reason, `ErrImagePull` or `CrashLoopBackOff`, fails it at once:
+//! `verify`).
+//!
+//! With `verify.maxStreamGrowth`, a step starts by measuring the active streams of the
+//! stable agents it is about to replace ([`baseline_due`], scraped by the controller,
+//! up to [`BASELINE_NODES`] of them); [`step`] records them in the state, so in
+//! `status.streamBaseline`, and only then deletes pods. It is written once, when the step
+//! starts, never during its window.
 //!
 //! Manual control (annotations on the LogPipeline, removed by the operator once acted on):
 //! - `logpipe.io/promote`: skip what the rollout waits for now (the gate, the rest of a
@@ -49,21 +64,25 @@
 //!   current template at once: the DaemonSet controller, not the operator, creates pods.
 //! - A first install has nothing to roll back to: the DaemonSet creates every pod at once
 //!   and the install is verified as one 100% step; a failure is reported (Degraded).
+//! - The stream baseline is a sample on a large step (the first [`BASELINE_NODES`] stable
+//!   agents in the step's order), and `logpipe_active_streams` counts the last 5 minutes:
+//!   a new agent watched for a shorter window shows fewer streams than it will have, so
+//!   `streamGrowth` errs towards passing, never towards a false failure.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 
-use crate::crd::{Phase, RolloutSpec};
+use crate::crd::{Phase, RolloutSpec, StreamBaseline};
 
 /// Annotation: skip the current wait (see the module doc).
 pub const ANNOTATION_PROMOTE: &str = "logpipe.io/promote";
 /// Annotation: roll back now.
 pub const ANNOTATION_ABORT: &str = "logpipe.io/abort";
-/// Time a step may take, on top of its window, to get its nodes moved and Ready: a new
-/// agent that never becomes Ready must fail the step, not hold it forever.
-pub const MOVE_GRACE: Duration = Duration::from_secs(120);
+/// Most stable agents whose active streams are measured when a step starts: enough to see
+/// a label that multiplies the streams, small enough for the status of a 5,000-node step.
+pub const BASELINE_NODES: usize = 50;
 
 /// What the engine needs to know about one agent pod.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -84,6 +103,9 @@ pub struct PodView {
     /// Why the container waits (`ErrImagePull`, `CrashLoopBackOff`...), if it does.
     pub waiting_reason: Option<String>,
     pub created: Option<Timestamp>,
+    /// The agent's last words when its last run failed: the container's termination
+    /// message (its fatal error, or the end of its log).
+    pub termination_message: Option<String>,
 }
 
 impl PodView {
@@ -168,6 +190,8 @@ pub struct State {
     pub window_started: Option<Timestamp>,
     pub failed: Option<String>,
     pub reason: Option<String>,
+    /// Active streams of the stable agents the current step replaced, before they moved.
+    pub stream_baseline: Option<StreamBaseline>,
 }
 
 /// What the controller saw for one LogPipeline.
@@ -176,8 +200,11 @@ pub struct Observed<'a> {
     /// The revision the spec asks for.
     pub revision: &'a str,
     pub pods: &'a [PodView],
-    /// Nodes that should run an agent.
+    /// Nodes that should run an agent (`desiredNumberScheduled`).
     pub desired_nodes: usize,
+    /// The DaemonSet's status describes its current spec (`observedGeneration`):
+    /// `desired_nodes` is the count for it, not 0 or a count still being made.
+    pub desired_known: bool,
     /// Labels of the nodes (filled only when a canary step selects nodes by labels).
     pub node_labels: &'a BTreeMap<String, BTreeMap<String, String>>,
     /// A promotion gate applies: the target's release differs from the stable one.
@@ -213,6 +240,8 @@ pub struct Verdict {
 pub struct Verdicts {
     pub gate: Option<Gate>,
     pub verification: Option<Verdict>,
+    /// The stable agents' active streams, measured because [`baseline_due`] asked.
+    pub baseline: Option<StreamBaseline>,
 }
 
 /// Which pod template the DaemonSet must carry.
@@ -277,6 +306,14 @@ pub fn ends_at(start: Option<Timestamp>, length: Duration) -> String {
 /// `1m30s`-style rendering for messages.
 pub fn human(d: Duration) -> String {
     logpipe_agent::config::HumanDuration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+/// At most 5 names, then how many more: a message stays one line on 5,000 nodes.
+pub fn few(names: &[String]) -> String {
+    match names.len() {
+        0..=5 => names.join(", "),
+        n => format!("{} and {} more", names[..5].join(", "), n - 5),
+    }
 }
 
 fn live(pods: &[PodView]) -> impl Iterator<Item = &PodView> {
@@ -387,6 +424,49 @@ fn step_pods(set: &[&PodView], target: &str, started: Option<Timestamp>) -> Vec<
     }
 }
 
+/// The stable pods of a set whose streams make the baseline (Ready ones: the others
+/// cannot be scraped), in the step's order.
+fn baseline_pods(set: &[&PodView], stable: &str) -> Vec<String> {
+    set.iter()
+        .filter(|p| p.at(stable) && !p.terminating && p.ready)
+        .take(BASELINE_NODES)
+        .map(|p| p.name.clone())
+        .collect()
+}
+
+/// Must the stable pods of the current step be scraped for their active streams now
+/// (pure; called before [`step`])? Once per step, when it starts, before any of them
+/// moves: `verify.maxStreamGrowth` set, a stable revision to compare with, no baseline
+/// recorded for this step. The pods to scrape; the controller passes what they said in
+/// [`Verdicts::baseline`] (an empty map when none answered), and [`step`] holds the
+/// step's moves until it has it.
+pub fn baseline_due(spec: &RolloutSpec, state: &State, obs: &Observed) -> Option<Vec<String>> {
+    spec.verify.max_stream_growth.as_ref()?;
+    if obs.paused || obs.abort || !obs.desired_known {
+        return None;
+    }
+    let target = state.target.as_deref().filter(|t| *t == obs.revision)?;
+    let stable = state.stable.as_deref()?;
+    let index = state.step?;
+    let steps = plan_steps(spec);
+    if !matches!(state.phase?, Phase::Canary | Phase::Step)
+        || index >= steps.len()
+        || has_baseline(state, index)
+    {
+        return None;
+    }
+    let (set, _) = step_set(&steps, index, obs, target, Some(stable));
+    let pods = baseline_pods(&set, stable);
+    (!pods.is_empty()).then_some(pods)
+}
+
+fn has_baseline(state: &State, index: usize) -> bool {
+    state
+        .stream_baseline
+        .as_ref()
+        .is_some_and(|b| usize::try_from(b.step).ok() == Some(index))
+}
+
 /// Is a verification of the current step due now (pure; called before [`step`])?
 pub fn verification_due(
     spec: &RolloutSpec,
@@ -455,6 +535,7 @@ pub fn step(
         st.reason = None;
         st.window_started = None;
         st.step_started = Some(now);
+        st.stream_baseline = None;
         // A verdict or a promotion was about the previous revision.
         verification = None;
         promote = false;
@@ -476,6 +557,7 @@ pub fn step(
         obs,
         now,
         target: &target,
+        baseline: verdicts.baseline.as_ref(),
     };
     let mut decision = match st.phase.unwrap_or(Phase::Pending) {
         Phase::Pending => ctx.pending(st, verdicts.gate.as_ref(), promote),
@@ -497,6 +579,7 @@ struct Engine<'a, 'b> {
     obs: &'a Observed<'b>,
     now: Timestamp,
     target: &'a str,
+    baseline: Option<&'a StreamBaseline>,
 }
 
 impl Engine<'_, '_> {
@@ -577,6 +660,63 @@ impl Engine<'_, '_> {
         st.phase = Some(phase_of(self.steps, index));
         st.step_started = Some(self.now);
         st.window_started = None;
+        if index < self.steps.len() {
+            // The soak keeps the last step's: the nodes it compares are the same.
+            st.stream_baseline = None;
+        }
+    }
+
+    /// Why the step fails for want of progress, if it does: a new pod not Ready
+    /// `progressDeadline` after it was created (by the agent's own readiness: a NotReady
+    /// node is not the revision's fault), or nothing moved for that long.
+    fn stalled(&self, st: &State, set: &[&PodView], want: usize, ready: usize) -> Option<String> {
+        let deadline = self.spec.progress_deadline.0;
+        let new: Vec<&PodView> = set
+            .iter()
+            .copied()
+            .filter(|p| p.at(self.target) && !p.terminating)
+            .collect();
+        let late: Vec<String> = new
+            .iter()
+            .filter(|p| !p.ready && !p.containers_ready && elapsed(p.created, self.now) > deadline)
+            .map(|p| format!("{} on {}", p.name, p.node_name()))
+            .collect();
+        if !late.is_empty() {
+            return Some(format!(
+                "{ready}/{want} new agents Ready; not Ready {} after they started: {}",
+                human(deadline),
+                few(&late)
+            ));
+        }
+        let last_move = new
+            .iter()
+            .filter_map(|p| p.created)
+            .chain(st.step_started)
+            .max();
+        if elapsed(last_move, self.now) <= deadline {
+            return None;
+        }
+        let mut why = vec![format!(
+            "{ready}/{want} new agents Ready, nothing moved for {}",
+            human(deadline)
+        )];
+        let not_ready: Vec<String> = new
+            .iter()
+            .filter(|p| !p.ready)
+            .map(|p| format!("{} on {}", p.name, p.node_name()))
+            .collect();
+        if !not_ready.is_empty() {
+            why.push(format!("not Ready: {}", few(&not_ready)));
+        }
+        let waiting = set.iter().filter(|p| !p.at(self.target)).count();
+        if waiting > 0 {
+            why.push(format!("{waiting} nodes not moved (maxUnavailable)"));
+        }
+        let missing = want.saturating_sub(set.len());
+        if missing > 0 {
+            why.push(format!("{missing} nodes without an agent pod"));
+        }
+        Some(why.join("; "))
     }
 
     fn progress(&self, mut st: State, verdict: Option<&Verdict>, promote: bool) -> Decision {
@@ -603,6 +743,7 @@ impl Engine<'_, '_> {
                 st.step = None;
                 st.step_started = Some(self.now);
                 st.window_started = None;
+                st.stream_baseline = None;
                 // The same words as every later reconcile of a Healthy pipeline, so the
                 // first one after the soak has nothing to write.
                 let message = self.healthy_message();
@@ -632,6 +773,26 @@ impl Engine<'_, '_> {
             self.start_step(&mut st, index + 1);
             return self.progress(st, None, false);
         }
+        if !self.obs.desired_known {
+            // Until the DaemonSet controller has counted the nodes of the current spec,
+            // the step's size is unknown: a step judged now would be judged on the pods
+            // that happen to exist.
+            let deadline = self.spec.progress_deadline.0;
+            if elapsed(st.step_started, self.now) > deadline {
+                return self.start_rollback(
+                    st,
+                    format!(
+                        "{name} did not complete: the DaemonSet's status did not count its nodes within {}",
+                        human(deadline)
+                    ),
+                );
+            }
+            let message = format!(
+                "{name}: waiting for the DaemonSet controller to count the nodes of revision {}",
+                self.target
+            );
+            return self.decision(st, Template::Target, Vec::new(), message);
+        }
         let (set, want) = step_set(
             self.steps,
             index,
@@ -646,21 +807,17 @@ impl Engine<'_, '_> {
             .collect();
         let ready = set.iter().filter(|p| p.at(self.target) && p.ready).count();
         let window = window(self.spec, index);
-        let deadline = window + MOVE_GRACE;
         if want == 0 {
             let message = format!("{name}: no node runs an agent yet");
             return self.decision(st, Template::Target, Vec::new(), message);
         }
         if !to_move.is_empty() || ready < want {
             st.window_started = None;
-            if elapsed(st.step_started, self.now) > deadline {
-                return self.start_rollback(
-                    st,
-                    format!(
-                        "{name} did not complete: {ready}/{want} new agents Ready after {}",
-                        human(deadline)
-                    ),
-                );
+            if let Some(why) = self.stalled(&st, &set, want, ready) {
+                return self.start_rollback(st, format!("{name} did not complete: {why}"));
+            }
+            if let Some(held) = self.record_baseline(&mut st, index, &set) {
+                return self.decision(st, Template::Target, Vec::new(), held);
             }
             let delete = budgeted(&to_move, self.obs, self.spec.max_unavailable);
             let moved = set.iter().filter(|p| p.at(self.target)).count();
@@ -687,6 +844,35 @@ impl Engine<'_, '_> {
             ends_at(Some(started), window)
         );
         self.decision(st, Template::Target, Vec::new(), message)
+    }
+
+    /// Records the stable agents' streams before the step moves any of them; the message
+    /// to hold the step with while they are being measured.
+    fn record_baseline(&self, st: &mut State, index: usize, set: &[&PodView]) -> Option<String> {
+        let stable = st.stable.clone()?;
+        if self.spec.verify.max_stream_growth.is_none() || has_baseline(st, index) {
+            return None;
+        }
+        let step = i32::try_from(index).unwrap_or(i32::MAX);
+        let pods = baseline_pods(set, &stable);
+        match self.baseline.filter(|b| b.step == step) {
+            Some(measured) => st.stream_baseline = Some(measured.clone()),
+            // Nothing left at the stable revision to measure.
+            None if pods.is_empty() => {
+                st.stream_baseline = Some(StreamBaseline {
+                    step,
+                    nodes: BTreeMap::new(),
+                })
+            }
+            None => {
+                return Some(format!(
+                    "{}: measuring the active streams of {} stable agents before they move",
+                    step_name(self.steps, index),
+                    pods.len()
+                ));
+            }
+        }
+        None
     }
 
     fn start_rollback(&self, mut st: State, reason: String) -> Decision {
@@ -725,7 +911,7 @@ impl Engine<'_, '_> {
             .count();
         let desired = self.obs.desired_nodes;
         let terminating = self.obs.pods.iter().any(|p| p.terminating);
-        if off.is_empty() && !terminating && ready >= desired {
+        if off.is_empty() && !terminating && ready >= desired && self.obs.desired_known {
             st.phase = Some(Phase::Degraded);
             let message =
                 format!("rolled back to revision {stable} ({ready}/{desired} Ready): {reason}");
@@ -781,12 +967,13 @@ impl Engine<'_, '_> {
             .count();
         let desired = self.obs.desired_nodes;
         let mut actions = Vec::new();
-        if off.is_empty() && ready >= desired {
+        if off.is_empty() && ready >= desired && self.obs.desired_known {
             let changed = st.phase != Some(Phase::Healthy);
             st.phase = Some(Phase::Healthy);
             st.stable = Some(self.target.to_string());
             st.step = None;
             st.window_started = None;
+            st.stream_baseline = None;
             if changed {
                 st.step_started = Some(self.now);
             }

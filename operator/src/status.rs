@@ -12,12 +12,187 @@
 //!   message with the numbers).
 //!
 //! A condition keeps its `lastTransitionTime` while its status does not change.
+//!
+//! # Failures
+//! A reconcile that cannot do its work ([`Failure`]: the spec the agent would refuse, a
+//! server-side apply the API server refused, a Secret the pods or the gate need that is
+//! missing) gives `Ready=False` and `Degraded=True` with the failure's
+//! [`FailureReason`], the top-level `message` replaced by `<Reason>: <message>`, and
+//! `observedGeneration` of the spec it failed on.
+//!
+//! Guarantees: a failure never moves the rollout's memory (phase, target revision,
+//! step, timers, rollback reason stay as the last decision left them), so the next
+//! reconcile neither mistakes the failed spec for one already rolling out nor replays an
+//! old revision's Degraded message; the node counts stay as last observed.
 
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::crd::{GateStatus, LogPipelineStatus, Phase, Verification};
+use crate::apply::ApplyError;
+use crate::crd::{GateStatus, LogPipelineSpec, LogPipelineStatus, Phase, Verification};
 use crate::rollout::{PodView, State};
+
+/// Why a reconcile failed, as the `reason` of the Ready and Degraded conditions and of
+/// its Event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureReason {
+    /// The agent would refuse the spec (its own validation): held before any node moves.
+    InvalidSpec,
+    /// The API server refused a server-side apply (the object and the API's message).
+    ApplyFailed,
+    /// A Secret the agent pods mount (auth, TLS CA) or the gate reads is missing, or
+    /// lacks the key.
+    SecretMissing,
+}
+
+impl FailureReason {
+    pub const ALL: [Self; 3] = [Self::InvalidSpec, Self::ApplyFailed, Self::SecretMissing];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidSpec => "InvalidSpec",
+            Self::ApplyFailed => "ApplyFailed",
+            Self::SecretMissing => "SecretMissing",
+        }
+    }
+
+    /// The reason a condition carries, if it is one of ours.
+    pub fn of_condition(reason: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == reason)
+    }
+
+    /// A bounded metric label.
+    pub fn metric(self) -> &'static str {
+        match self {
+            Self::InvalidSpec => "invalid_spec",
+            Self::ApplyFailed => "apply",
+            Self::SecretMissing => "secret_missing",
+        }
+    }
+}
+
+/// A reconcile failure to report in the status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub reason: FailureReason,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(reason: FailureReason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// An apply that failed: which object, and the API server's own words.
+    pub fn of_apply(e: &ApplyError) -> Self {
+        let message = match e {
+            ApplyError::Apply { kind, name, source } => match source {
+                kube::Error::Api(_) => {
+                    format!(
+                        "the API server refused {kind} {name}: {}",
+                        api_message(source)
+                    )
+                }
+                _ => format!("cannot apply {kind} {name}: {}", api_message(source)),
+            },
+            ApplyError::Api { action, source } => {
+                format!("cannot {action}: {}", api_message(source))
+            }
+            ApplyError::NoName | ApplyError::Snapshot { .. } => e.to_string(),
+        };
+        Self::new(FailureReason::ApplyFailed, message)
+    }
+
+    /// `<Reason>: <message>`, the top-level `status.message`.
+    pub fn line(&self) -> String {
+        format!("{}: {}", self.reason.as_str(), self.message)
+    }
+}
+
+/// What the API server said, without kube's debug dump of its answer.
+pub fn api_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) if !status.message.is_empty() => status.message.clone(),
+        kube::Error::Api(status) => format!("{} ({})", status.reason, status.code),
+        other => other.to_string(),
+    }
+}
+
+/// A Secret a reconcile depends on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretRef {
+    /// The spec field naming it, for the message.
+    pub field: &'static str,
+    pub name: String,
+    /// The key that must be in it (`None`: any content will do, e.g. the gate's Secret,
+    /// a kubeconfig or an ArgoCD cluster Secret).
+    pub key: Option<String>,
+}
+
+/// The Secrets the agent pods mount, and the gate's when `gated` (pure).
+pub fn secret_refs(spec: &LogPipelineSpec, gated: bool) -> Vec<SecretRef> {
+    let with_key = |field, r: &crate::crd::KeyRef| SecretRef {
+        field,
+        name: r.name.clone(),
+        key: Some(r.key.clone()),
+    };
+    let mut refs = Vec::new();
+    if let Some(auth) = &spec.auth {
+        if let Some(basic) = &auth.basic {
+            refs.push(with_key(
+                "auth.basic.passwordSecretRef",
+                &basic.password_secret_ref,
+            ));
+        }
+        if let Some(bearer) = &auth.bearer_token_secret_ref {
+            refs.push(with_key("auth.bearerTokenSecretRef", bearer));
+        }
+    }
+    if let Some(ca) = spec.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
+        refs.push(with_key("tls.caSecretRef", ca));
+    }
+    if let Some(gate) = spec.rollout.gate.as_ref().filter(|_| gated) {
+        refs.push(SecretRef {
+            field: "rollout.gate.clusterSecretRef",
+            name: gate.cluster_secret_ref.name.clone(),
+            key: None,
+        });
+    }
+    refs
+}
+
+/// The failure of a Secret that is not there (`found`: its data, `None`: no such
+/// Secret), or `None` when it is usable (pure).
+pub fn secret_failure(
+    namespace: &str,
+    r: &SecretRef,
+    found: Option<&BTreeMap<String, ByteString>>,
+) -> Option<Failure> {
+    // The gate's Secret (no key required) is not mounted: without it the gate cannot
+    // be asked; without the others no new agent pod can start.
+    let consequence = match r.key {
+        None => "the gate's cluster cannot be asked",
+        Some(_) => "no new agent pod can start",
+    };
+    let problem = match (found, &r.key) {
+        (None, _) => "not found".to_string(),
+        (Some(data), Some(key)) if !data.contains_key(key) => format!("has no key {key}"),
+        _ => return None,
+    };
+    Some(Failure::new(
+        FailureReason::SecretMissing,
+        format!(
+            "Secret {namespace}/{} ({}) {problem}: {consequence}",
+            r.name, r.field
+        ),
+    ))
+}
 
 /// What the controller saw in the cluster for one LogPipeline.
 #[derive(Clone, Debug, Default)]
@@ -31,8 +206,8 @@ pub struct Observed {
     pub release: String,
     pub config_map: String,
     pub paused: bool,
-    /// A reconcile failure to report: (reason in PascalCase, message).
-    pub failure: Option<(String, String)>,
+    /// A reconcile failure to report (see the module doc).
+    pub failure: Option<Failure>,
 }
 
 /// What the rollout engine decided, to be recorded.
@@ -61,6 +236,7 @@ pub fn rollout_state(status: Option<&LogPipelineStatus>) -> State {
         window_started: time(&s.window_started_at),
         failed: s.failed_revision.clone(),
         reason: s.rollback_reason.clone(),
+        stream_baseline: s.stream_baseline.clone(),
     }
 }
 
@@ -78,23 +254,28 @@ pub fn compute(
 ) -> LogPipelineStatus {
     let target = observed.target_revision.as_str();
     let on_target = |p: &&PodView| !p.terminating && p.revision.as_deref() == Some(target);
-    let updated = count(observed.pods.iter().filter(on_target));
-    let ready = count(observed.pods.iter().filter(on_target).filter(|p| p.ready));
+    // Without a rollout decision (a reconcile failure), the rollout fields and the node
+    // counts stay as they were.
+    let (updated, ready) = match (rollout, old) {
+        (None, Some(o)) => (o.updated_nodes, o.ready_nodes),
+        _ => (
+            count(observed.pods.iter().filter(on_target)),
+            count(observed.pods.iter().filter(on_target).filter(|p| p.ready)),
+        ),
+    };
     let desired = observed.desired_nodes;
     let complete = updated == desired && ready == desired;
 
-    // Without a rollout decision (a reconcile failure), the rollout fields stay as they were.
     let state = match rollout {
         Some(r) => r.state.clone(),
         None => rollout_state(old),
     };
-    let (phase, message) = match (&observed.failure, rollout) {
-        (Some((_, message)), _) => (Phase::Degraded, message.clone()),
-        (None, Some(r)) => (state.phase.unwrap_or(Phase::Pending), r.message.clone()),
-        (None, None) => (
-            old.and_then(|s| s.phase).unwrap_or(Phase::Pending),
-            old.and_then(|s| s.message.clone()).unwrap_or_default(),
-        ),
+    // A failure never moves the phase: it is the rollout engine's memory.
+    let phase = state.phase.unwrap_or(Phase::Pending);
+    let message = match (&observed.failure, rollout) {
+        (Some(f), _) => f.line(),
+        (None, Some(r)) => r.message.clone(),
+        (None, None) => old.and_then(|s| s.message.clone()).unwrap_or_default(),
     };
     let rolled_back = matches!(phase, Phase::Degraded | Phase::RollingBack);
     let verification = rollout
@@ -119,18 +300,21 @@ pub fn compute(
         Phase::Canary | Phase::Step | Phase::Soak | Phase::Progressing | Phase::RollingBack
     );
     let conditions = vec![
-        cond(
-            "Ready",
-            complete && !rolled_back,
-            if complete && !rolled_back {
-                "AllNodesReady"
-            } else if rolled_back {
-                "RolledBack"
-            } else {
-                "NodesNotReady"
-            },
-            &format!("{ready}/{desired} agents ready at the target revision"),
-        ),
+        match &observed.failure {
+            Some(f) => cond("Ready", false, f.reason.as_str(), &f.message),
+            None => cond(
+                "Ready",
+                complete && !rolled_back,
+                if complete && !rolled_back {
+                    "AllNodesReady"
+                } else if rolled_back {
+                    "RolledBack"
+                } else {
+                    "NodesNotReady"
+                },
+                &format!("{ready}/{desired} agents ready at the target revision"),
+            ),
+        },
         cond(
             "Progressing",
             moving,
@@ -158,7 +342,7 @@ pub fn compute(
             None => cond("Verified", false, "NotVerified", "no verification yet"),
         },
         match (&observed.failure, rolled_back) {
-            (Some((reason, message)), _) => cond("Degraded", true, reason, message),
+            (Some(f), _) => cond("Degraded", true, f.reason.as_str(), &f.message),
             (None, true) => cond(
                 "Degraded",
                 true,
@@ -224,6 +408,7 @@ pub fn compute(
             None => old.and_then(|s| s.gate.clone()),
         },
         last_verification: verification,
+        stream_baseline: state.stream_baseline.clone(),
         message: Some(message),
     }
 }
@@ -393,14 +578,219 @@ mod tests {
         assert_eq!(rollout_state(Some(&s)), r.state);
     }
 
+    /// Each failure, on top of a pipeline a previous revision left Degraded (the report
+    /// that found this: a refused DaemonSet kept showing the old revision's message).
     #[test]
-    fn failure_is_degraded_with_its_reason() {
-        let mut o = observed(vec![], 0);
-        o.failure = Some(("ApplyFailed".into(), "cannot apply DaemonSet".into()));
-        let s = compute(None, &o, None, &at(1));
-        assert_eq!(s.phase, Some(Phase::Degraded));
-        assert_eq!(get(&s, "Degraded").reason, "ApplyFailed");
-        assert_eq!(get(&s, "Ready").status, "False");
+    fn every_failure_is_in_the_status_table() {
+        let mut rolled = rollout(Phase::Degraded, "r1");
+        rolled.state.reason = Some("canary failed verification: droppedEntries 3".into());
+        let before = compute(
+            None,
+            &observed(vec![pod("a", "r1", true)], 1),
+            Some(&rolled),
+            &at(1),
+        );
+        let cases = [
+            (
+                FailureReason::InvalidSpec,
+                "pipeline stage 2: regex: missing ]",
+            ),
+            (
+                FailureReason::ApplyFailed,
+                "the API server refused DaemonSet lp: spec.template.spec.tolerations[0].operator: Unsupported value: \"Exsts\"",
+            ),
+            (
+                FailureReason::SecretMissing,
+                "Secret logging/loki (auth.bearerTokenSecretRef) not found",
+            ),
+        ];
+        for (reason, message) in cases {
+            let name = reason.as_str();
+            let mut o = observed(vec![], 1);
+            o.generation = Some(3);
+            o.target_revision = "r2".into();
+            o.failure = Some(Failure::new(reason, message));
+            let s = compute(Some(&before), &o, None, &at(9));
+            assert_eq!(s.observed_generation, Some(3), "{name}");
+            assert_eq!(get(&s, "Ready").status, "False", "{name}");
+            assert_eq!(get(&s, "Ready").reason, name);
+            assert_eq!(get(&s, "Ready").message, message, "{name}");
+            assert_eq!(get(&s, "Ready").observed_generation, Some(3), "{name}");
+            assert_eq!(get(&s, "Degraded").reason, name);
+            assert_eq!(s.message, Some(format!("{name}: {message}")));
+            // The rollout's memory is untouched: the next reconcile starts the new
+            // revision over instead of resuming the old one's rollback.
+            assert_eq!(
+                rollout_state(Some(&s)),
+                rollout_state(Some(&before)),
+                "{name}"
+            );
+            assert_eq!(s.phase, before.phase, "{name}");
+            assert_eq!(
+                (s.desired_nodes, s.updated_nodes, s.ready_nodes),
+                (
+                    before.desired_nodes,
+                    before.updated_nodes,
+                    before.ready_nodes
+                ),
+                "{name}"
+            );
+            // The same failure again: the same status (no write, no Event).
+            assert_eq!(compute(Some(&s), &o, None, &at(20)), s, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_failure_beside_a_decision_keeps_the_decision() {
+        let mut o = observed(vec![pod("a", "r2", true)], 1);
+        o.failure = Some(Failure::new(FailureReason::SecretMissing, "no gate Secret"));
+        let s = compute(None, &o, Some(&rollout(Phase::Pending, "r1")), &at(1));
+        assert_eq!(s.phase, Some(Phase::Pending));
+        assert_eq!(get(&s, "Ready").reason, "SecretMissing");
+        assert_eq!(s.message.as_deref(), Some("SecretMissing: no gate Secret"));
+        o.failure = None;
+        let fixed = compute(Some(&s), &o, Some(&rollout(Phase::Pending, "r1")), &at(2));
+        assert_eq!(fixed.message.as_deref(), Some("m"));
+        assert_eq!(get(&fixed, "Degraded").status, "False");
+    }
+
+    fn api(code: u16, reason: &str, message: &str) -> kube::Error {
+        kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            reason: reason.into(),
+            message: message.into(),
+            ..kube::core::Status::failure(message, reason)
+        }))
+    }
+
+    #[test]
+    fn apply_errors_map_to_the_api_message_table() {
+        let invalid = "DaemonSet.apps \"lp\" is invalid: spec.template.spec.tolerations[0].operator: Unsupported value: \"Exsts\": supported values: \"Equal\", \"Exists\"";
+        let cases = [
+            (
+                "refused apply: the object and the API's words",
+                ApplyError::Apply {
+                    kind: "DaemonSet",
+                    name: "lp".into(),
+                    source: api(422, "Invalid", invalid),
+                },
+                format!("the API server refused DaemonSet lp: {invalid}"),
+            ),
+            (
+                "an answer with no message",
+                ApplyError::Apply {
+                    kind: "ConfigMap",
+                    name: "lp-config-1".into(),
+                    source: api(409, "Conflict", ""),
+                },
+                "the API server refused ConfigMap lp-config-1: Conflict (409)".into(),
+            ),
+            (
+                "no answer at all",
+                ApplyError::Apply {
+                    kind: "Service",
+                    name: "lp".into(),
+                    source: kube::Error::LinesCodecMaxLineLengthExceeded,
+                },
+                "cannot apply Service lp: Error finding newline character".into(),
+            ),
+            (
+                "another API call",
+                ApplyError::Api {
+                    action: "delete the disabled ServiceMonitor",
+                    source: api(403, "Forbidden", "servicemonitors is forbidden"),
+                },
+                "cannot delete the disabled ServiceMonitor: servicemonitors is forbidden".into(),
+            ),
+        ];
+        for (name, error, message) in cases {
+            let f = Failure::of_apply(&error);
+            assert_eq!(f.reason, FailureReason::ApplyFailed, "{name}");
+            assert_eq!(f.message, message, "{name}");
+            assert!(
+                !f.message.contains("ErrorResponse"),
+                "{name}: no debug dump"
+            );
+        }
+    }
+
+    #[test]
+    fn reasons_round_trip_through_conditions() {
+        for r in FailureReason::ALL {
+            assert_eq!(FailureReason::of_condition(r.as_str()), Some(r));
+        }
+        assert_eq!(FailureReason::of_condition("AllNodesReady"), None);
+    }
+
+    #[test]
+    fn missing_secrets_table() {
+        use crate::crd::{AuthSpec, KeyRef};
+        let mut spec: LogPipelineSpec =
+            serde_json::from_value(serde_json::json!({"tenant": "ops", "endpoint": "http://127.0.0.1:3100/loki/api/v1/push"}))
+                .unwrap();
+        spec.auth = Some(AuthSpec {
+            basic: None,
+            bearer_token_secret_ref: Some(KeyRef {
+                name: "loki".into(),
+                key: "token".into(),
+            }),
+        });
+        let refs = secret_refs(&spec, false);
+        assert_eq!(refs.len(), 1);
+        let data = |keys: &[&str]| -> BTreeMap<String, ByteString> {
+            keys.iter()
+                .map(|k| (k.to_string(), ByteString(b"x".to_vec())))
+                .collect()
+        };
+        let gate = SecretRef {
+            field: "rollout.gate.clusterSecretRef",
+            name: "ops".into(),
+            key: None,
+        };
+        type Case<'a> = (
+            &'a str,
+            &'a SecretRef,
+            Option<BTreeMap<String, ByteString>>,
+            Option<&'a str>,
+        );
+        let cases: [Case; 5] = [
+            ("present", &refs[0], Some(data(&["token"])), None),
+            (
+                "absent",
+                &refs[0],
+                None,
+                Some(
+                    "Secret logging/loki (auth.bearerTokenSecretRef) not found: no new agent pod can start",
+                ),
+            ),
+            (
+                "no such key",
+                &refs[0],
+                Some(data(&["password"])),
+                Some(
+                    "Secret logging/loki (auth.bearerTokenSecretRef) has no key token: no new agent pod can start",
+                ),
+            ),
+            (
+                "gate Secret, any key",
+                &gate,
+                Some(data(&["server", "config"])),
+                None,
+            ),
+            (
+                "gate Secret absent",
+                &gate,
+                None,
+                Some(
+                    "Secret logging/ops (rollout.gate.clusterSecretRef) not found: the gate's cluster cannot be asked",
+                ),
+            ),
+        ];
+        for (name, r, found, says) in cases {
+            let f = secret_failure("logging", r, found.as_ref());
+            assert_eq!(f.as_ref().map(|f| f.message.as_str()), says, "{name}");
+            assert!(f.is_none_or(|f| f.reason == FailureReason::SecretMissing));
+        }
     }
 
     /// Regression: a new transition time on every reconcile would be a status write on

@@ -16,13 +16,28 @@
 //!   `ContainersReady`, so a node heartbeat lapse is not blamed on the revision) and
 //!   `restarts`; a container waiting on `ErrImagePull`,
 //!   `ImagePullBackOff`, `CrashLoopBackOff`... fails at once;
-//! - `entriesSent` (`promtail_sent_entries_total`, must be > 0), `sendErrors` (push
-//!   requests answered 4xx/5xx, from `promtail_request_duration_seconds_count`; not 422,
-//!   Loki's answer to the agent's readiness probe, an empty push),
-//!   `droppedEntries` (`promtail_dropped_entries_total`), both must be 0;
+//! - a node is *quiet* when its agent wrote nothing (`logpipe_written_bytes_total` 0):
+//!   `entriesSent` and `storeEntries` are asked only of the nodes that wrote, and their
+//!   messages name the quiet ones (`quiet (wrote nothing): n2`, `all 3 nodes quiet`);
+//!   their values stay plain numbers;
+//! - `entriesSent` (`promtail_sent_entries_total`, > 0 on every node that wrote; value:
+//!   the least), `sendErrors` (push requests answered 4xx/5xx, from
+//!   `promtail_request_duration_seconds_count`; not 422, Loki's answer to the agent's
+//!   readiness probe, an empty push), `droppedEntries` (`promtail_dropped_entries_total`),
+//!   both must be 0;
+//! - `lag`: on every node, quiet or not, the oldest byte written and not acknowledged
+//!   (`logpipe_oldest_unacknowledged_seconds`) at most `maxLatency` (30 s) old at the end
+//!   of the window: what was written was shipped, whatever the volume; value the worst
+//!   node's age (`4.5s`), message that node and its `logpipe_unacknowledged_bytes`;
 //! - `storeEntries`: the step's nodes' entries in the store over the window (> 0 on every
-//!   node), asked at the end of the window only; recorded as skipped when no store is
-//!   set;
+//!   node that wrote), asked at the end of the window only; recorded as skipped when no
+//!   store is set;
+//! - `streams` (with `maxStreams`): the worst agent's `logpipe_active_streams`;
+//!   `streamGrowth` (with `maxStreamGrowth`): per node, the new agent's active streams
+//!   over the stable agent's on the same node before the step moved it
+//!   ([`Measurements::stream_baseline`], from `status.streamBaseline`); value the worst
+//!   ratio, message both counts; skipped, saying why, with no baseline (a first install).
+//!   Both fail at once during the window: streams only accumulate over it;
 //! - `cpu` (rate of `process_cpu_seconds_total`, in millicores) under `maxCpu`, `memory`
 //!   (`process_resident_memory_bytes`) under `maxMemory`, `latency` under `maxLatency`:
 //!   written -> queryable when a store is set (at the end of the window, for up to 5 of
@@ -34,12 +49,16 @@
 //!
 //! # Guarantees
 //! - During the window only checks that can already fail count (restarts, waiting
-//!   reasons, send errors, dropped entries, memory): a failure rolls back at once. At the
+//!   reasons, send errors, dropped entries, memory, streams): a failure rolls back at
+//!   once. `lag` is judged at the end only (a busy node is always a little behind). At the
 //!   end of the window every check counts, and an agent that cannot be scraped fails.
 //! - The agent's counters start at 0 with the new pod (it never restarted, or the step
 //!   already failed), so they measure this revision only.
 //!
 //! # Caveats
+//! - Quiet is what the new agent says it wrote since it started: an agent that does not
+//!   export `logpipe_written_bytes_total` is never quiet, and one that does not export
+//!   its lag fails `lag` (fail closed).
 //! - CPU is a rate between two scrapes: the first scrape of a pod is its baseline (kept
 //!   in memory; after an operator restart the final check scrapes twice, 1 s apart).
 
@@ -50,8 +69,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 pub use crate::crd::StoreKind;
-use crate::crd::{CheckResult, Verification, VerifySpec};
-use crate::rollout::{PodView, Verdict};
+use crate::crd::{CheckResult, StreamBaseline, Verification, VerifySpec};
+use crate::rollout::{PodView, Verdict, few};
+use logpipe_agent::metrics::names;
 
 pub mod loki;
 mod store;
@@ -94,6 +114,23 @@ pub struct Sample {
     pub latency_count: f64,
     /// Time of the newest entry the agent has read (Unix seconds; 0: none yet).
     pub newest_entry: f64,
+    /// Bytes written to the files the agent tails since it started; `None`: an agent that
+    /// does not say (never counted as quiet).
+    pub written_bytes: Option<f64>,
+    /// Written bytes the store has not acknowledged yet.
+    pub unacknowledged_bytes: Option<f64>,
+    /// Age of the oldest unacknowledged byte, seconds (0: none).
+    pub oldest_unacknowledged: Option<f64>,
+    /// Label sets pushed over the last 5 minutes.
+    pub active_streams: Option<f64>,
+}
+
+/// The standard process collector's names (not the agent's own: not in `names`).
+const PROCESS_CPU_SECONDS_TOTAL: &str = "process_cpu_seconds_total";
+const PROCESS_RESIDENT_MEMORY_BYTES: &str = "process_resident_memory_bytes";
+
+fn add(total: &mut Option<f64>, value: f64) {
+    *total = Some(total.unwrap_or(0.0) + value);
 }
 
 /// Sum of every series of each metric we read (labels ignored: one agent, one host).
@@ -115,22 +152,28 @@ pub fn parse_metrics(text: &str) -> Sample {
             None => (series, ""),
         };
         match name {
-            "promtail_sent_entries_total" => s.sent_entries += value,
-            "promtail_dropped_entries_total" => s.dropped_entries += value,
-            "promtail_request_duration_seconds_count" => {
+            names::SENT_ENTRIES_TOTAL => s.sent_entries += value,
+            names::DROPPED_ENTRIES_TOTAL => s.dropped_entries += value,
+            names::REQUEST_DURATION_COUNT => {
                 let code = label(labels, "status_code").unwrap_or_default();
                 // 422 answers the agent's readiness probe (an empty push), not an entry.
                 if (code.starts_with('4') && code != "422") || code.starts_with('5') {
                     s.error_requests += value;
                 }
             }
-            "process_cpu_seconds_total" => s.cpu_seconds += value,
-            "process_resident_memory_bytes" => s.rss_bytes += value,
-            "logpipe_delivery_latency_seconds_sum" => s.latency_sum += value,
-            "logpipe_delivery_latency_seconds_count" => s.latency_count += value,
-            "logpipe_newest_entry_timestamp_seconds" => {
+            PROCESS_CPU_SECONDS_TOTAL => s.cpu_seconds += value,
+            PROCESS_RESIDENT_MEMORY_BYTES => s.rss_bytes += value,
+            names::DELIVERY_LATENCY_SUM => s.latency_sum += value,
+            names::DELIVERY_LATENCY_COUNT => s.latency_count += value,
+            names::NEWEST_ENTRY => {
                 s.newest_entry = s.newest_entry.max(value);
             }
+            names::WRITTEN_BYTES_TOTAL => add(&mut s.written_bytes, value),
+            names::UNACKNOWLEDGED_BYTES => add(&mut s.unacknowledged_bytes, value),
+            names::OLDEST_UNACKNOWLEDGED => {
+                s.oldest_unacknowledged = Some(s.oldest_unacknowledged.unwrap_or(0.0).max(value));
+            }
+            names::ACTIVE_STREAMS => add(&mut s.active_streams, value),
             _ => {}
         }
     }
@@ -189,6 +232,9 @@ pub struct Measurements {
     /// Per node (the step's nodes, or a sample of them, at the end of the window): time of
     /// the newest entry the store returns, asked right after the scrape (Unix seconds).
     pub newest_queryable: BTreeMap<String, f64>,
+    /// Per node: the stable revision's active streams before the step moved it, from
+    /// `status.streamBaseline` (set by the caller); `None`: none recorded.
+    pub stream_baseline: Option<BTreeMap<String, i64>>,
 }
 
 /// How far what the store can return trails what the agents have read, worst node: for
@@ -206,6 +252,49 @@ fn queryable_lag(pods: &[&PodView], m: &Measurements) -> Option<f64> {
             (sample.newest_entry > 0.0).then(|| (sample.newest_entry - queryable).max(0.0))
         })
         .reduce(f64::max)
+}
+
+/// The step's pods, each with its node and its scrape (if it answered).
+struct Node<'a> {
+    name: &'a str,
+    sample: Option<&'a Sample>,
+}
+
+impl Node<'_> {
+    /// Wrote nothing to the files its agent tails: nothing to send, nothing to find.
+    /// An agent that does not say what was written is never quiet.
+    fn quiet(&self) -> bool {
+        self.sample
+            .is_some_and(|s| s.written_bytes.is_some_and(|w| w <= 0.0))
+    }
+}
+
+/// `quiet: n2, n3` or `all 3 nodes quiet (wrote nothing)`; `None` when none is.
+fn quiet_note(nodes: &[Node]) -> Option<String> {
+    let quiet: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.quiet())
+        .map(|n| n.name.to_string())
+        .collect();
+    match quiet.len() {
+        0 => None,
+        n if n == nodes.len() => Some(format!("all {n} nodes quiet (wrote nothing)")),
+        _ => Some(format!("quiet (wrote nothing): {}", few(&quiet))),
+    }
+}
+
+fn notes(parts: impl IntoIterator<Item = Option<String>>) -> Option<String> {
+    let parts: Vec<String> = parts.into_iter().flatten().collect();
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+fn worst<'a, T: Copy + PartialOrd>(
+    values: impl Iterator<Item = (T, &'a str)>,
+) -> Option<(T, &'a str)> {
+    values.fold(None, |acc, (v, n)| match acc {
+        Some((a, _)) if a >= v => acc,
+        _ => Some((v, n)),
+    })
 }
 
 /// Judge the step's pods (pure). `final_check`: the end of the window.
@@ -228,9 +317,19 @@ pub fn judge(
             .iter()
             .filter_map(|p| {
                 let reason = p.waiting_reason.as_deref()?;
-                FATAL_WAITING
-                    .contains(&reason)
-                    .then(|| format!("{} on {}", reason, p.node.as_deref().unwrap_or(&p.name)))
+                let node = p.node.as_deref().unwrap_or(&p.name);
+                // The agent's last words: the last line of its termination message.
+                let words = p
+                    .termination_message
+                    .as_deref()
+                    .and_then(|m| m.lines().rev().map(str::trim).find(|l| !l.is_empty()));
+                FATAL_WAITING.contains(&reason).then(|| match words {
+                    Some(w) => format!(
+                        "{reason} on {node}: agent exited: {}",
+                        w.chars().take(300).collect::<String>()
+                    ),
+                    None => format!("{reason} on {node}"),
+                })
             })
             .collect();
         push(
@@ -265,21 +364,43 @@ pub fn judge(
         .iter()
         .filter_map(|(pod, s)| s.as_ref().err().map(|e| format!("{pod}: {e}")))
         .collect();
+    let not_scraped = (!unscraped.is_empty()).then(|| format!("not scraped: {}", few(&unscraped)));
+    // The scraped pods by node (a pod with no node yet by its own name).
+    let node_of = |pod: &str| {
+        pods.iter()
+            .find(|p| p.name == pod)
+            .and_then(|p| p.node.as_deref())
+    };
+    let nodes: Vec<Node> = m
+        .samples
+        .iter()
+        .map(|(pod, s)| Node {
+            name: node_of(pod).unwrap_or(pod),
+            sample: s.as_ref().ok(),
+        })
+        .collect();
+    let quiet = quiet_note(&nodes);
+    let writers: Vec<&Node> = nodes.iter().filter(|n| !n.quiet()).collect();
+    // Every node answered and none wrote a byte: nothing to send, find or wait for.
+    let all_quiet = !nodes.is_empty() && writers.is_empty();
     if spec.shipping {
-        let min_sent = scraped
+        let min_sent = writers
             .iter()
-            .map(|(_, s)| s.sent_entries)
-            .fold(None, |acc: Option<f64>, v| {
-                Some(acc.map_or(v, |a| a.min(v)))
-            });
+            .filter_map(|n| n.sample.map(|s| s.sent_entries))
+            .reduce(f64::min);
+        let value = match (min_sent, all_quiet) {
+            (Some(v), _) => format!("{v:.0}"),
+            (None, true) => "0".into(),
+            (None, false) => "-".into(),
+        };
         push(
             CheckResult {
                 name: "entriesSent".into(),
-                passed: !final_check || (unscraped.is_empty() && min_sent.is_some_and(|v| v > 0.0)),
-                value: Some(min_sent.map_or("-".into(), |v| format!("{v:.0}"))),
+                passed: !final_check
+                    || (unscraped.is_empty() && (all_quiet || min_sent.is_some_and(|v| v > 0.0))),
+                value: Some(value),
                 limit: Some(">0".into()),
-                message: (!unscraped.is_empty())
-                    .then(|| format!("not scraped: {}", unscraped.join("; "))),
+                message: notes([not_scraped.clone(), quiet.clone()]),
             },
             false,
         );
@@ -305,6 +426,7 @@ pub fn judge(
             },
             true,
         );
+        push(lag(spec, &nodes, not_scraped.clone(), final_check), false);
     }
     match &m.store {
         None => push(
@@ -320,24 +442,32 @@ pub fn judge(
         Some(Err(e)) => push(
             CheckResult {
                 name: "storeEntries".into(),
-                passed: !final_check,
-                value: Some("-".into()),
+                passed: !final_check || all_quiet,
+                value: Some(if all_quiet { "0" } else { "-" }.into()),
                 limit: Some(">0".into()),
-                message: Some(e.clone()),
+                message: notes([Some(e.clone()), quiet.clone()]),
             },
             false,
         ),
         Some(Ok(counts)) => {
-            let nodes: Vec<&str> = pods.iter().filter_map(|p| p.node.as_deref()).collect();
-            let min = nodes
+            // Asked only of nodes that wrote: a quiet node has nothing in the store.
+            let quiet_nodes: Vec<&str> =
+                nodes.iter().filter(|n| n.quiet()).map(|n| n.name).collect();
+            let asked: Vec<&str> = pods
                 .iter()
-                .map(|n| counts.get(*n).copied().unwrap_or(0.0))
-                .fold(f64::INFINITY, f64::min);
-            let min = if min.is_finite() { min } else { 0.0 };
-            let empty: Vec<&str> = nodes
+                .filter_map(|p| p.node.as_deref())
+                .filter(|n| !quiet_nodes.contains(n))
+                .collect();
+            let count = |n: &str| counts.get(n).copied().unwrap_or(0.0);
+            let min = asked
                 .iter()
-                .copied()
-                .filter(|n| counts.get(*n).copied().unwrap_or(0.0) <= 0.0)
+                .map(|n| count(n))
+                .reduce(f64::min)
+                .unwrap_or(0.0);
+            let empty: Vec<String> = asked
+                .iter()
+                .filter(|n| count(n) <= 0.0)
+                .map(|n| n.to_string())
                 .collect();
             push(
                 CheckResult {
@@ -345,8 +475,10 @@ pub fn judge(
                     passed: !final_check || empty.is_empty(),
                     value: Some(format!("{min:.0}")),
                     limit: Some(">0".into()),
-                    message: (!empty.is_empty())
-                        .then(|| format!("no entries from {}", empty.join(", "))),
+                    message: notes([
+                        (!empty.is_empty()).then(|| format!("no entries from {}", few(&empty))),
+                        quiet.clone(),
+                    ]),
                 },
                 false,
             );
@@ -404,19 +536,52 @@ pub fn judge(
                 });
                 (
                     (count > 0.0).then(|| sum / count),
-                    "mean delivery latency, file write to push acknowledgement",
+                    if all_quiet {
+                        "every node quiet (wrote nothing): nothing was delivered"
+                    } else {
+                        "mean delivery latency, file write to push acknowledgement"
+                    },
                 )
             }
         };
         push(
             CheckResult {
                 name: "latency".into(),
-                passed: !final_check || value.is_some_and(|v| v <= max_latency.0.as_secs_f64()),
+                passed: !final_check
+                    || value.map_or(all_quiet, |v| v <= max_latency.0.as_secs_f64()),
                 value: Some(value.map_or("-".into(), |v| format!("{v:.2}s"))),
                 limit: Some(max_latency.to_string()),
                 message: Some(message.into()),
             },
             false,
+        );
+    }
+    if let Some(max) = spec.max_streams {
+        let top = worst(
+            nodes
+                .iter()
+                .filter_map(|n| Some((n.sample?.active_streams?, n.name))),
+        );
+        let over = top.is_some_and(|(v, _)| v > max as f64);
+        push(
+            CheckResult {
+                name: "streams".into(),
+                passed: !over && (!final_check || top.is_some()),
+                value: Some(top.map_or("-".into(), |(v, _)| format!("{v:.0}"))),
+                limit: Some(max.to_string()),
+                message: Some(top.map_or_else(
+                    || format!("not exported by the agent ({})", names::ACTIVE_STREAMS),
+                    |(_, node)| format!("active streams per agent, worst node {node}"),
+                )),
+            },
+            over,
+        );
+    }
+    if let Some(raw) = spec.max_stream_growth.as_deref() {
+        push(
+            stream_growth(raw, spec.stream_growth_limit(), &nodes, m, final_check),
+            // Streams only accumulate during a window: over the limit now is over for good.
+            stream_growth_over(spec.stream_growth_limit(), &nodes, m),
         );
     }
     let failed: Vec<String> = checks
@@ -443,6 +608,120 @@ pub fn judge(
     (checks.into_iter().map(|(c, _)| c).collect(), verdict)
 }
 
+/// `lag`: at the end of the window, the oldest byte written on a node and not yet
+/// acknowledged by the store is at most `maxLatency` (30 s) old, on every node: what was
+/// written was shipped, whatever the volume. A quiet node has nothing unacknowledged.
+fn lag(
+    spec: &VerifySpec,
+    nodes: &[Node],
+    not_scraped: Option<String>,
+    final_check: bool,
+) -> CheckResult {
+    let limit = spec.max_lag();
+    let silent: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.sample.is_some_and(|s| s.oldest_unacknowledged.is_none()))
+        .map(|n| n.name.to_string())
+        .collect();
+    let top = worst(
+        nodes
+            .iter()
+            .filter_map(|n| Some((n.sample?.oldest_unacknowledged?, n.name))),
+    );
+    let bytes = |node: &str| {
+        nodes
+            .iter()
+            .find(|n| n.name == node)
+            .and_then(|n| n.sample?.unacknowledged_bytes)
+            .unwrap_or(0.0)
+    };
+    CheckResult {
+        name: "lag".into(),
+        passed: !final_check
+            || (not_scraped.is_none()
+                && silent.is_empty()
+                && top.is_some_and(|(age, _)| age <= limit.as_secs_f64())),
+        value: Some(top.map_or("-".into(), |(age, _)| format!("{age:.1}s"))),
+        limit: Some(logpipe_agent::config::HumanDuration(limit).to_string()),
+        message: notes([
+            top.map(|(_, node)| {
+                format!("worst node {node}: {:.0} bytes unacknowledged", bytes(node))
+            }),
+            (!silent.is_empty()).then(|| {
+                format!(
+                    "{} not exported by {}",
+                    names::OLDEST_UNACKNOWLEDGED,
+                    few(&silent)
+                )
+            }),
+            not_scraped,
+        ]),
+    }
+}
+
+/// Per node with a baseline: (node, streams before, streams now, now / before).
+fn growth<'a>(nodes: &'a [Node], m: &Measurements) -> Vec<(&'a str, f64, f64, f64)> {
+    let Some(baseline) = &m.stream_baseline else {
+        return Vec::new();
+    };
+    nodes
+        .iter()
+        .filter_map(|n| {
+            let now = n.sample?.active_streams?;
+            // A stable agent with no stream gives no ratio (maxStreams bounds it).
+            let before = baseline.get(n.name).copied().filter(|b| *b > 0)? as f64;
+            Some((n.name, before, now, now / before))
+        })
+        .collect()
+}
+
+fn stream_growth_over(limit: Option<f64>, nodes: &[Node], m: &Measurements) -> bool {
+    limit.is_some_and(|l| growth(nodes, m).iter().any(|(_, _, _, r)| *r > l))
+}
+
+/// `streamGrowth`: the new revision's active streams per node over the stable revision's
+/// on the same node, scraped before the step moved it (`status.streamBaseline`).
+fn stream_growth(
+    raw: &str,
+    limit: Option<f64>,
+    nodes: &[Node],
+    m: &Measurements,
+    final_check: bool,
+) -> CheckResult {
+    let skipped = |why: String| CheckResult {
+        name: "streamGrowth".into(),
+        passed: true,
+        value: Some("skipped".into()),
+        limit: Some(raw.to_string()),
+        message: Some(why),
+    };
+    if m.stream_baseline.is_none() {
+        return skipped(
+            "no stable revision's stream count to compare with (a first install)".into(),
+        );
+    }
+    let compared = growth(nodes, m);
+    let Some(&(node, before, now, ratio)) =
+        compared.iter().reduce(|a, b| if b.3 > a.3 { b } else { a })
+    else {
+        return skipped("no node of the step has a stable stream count to compare with".into());
+    };
+    let over = limit.is_some_and(|l| ratio > l);
+    CheckResult {
+        name: "streamGrowth".into(),
+        passed: !over && (!final_check || limit.is_some()),
+        value: Some(format!("{ratio:.2}")),
+        limit: Some(raw.to_string()),
+        message: Some(match limit {
+            None => format!("cannot read maxStreamGrowth {raw:?}"),
+            Some(_) => format!(
+                "worst node {node}: {before:.0} -> {now:.0} streams ({ratio:.1}x), {} nodes compared",
+                compared.len()
+            ),
+        }),
+    }
+}
+
 /// The record of a verification for the status.
 pub fn record(
     revision: &str,
@@ -467,6 +746,22 @@ pub struct Target {
     pub uid: String,
     pub node: String,
     pub ip: Option<String>,
+}
+
+impl Target {
+    pub fn of(pod: &k8s_openapi::api::core::v1::Pod) -> Self {
+        use kube::ResourceExt;
+        Self {
+            pod: pod.name_any(),
+            uid: pod.uid().unwrap_or_default(),
+            node: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_default(),
+            ip: pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
+        }
+    }
 }
 
 /// The I/O half: HTTP client and the CPU baselines (pod uid -> time, cpu seconds).
@@ -540,6 +835,28 @@ impl Verifier {
             None => {}
         }
         m
+    }
+
+    /// The active streams of each target's agent, by node, for step `step`'s baseline
+    /// (the stable agents it is about to replace). An agent that cannot be scraped, or
+    /// does not export the count, is left out: its node is not compared.
+    pub async fn baseline(&self, step: usize, targets: &[Target], port: i32) -> StreamBaseline {
+        let pending: Vec<_> = targets.iter().map(|t| self.scrape_pair(t, port)).collect();
+        let scrapes = futures::stream::iter(pending)
+            .buffer_unordered(SCRAPE_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        let nodes = scrapes
+            .into_iter()
+            .filter_map(|(t, result)| {
+                let streams = result.ok()?.active_streams?;
+                Some((t.node.clone(), streams.round() as i64))
+            })
+            .collect();
+        StreamBaseline {
+            step: i32::try_from(step).unwrap_or(i32::MAX),
+            nodes,
+        }
     }
 
     /// Millicores since the first sample of this pod (the average over the step, not

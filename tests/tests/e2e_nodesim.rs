@@ -28,7 +28,7 @@ const CLUSTER: &str = "ops";
 const STANDIN: &str = r#"#!/usr/bin/env python3
 import argparse, http.server, os, signal, sys, threading, time
 p = argparse.ArgumentParser()
-for flag in ("--config", "--node-name", "--log-root", "--positions", "--kubeconfig", "--listen"):
+for flag in ("--config", "--node-name", "--log-root", "--positions", "--kubeconfig", "--listen", "--termination-log"):
     p.add_argument(flag)
 a = p.parse_args()
 events = os.path.join(os.path.dirname(a.positions), "standin-events.log")

@@ -13,7 +13,8 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::api::{
-    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, ValidationDirective,
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+    ValidationDirective,
 };
 use kube::{Client, ResourceExt};
 use logpipe_e2e::cluster::node_count;
@@ -576,4 +577,121 @@ async fn bad_specs_are_refused_with_a_readable_message() {
         cases.len(),
         failures.join("\n")
     );
+}
+
+/// What `kubectl get lp -o wide` and `kubectl describe lp` show of a failure: the Ready
+/// condition's reason and the status message, for the generation that failed.
+async fn wait_failure(client: &Client, ns: &str, name: &str, reason: &str) -> Value {
+    wait_for(
+        &format!("Ready=False reason {reason}"),
+        Duration::from_secs(30),
+        || async {
+            let lp = lp_api(client, ns)
+                .get(name)
+                .await
+                .map_err(|e| e.to_string())?;
+            let s = &lp.data["status"];
+            let ready = s["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+                .cloned()
+                .unwrap_or_default();
+            let ok = ready["status"] == "False"
+                && ready["reason"] == reason
+                && s["observedGeneration"].as_i64() == lp.metadata.generation;
+            ok.then(|| s.clone()).ok_or_else(|| s.to_string())
+        },
+    )
+    .await
+}
+
+/// Regression: a DaemonSet the API server refused (a toleration typo the LogPipeline
+/// schema lets through) left the previous revision's message in status; a missing auth
+/// Secret was only in the operator's log.
+#[tokio::test]
+async fn refused_apply_and_missing_secret_show_their_reason_in_status() {
+    let testbed = Testbed::ensure(&["ops"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = testbed.client("ops").await.unwrap();
+    let ns = setup(&testbed, &client, "lpop-fail").await;
+    let mut operator = Operator::start(&testbed, "ops", &ns, "solo").await;
+    let mut lp = ops_example(&testbed, &ns);
+    let name = lp["metadata"]["name"].as_str().unwrap().to_string();
+    apply_lp(&client, &ns, &lp).await;
+    wait_healthy(&client, &ns, &name, Duration::from_secs(60)).await;
+
+    // 1. A toleration operator the API server refuses on the DaemonSet.
+    let started = Instant::now();
+    lp["spec"]["agent"]["tolerations"] = json!([{"operator": "Exsts"}]);
+    apply_lp(&client, &ns, &lp).await;
+    let failed = wait_failure(&client, &ns, &name, "ApplyFailed").await;
+    let message = failed["message"].as_str().unwrap_or_default();
+    println!("toleration typo after {:?}: {message}", started.elapsed());
+    assert!(
+        message.contains("ApplyFailed") && message.contains("DaemonSet"),
+        "{message}"
+    );
+    assert!(
+        message.contains("Exsts"),
+        "the API server's own words: {message}"
+    );
+
+    // 2. The typo fixed, but a bearer token from a Secret that does not exist.
+    lp["spec"]["agent"]["tolerations"] = json!([{"operator": "Exists"}]);
+    lp["spec"]["auth"] =
+        json!({"bearerTokenSecretRef": {"name": "no-such-secret", "key": "token"}});
+    let started = Instant::now();
+    apply_lp(&client, &ns, &lp).await;
+    let failed = wait_failure(&client, &ns, &name, "SecretMissing").await;
+    let message = failed["message"].as_str().unwrap_or_default();
+    println!("missing Secret after {:?}: {message}", started.elapsed());
+    assert!(message.contains("no-such-secret"), "{message}");
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let reasons: Vec<_> = events
+        .items
+        .iter()
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    assert!(
+        ["ApplyFailed", "SecretMissing"]
+            .iter()
+            .all(|r| reasons.iter().any(|x| x == r)),
+        "an Event for each failure: {reasons:?}"
+    );
+
+    // 3. The Secret created: Healthy again.
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "no-such-secret"},
+                "stringData": {"token": "t"},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    wait_healthy(&client, &ns, &name, Duration::from_secs(90)).await;
+
+    // The finalizer removes the cluster-scoped objects while the operator still runs.
+    lp_api(&client, &ns)
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the LogPipeline gone", Duration::from_secs(60), || async {
+        match lp_api(&client, &ns).get_opt(&name).await {
+            Ok(None) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    operator.kill().await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::default())
+        .await;
 }

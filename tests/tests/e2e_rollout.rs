@@ -43,9 +43,19 @@ async fn installed(
     prefix: &str,
     window: &str,
 ) -> (Bed, String, bed::Release, serde_json::Value) {
+    installed_writing(testbed, prefix, window, usize::MAX).await
+}
+
+/// [`installed`] with workload logs on the first `writing` nodes only.
+async fn installed_writing(
+    testbed: &Testbed,
+    prefix: &str,
+    window: &str,
+    writing: usize,
+) -> (Bed, String, bed::Release, serde_json::Value) {
     let suffix = unique_suffix();
     let ns = format!("{prefix}-{suffix}");
-    let bed = Bed::up(testbed, "ops", &ns).await;
+    let bed = Bed::up_writing(testbed, "ops", &ns, writing).await;
     let tag = format!("e2e-{suffix}-r1");
     let release = publish(testbed, &tag);
     let image = release.image.clone();
@@ -142,6 +152,7 @@ async fn good_release_goes_canary_steps_soak_healthy() {
         "cpu",
         "memory",
         "latency",
+        "lag",
     ] {
         let (value, _, passed) = c
             .get(name)
@@ -180,6 +191,145 @@ async fn good_release_goes_canary_steps_soak_healthy() {
         "an image and pipeline change is a new release"
     );
 
+    bed.down().await;
+}
+
+/// Regression: a harmless change on a cluster where nothing was written failed its
+/// canary (`entriesSent 0 (limit >0)`) and was rolled back. Here only 2 nodes write.
+#[tokio::test]
+async fn a_quiet_cluster_rolls_out_a_harmless_change_and_names_its_quiet_nodes() {
+    let _serial = SERIAL.lock().await;
+    let testbed = ops().await;
+    let (bed, _tenant, _release1, lp) = installed_writing(&testbed, "lprl-quiet", "8s", 2).await;
+    let before = status(&bed.client, &bed.ns, "logpipe").await.unwrap().1;
+    let mut next = lp.clone();
+    next["spec"]["pipeline"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"staticLabels": {"team": "quiet"}}));
+    let started = Instant::now();
+    apply(&bed.client, &bed.ns, &next).await;
+    let old_target = before["targetRevision"].clone();
+    let record = record_until(
+        &bed.client,
+        &bed.ns,
+        bed.nodes,
+        before["stableRevision"].as_str().unwrap(),
+        Duration::from_secs(300),
+        |s| s["phase"] == "Healthy" && s["targetRevision"] != old_target,
+    )
+    .await;
+    let sequence = record.sequence();
+    println!(
+        "quiet cluster: rolled out in {:.1}s: {sequence:?}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        !sequence
+            .iter()
+            .any(|p| p.starts_with("RollingBack") || p.starts_with("Degraded")),
+        "{sequence:?}"
+    );
+    let s = &record.last;
+    println!(
+        "last verification: {}",
+        serde_json::to_string(&s["lastVerification"]).unwrap()
+    );
+    let checks = s["lastVerification"]["checks"].as_array().unwrap();
+    let check = |name: &str| {
+        checks
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name}: {checks:?}"))
+    };
+    for name in ["entriesSent", "storeEntries", "lag"] {
+        assert_eq!(check(name)["passed"], true, "{}", check(name));
+    }
+    let quiet = check("entriesSent")["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        quiet.contains("quiet"),
+        "the report names the quiet nodes: {quiet}"
+    );
+    assert!(
+        check("entriesSent")["value"]
+            .as_str()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+            > 0.0,
+        "the 2 writing nodes shipped: {}",
+        check("entriesSent")
+    );
+    bed.down().await;
+}
+
+/// A release that makes a label of a per-line id multiplies the streams per node: it
+/// fails at the canary on `streamGrowth` and rolls back, before the store would refuse
+/// the tenant for too many active streams.
+#[tokio::test]
+async fn a_release_that_multiplies_streams_fails_at_the_canary() {
+    let _serial = SERIAL.lock().await;
+    let testbed = ops().await;
+    let (bed, _tenant, _release1, mut lp) = installed(&testbed, "lprl-streams", "10s").await;
+    lp["spec"]["rollout"]["verify"]["maxStreamGrowth"] = json!("2x");
+    apply(&bed.client, &bed.ns, &lp).await;
+    let before = wait_healthy(&bed.client, &bed.ns, bed.nodes, Duration::from_secs(180)).await;
+    let mut next = lp.clone();
+    let stages = next["spec"]["pipeline"].as_array_mut().unwrap();
+    stages.push(json!({"regex": {"expression": "seq=(?P<seq>[0-9]+)"}}));
+    stages.push(json!({"labels": {"seq": ""}}));
+    let started = Instant::now();
+    apply(&bed.client, &bed.ns, &next).await;
+    let record = record_until(
+        &bed.client,
+        &bed.ns,
+        bed.nodes,
+        before["stableRevision"].as_str().unwrap(),
+        Duration::from_secs(180),
+        |s| s["phase"] == "Degraded",
+    )
+    .await;
+    let sequence = record.sequence();
+    println!(
+        "stream growth: {sequence:?} in {:.1}s: {}",
+        started.elapsed().as_secs_f64(),
+        record.last["message"]
+    );
+    assert!(
+        sequence.iter().any(|p| p.starts_with("RollingBack(0)")),
+        "rolled back from the canary: {sequence:?}"
+    );
+    let checks = record.last["lastVerification"]["checks"]
+        .as_array()
+        .unwrap();
+    let growth = checks
+        .iter()
+        .find(|c| c["name"] == "streamGrowth")
+        .unwrap_or_else(|| panic!("no streamGrowth check: {checks:?}"));
+    println!("streamGrowth: {growth}");
+    assert_eq!(growth["passed"], false, "{growth}");
+    assert!(
+        growth["value"].as_str().unwrap().parse::<f64>().unwrap() > 2.0,
+        "{growth}"
+    );
+    assert!(
+        growth["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("->"),
+        "both stream counts: {growth}"
+    );
+    assert!(
+        record.last["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("streamGrowth"),
+        "{}",
+        record.last["message"]
+    );
     bed.down().await;
 }
 
@@ -905,6 +1055,9 @@ async fn gate_moves_a_release_ops_then_dev_then_prod_and_holds_a_bad_one() {
                 "namespace": ns,
                 "name": "logpipe",
                 "soak": "5s",
+                // Asked every 5 s (default 30 s) while waiting and while moving, so a
+                // Degraded upstream stops this cluster within seconds.
+                "pollInterval": "5s",
             });
         }
         lp

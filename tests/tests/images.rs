@@ -631,7 +631,11 @@ exec setpriv --reuid=0 --regid=0 --clear-groups --no-new-privs \
         .collect();
     assert_eq!(
         lines,
-        ["line 0 of the image test", "line 1 of the image test", "line 2 of the image test"],
+        [
+            "line 0 of the image test",
+            "line 1 of the image test",
+            "line 2 of the image test"
+        ],
         "the store under tenant {tenant}"
     );
     assert!(

@@ -21,10 +21,9 @@ fn registered(source: &str, prefix: &str, exposition: &str) -> BTreeMap<String, 
         .captures_iter(source)
         .map(|c| (c.get(1).unwrap().as_str(), c.get(2).unwrap().as_str()))
         .collect();
-    let call = Regex::new(
-        r#"register\(\s*(?:"([a-zA-Z0-9_:]+)"|names::([A-Z0-9_]+)),\s*"([^"]*)""#,
-    )
-    .unwrap();
+    let call =
+        Regex::new(r#"register\(\s*(?:"([a-zA-Z0-9_:]+)"|names::([A-Z0-9_]+)),\s*"([^"]*)""#)
+            .unwrap();
     let mut types = BTreeMap::new();
     for line in exposition.lines() {
         if let Some((name, kind)) = line.strip_prefix("# TYPE ").and_then(|r| r.split_once(' ')) {

@@ -41,6 +41,11 @@ pub struct RolloutSpec {
     /// Hold a new revision until a LogPipeline in another cluster is Healthy with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<GateSpec>,
+    /// Time a new agent pod of a step has to become Ready after it was created, and time a
+    /// step may go without moving a node, before the step fails (ErrImagePull,
+    /// CrashLoopBackOff fail it at once).
+    #[serde(default = "default_progress_deadline")]
+    pub progress_deadline: HumanDuration,
 }
 
 impl Default for RolloutSpec {
@@ -52,6 +57,7 @@ impl Default for RolloutSpec {
             verify: VerifySpec::default(),
             soak: default_soak(),
             gate: None,
+            progress_deadline: default_progress_deadline(),
         }
     }
 }
@@ -61,6 +67,9 @@ fn default_max_unavailable() -> i32 {
 }
 fn default_soak() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(600))
+}
+fn default_progress_deadline() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(300))
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -115,7 +124,9 @@ pub struct VerifySpec {
     /// New pods must be Ready with no restarts.
     #[serde(default = "yes")]
     pub pods_ready: bool,
-    /// Agents must have shipped entries and report no send errors.
+    /// Agents must have shipped entries where lines were written (nodes that wrote
+    /// nothing are quiet), left nothing behind at the end of the window (check `lag`), and
+    /// report no send errors or dropped entries.
     #[serde(default = "yes")]
     pub shipping: bool,
     /// CPU budget per agent (e.g. 250m).
@@ -124,9 +135,22 @@ pub struct VerifySpec {
     /// Memory budget per agent (e.g. 700Mi).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_memory: Option<String>,
-    /// Delivery latency budget, file write to queryable in the store.
+    /// Delivery latency budget, file write to queryable in the store; also how old the
+    /// oldest unacknowledged byte may be at the end of a window (check `lag`, 30s when
+    /// unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_latency: Option<HumanDuration>,
+    /// Most active streams (label sets pushed over the last 5 minutes) per agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("rollout.verify.maxStreams must be at least 1"))]
+    pub max_streams: Option<i64>,
+    /// Most growth of the active streams per node, new revision over the stable one on
+    /// the same nodes before they moved: a ratio such as `2x` or `1.5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+([.][0-9]+)?x?$') && !self.matches('^0+([.]0+)?x?$')")
+        .message("rollout.verify.maxStreamGrowth must be a ratio above 0, such as 2x or 1.5"))]
+    pub max_stream_growth: Option<String>,
 }
 
 impl VerifySpec {
@@ -138,6 +162,20 @@ impl VerifySpec {
             (None, Some(endpoint)) => Some((StoreKind::Loki, endpoint.as_str())),
             (None, None) => None,
         }
+    }
+
+    /// `maxStreamGrowth` as a number (`2x` -> 2.0); `None` when unset or unreadable.
+    pub fn stream_growth_limit(&self) -> Option<f64> {
+        let s = self.max_stream_growth.as_deref()?.trim();
+        let n = s.strip_suffix('x').unwrap_or(s).parse::<f64>().ok()?;
+        (n.is_finite() && n > 0.0).then_some(n)
+    }
+
+    /// Age the oldest unacknowledged byte may reach at the end of a window (`maxLatency`,
+    /// else 30 s).
+    pub fn max_lag(&self) -> std::time::Duration {
+        self.max_latency
+            .map_or(std::time::Duration::from_secs(30), |d| d.0)
     }
 }
 
@@ -152,6 +190,8 @@ impl Default for VerifySpec {
             max_cpu: None,
             max_memory: None,
             max_latency: None,
+            max_streams: None,
+            max_stream_growth: None,
         }
     }
 }
@@ -210,8 +250,31 @@ pub struct GateSpec {
     /// How long it must have been Healthy with the same release.
     #[serde(default = "default_gate_soak")]
     pub soak: HumanDuration,
+    /// How often the other cluster is asked, while a release waits for the gate and while
+    /// it moves here (at least 5s).
+    #[serde(default = "default_gate_poll_interval")]
+    pub poll_interval: HumanDuration,
+    /// What this cluster does when the LogPipeline there turns Degraded on the release
+    /// moving here, or moves to another release: `pause` (default) or `rollback`.
+    #[serde(default)]
+    pub on_failure: GateFailureAction,
+}
+
+/// What a release moving here does when its gate turns against it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GateFailureAction {
+    /// Stop moving nodes (moved ones stay) until the gate's LogPipeline is back on this
+    /// release, or the spec changes.
+    #[default]
+    Pause,
+    /// Put the stable revision back on every node.
+    Rollback,
 }
 
 fn default_gate_soak() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(24 * 3600))
+}
+fn default_gate_poll_interval() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(30))
 }

@@ -71,6 +71,10 @@ pub struct LogPipelineStatus {
     pub gate: Option<GateStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verification: Option<Verification>,
+    /// Active streams of the stable revision's agents on the current step's nodes, scraped
+    /// once when the step started, before they moved (check `streamGrowth`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_baseline: Option<StreamBaseline>,
     /// One line a person can act on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -91,6 +95,15 @@ pub struct GateStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub opens_at: Option<String>,
     pub message: String,
+    /// When the other cluster gave the answer in `message` (RFC 3339). It is asked again
+    /// at most every `gate.pollInterval` (timed in memory, and from this time after an
+    /// operator restart); this changes only with the answer, so a steady gate writes no
+    /// status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<String>,
+    /// The gate stopped the release moving here (paused or rolled back, see `message`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
 }
 
 /// Where the LogPipeline stands. The rollout engine moves through Pending (gate) ->
@@ -124,6 +137,18 @@ impl Phase {
             Self::Degraded => "Degraded",
         }
     }
+}
+
+/// The stable revision's active streams per node, before a step moved the nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamBaseline {
+    /// The step (index in the effective steps) it was taken for.
+    pub step: i32,
+    /// Node name -> `logpipe_active_streams` of its stable agent (a sample of the step's
+    /// nodes on a large step).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub nodes: std::collections::BTreeMap<String, i64>,
 }
 
 /// The result of verifying one step, with the measured numbers.

@@ -30,6 +30,8 @@ use crate::crd::LogPipeline;
 
 pub const CONTAINER: &str = "logpipe-agent";
 pub const DEFAULT_POSITIONS_ROOT: &str = "/var/lib/logpipe";
+/// The kubelet's default, where the agent writes its last words by default.
+pub const TERMINATION_MESSAGE_PATH: &str = logpipe_agent::termination::DEFAULT_PATH;
 /// Extra grace on top of the agent's shutdown timeout: time for the process to save
 /// positions and exit after its last Loki answer.
 const GRACE_MARGIN_SECONDS: i64 = 10;
@@ -181,6 +183,11 @@ fn container(lp: &LogPipeline, ctx: &Context) -> Container {
             ..SecurityContext::default()
         }),
         volume_mounts: Some(volume_mounts(lp)),
+        // The agent writes its fatal error there (`--termination-log`, default this
+        // path); when it died without a word, the end of its log stands in, so a failed
+        // pod check can quote the agent itself.
+        termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()
     }
 }

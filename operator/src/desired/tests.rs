@@ -154,6 +154,27 @@ fn agent_runs_locked_down_and_reads_logs_read_only() {
     assert!(pod.termination_grace_period_seconds.unwrap() > 20);
 }
 
+/// The agent's last words reach the pod status (and a failed canary's message).
+#[test]
+fn agent_leaves_its_last_words_in_the_termination_message() {
+    let objects = desired(&ops(), &ctx()).unwrap();
+    let c = &pod_spec(&objects).containers[0];
+    assert_eq!(
+        c.termination_message_policy.as_deref(),
+        Some("FallbackToLogsOnError")
+    );
+    assert_eq!(
+        c.termination_message_path.as_deref(),
+        Some(logpipe_agent::termination::DEFAULT_PATH)
+    );
+    // The agent's default is that path: no flag needed.
+    let args = c.args.as_deref().unwrap_or_default();
+    assert!(
+        !args.iter().any(|a| a.contains("termination-log")),
+        "{args:?}"
+    );
+}
+
 #[test]
 fn rendered_agent_config_is_accepted_by_the_agent() {
     let objects = desired(&ops(), &ctx()).unwrap();

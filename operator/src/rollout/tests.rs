@@ -67,6 +67,7 @@ fn state(phase: Phase, step: Option<usize>, started: i64) -> State {
         window_started: None,
         failed: None,
         reason: None,
+        stream_baseline: None,
     }
 }
 
@@ -78,6 +79,10 @@ struct Flags {
     abort: bool,
     no_saved: bool,
     labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// Nodes the DaemonSet should cover (default 4).
+    desired: Option<usize>,
+    /// The DaemonSet's status does not describe its current spec yet.
+    uncounted: bool,
 }
 
 fn run(
@@ -92,7 +97,8 @@ fn run(
     let obs = Observed {
         revision,
         pods,
-        desired_nodes: 4,
+        desired_nodes: flags.desired.unwrap_or(4),
+        desired_known: !flags.uncounted,
         node_labels: &flags.labels,
         gated: flags.gated,
         stable_saved: !flags.no_saved,
@@ -116,6 +122,7 @@ fn verdict(final_check: bool, passed: bool) -> Verdicts {
                 "droppedEntries 12 > 0".into()
             },
         }),
+        baseline: None,
     }
 }
 
@@ -224,6 +231,7 @@ fn gate_holds_opens_and_promote_skips_it() {
             Verdicts {
                 gate,
                 verification: None,
+                baseline: None,
             },
             110,
             Flags {
@@ -253,6 +261,7 @@ fn first_install_held_by_its_gate_has_no_daemonset() {
         Verdicts {
             gate: Some(Gate::Held("waiting".into())),
             verification: None,
+            baseline: None,
         },
         0,
         Flags {
@@ -646,36 +655,81 @@ fn promote_on_degraded_retries_the_failed_revision() {
 }
 
 #[test]
-fn a_step_that_never_gets_ready_fails_at_its_deadline() {
-    let canary = state(Phase::Canary, Some(0), 100);
-    let pods = with(fleet("r1"), "n1", "r2", false, 101);
-    let d = run(
-        &spec(),
-        &canary,
-        "r2",
-        &pods,
-        Verdicts::default(),
-        100 + 10 + 119,
-        Flags::default(),
-    );
-    assert_eq!(d.state.phase, Some(Phase::Canary));
-    let d = run(
-        &spec(),
-        &canary,
-        "r2",
-        &pods,
-        Verdicts::default(),
-        100 + 10 + 121,
-        Flags::default(),
-    );
-    assert_eq!(d.state.phase, Some(Phase::RollingBack));
-    assert!(
-        d.state
-            .reason
-            .as_deref()
-            .unwrap()
-            .contains("0/1 new agents Ready")
-    );
+fn progress_deadline_table() {
+    // Canary started at 100; progressDeadline 5m (the default).
+    struct Case {
+        name: &'static str,
+        pods: Vec<PodView>,
+        now: i64,
+        failed: Option<&'static str>,
+    }
+    let mut agent_ready = pod("n1", "r2", false);
+    agent_ready.containers_ready = true;
+    agent_ready.created = Some(t(101));
+    let mut crash_free_but_down = fleet("r1");
+    crash_free_but_down.retain(|p| p.node.as_deref() != Some("n1"));
+    crash_free_but_down.push(agent_ready);
+    let cases = [
+        Case {
+            name: "a new pod not Ready yet, within the deadline, is waited for",
+            pods: with(fleet("r1"), "n1", "r2", false, 101),
+            now: 101 + 300,
+            failed: None,
+        },
+        Case {
+            name: "a new pod not Ready 5m after it started fails the step, named",
+            pods: with(fleet("r1"), "n1", "r2", false, 101),
+            now: 101 + 301,
+            failed: Some(
+                "canary did not complete: 0/1 new agents Ready; not Ready 5m after they started: agent-n1 on n1",
+            ),
+        },
+        Case {
+            name: "an agent Ready on a NotReady node is not late, but nothing moved for 5m",
+            pods: crash_free_but_down,
+            now: 101 + 301,
+            failed: Some("nothing moved for 5m; not Ready: agent-n1 on n1"),
+        },
+        Case {
+            name: "a node whose pod never came back: nothing moved for 5m",
+            pods: fleet("r1").into_iter().skip(1).collect(),
+            now: 100 + 301,
+            failed: Some(
+                "0/1 new agents Ready, nothing moved for 5m; 1 nodes without an agent pod",
+            ),
+        },
+        Case {
+            name: "the deadline counts from the newest move, not the step's start",
+            pods: with(fleet("r1"), "n1", "r2", false, 350),
+            now: 100 + 400,
+            failed: None,
+        },
+    ];
+    for case in cases {
+        let d = run(
+            &spec(),
+            &state(Phase::Canary, Some(0), 100),
+            "r2",
+            &case.pods,
+            Verdicts::default(),
+            case.now,
+            Flags::default(),
+        );
+        match case.failed {
+            None => assert_eq!(
+                d.state.phase,
+                Some(Phase::Canary),
+                "{}: {}",
+                case.name,
+                d.message
+            ),
+            Some(why) => {
+                assert_eq!(d.state.phase, Some(Phase::RollingBack), "{}", case.name);
+                let reason = d.state.reason.unwrap_or_default();
+                assert!(reason.contains(why), "{}: {reason}", case.name);
+            }
+        }
+    }
 }
 
 #[test]
@@ -834,6 +888,7 @@ fn verification_is_due_on_moved_pods_and_final_after_the_window() {
         revision: "r2",
         pods: &obs_pods,
         desired_nodes: 4,
+        desired_known: true,
         node_labels: &labels,
         gated: false,
         stable_saved: true,
@@ -882,6 +937,7 @@ fn a_gated_first_install_opens_into_the_install_step() {
         Verdicts {
             gate: Some(Gate::Open),
             verification: None,
+            baseline: None,
         },
         5,
         Flags {
@@ -941,4 +997,310 @@ fn a_node_in_transition_keeps_its_place_in_the_step() {
     );
     assert!(deleted(&d).is_empty(), "{:?}", deleted(&d));
     assert_eq!(d.state.window_started, Some(t(103)));
+}
+
+#[test]
+fn first_install_judged_while_59_of_200_pods_existed() {
+    // BENCH_SIZE=small: 2.2 s after the apply, 60 of the 200 agent pods existed and 59
+    // were Ready; the install was judged on them and reported Degraded.
+    let zero_window = RolloutSpec {
+        verify: crate::crd::VerifySpec {
+            window: HumanDuration(Duration::ZERO),
+            ..Default::default()
+        },
+        ..spec()
+    };
+    let install = State {
+        phase: Some(Phase::Step),
+        target: Some("r1".into()),
+        step: Some(2),
+        step_started: Some(t(0)),
+        ..Default::default()
+    };
+    let pods = |existing: usize, ready: usize| -> Vec<PodView> {
+        (0..existing)
+            .map(|i| pod(&format!("node-{i:03}"), "r1", i < ready))
+            .collect()
+    };
+    struct Case {
+        name: &'static str,
+        pods: Vec<PodView>,
+        desired: usize,
+        uncounted: bool,
+        window_starts: bool,
+        says: &'static str,
+    }
+    let cases = [
+        Case {
+            name: "the DaemonSet has not counted its nodes: nothing is judged",
+            pods: pods(60, 59),
+            desired: 0,
+            uncounted: true,
+            window_starts: false,
+            says: "waiting for the DaemonSet controller to count the nodes",
+        },
+        Case {
+            name: "not counted, even with every existing pod Ready",
+            pods: pods(60, 60),
+            desired: 0,
+            uncounted: true,
+            window_starts: false,
+            says: "waiting for the DaemonSet controller",
+        },
+        Case {
+            name: "200 to cover, 60 exist: the missing 140 are not moved yet",
+            pods: pods(60, 60),
+            desired: 200,
+            uncounted: false,
+            window_starts: false,
+            says: "60/200 nodes at revision r1 (60 Ready)",
+        },
+        Case {
+            name: "every node of the step runs a Ready new pod: the window starts",
+            pods: pods(200, 200),
+            desired: 200,
+            uncounted: false,
+            window_starts: true,
+            says: "200/200 nodes at revision r1, verifying",
+        },
+    ];
+    for case in cases {
+        let d = run(
+            &zero_window,
+            &install,
+            "r1",
+            &case.pods,
+            Verdicts::default(),
+            2,
+            Flags {
+                desired: Some(case.desired),
+                uncounted: case.uncounted,
+                ..Default::default()
+            },
+        );
+        assert_eq!(d.state.phase, Some(Phase::Step), "{}", case.name);
+        assert_eq!(
+            d.state.window_started.is_some(),
+            case.window_starts,
+            "{}: {}",
+            case.name,
+            d.message
+        );
+        assert!(
+            d.message.contains(case.says),
+            "{}: {}",
+            case.name,
+            d.message
+        );
+        assert!(deleted(&d).is_empty(), "{}", case.name);
+        // Nothing to verify before the window: no final check is due.
+        let obs = Observed {
+            revision: "r1",
+            pods: &case.pods,
+            desired_nodes: case.desired,
+            desired_known: !case.uncounted,
+            node_labels: &BTreeMap::new(),
+            gated: false,
+            stable_saved: false,
+            saved_revision: None,
+            paused: false,
+            promote: false,
+            abort: false,
+        };
+        let due = verification_due(&zero_window, &d.state, &obs, t(2));
+        assert_eq!(
+            due.is_some_and(|r| r.final_check),
+            case.window_starts,
+            "{}",
+            case.name
+        );
+    }
+}
+
+fn growth_spec() -> RolloutSpec {
+    let mut s = spec();
+    s.verify.max_stream_growth = Some("2x".into());
+    s
+}
+
+fn baseline(step: i32, nodes: &[(&str, i64)]) -> StreamBaseline {
+    StreamBaseline {
+        step,
+        nodes: nodes.iter().map(|(n, c)| (n.to_string(), *c)).collect(),
+    }
+}
+
+#[test]
+fn baseline_due_table() {
+    let labels = BTreeMap::new();
+    let fleet_r1 = fleet("r1");
+    let obs = |pods| Observed {
+        revision: "r2",
+        pods,
+        desired_nodes: 4,
+        desired_known: true,
+        node_labels: &labels,
+        gated: false,
+        stable_saved: true,
+        saved_revision: Some("r1"),
+        paused: false,
+        promote: false,
+        abort: false,
+    };
+    let canary = state(Phase::Canary, Some(0), 100);
+    let recorded = State {
+        stream_baseline: Some(baseline(0, &[("n1", 12)])),
+        ..canary.clone()
+    };
+    let step1 = State {
+        stream_baseline: Some(baseline(0, &[("n1", 12)])),
+        ..state(Phase::Step, Some(1), 200)
+    };
+    let first_install = State {
+        stable: None,
+        ..canary.clone()
+    };
+    let moved = with(fleet("r1"), "n1", "r2", true, 101);
+    // (case, spec, state, pods, pods to scrape)
+    type Case<'a> = (
+        &'a str,
+        RolloutSpec,
+        &'a State,
+        &'a [PodView],
+        Option<Vec<&'a str>>,
+    );
+    let cases: [Case; 6] = [
+        (
+            "no maxStreamGrowth: nothing to measure",
+            spec(),
+            &canary,
+            &fleet_r1,
+            None,
+        ),
+        (
+            "the canary starts: its stable node",
+            growth_spec(),
+            &canary,
+            &fleet_r1,
+            Some(vec!["agent-n1"]),
+        ),
+        (
+            "recorded once for the step",
+            growth_spec(),
+            &recorded,
+            &fleet_r1,
+            None,
+        ),
+        (
+            "the next step: its stable nodes, not the moved one",
+            growth_spec(),
+            &step1,
+            &moved,
+            Some(vec!["agent-n2"]),
+        ),
+        (
+            "a first install has no stable revision",
+            growth_spec(),
+            &first_install,
+            &fleet_r1,
+            None,
+        ),
+        (
+            "the stable nodes are all moved already",
+            growth_spec(),
+            &canary,
+            &moved,
+            None,
+        ),
+    ];
+    for (name, spec, st, pods, want) in cases {
+        let got = baseline_due(&spec, st, &obs(pods));
+        assert_eq!(
+            got,
+            want.map(|w| w.iter().map(|s| s.to_string()).collect()),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn a_step_holds_its_moves_until_the_stable_streams_are_measured_then_records_them_once() {
+    // The canary starts (r2 arrives): nothing is deleted before the stable streams are in.
+    let d = run(
+        &growth_spec(),
+        &healthy_r1(),
+        "r2",
+        &fleet("r1"),
+        Verdicts::default(),
+        100,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Canary));
+    assert!(deleted(&d).is_empty(), "{:?}", d.actions);
+    assert!(
+        d.message
+            .contains("measuring the active streams of 1 stable agents"),
+        "{}",
+        d.message
+    );
+    assert_eq!(d.state.stream_baseline, None);
+    // Next reconcile: the controller measured them; recorded, and the node moves.
+    let measured = Verdicts {
+        baseline: Some(baseline(0, &[("n1", 12)])),
+        ..Default::default()
+    };
+    let d = run(
+        &growth_spec(),
+        &d.state,
+        "r2",
+        &fleet("r1"),
+        measured,
+        102,
+        Flags::default(),
+    );
+    assert_eq!(deleted(&d), ["agent-n1"]);
+    assert_eq!(d.state.stream_baseline, Some(baseline(0, &[("n1", 12)])));
+    // Later reconciles of the step keep it as it is (no status write for it).
+    let later = run(
+        &growth_spec(),
+        &d.state,
+        "r2",
+        &with(fleet("r1"), "n1", "r2", true, 103),
+        Verdicts::default(),
+        104,
+        Flags::default(),
+    );
+    assert_eq!(later.state.stream_baseline, d.state.stream_baseline);
+    assert_eq!(later.state.window_started, Some(t(104)));
+    // A measurement for another step is not taken for this one.
+    let stale = Verdicts {
+        baseline: Some(baseline(1, &[("n1", 12)])),
+        ..Default::default()
+    };
+    let d = run(
+        &growth_spec(),
+        &healthy_r1(),
+        "r2",
+        &fleet("r1"),
+        stale,
+        100,
+        Flags::default(),
+    );
+    assert!(deleted(&d).is_empty());
+    // Healthy forgets it.
+    let soak = State {
+        stream_baseline: Some(baseline(2, &[("n3", 10)])),
+        ..state(Phase::Soak, Some(3), 100)
+    };
+    let d = run(
+        &growth_spec(),
+        &soak,
+        "r2",
+        &fleet("r2"),
+        Verdicts::default(),
+        131,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Healthy));
+    assert_eq!(d.state.stream_baseline, None);
 }

@@ -21,6 +21,13 @@ process_resident_memory_bytes 52428800
 logpipe_delivery_latency_seconds_sum 6.0
 logpipe_delivery_latency_seconds_count 4
 logpipe_newest_entry_timestamp_seconds 1700000000.5
+logpipe_written_bytes_total{pipeline="ops"} 4096
+logpipe_written_bytes_total{pipeline="dev"} 1024
+logpipe_acknowledged_bytes_total 3072
+logpipe_unacknowledged_bytes 2048
+logpipe_oldest_unacknowledged_seconds{pipeline="ops"} 4.5
+logpipe_oldest_unacknowledged_seconds{pipeline="dev"} 1.5
+logpipe_active_streams 37
 # EOF
 "#;
 
@@ -37,7 +44,16 @@ fn metrics_are_read_by_promtail_names() {
     assert_eq!(s.rss_bytes, 52428800.0);
     assert_eq!((s.latency_sum, s.latency_count), (6.0, 4.0));
     assert_eq!(s.newest_entry, 1_700_000_000.5);
+    assert_eq!(s.written_bytes, Some(5120.0), "summed over pipelines");
+    assert_eq!(s.unacknowledged_bytes, Some(2048.0));
+    assert_eq!(s.oldest_unacknowledged, Some(4.5), "the oldest, not a sum");
+    assert_eq!(s.active_streams, Some(37.0));
     assert_eq!(parse_metrics("garbage\n{{{ x\n"), Sample::default());
+    assert_eq!(
+        parse_metrics("promtail_sent_entries_total 3\n").written_bytes,
+        None,
+        "an agent that does not say what was written"
+    );
 }
 
 #[test]
@@ -75,7 +91,20 @@ fn good() -> Sample {
     Sample {
         sent_entries: 100.0,
         rss_bytes: 40.0 * 1048576.0,
+        written_bytes: Some(8192.0),
+        unacknowledged_bytes: Some(0.0),
+        oldest_unacknowledged: Some(0.0),
+        active_streams: Some(12.0),
         ..Default::default()
+    }
+}
+
+/// Wrote nothing, so shipped nothing.
+fn quiet() -> Sample {
+    Sample {
+        sent_entries: 0.0,
+        written_bytes: Some(0.0),
+        ..good()
     }
 }
 
@@ -96,6 +125,7 @@ fn measured(sample: Sample, cpu: f64, store: f64) -> Measurements {
         cpu_millis: BTreeMap::from([("agent-n1".to_string(), cpu)]),
         store: Some(Ok(BTreeMap::from([("n1".to_string(), store)]))),
         newest_queryable: BTreeMap::new(),
+        stream_baseline: None,
     }
 }
 
@@ -383,5 +413,352 @@ fn the_store_comes_from_query_else_the_deprecated_query_endpoint() {
             ..VerifySpec::default()
         };
         assert_eq!(spec.store(), store, "{spec:?}");
+    }
+}
+
+/// Several nodes: (node, sample, entries in the store).
+fn nodes(of: &[(&str, Sample, f64)]) -> (Vec<PodView>, Measurements) {
+    let pods = of.iter().map(|(n, _, _)| pod(n, true)).collect();
+    let m = Measurements {
+        samples: of
+            .iter()
+            .map(|(n, s, _)| (format!("agent-{n}"), Ok(s.clone())))
+            .collect(),
+        cpu_millis: of
+            .iter()
+            .map(|(n, _, _)| (format!("agent-{n}"), 20.0))
+            .collect(),
+        store: Some(Ok(of.iter().map(|(n, _, c)| (n.to_string(), *c)).collect())),
+        ..Default::default()
+    };
+    (pods, m)
+}
+
+fn check<'a>(checks: &'a [CheckResult], name: &str) -> &'a CheckResult {
+    checks
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no check {name} in {checks:?}"))
+}
+
+#[test]
+fn quiet_nodes_and_lag_table() {
+    struct Case {
+        name: &'static str,
+        spec: VerifySpec,
+        nodes: Vec<(&'static str, Sample, f64)>,
+        final_check: bool,
+        passed: bool,
+        /// (check, value, words of its message)
+        shows: &'static [(&'static str, &'static str, &'static str)],
+    }
+    let with_latency = VerifySpec {
+        max_latency: Some(HumanDuration(Duration::from_secs(60))),
+        query_endpoint: None,
+        ..spec()
+    };
+    let behind = |age: f64, bytes: f64| Sample {
+        oldest_unacknowledged: Some(age),
+        unacknowledged_bytes: Some(bytes),
+        latency_sum: 1.0,
+        latency_count: 4.0,
+        ..good()
+    };
+    let cases = [
+        Case {
+            name: "a quiet node passes with nothing sent and nothing in the store",
+            spec: spec(),
+            nodes: vec![("n1", quiet(), 0.0)],
+            final_check: true,
+            passed: true,
+            shows: &[
+                ("entriesSent", "0", "all 1 nodes quiet (wrote nothing)"),
+                ("storeEntries", "0", "all 1 nodes quiet"),
+                ("lag", "0.0s", "worst node n1: 0 bytes unacknowledged"),
+            ],
+        },
+        Case {
+            name: "only the node that wrote is asked for entries; the other is named quiet",
+            spec: spec(),
+            nodes: vec![("n1", good(), 50.0), ("n2", quiet(), 0.0)],
+            final_check: true,
+            passed: true,
+            shows: &[
+                ("entriesSent", "100", "quiet (wrote nothing): n2"),
+                ("storeEntries", "50", "quiet (wrote nothing): n2"),
+            ],
+        },
+        Case {
+            name: "a node that wrote and has nothing in the store fails, named",
+            spec: spec(),
+            nodes: vec![("n1", good(), 0.0), ("n2", quiet(), 0.0)],
+            final_check: true,
+            passed: false,
+            shows: &[(
+                "storeEntries",
+                "0",
+                "no entries from n1; quiet (wrote nothing): n2",
+            )],
+        },
+        Case {
+            name: "a node that wrote and sent nothing fails",
+            spec: spec(),
+            nodes: vec![
+                (
+                    "n1",
+                    Sample {
+                        sent_entries: 0.0,
+                        ..good()
+                    },
+                    50.0,
+                ),
+                ("n2", quiet(), 0.0),
+            ],
+            final_check: true,
+            passed: false,
+            shows: &[("entriesSent", "0", "quiet (wrote nothing): n2")],
+        },
+        Case {
+            name: "every node quiet: latency with no delivery passes",
+            spec: with_latency.clone(),
+            nodes: vec![("n1", quiet(), 0.0), ("n2", quiet(), 0.0)],
+            final_check: true,
+            passed: true,
+            shows: &[
+                ("entriesSent", "0", "all 2 nodes quiet"),
+                ("latency", "-", "every node quiet"),
+            ],
+        },
+        Case {
+            name: "entries sent but lines left behind fail on lag at the end",
+            spec: spec(),
+            nodes: vec![
+                ("n1", behind(45.0, 2048.0), 50.0),
+                ("n2", behind(2.0, 10.0), 50.0),
+            ],
+            final_check: true,
+            passed: false,
+            shows: &[("lag", "45.0s", "worst node n1: 2048 bytes unacknowledged")],
+        },
+        Case {
+            name: "lag is not judged during the window",
+            spec: spec(),
+            nodes: vec![("n1", behind(45.0, 2048.0), 50.0)],
+            final_check: false,
+            passed: true,
+            shows: &[("lag", "45.0s", "worst node n1")],
+        },
+        Case {
+            name: "lag within maxLatency passes",
+            spec: with_latency,
+            nodes: vec![("n1", behind(45.0, 2048.0), 50.0)],
+            final_check: true,
+            passed: true,
+            shows: &[("lag", "45.0s", "")],
+        },
+        Case {
+            name: "an agent that does not export its lag fails at the end",
+            spec: spec(),
+            nodes: vec![(
+                "n1",
+                Sample {
+                    oldest_unacknowledged: None,
+                    ..good()
+                },
+                50.0,
+            )],
+            final_check: true,
+            passed: false,
+            shows: &[(
+                "lag",
+                "-",
+                "logpipe_oldest_unacknowledged_seconds not exported by n1",
+            )],
+        },
+        Case {
+            name: "an agent that does not say what was written is not quiet",
+            spec: spec(),
+            nodes: vec![(
+                "n1",
+                Sample {
+                    written_bytes: None,
+                    ..quiet()
+                },
+                0.0,
+            )],
+            final_check: true,
+            passed: false,
+            shows: &[
+                ("entriesSent", "0", ""),
+                ("storeEntries", "0", "no entries from n1"),
+            ],
+        },
+    ];
+    for case in cases {
+        let (pods, m) = nodes(&case.nodes);
+        let refs: Vec<&PodView> = pods.iter().collect();
+        let (checks, verdict) = judge(&case.spec, &refs, &m, case.final_check);
+        assert_eq!(
+            verdict.passed, case.passed,
+            "{}: {}",
+            case.name, verdict.summary
+        );
+        for (name, value, words) in case.shows {
+            let c = check(&checks, name);
+            assert_eq!(c.value.as_deref(), Some(*value), "{}: {c:?}", case.name);
+            let message = c.message.as_deref().unwrap_or_default();
+            assert!(message.contains(words), "{}: {c:?}", case.name);
+        }
+        // What e2e tests parse stays a number.
+        for name in ["entriesSent", "storeEntries"] {
+            let value = check(&checks, name).value.clone().unwrap_or_default();
+            assert!(
+                value.parse::<f64>().is_ok(),
+                "{}: {name} {value}",
+                case.name
+            );
+        }
+    }
+}
+
+#[test]
+fn stream_cardinality_table() {
+    struct Case {
+        name: &'static str,
+        max_streams: Option<i64>,
+        growth: Option<&'static str>,
+        /// Active streams of the new agents on n1, n2.
+        now: [f64; 2],
+        baseline: Option<&'static [(&'static str, i64)]>,
+        final_check: bool,
+        passed: bool,
+        shows: &'static [(&'static str, &'static str, &'static str)],
+    }
+    let cases = [
+        Case {
+            name: "under maxStreams",
+            max_streams: Some(500),
+            growth: None,
+            now: [40.0, 12.0],
+            baseline: None,
+            final_check: true,
+            passed: true,
+            shows: &[("streams", "40", "worst node n1")],
+        },
+        Case {
+            name: "over maxStreams fails at once, during the window",
+            max_streams: Some(500),
+            growth: None,
+            now: [900.0, 12.0],
+            baseline: None,
+            final_check: false,
+            passed: false,
+            shows: &[("streams", "900", "worst node n1")],
+        },
+        Case {
+            name: "no baseline (first install): growth skipped, saying so",
+            max_streams: None,
+            growth: Some("2x"),
+            now: [40.0, 12.0],
+            baseline: None,
+            final_check: true,
+            passed: true,
+            shows: &[("streamGrowth", "skipped", "first install")],
+        },
+        Case {
+            name: "3.3x the stable streams on the same node fails at once against 2x",
+            max_streams: None,
+            growth: Some("2x"),
+            now: [40.0, 12.0],
+            baseline: Some(&[("n1", 12), ("n2", 12)]),
+            final_check: false,
+            passed: false,
+            shows: &[(
+                "streamGrowth",
+                "3.33",
+                "worst node n1: 12 -> 40 streams (3.3x), 2 nodes compared",
+            )],
+        },
+        Case {
+            name: "1.5x passes 2x",
+            max_streams: None,
+            growth: Some("2"),
+            now: [18.0, 12.0],
+            baseline: Some(&[("n1", 12), ("n2", 12)]),
+            final_check: true,
+            passed: true,
+            shows: &[("streamGrowth", "1.50", "12 -> 18 streams")],
+        },
+        Case {
+            name: "only nodes with a baseline are compared",
+            max_streams: None,
+            growth: Some("2x"),
+            now: [400.0, 12.0],
+            baseline: Some(&[("n2", 12)]),
+            final_check: true,
+            passed: true,
+            shows: &[("streamGrowth", "1.00", "1 nodes compared")],
+        },
+        Case {
+            name: "a baseline on no node of the step: skipped",
+            max_streams: None,
+            growth: Some("2x"),
+            now: [400.0, 12.0],
+            baseline: Some(&[("n9", 12)]),
+            final_check: true,
+            passed: true,
+            shows: &[("streamGrowth", "skipped", "no node of the step")],
+        },
+    ];
+    for case in cases {
+        let spec = VerifySpec {
+            max_streams: case.max_streams,
+            max_stream_growth: case.growth.map(str::to_string),
+            ..spec()
+        };
+        let streams = |n: f64| Sample {
+            active_streams: Some(n),
+            ..good()
+        };
+        let (pods, mut m) = nodes(&[
+            ("n1", streams(case.now[0]), 50.0),
+            ("n2", streams(case.now[1]), 50.0),
+        ]);
+        m.stream_baseline = case
+            .baseline
+            .map(|b| b.iter().map(|(n, c)| (n.to_string(), *c)).collect());
+        let refs: Vec<&PodView> = pods.iter().collect();
+        let (checks, verdict) = judge(&spec, &refs, &m, case.final_check);
+        assert_eq!(
+            verdict.passed, case.passed,
+            "{}: {}",
+            case.name, verdict.summary
+        );
+        for (name, value, words) in case.shows {
+            let c = check(&checks, name);
+            assert_eq!(c.value.as_deref(), Some(*value), "{}: {c:?}", case.name);
+            assert!(
+                c.message.as_deref().unwrap_or_default().contains(words),
+                "{}: {c:?}",
+                case.name
+            );
+        }
+    }
+}
+
+#[test]
+fn max_stream_growth_reads_as_a_ratio() {
+    for (raw, limit) in [
+        ("2x", Some(2.0)),
+        ("1.5", Some(1.5)),
+        ("10x", Some(10.0)),
+        ("0x", None),
+        ("a lot", None),
+    ] {
+        let spec = VerifySpec {
+            max_stream_growth: Some(raw.into()),
+            ..spec()
+        };
+        assert_eq!(spec.stream_growth_limit(), limit, "{raw}");
     }
 }

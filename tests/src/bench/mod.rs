@@ -1,10 +1,12 @@
-//! `make bench` (issue 7, agent side): our agent against Promtail on the same logs.
+//! `make bench` (issue 7, agent side): our agent against the OpenTelemetry Collector
+//! (filelog receiver + otlphttp exporter, tests/otelcol) on the same logs.
 //!
 //! ```text
 //! corpus (fixed seed, target/bench/corpus) -> page cache warmed
-//!   -> for each run, alternating who goes first: agent | promtail
-//!        -> null receiver (counts, 204)          : wall, CPU s, peak RSS, lines/CPU-s
-//!        -> proxy -> real Loki (test bed, tenant per run) : the same, Loki's pace
+//!   -> for each run, alternating who goes first: agent | otelcol
+//!        -> null receiver (Loki push and OTLP/HTTP; counts, 2xx) : wall, CPU s, peak RSS, lines/CPU-s
+//!        -> proxy -> VictoriaLogs (test bed, numeric tenant per run, rows counted with
+//!           LogsQL afterwards) : the same, at the store's pace
 //!   -> steady state at fixed rates (null receiver): CPU share, RSS
 //!   -> target/bench/results.{json,md,png}
 //! ```
@@ -99,14 +101,14 @@ pub struct Options {
     pub runs: usize,
     pub out: PathBuf,
     pub bins: Binaries,
-    /// Base URL of the test bed's Loki; `None` skips the Loki runs (with the reason).
-    pub loki_url: Option<String>,
-    pub loki_skip_reason: Option<String>,
+    /// Base URL of the test bed's VictoriaLogs; `None` skips the store runs (with the reason).
+    pub store_url: Option<String>,
+    pub store_skip_reason: Option<String>,
     pub steady_rates: Vec<u64>,
     pub steady_duration: Duration,
     pub steady_warmup: Duration,
     pub steady_containers: usize,
-    /// Who is measured (both unless `--subjects` says otherwise).
+    /// Who is measured (all unless `--subjects` says otherwise).
     pub subjects: Vec<Subject>,
     pub command: String,
 }
@@ -117,7 +119,7 @@ pub struct Outcome {
     pub manifest: Manifest,
     pub corpus_runs: Vec<CorpusRun>,
     pub steady_runs: Vec<SteadyRun>,
-    pub loki_version: Option<String>,
+    pub store_version: Option<String>,
     pub load_before: Option<String>,
     pub load_after: Option<String>,
 }
@@ -157,10 +159,10 @@ pub async fn run(options: &Options) -> Result<Outcome, BenchError> {
     warm_cache(&pods_root, &manifest)?;
 
     let null = Receiver::start(None).await?;
-    let (proxy, loki_version) = match &options.loki_url {
+    let (proxy, store_version) = match &options.store_url {
         Some(url) => (
             Some(Receiver::start(Some(url)).await?),
-            loki_version(url).await,
+            store_version(url).await,
         ),
         None => (None, None),
     };
@@ -169,16 +171,15 @@ pub async fn run(options: &Options) -> Result<Outcome, BenchError> {
     let stall = Duration::from_secs(60);
     let mut corpus_runs = Vec::new();
     let sinks: Vec<(Sink, &Receiver)> = std::iter::once((Sink::Null, &null))
-        .chain(proxy.as_ref().map(|p| (Sink::Loki, p)))
+        .chain(proxy.as_ref().map(|p| (Sink::Store, p)))
         .collect();
     for (sink, receiver) in &sinks {
         for index in 0..options.runs {
             // Alternate who goes first, so a slow spell on the machine hits both.
-            let order = if index % 2 == 0 {
-                [Subject::Agent, Subject::Promtail]
-            } else {
-                [Subject::Promtail, Subject::Agent]
-            };
+            let mut order = Subject::ALL;
+            if index % 2 == 1 {
+                order.reverse();
+            }
             for subject in order {
                 if !options.subjects.contains(&subject) {
                     continue;
@@ -196,8 +197,11 @@ pub async fn run(options: &Options) -> Result<Outcome, BenchError> {
                     index,
                     bins: &options.bins,
                     pods_root: &pods_root,
-                    files: &manifest.files,
                     receiver,
+                    store_url: match sink {
+                        Sink::Store => options.store_url.as_deref(),
+                        Sink::Null => None,
+                    },
                     expected_entries: manifest.entries,
                     corpus_bytes: manifest.bytes,
                     run_dir,
@@ -206,7 +210,7 @@ pub async fn run(options: &Options) -> Result<Outcome, BenchError> {
                 })
                 .await;
                 say(format!(
-                    "{:<8} -> {:<4?} run {index}: {} wall {:.2}s cpu {:.2}s ({:.0} lines/cpu-s, {:.1} MB/cpu-s) peak rss {:.1} MiB, machine else {:.1} cpu-s{}",
+                    "{:<8} -> {:<5?} run {index}: {} wall {:.2}s cpu {:.2}s ({:.0} lines/cpu-s, {:.1} MB/cpu-s) peak rss {:.1} MiB, machine else {:.1} cpu-s{}",
                     subject.name(),
                     sink,
                     if run.ok { "ok" } else { "FAILED" },
@@ -228,7 +232,7 @@ pub async fn run(options: &Options) -> Result<Outcome, BenchError> {
 
     let mut steady_runs = Vec::new();
     for &rate in &options.steady_rates {
-        for subject in [Subject::Agent, Subject::Promtail] {
+        for subject in Subject::ALL {
             if !options.subjects.contains(&subject) {
                 continue;
             }
@@ -268,13 +272,13 @@ pub async fn run(options: &Options) -> Result<Outcome, BenchError> {
         manifest,
         corpus_runs,
         steady_runs,
-        loki_version,
+        store_version,
         load_before,
         load_after,
     })
 }
 
-/// Read every corpus file once so both agents start from a warm page cache.
+/// Read every corpus file once so every subject starts from a warm page cache.
 fn warm_cache(root: &Path, manifest: &Manifest) -> Result<(), BenchError> {
     let mut buf = vec![0u8; 1 << 20];
     for file in &manifest.files {
@@ -285,24 +289,28 @@ fn warm_cache(root: &Path, manifest: &Manifest) -> Result<(), BenchError> {
     Ok(())
 }
 
-async fn loki_version(url: &str) -> Option<String> {
+/// The store's version from its `/metrics` (`vm_app_version{short_version=...}`; empty
+/// for a `go install` build, whose version is then the pinned one).
+async fn store_version(url: &str) -> Option<String> {
     let answer = crate::http_client()
-        .get(format!(
-            "{}/loki/api/v1/status/buildinfo",
-            url.trim_end_matches('/')
-        ))
+        .get(format!("{}/metrics", url.trim_end_matches('/')))
         .timeout(Duration::from_secs(3))
         .send()
         .await
         .ok()?;
-    let info: serde_json::Value = answer.json().await.ok()?;
-    info.get("version")?.as_str().map(str::to_string)
+    let text = answer.text().await.ok()?;
+    let line = text.lines().find(|l| l.starts_with("vm_app_version{"))?;
+    let tail = line.split("short_version=\"").nth(1)?;
+    tail.split('"')
+        .next()
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
 }
 
-/// Whether the Loki at `url` answers `/ready`.
-pub async fn loki_ready(url: &str) -> bool {
+/// Whether the VictoriaLogs at `url` answers its Loki and OTLP insert paths' readiness.
+pub async fn store_ready(url: &str) -> bool {
     runner::wait_ready(
-        &format!("{}/ready", url.trim_end_matches('/')),
+        &format!("{}/insert/loki/ready", url.trim_end_matches('/')),
         Duration::from_secs(3),
     )
     .await

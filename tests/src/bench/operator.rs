@@ -1310,7 +1310,7 @@ async fn kube_client(kubeconfig: &Path) -> Result<kube::Client, BenchError> {
             .and_then(Path::parent)
             .map(Path::to_path_buf)
             .unwrap_or_default(),
-        loki_url: String::new(),
+        store_url: String::new(),
     };
     let cluster = kubeconfig
         .parent()

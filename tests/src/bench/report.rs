@@ -1,11 +1,12 @@
 //! `target/bench/results.{json,md,png}` from an [`Outcome`].
 //!
-//! JSON shape: one object per component (`agent`, `promtail`, `operator`) holding the
-//! headline figures by their issue-7 names; a figure that could not be measured is
-//! `null` and its reason is under the component's `reasons`. `operator` is
+//! JSON shape: one object per component (`agent`, each comparator by its short name —
+//! `otelcol` —, `operator`) holding the headline figures by their issue-7 names; a figure
+//! that could not be measured is `null` and its reason is under the component's
+//! `reasons`. `ratios.<comparator>` holds ours / theirs of the same run. `operator` is
 //! `make bench-operator`'s `operator.json` (see [`super::operator`]), or nulls with
-//! reasons. Details per sink (`null`, `loki`) and per steady rate sit beside the headline
-//! figures; every raw run is under `runs`.
+//! reasons. Details per sink (`null`, `store`: VictoriaLogs) and per steady rate sit beside
+//! the headline figures; every raw run is under `runs`.
 
 use std::path::Path;
 
@@ -124,19 +125,19 @@ fn summary_json(s: &Summary, sink: &str, skipped: Option<&str>) -> Value {
 
 struct Side {
     null: Summary,
-    loki: Summary,
+    store: Summary,
 }
 
 fn side(outcome: &Outcome, subject: Subject) -> Side {
     Side {
         null: summarise(&outcome.corpus_runs, subject, Sink::Null),
-        loki: summarise(&outcome.corpus_runs, subject, Sink::Loki),
+        store: summarise(&outcome.corpus_runs, subject, Sink::Store),
     }
 }
 
-/// Peak RSS: the larger of the per-sink medians (Loki's pace can make a reader buffer more).
+/// Peak RSS: the larger of the per-sink medians (the store's pace can make a reader buffer more).
 fn peak(side: &Side) -> Option<f64> {
-    match (side.null.peak_rss_bytes, side.loki.peak_rss_bytes) {
+    match (side.null.peak_rss_bytes, side.store.peak_rss_bytes) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     }
@@ -181,23 +182,30 @@ fn component_json(outcome: &Outcome, options: &Options, subject: Subject) -> Val
         s.null.lines_per_s,
         &failed(&s.null),
     );
-    let loki_reason = options
-        .loki_skip_reason
+    let store_reason = options
+        .store_skip_reason
         .clone()
-        .unwrap_or_else(|| failed(&s.loki));
+        .unwrap_or_else(|| failed(&s.store));
     put(
         &mut obj,
         &mut reasons,
-        "loki_lines_per_cpu_s",
-        s.loki.lines_per_cpu_s,
-        &loki_reason,
+        "store_lines_per_cpu_s",
+        s.store.lines_per_cpu_s,
+        &store_reason,
     );
     put(
         &mut obj,
         &mut reasons,
-        "loki_lines_per_s",
-        s.loki.lines_per_s,
-        &loki_reason,
+        "store_mb_per_cpu_s",
+        s.store.mb_per_cpu_s,
+        &store_reason,
+    );
+    put(
+        &mut obj,
+        &mut reasons,
+        "store_lines_per_s",
+        s.store.lines_per_s,
+        &store_reason,
     );
     let at_10k = steady_of(&outcome.steady_runs, subject, 10_000);
     put(
@@ -211,8 +219,8 @@ fn component_json(outcome: &Outcome, options: &Options, subject: Subject) -> Val
     );
     obj.insert("null".into(), summary_json(&s.null, "null", None));
     obj.insert(
-        "loki".into(),
-        summary_json(&s.loki, "loki", options.loki_skip_reason.as_deref()),
+        "store".into(),
+        summary_json(&s.store, "store", options.store_skip_reason.as_deref()),
     );
     let steady: Vec<Value> = options
         .steady_rates
@@ -245,31 +253,34 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
+/// Ours / one comparator's, same runs.
 struct Ratios {
     lines_per_cpu_s: Option<f64>,
-    loki_lines_per_cpu_s: Option<f64>,
+    store_lines_per_cpu_s: Option<f64>,
     mb_per_cpu_s: Option<f64>,
+    store_mb_per_cpu_s: Option<f64>,
     peak_rss: Option<f64>,
     wall_null: Option<f64>,
     steady_cpu: Vec<(u64, Option<f64>)>,
     steady_rss: Vec<(u64, Option<f64>)>,
 }
 
-fn ratios(outcome: &Outcome, options: &Options) -> Ratios {
+fn ratios(outcome: &Outcome, options: &Options, theirs: Subject) -> Ratios {
     let a = side(outcome, Subject::Agent);
-    let p = side(outcome, Subject::Promtail);
+    let p = side(outcome, theirs);
     let steady = |rate: u64, f: fn(&SteadyRun) -> f64| {
         let get = |s| {
             steady_of(&outcome.steady_runs, s, rate)
                 .filter(|r| r.ok)
                 .map(f)
         };
-        ratio(get(Subject::Agent), get(Subject::Promtail))
+        ratio(get(Subject::Agent), get(theirs))
     };
     Ratios {
         lines_per_cpu_s: ratio(a.null.lines_per_cpu_s, p.null.lines_per_cpu_s),
-        loki_lines_per_cpu_s: ratio(a.loki.lines_per_cpu_s, p.loki.lines_per_cpu_s),
+        store_lines_per_cpu_s: ratio(a.store.lines_per_cpu_s, p.store.lines_per_cpu_s),
         mb_per_cpu_s: ratio(a.null.mb_per_cpu_s, p.null.mb_per_cpu_s),
+        store_mb_per_cpu_s: ratio(a.store.mb_per_cpu_s, p.store.mb_per_cpu_s),
         peak_rss: ratio(peak(&a), peak(&p)),
         wall_null: ratio(a.null.wall_s, p.null.wall_s),
         steady_cpu: options
@@ -286,7 +297,7 @@ fn ratios(outcome: &Outcome, options: &Options) -> Ratios {
 }
 
 /// A version pinned in `tests/testbed/versions.env`.
-fn pinned(key: &str) -> Option<String> {
+pub fn pinned(key: &str) -> Option<String> {
     let text =
         std::fs::read_to_string(crate::repo_root().join("tests/testbed/versions.env")).ok()?;
     text.lines()
@@ -314,14 +325,7 @@ fn machine() -> Value {
     })
 }
 
-pub fn results_json(outcome: &Outcome, options: &Options) -> Value {
-    let r = ratios(outcome, options);
-    let agent = component_json(outcome, options, Subject::Agent);
-    let agent_mb = agent.get("null_mb_per_cpu_s").and_then(Value::as_f64);
-    let agent_rss10k = agent
-        .get("rss_bytes_at_10k_lines_s")
-        .and_then(Value::as_f64);
-    let target = |name: &str, goal: &str, measured: Option<f64>, met: Option<bool>| json!({"target": goal, "measured": measured, "met": met, "name": name});
+fn ratios_json(r: &Ratios, theirs: Subject) -> Value {
     let mut steady_cpu = Map::new();
     for (rate, v) in &r.steady_cpu {
         steady_cpu.insert(rate.to_string(), json!(v));
@@ -330,9 +334,64 @@ pub fn results_json(outcome: &Outcome, options: &Options) -> Value {
     for (rate, v) in &r.steady_rss {
         steady_rss.insert(rate.to_string(), json!(v));
     }
-    let m = &outcome.manifest;
     json!({
-        "schema_version": 1,
+        "note": format!("ours / {}", theirs.title()),
+        "lines_per_cpu_s": r.lines_per_cpu_s,
+        "store_lines_per_cpu_s": r.store_lines_per_cpu_s,
+        "null_mb_per_cpu_s": r.mb_per_cpu_s,
+        "store_mb_per_cpu_s": r.store_mb_per_cpu_s,
+        "peak_rss_bytes": r.peak_rss,
+        "null_wall_s": r.wall_null,
+        "steady_cpu_share": steady_cpu,
+        "steady_rss_max_bytes": steady_rss,
+    })
+}
+
+pub fn results_json(outcome: &Outcome, options: &Options) -> Value {
+    let agent = component_json(outcome, options, Subject::Agent);
+    let agent_mb = agent.get("null_mb_per_cpu_s").and_then(Value::as_f64);
+    let agent_rss10k = agent
+        .get("rss_bytes_at_10k_lines_s")
+        .and_then(Value::as_f64);
+    let target = |name: &str, goal: &str, measured: Option<f64>, met: Option<bool>| json!({"target": goal, "measured": measured, "met": met, "name": name});
+    let mut ratios_obj = Map::new();
+    ratios_obj.insert(
+        "note".into(),
+        json!("ours / theirs per comparator, same corpus, same bench run"),
+    );
+    let mut targets = Vec::new();
+    for theirs in Subject::COMPARATORS {
+        let r = ratios(outcome, options, theirs);
+        // The ratio goals of issue 7 were set against Promtail; they are kept, per comparator.
+        targets.push(target(
+            &format!("lines_per_cpu_s ratio vs {}", theirs.name()),
+            ">= 5",
+            r.lines_per_cpu_s,
+            r.lines_per_cpu_s.map(|v| v >= 5.0),
+        ));
+        targets.push(target(
+            &format!("peak_rss_bytes ratio vs {}", theirs.name()),
+            "<= 0.25",
+            r.peak_rss,
+            r.peak_rss.map(|v| v <= 0.25),
+        ));
+        ratios_obj.insert(theirs.name().into(), ratios_json(&r, theirs));
+    }
+    targets.push(target(
+        "agent.null_mb_per_cpu_s",
+        ">= 150",
+        agent_mb,
+        agent_mb.map(|v| v >= 150.0),
+    ));
+    targets.push(target(
+        "agent.rss_bytes_at_10k_lines_s",
+        "< 33554432 (32 MiB)",
+        agent_rss10k,
+        agent_rss10k.map(|v| v < 32.0 * MIB),
+    ));
+    let m = &outcome.manifest;
+    let mut results = json!({
+        "schema_version": 2,
         "generated_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         "command": options.command,
         "machine": machine(),
@@ -343,13 +402,14 @@ pub fn results_json(outcome: &Outcome, options: &Options) -> Value {
         },
         "versions": {
             "logpipe_agent": super::version_of(&options.bins.agent, "--version"),
-            "promtail": pinned("PROMTAIL_VERSION"),
-            "promtail_banner": super::version_of(&options.bins.promtail, "-version"),
-            "loki": pinned("LOKI_VERSION"),
-            "loki_buildinfo": outcome.loki_version,
-            "note": "Promtail and Loki are built from Go modules without version ldflags, so their banners are empty: the versions are the pinned ones of tests/testbed/versions.env",
+            "otelcol": pinned("OTELCOL_VERSION"),
+            "otelcol_contrib": pinned("OTELCOL_CONTRIB_VERSION"),
+            "otelcol_banner": super::version_of(&options.bins.otelcol, "--version"),
+            "victorialogs": pinned("VICTORIALOGS_VERSION"),
+            "victorialogs_reported": outcome.store_version,
+            "note": "the collector is tests/otelcol/main.go built against the pinned modules of tests/testbed/versions.env (core OTELCOL_VERSION, contrib OTELCOL_CONTRIB_VERSION); VictoriaLogs is built with go install, without version ldflags, so it reports no version: the pinned one is what runs",
             "agent_binary": options.bins.agent.display().to_string(),
-            "promtail_binary": options.bins.promtail.display().to_string(),
+            "otelcol_binary": options.bins.otelcol.display().to_string(),
         },
         "corpus": {
             "size": options.size.name,
@@ -373,40 +433,34 @@ pub fn results_json(outcome: &Outcome, options: &Options) -> Value {
             "statistic": "median of successful runs",
             "batch_bytes": super::runner::BATCH_BYTES,
             "batch_wait": super::runner::BATCH_WAIT,
+            "protocols": {
+                "agent": "Loki push, protobuf + snappy, X-Scope-OrgID: <tenant>",
+                "otelcol": "OTLP/HTTP logs, protobuf, compression: snappy, AccountID: <tenant>; batches in the exporter's sending_queue (sizer bytes, min = max = batch_bytes, flush_timeout = batch_wait)",
+            },
+            "store": "VictoriaLogs: Loki push at /insert/loki/api/v1/push, OTLP at /insert/opentelemetry/v1/logs, through the bench's counting proxy; rows counted afterwards with LogsQL (* | stats count()) under the run's numeric tenant",
             "labels": super::runner::expected_label_names(),
             "steady_rates_lines_s": options.steady_rates,
             "steady_window_s": options.steady_duration.saturating_sub(options.steady_warmup).as_secs_f64(),
             "steady_containers": options.steady_containers,
             "mb": "10^6 bytes of CRI log files read",
-            "peak_rss_bytes": "VmHWM at the moment the last entry arrived; the larger of the null and Loki medians",
+            "peak_rss_bytes": "VmHWM at the moment the last entry arrived; the larger of the null and store medians",
             "rss_bytes_at_10k_lines_s": "largest VmRSS sampled (every 250 ms) in the steady window at 10k lines/s",
             "lines_per_cpu_s": "corpus entries / (utime+stime up to the last entry), null receiver",
         },
         "agent": agent,
-        "promtail": component_json(outcome, options, Subject::Promtail),
-        "ratios": {
-            "note": "ours / Promtail",
-            "lines_per_cpu_s": r.lines_per_cpu_s,
-            "loki_lines_per_cpu_s": r.loki_lines_per_cpu_s,
-            "null_mb_per_cpu_s": r.mb_per_cpu_s,
-            "peak_rss_bytes": r.peak_rss,
-            "null_wall_s": r.wall_null,
-            "steady_cpu_share": steady_cpu,
-            "steady_rss_max_bytes": steady_rss,
-        },
-        "targets": [
-            target("lines_per_cpu_s ratio", ">= 5", r.lines_per_cpu_s, r.lines_per_cpu_s.map(|v| v >= 5.0)),
-            target("peak_rss_bytes ratio", "<= 0.25", r.peak_rss, r.peak_rss.map(|v| v <= 0.25)),
-            target("agent.null_mb_per_cpu_s", ">= 150", agent_mb, agent_mb.map(|v| v >= 150.0)),
-            target("agent.rss_bytes_at_10k_lines_s", "< 33554432 (32 MiB)", agent_rss10k, agent_rss10k.map(|v| v < 32.0 * MIB)),
-        ],
+        "ratios": Value::Object(ratios_obj),
+        "targets": targets,
         // make bench-operator's figures (target/bench/operator.json), or null + reason.
         "operator": super::operator::load_section(&options.out),
         "runs": {
             "corpus": outcome.corpus_runs,
             "steady": outcome.steady_runs,
         },
-    })
+    });
+    for theirs in Subject::COMPARATORS {
+        results[theirs.name()] = component_json(outcome, options, theirs);
+    }
+    results
 }
 
 fn fmt(v: Option<f64>, digits: usize) -> String {
@@ -421,13 +475,11 @@ fn mib(v: Option<f64>) -> String {
 }
 
 pub fn results_md(outcome: &Outcome, options: &Options, results: &Value) -> String {
-    let a = side(outcome, Subject::Agent);
-    let p = side(outcome, Subject::Promtail);
-    let r = ratios(outcome, options);
     let m = &outcome.manifest;
     let machine = &results["machine"];
+    let v = |k: &str| results["versions"][k].as_str().unwrap_or("?").to_string();
     let mut md = String::new();
-    md.push_str("# logpipe-agent vs Promtail\n\n");
+    md.push_str("# logpipe-agent vs the OpenTelemetry Collector\n\n");
     md.push_str(&format!(
         "`{}` — {} runs per case (median), corpus {:.1} MiB: {} entries ({} CRI lines, {} partial), {} files, {} pods, seed {:#x}.  \n",
         options.command,
@@ -441,22 +493,39 @@ pub fn results_md(outcome: &Outcome, options: &Options, results: &Value) -> Stri
         m.seed
     ));
     md.push_str(&format!(
-        "Machine: {} × {}; load average before/after: {} / {}. Versions: agent `{}`, Promtail `{}`, Loki `{}`.\n\n",
+        "Machine: {} × {}; load average before/after: {} / {}. Versions: agent `{}`, OpenTelemetry Collector `{}` (contrib `{}`), VictoriaLogs `{}`.\n\n",
         machine["nproc"],
         machine["cpu_model"].as_str().unwrap_or("?"),
         outcome.load_before.as_deref().unwrap_or("?"),
         outcome.load_after.as_deref().unwrap_or("?"),
-        results["versions"]["logpipe_agent"].as_str().unwrap_or("?"),
-        results["versions"]["promtail"].as_str().unwrap_or("?"),
-        results["versions"]["loki"].as_str().unwrap_or("?"),
+        v("logpipe_agent"),
+        v("otelcol"),
+        v("otelcol_contrib"),
+        v("victorialogs"),
     ));
     md.push_str("## Corpus runs (read everything, push everything)\n\n");
-    md.push_str("| sink | who | ok runs | wall s | CPU s | lines/s | lines/CPU-s | MB/CPU-s | peak RSS MiB | other CPU s on the machine |\n");
-    md.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
-    for (sink, sa, sp) in [("null", &a.null, &p.null), ("Loki", &a.loki, &p.loki)] {
-        for (who, s) in [("logpipe-agent", sa), ("Promtail", sp)] {
+    md.push_str("| sink | who | ok runs | wall s | CPU s | lines/s | lines/CPU-s | MB/CPU-s | peak RSS MiB | rows in store | other CPU s on the machine |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for sink in [Sink::Null, Sink::Store] {
+        for subject in Subject::ALL {
+            let sd = side(outcome, subject);
+            let s = match sink {
+                Sink::Null => &sd.null,
+                Sink::Store => &sd.store,
+            };
+            let rows: Vec<String> = outcome
+                .corpus_runs
+                .iter()
+                .filter(|r| r.subject == subject && r.sink == sink)
+                .filter_map(|r| r.store_rows.map(|n| n.to_string()))
+                .collect();
             md.push_str(&format!(
-                "| {sink} | {who} | {}/{} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                match sink {
+                    Sink::Null => "null",
+                    Sink::Store => "VictoriaLogs",
+                },
+                subject.title(),
                 s.ok,
                 s.runs,
                 fmt(s.wall_s, 2),
@@ -465,21 +534,43 @@ pub fn results_md(outcome: &Outcome, options: &Options, results: &Value) -> Stri
                 fmt(s.lines_per_cpu_s, 0),
                 fmt(s.mb_per_cpu_s, 1),
                 mib(s.peak_rss_bytes),
+                if rows.is_empty() {
+                    "—".to_string()
+                } else {
+                    rows.join(", ")
+                },
                 fmt(s.other_cpu_s, 1),
             ));
         }
     }
-    if let Some(reason) = &options.loki_skip_reason {
-        md.push_str(&format!("\nLoki runs skipped: {reason}\n"));
+    if let Some(reason) = &options.store_skip_reason {
+        md.push_str(&format!("\nStore runs skipped: {reason}\n"));
+    }
+    let errors: Vec<String> = outcome
+        .corpus_runs
+        .iter()
+        .filter_map(|r| {
+            r.error.as_ref().map(|e| {
+                format!(
+                    "- {} -> {:?} run {}: {e}",
+                    r.subject.title(),
+                    r.sink,
+                    r.index
+                )
+            })
+        })
+        .collect();
+    if !errors.is_empty() {
+        md.push_str(&format!("\nFailed runs:\n{}\n", errors.join("\n")));
     }
     md.push_str("\n## Steady state (null receiver, short lines)\n\n");
     md.push_str("| lines/s | who | CPU (cores) | RSS mean MiB | RSS max MiB | delivered |\n|---|---|---|---|---|---|\n");
     for &rate in &options.steady_rates {
-        for subject in [Subject::Agent, Subject::Promtail] {
+        for subject in Subject::ALL {
             if let Some(s) = steady_of(&outcome.steady_runs, subject, rate) {
                 md.push_str(&format!(
                     "| {rate} | {} | {:.3} | {:.1} | {:.1} | {}/{}{} |\n",
-                    subject.name(),
+                    subject.title(),
                     s.cpu_share,
                     s.rss_mean_bytes as f64 / MIB,
                     s.rss_max_bytes as f64 / MIB,
@@ -490,22 +581,45 @@ pub fn results_md(outcome: &Outcome, options: &Options, results: &Value) -> Stri
             }
         }
     }
-    md.push_str("\n## Ratios (ours / Promtail) and targets\n\n| figure | ratio |\n|---|---|\n");
-    md.push_str(&format!(
-        "| lines per CPU-second (null) | {} |\n",
-        fmt(r.lines_per_cpu_s, 2)
-    ));
-    md.push_str(&format!(
-        "| lines per CPU-second (Loki) | {} |\n",
-        fmt(r.loki_lines_per_cpu_s, 2)
-    ));
-    md.push_str(&format!("| peak RSS | {} |\n", fmt(r.peak_rss, 3)));
-    md.push_str(&format!("| wall time (null) | {} |\n", fmt(r.wall_null, 2)));
-    for (rate, v) in &r.steady_cpu {
-        md.push_str(&format!("| CPU at {rate} lines/s | {} |\n", fmt(*v, 3)));
+    let all: Vec<(Subject, Ratios)> = Subject::COMPARATORS
+        .iter()
+        .map(|&t| (t, ratios(outcome, options, t)))
+        .collect();
+    md.push_str("\n## Ratios (ours / theirs, same run) and targets\n\n| figure |");
+    for (t, _) in &all {
+        md.push_str(&format!(" vs {} |", t.title()));
     }
-    for (rate, v) in &r.steady_rss {
-        md.push_str(&format!("| RSS at {rate} lines/s | {} |\n", fmt(*v, 3)));
+    md.push_str("\n|---|");
+    md.push_str(&"---|".repeat(all.len()));
+    md.push('\n');
+    let mut row = |name: String, f: &dyn Fn(&Ratios) -> String| {
+        md.push_str(&format!("| {name} |"));
+        for (_, r) in &all {
+            md.push_str(&format!(" {} |", f(r)));
+        }
+        md.push('\n');
+    };
+    row("lines per CPU-second (null)".into(), &|r| {
+        fmt(r.lines_per_cpu_s, 2)
+    });
+    row("lines per CPU-second (VictoriaLogs)".into(), &|r| {
+        fmt(r.store_lines_per_cpu_s, 2)
+    });
+    row("MB per CPU-second (null)".into(), &|r| {
+        fmt(r.mb_per_cpu_s, 2)
+    });
+    row("MB per CPU-second (VictoriaLogs)".into(), &|r| {
+        fmt(r.store_mb_per_cpu_s, 2)
+    });
+    row("peak RSS".into(), &|r| fmt(r.peak_rss, 3));
+    row("wall time (null)".into(), &|r| fmt(r.wall_null, 2));
+    for (i, &rate) in options.steady_rates.iter().enumerate() {
+        row(format!("CPU at {rate} lines/s"), &|r| {
+            fmt(r.steady_cpu.get(i).and_then(|x| x.1), 3)
+        });
+        row(format!("RSS at {rate} lines/s"), &|r| {
+            fmt(r.steady_rss.get(i).and_then(|x| x.1), 3)
+        });
     }
     md.push_str("\n| target | goal | measured | met |\n|---|---|---|---|\n");
     if let Some(targets) = results["targets"].as_array() {
@@ -525,10 +639,15 @@ pub fn results_md(outcome: &Outcome, options: &Options, results: &Value) -> Stri
             ));
         }
     }
-    md.push_str(&format!(
-        "\nLabels per stream — agent: {:?}; Promtail: {:?}.\n",
-        a.null.label_names, p.null.label_names
-    ));
+    md.push_str("\nLabels per stream (null runs) —");
+    for subject in Subject::ALL {
+        md.push_str(&format!(
+            " {}: {:?};",
+            subject.title(),
+            side(outcome, subject).null.label_names
+        ));
+    }
+    md.push_str(" (the collector's are its resource and record attributes.)\n");
     md.push_str(&super::operator::merge_md(
         "\n",
         &super::operator::markdown(&results["operator"]),
@@ -536,7 +655,10 @@ pub fn results_md(outcome: &Outcome, options: &Options, results: &Value) -> Stri
     md.push_str(
         "\nNotes: CPU seconds are utime+stime of the process up to the moment the receiver held the last entry; \
          MB = 10^6 bytes of CRI files read. The machine's 2 cores are shared, so wall times are noisy; \
-         the Loki runs go through a counting proxy in the bench process that forwards to the test bed's Loki.\n",
+         the VictoriaLogs runs go through a counting proxy in the bench process that forwards each protocol to the \
+         test bed's VictoriaLogs (Loki push and OTLP/HTTP), and the rows are then counted there with LogsQL. \
+         Our agent pushes Loki protobuf + snappy; the collector OTLP protobuf + snappy (`compression: snappy`), \
+         both in batches of up to 1 MiB or 1 s.\n",
     );
     md
 }
@@ -562,34 +684,51 @@ fn register_font() -> bool {
 
 pub fn results_png(outcome: &Outcome, options: &Options, path: &Path) -> Result<bool, BenchError> {
     let with_text = register_font();
-    let r = ratios(outcome, options);
-    // Left: advantage factors, higher is better for us.
+    // Left: advantage factors over each comparator, higher is better for us.
     let mut bars: Vec<(String, f64)> = Vec::new();
-    if let Some(v) = r.lines_per_cpu_s {
-        bars.push(("lines/CPU-s (null)".into(), v));
-    }
-    if let Some(v) = r.loki_lines_per_cpu_s {
-        bars.push(("lines/CPU-s (Loki)".into(), v));
-    }
-    if let Some(v) = r.peak_rss.filter(|v| *v > 0.0) {
-        bars.push(("peak RSS (Promtail/ours)".into(), 1.0 / v));
-    }
-    for (rate, v) in &r.steady_cpu {
-        if let Some(v) = v.filter(|v| *v > 0.0) {
-            bars.push((format!("CPU @{}k/s (Promtail/ours)", rate / 1000), 1.0 / v));
+    for theirs in Subject::COMPARATORS {
+        let r = ratios(outcome, options, theirs);
+        let who = match theirs {
+            Subject::Otelcol => "OTel",
+            other => other.name(),
+        };
+        if let Some(v) = r.lines_per_cpu_s {
+            bars.push((format!("lines/CPU-s, null (vs {who})"), v));
+        }
+        if let Some(v) = r.store_lines_per_cpu_s {
+            bars.push((format!("lines/CPU-s, VictoriaLogs (vs {who})"), v));
+        }
+        if let Some(v) = r.peak_rss.filter(|v| *v > 0.0) {
+            bars.push((format!("peak RSS ({who}/ours)"), 1.0 / v));
+        }
+        for (rate, v) in &r.steady_cpu {
+            if let Some(v) = v.filter(|v| *v > 0.0) {
+                bars.push((format!("CPU @{}k/s ({who}/ours)", rate / 1000), 1.0 / v));
+            }
+        }
+        for (rate, v) in &r.steady_rss {
+            if let Some(v) = v.filter(|v| *v > 0.0) {
+                bars.push((format!("RSS @{}k/s ({who}/ours)", rate / 1000), 1.0 / v));
+            }
         }
     }
-    for (rate, v) in &r.steady_rss {
-        if let Some(v) = v.filter(|v| *v > 0.0) {
-            bars.push((format!("RSS @{}k/s (Promtail/ours)", rate / 1000), 1.0 / v));
+    let mut absolute: Vec<(String, f64, bool)> = Vec::new();
+    for (sink, label) in [(Sink::Null, "null"), (Sink::Store, "VictoriaLogs")] {
+        for subject in Subject::ALL {
+            let sd = side(outcome, subject);
+            let s = match sink {
+                Sink::Null => &sd.null,
+                Sink::Store => &sd.store,
+            };
+            if let Some(v) = s.lines_per_cpu_s {
+                absolute.push((
+                    format!("{} -> {label}", subject.title()),
+                    v,
+                    subject == Subject::Agent,
+                ));
+            }
         }
     }
-    let a = side(outcome, Subject::Agent);
-    let p = side(outcome, Subject::Promtail);
-    let absolute: Vec<(&str, Option<f64>, Option<f64>)> = vec![
-        ("null", a.null.lines_per_cpu_s, p.null.lines_per_cpu_s),
-        ("Loki", a.loki.lines_per_cpu_s, p.loki.lines_per_cpu_s),
-    ];
     draw(path, &bars, &absolute, with_text)
         .map_err(|e| BenchError::Other(format!("{}: {e}", path.display())))?;
     Ok(with_text)
@@ -600,7 +739,7 @@ type DrawResult = Result<(), Box<dyn std::error::Error>>;
 fn draw(
     path: &Path,
     bars: &[(String, f64)],
-    absolute: &[(&str, Option<f64>, Option<f64>)],
+    absolute: &[(String, f64, bool)],
     text: bool,
 ) -> DrawResult {
     let root = BitMapBackend::new(path, (1400, 720)).into_drawing_area();
@@ -615,21 +754,22 @@ fn draw(
         .collect();
     hbars(
         &left,
-        "advantage of logpipe-agent over Promtail (x, higher is better)",
+        "advantage of logpipe-agent (x, higher is better)",
         &factors,
         |v| format!("{v:.2}x"),
         Some(1.0),
         text,
     )?;
-    let mut throughput = Vec::new();
-    for (sink, a, p) in absolute {
-        if let Some(a) = a {
-            throughput.push((format!("logpipe-agent -> {sink}"), a / 1000.0, ours));
-        }
-        if let Some(p) = p {
-            throughput.push((format!("Promtail -> {sink}"), p / 1000.0, theirs));
-        }
-    }
+    let throughput: Vec<(String, f64, RGBColor)> = absolute
+        .iter()
+        .map(|(name, v, is_ours)| {
+            (
+                name.clone(),
+                v / 1000.0,
+                if *is_ours { ours } else { theirs },
+            )
+        })
+        .collect();
     hbars(
         &right,
         "thousand lines per CPU-second",
@@ -736,16 +876,24 @@ pub fn headline(results: &Value) -> Vec<String> {
     let mut lines = Vec::new();
     let get = |p: &str| results.pointer(p).and_then(Value::as_f64);
     lines.push(format!(
-        "lines/CPU-s: agent {} promtail {} (x{}); peak RSS MiB: agent {} promtail {} (x{}); agent null MB/CPU-s {}; agent RSS@10k {} MiB",
+        "agent: {} lines/CPU-s, null {} MB/CPU-s, peak RSS {} MiB, RSS@10k {} MiB",
         fmt(get("/agent/lines_per_cpu_s"), 0),
-        fmt(get("/promtail/lines_per_cpu_s"), 0),
-        fmt(get("/ratios/lines_per_cpu_s"), 2),
-        mib(get("/agent/peak_rss_bytes")),
-        mib(get("/promtail/peak_rss_bytes")),
-        fmt(get("/ratios/peak_rss_bytes"), 3),
         fmt(get("/agent/null_mb_per_cpu_s"), 1),
+        mib(get("/agent/peak_rss_bytes")),
         mib(get("/agent/rss_bytes_at_10k_lines_s")),
     ));
+    for theirs in Subject::COMPARATORS {
+        let n = theirs.name();
+        lines.push(format!(
+            "{}: {} lines/CPU-s (ours x{}; into VictoriaLogs x{}), peak RSS {} MiB (ours x{})",
+            theirs.title(),
+            fmt(get(&format!("/{n}/lines_per_cpu_s")), 0),
+            fmt(get(&format!("/ratios/{n}/lines_per_cpu_s")), 2),
+            fmt(get(&format!("/ratios/{n}/store_lines_per_cpu_s")), 2),
+            mib(get(&format!("/{n}/peak_rss_bytes"))),
+            fmt(get(&format!("/ratios/{n}/peak_rss_bytes")), 3),
+        ));
+    }
     lines
 }
 

@@ -1,13 +1,15 @@
-//! One measured run: start an agent (ours or Promtail) on a log tree, pushing to a
-//! receiver under a fresh tenant, and watch it until the receiver holds every entry.
+//! One measured run: start an agent (ours or a comparator) on a log tree, pushing to a
+//! receiver under a fresh numeric tenant, and watch it until the receiver holds every
+//! entry.
 //!
-//! Both agents get the same work: read every `<root>/<pod dir>/<container>/*.log` from the
-//! start (fresh positions), parse CRI (joining partial lines), label each stream with
-//! `node_name`, `namespace`, `pod`, `container`, `filename` and `stream`, batch up to
-//! 1 MiB of lines or 1 s, push snappy protobuf. Ours derives the labels from the path
-//! (no `--kubeconfig`); Promtail gets one static target per container directory whose
-//! `__path__` a relabel rule turns into the same labels, computed once per target as its
-//! Kubernetes discovery would, not once per line.
+//! Every subject gets the same work: read every `<root>/<pod dir>/<container>/*.log` from
+//! the start (fresh positions), parse CRI (joining partial lines), label each stream with
+//! the pod's namespace, pod and container (from the path), the node and the CRI stream,
+//! batch up to 1 MiB or 1 s, push snappy-compressed protobuf. Ours pushes Loki's protocol
+//! (`X-Scope-OrgID`), derives the labels from the path (no `--kubeconfig`). The
+//! OpenTelemetry Collector (tests/otelcol) uses the filelog receiver with its `container`
+//! operator (CRI, partial lines joined, `add_metadata_from_filepath`: k8s.* resource
+//! attributes from the path) and pushes OTLP/HTTP (`AccountID`, `compression: snappy`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,9 +19,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::BenchError;
-use super::corpus::ContainerFile;
 use super::procstat::{self, Sample};
-use super::receiver::{Receiver, label_names};
+use super::receiver::{Protocol, Receiver, label_names};
 
 pub const NODE_NAME: &str = "bench-node";
 pub const BATCH_BYTES: u64 = 1024 * 1024;
@@ -29,14 +30,35 @@ pub const BATCH_WAIT: &str = "1s";
 #[serde(rename_all = "lowercase")]
 pub enum Subject {
     Agent,
-    Promtail,
+    Otelcol,
 }
 
 impl Subject {
+    /// Every comparator, in report order. (vlagent is not one: it reads Kubernetes logs
+    /// only with an API server; see README "Benchmarks".)
+    pub const COMPARATORS: [Subject; 1] = [Subject::Otelcol];
+    pub const ALL: [Subject; 2] = [Subject::Agent, Subject::Otelcol];
+
+    /// Short name: file names, flags, JSON keys.
     pub fn name(self) -> &'static str {
         match self {
             Self::Agent => "agent",
-            Self::Promtail => "promtail",
+            Self::Otelcol => "otelcol",
+        }
+    }
+
+    /// Name for people: tables and charts.
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::Agent => "logpipe-agent",
+            Self::Otelcol => "OpenTelemetry Collector",
+        }
+    }
+
+    pub fn protocol(self) -> Protocol {
+        match self {
+            Self::Agent => Protocol::Loki,
+            Self::Otelcol => Protocol::Otlp,
         }
     }
 }
@@ -45,14 +67,24 @@ impl Subject {
 #[serde(rename_all = "lowercase")]
 pub enum Sink {
     Null,
-    Loki,
+    /// The test bed's VictoriaLogs, through the counting proxy.
+    Store,
 }
 
 /// Binaries under test.
 #[derive(Clone, Debug)]
 pub struct Binaries {
     pub agent: PathBuf,
-    pub promtail: PathBuf,
+    pub otelcol: PathBuf,
+}
+
+impl Binaries {
+    pub fn of(&self, subject: Subject) -> &Path {
+        match subject {
+            Subject::Agent => &self.agent,
+            Subject::Otelcol => &self.otelcol,
+        }
+    }
 }
 
 /// A started agent process; killed (and reaped) when dropped.
@@ -98,60 +130,52 @@ fn free_port() -> Result<u16, BenchError> {
         .map_err(|e| BenchError::Other(format!("cannot find a free loopback port: {e}")))
 }
 
-/// Start `subject` reading `pods_root` (whose container files are `files`), pushing to
-/// `push_url` as `tenant`; its config, positions and log go to `run_dir`.
+/// Start `subject` reading `pods_root`, pushing to `receiver` as the numeric `tenant`;
+/// its config, positions and log go to `run_dir`.
 pub fn start(
     subject: Subject,
     bins: &Binaries,
     pods_root: &Path,
-    files: &[ContainerFile],
-    push_url: &str,
+    receiver: &Receiver,
     tenant: &str,
     run_dir: &Path,
 ) -> Result<Running, BenchError> {
     std::fs::create_dir_all(run_dir).map_err(BenchError::io(run_dir))?;
     let port = free_port()?;
     let log = run_dir.join(format!("{}.log", subject.name()));
-    let (config, mut command, http) = match subject {
+    let push_url = receiver.push_url(subject.protocol());
+    let config_path = run_dir.join(format!("{}.yaml", subject.name()));
+    let mut command = Command::new(bins.of(subject));
+    let (config, http) = match subject {
         Subject::Agent => {
-            let config = agent_config(
-                push_url,
-                tenant,
-                pods_root,
-                &run_dir.join("positions.json"),
-                port,
-            );
-            let mut command = Command::new(&bins.agent);
             command
                 .arg("--config")
-                .arg(run_dir.join("agent.yaml"))
+                .arg(&config_path)
                 .arg("--node-name")
                 .arg(NODE_NAME)
                 .arg("--log-format")
                 .arg("text")
                 .env("RUST_LOG", "warn");
-            (config, command, format!("http://127.0.0.1:{port}/-/ready"))
+            (
+                agent_config(
+                    &push_url,
+                    tenant,
+                    pods_root,
+                    &run_dir.join("positions.json"),
+                    port,
+                ),
+                format!("http://127.0.0.1:{port}/-/ready"),
+            )
         }
-        Subject::Promtail => {
-            let config = promtail_config(
-                push_url,
-                tenant,
-                pods_root,
-                files,
-                &run_dir.join("positions.yaml"),
-                port,
-            );
-            let mut command = Command::new(&bins.promtail);
-            command
-                .arg("-config.file")
-                .arg(run_dir.join("promtail.yaml"));
-            (config, command, format!("http://127.0.0.1:{port}/ready"))
+        Subject::Otelcol => {
+            command.arg("--config").arg(&config_path);
+            (
+                otelcol_config(&push_url, tenant, pods_root, port),
+                // The telemetry's Prometheus reader answers once the service is up.
+                format!("http://127.0.0.1:{port}/metrics"),
+            )
         }
     };
-    let config_path = run_dir.join(match subject {
-        Subject::Agent => "agent.yaml",
-        Subject::Promtail => "promtail.yaml",
-    });
     std::fs::write(&config_path, config).map_err(BenchError::io(&config_path))?;
     let out = std::fs::File::create(&log).map_err(BenchError::io(&log))?;
     let err = out.try_clone().map_err(BenchError::io(&log))?;
@@ -181,65 +205,67 @@ pub fn agent_config(
     port: u16,
 ) -> String {
     format!(
-        "loki:\n  url: {push_url}\n  tenant: {tenant}\n  batchWait: {BATCH_WAIT}\n  batchBytes: {BATCH_BYTES}\n\
+        "loki:\n  url: {push_url}\n  tenant: \"{tenant}\"\n  batchWait: {BATCH_WAIT}\n  batchBytes: {BATCH_BYTES}\n\
          logRoot: {root}\npositionsFile: {positions}\nlisten: 127.0.0.1:{port}\npipeline:\n  - cri: {{}}\n",
         root = pods_root.display(),
         positions = positions.display(),
     )
 }
 
-/// Promtail's config: one static target per container directory, labels from `__path__`.
-pub fn promtail_config(
-    push_url: &str,
-    tenant: &str,
-    pods_root: &Path,
-    files: &[ContainerFile],
-    positions: &Path,
-    port: u16,
-) -> String {
-    let mut targets = String::new();
-    for file in files {
-        targets.push_str(&format!(
-            "      - targets: [localhost]\n        labels:\n          __path__: {}/*.log\n",
-            pods_root.join(file.rel_dir()).display()
-        ));
-    }
+/// The collector's config: filelog (CRI via the `container` operator, k8s.* resource
+/// attributes from the path, the node as a resource attribute) -> otlphttp (protobuf,
+/// snappy, batches of 1 MiB or 1 s in the exporter's queue, which blocks rather than drops
+/// when full). Offsets are kept in memory (no storage extension): each run starts fresh.
+pub fn otelcol_config(push_url: &str, tenant: &str, pods_root: &Path, port: u16) -> String {
     format!(
-        r#"server:
-  http_listen_address: 127.0.0.1
-  http_listen_port: {port}
-  grpc_listen_address: 127.0.0.1
-  grpc_listen_port: 0
-  log_level: warn
-positions:
-  filename: {positions}
-clients:
-  - url: {push_url}
-    tenant_id: {tenant}
-    batchwait: {BATCH_WAIT}
-    batchsize: {BATCH_BYTES}
-scrape_configs:
-  - job_name: kubernetes-pods
-    pipeline_stages:
-      - cri: {{}}
-    relabel_configs:
-      - source_labels: [__path__]
-        regex: '.*/([^/_]+)_([^/_]+)_[^/_]+/([^/]+)/\*\.log'
-        target_label: namespace
-        replacement: $1
-      - source_labels: [__path__]
-        regex: '.*/([^/_]+)_([^/_]+)_[^/_]+/([^/]+)/\*\.log'
-        target_label: pod
-        replacement: $2
-      - source_labels: [__path__]
-        regex: '.*/([^/_]+)_([^/_]+)_[^/_]+/([^/]+)/\*\.log'
-        target_label: container
-        replacement: $3
-      - target_label: node_name
-        replacement: {NODE_NAME}
-    static_configs:
-{targets}"#,
-        positions = positions.display(),
+        r#"receivers:
+  filelog:
+    include: ["{root}/*/*/*.log"]
+    start_at: beginning
+    include_file_path: true
+    include_file_name: false
+    resource:
+      k8s.node.name: {NODE_NAME}
+    operators:
+      - type: container
+        format: containerd
+        add_metadata_from_filepath: true
+exporters:
+  otlphttp:
+    logs_endpoint: {push_url}
+    encoding: proto
+    compression: snappy
+    headers:
+      AccountID: "{tenant}"
+      ProjectID: "0"
+    sending_queue:
+      enabled: true
+      sizer: bytes
+      queue_size: 67108864
+      block_on_overflow: true
+      batch:
+        flush_timeout: {BATCH_WAIT}
+        sizer: bytes
+        min_size: {BATCH_BYTES}
+        max_size: {BATCH_BYTES}
+service:
+  telemetry:
+    logs:
+      level: warn
+    metrics:
+      level: basic
+      readers:
+        - pull:
+            exporter:
+              prometheus:
+                host: 127.0.0.1
+                port: {port}
+  pipelines:
+    logs:
+      receivers: [filelog]
+      exporters: [otlphttp]
+"#,
+        root = pods_root.display(),
     )
 }
 
@@ -264,6 +290,11 @@ pub struct CorpusRun {
     pub mb_per_cpu_s: f64,
     pub streams: usize,
     pub label_names: Vec<String>,
+    /// Store runs: the rows LogsQL counts under the run's tenant once the proxy had
+    /// every entry acknowledged (`None`: null sink, or the store could not be asked).
+    pub store_rows: Option<u64>,
+    /// The run's numeric tenant (VictoriaLogs `AccountID`; Loki `X-Scope-OrgID`).
+    pub tenant: String,
     /// CPU seconds the whole machine spent during the run besides this process: how much
     /// the measurement was contended (2 shared cores).
     pub other_cpu_s: f64,
@@ -275,8 +306,9 @@ pub struct CorpusJob<'a> {
     pub index: usize,
     pub bins: &'a Binaries,
     pub pods_root: &'a Path,
-    pub files: &'a [ContainerFile],
     pub receiver: &'a Receiver,
+    /// The store's base URL (store runs): its rows are counted after the run.
+    pub store_url: Option<&'a str>,
     pub expected_entries: u64,
     pub corpus_bytes: u64,
     pub run_dir: PathBuf,
@@ -286,12 +318,8 @@ pub struct CorpusJob<'a> {
 }
 
 pub async fn corpus_run(job: CorpusJob<'_>) -> CorpusRun {
-    let tenant = format!(
-        "bench-{}-{}-{}",
-        job.subject.name(),
-        job.index,
-        crate::unique_suffix()
-    );
+    // Numeric (VictoriaLogs' tenants are) and fresh: runs never see each other's rows.
+    let tenant = crate::store::unique_tenant();
     let mut run = CorpusRun {
         subject: job.subject,
         sink: job.sink,
@@ -309,6 +337,8 @@ pub async fn corpus_run(job: CorpusJob<'_>) -> CorpusRun {
         mb_per_cpu_s: 0.0,
         streams: 0,
         label_names: Vec::new(),
+        store_rows: None,
+        tenant: tenant.clone(),
         other_cpu_s: 0.0,
     };
     let tally = job.receiver.tally(&tenant);
@@ -317,8 +347,7 @@ pub async fn corpus_run(job: CorpusJob<'_>) -> CorpusRun {
         job.subject,
         job.bins,
         job.pods_root,
-        job.files,
-        &job.receiver.push_url(),
+        job.receiver,
         &tenant,
         &job.run_dir,
     ) {
@@ -378,6 +407,24 @@ pub async fn corpus_run(job: CorpusJob<'_>) -> CorpusRun {
                     run.extra_entries
                 ));
             }
+            if let Some(url) = job.store_url {
+                match store_rows(url, &tenant, run.received_entries).await {
+                    Ok(rows) => {
+                        run.store_rows = Some(rows);
+                        if rows != run.received_entries && run.ok {
+                            run.ok = false;
+                            run.error = Some(format!(
+                                "the store acknowledged {} entries but LogsQL counts {rows} rows under tenant {tenant}",
+                                run.received_entries
+                            ));
+                        }
+                    }
+                    Err(e) => {
+                        run.ok = false;
+                        run.error = Some(format!("cannot count the rows in the store: {e}"));
+                    }
+                }
+            }
         }
         Err(why) => {
             run.received_entries = tally.entries();
@@ -422,14 +469,97 @@ pub async fn wait_ready(url: &str, limit: Duration) -> bool {
     false
 }
 
+/// Rows under `tenant` in the VictoriaLogs at `base` (LogsQL `* | stats count()` with
+/// the `AccountID` header), asked until it reaches `want` or 30 s pass: freshly
+/// acknowledged rows become searchable within a few seconds.
+pub async fn store_rows(base: &str, tenant: &str, want: u64) -> Result<u64, String> {
+    let http = crate::http_client();
+    let (account, project) = crate::store::tenant_headers(tenant).map_err(|e| e.to_string())?;
+    let url = format!("{}/select/logsql/stats_query", base.trim_end_matches('/'));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = http
+            .post(&url)
+            .header("AccountID", account.to_string())
+            .header("ProjectID", project.to_string())
+            .query(&[("query", "* | stats count() rows")])
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = answer.status();
+        let body: serde_json::Value = answer.json().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("{status}: {body}"));
+        }
+        let rows = stats_rows(&body).ok_or_else(|| format!("unexpected answer {body}"))?;
+        if rows >= want || Instant::now() > deadline {
+            return Ok(rows);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The `rows` value of a `/select/logsql/stats_query` answer (0 when no row matched).
+pub fn stats_rows(body: &serde_json::Value) -> Option<u64> {
+    let result = body.pointer("/data/result")?.as_array()?;
+    match result.first() {
+        None => Some(0),
+        Some(sample) => sample.pointer("/value/1")?.as_str()?.parse().ok(),
+    }
+}
+
 /// Labels both agents give a stream, for the report.
 pub fn expected_label_names() -> BTreeMap<&'static str, &'static str> {
     BTreeMap::from([
-        ("container", "path"),
-        ("filename", "path"),
-        ("namespace", "path"),
-        ("node_name", "flag / static"),
-        ("pod", "path"),
-        ("stream", "cri stage"),
+        (
+            "container",
+            "path; collector: k8s.container.name (resource, from the path)",
+        ),
+        (
+            "filename",
+            "path; collector: log.file.path (record attribute)",
+        ),
+        (
+            "namespace",
+            "path; collector: k8s.namespace.name (resource, from the path)",
+        ),
+        (
+            "node_name",
+            "flag; collector: k8s.node.name (static resource attribute)",
+        ),
+        (
+            "pod",
+            "path; collector: k8s.pod.name (resource, from the path)",
+        ),
+        (
+            "stream",
+            "cri stage; collector: log.iostream (record attribute)",
+        ),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_answers_count_rows() {
+        let some = serde_json::json!({"status":"success","data":{"resultType":"vector","result":[{"metric":{"__name__":"rows"},"value":[1796167083.6,"1234"]}]}});
+        assert_eq!(stats_rows(&some), Some(1234));
+        let none =
+            serde_json::json!({"status":"success","data":{"resultType":"vector","result":[]}});
+        assert_eq!(stats_rows(&none), Some(0));
+        assert_eq!(stats_rows(&serde_json::json!({})), None);
+    }
+
+    #[test]
+    fn the_collector_config_names_the_tenant_and_the_batch() {
+        let config = otelcol_config("http://127.0.0.1:9/v1/logs", "4242", Path::new("/p"), 7);
+        assert!(config.contains(r#"include: ["/p/*/*/*.log"]"#));
+        assert!(config.contains(r#"AccountID: "4242""#));
+        assert!(config.contains("compression: snappy"));
+        assert!(config.contains("min_size: 1048576"));
+        assert!(config.contains("port: 7"));
+    }
 }

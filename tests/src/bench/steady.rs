@@ -99,19 +99,13 @@ async fn measure(job: &SteadyJob<'_>, run: &mut SteadyRun) -> Result<(), BenchEr
             .map_err(BenchError::io(&path))?;
         handles.push((path, handle, file.format));
     }
-    let tenant = format!(
-        "steady-{}-{}-{}",
-        job.subject.name(),
-        job.rate,
-        crate::unique_suffix()
-    );
+    let tenant = crate::store::unique_tenant();
     let tally = job.receiver.tally(&tenant);
     let mut process = runner::start(
         job.subject,
         job.bins,
         &root,
-        &files,
-        &job.receiver.push_url(),
+        job.receiver,
         &tenant,
         &job.dir.join("run"),
     )?;

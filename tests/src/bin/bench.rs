@@ -1,5 +1,5 @@
-//! `logpipe-bench`: our agent against Promtail on the same corpus (issue 7), run by
-//! `make bench`. Results go to `target/bench/results.{json,md,png}`.
+//! `logpipe-bench`: our agent against the OpenTelemetry Collector on the same corpus
+//! (issue 7), run by `make bench`. Results go to `target/bench/results.{json,md,png}`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +12,7 @@ use logpipe_e2e::bench::{self, BenchError, Options, Size, report};
 #[derive(Debug, Parser)]
 #[command(
     name = "logpipe-bench",
-    about = "logpipe-agent vs Promtail: throughput per CPU-second, memory, steady state"
+    about = "logpipe-agent vs the OpenTelemetry Collector: throughput per CPU-second, memory, steady state"
 )]
 struct Args {
     /// `small` (96 MiB, 1 run, short steady state: a few minutes), `default` (1 GiB) or MiB.
@@ -30,24 +30,24 @@ struct Args {
     /// The agent binary (release build).
     #[arg(long)]
     agent: Option<PathBuf>,
-    /// The Promtail binary built by the test bed.
+    /// The collector binary built by the test bed (tests/testbed/build.sh otelcol).
     #[arg(long)]
-    promtail: Option<PathBuf>,
-    /// Loki base URL; default: the test bed's (target/testbed/loki-url).
+    otelcol: Option<PathBuf>,
+    /// VictoriaLogs base URL; default: the test bed's (target/testbed/store-url).
     #[arg(long)]
-    loki_url: Option<String>,
-    /// Skip the runs into the real Loki.
+    store_url: Option<String>,
+    /// Skip the runs into the real store.
     #[arg(long)]
-    no_loki: bool,
+    no_store: bool,
     /// Steady-state rates (lines/s), comma-separated; default 1000,10000,50000 (small: 1000,10000).
     #[arg(long, value_delimiter = ',')]
     steady_rates: Option<Vec<u64>>,
     /// Steady-state seconds per rate, warm-up included; default 40 (small 15).
     #[arg(long)]
     steady_seconds: Option<u64>,
-    /// Who is measured, comma-separated (`agent`, `promtail`); default both. Measuring one
+    /// Who is measured, comma-separated (`agent`, `otelcol`); default all. Measuring one
     /// alone is for quick comparisons of a change: the ratios need both.
-    #[arg(long, value_delimiter = ',', value_parser = ["agent", "promtail"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["agent", "otelcol"])]
     subjects: Option<Vec<String>>,
     /// Skip the steady-state runs.
     #[arg(long)]
@@ -62,16 +62,8 @@ fn home_cache_bin(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn promtail_version() -> String {
-    let versions = logpipe_e2e::repo_root().join("tests/testbed/versions.env");
-    std::fs::read_to_string(versions)
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("PROMTAIL_VERSION="))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "v3.5.0".into())
+fn otelcol_version() -> String {
+    report::pinned("OTELCOL_VERSION").unwrap_or_else(|| "v0.165.0".into())
 }
 
 async fn options(args: Args) -> Result<Options, BenchError> {
@@ -83,12 +75,12 @@ async fn options(args: Args) -> Result<Options, BenchError> {
     let agent = args
         .agent
         .unwrap_or_else(|| logpipe_e2e::target_dir().join("release/logpipe-agent"));
-    let promtail = args
-        .promtail
-        .unwrap_or_else(|| home_cache_bin(&format!("promtail-{}", promtail_version())));
+    let otelcol = args
+        .otelcol
+        .unwrap_or_else(|| home_cache_bin(&format!("otelcol-{}", otelcol_version())));
     for (what, path, how) in [
         ("agent", &agent, "cargo build --release -p logpipe-agent"),
-        ("promtail", &promtail, "tests/testbed/build.sh promtail"),
+        ("otelcol", &otelcol, "tests/testbed/build.sh otelcol"),
     ] {
         if !path.is_file() {
             return Err(BenchError::Other(format!(
@@ -97,26 +89,28 @@ async fn options(args: Args) -> Result<Options, BenchError> {
             )));
         }
     }
-    let (loki_url, loki_skip_reason) = if args.no_loki {
-        (None, Some("--no-loki given".to_string()))
+    let (store_url, store_skip_reason) = if args.no_store {
+        (None, Some("--no-store given".to_string()))
     } else {
-        let url = match args.loki_url {
+        let url = match args.store_url {
             Some(url) => Some(url),
-            None => std::fs::read_to_string(logpipe_e2e::testbed_dir().join("loki-url"))
+            None => std::fs::read_to_string(logpipe_e2e::testbed_dir().join("store-url"))
                 .ok()
                 .map(|s| s.trim().to_string()),
         };
         match url {
-            Some(url) if bench::loki_ready(&url).await => (Some(url), None),
+            Some(url) if bench::store_ready(&url).await => (Some(url), None),
             Some(url) => (
                 None,
                 Some(format!(
-                    "Loki at {url} does not answer /ready (make testbed-up)"
+                    "VictoriaLogs at {url} does not answer /insert/loki/ready (make testbed-up)"
                 )),
             ),
             None => (
                 None,
-                Some("no target/testbed/loki-url: the test bed is not up (make testbed-up)".into()),
+                Some(
+                    "no target/testbed/store-url: the test bed is not up (make testbed-up)".into(),
+                ),
             ),
         }
     };
@@ -134,9 +128,9 @@ async fn options(args: Args) -> Result<Options, BenchError> {
         size,
         seed: args.seed,
         out,
-        bins: Binaries { agent, promtail },
-        loki_url,
-        loki_skip_reason,
+        bins: Binaries { agent, otelcol },
+        store_url,
+        store_skip_reason,
         steady_rates: if args.no_steady {
             Vec::new()
         } else {
@@ -149,8 +143,8 @@ async fn options(args: Args) -> Result<Options, BenchError> {
             })
         },
         subjects: match args.subjects {
-            None => vec![Subject::Agent, Subject::Promtail],
-            Some(names) => [Subject::Agent, Subject::Promtail]
+            None => Subject::ALL.to_vec(),
+            Some(names) => Subject::ALL
                 .into_iter()
                 .filter(|s| names.iter().any(|n| n == s.name()))
                 .collect(),
@@ -163,8 +157,8 @@ async fn options(args: Args) -> Result<Options, BenchError> {
 
 async fn main_async(args: Args) -> Result<(), BenchError> {
     let options = options(args).await?;
-    if let Some(reason) = &options.loki_skip_reason {
-        eprintln!("[bench] Loki runs skipped: {reason}");
+    if let Some(reason) = &options.store_skip_reason {
+        eprintln!("[bench] store runs skipped: {reason}");
     }
     let outcome = bench::run(&options).await?;
     let with_text = report::write_all(&outcome, &options)?;
@@ -181,8 +175,8 @@ async fn main_async(args: Args) -> Result<(), BenchError> {
             " (no font found: the chart has no text)"
         }
     );
-    // Promtail not keeping up (at 50k lines/s it may not) is a finding, written down with
-    // its numbers; only our agent failing, or the harness, fails the bench.
+    // A comparator not keeping up (at 50k lines/s it may not) is a finding, written down
+    // with its numbers; only our agent failing, or the harness, fails the bench.
     let ours = |subject: &Subject| *subject == Subject::Agent;
     let failed = outcome
         .corpus_runs

@@ -13,6 +13,11 @@
 //!   the agents it left running (or stops those whose pods are gone);
 //! - `<cluster>/nodesim/pods/<uid>/`: the pod's volumes and private `rootfs`;
 //! - `<cluster>/nodes/<node>/...`: each node's hostPath tree (`var/log/pods`, positions);
+//! - `<cluster>/nodes/<node>/var/lib/kubelet/pods/<uid>/containers/<name>/termination-log`:
+//!   the container's termination-message file, emptied before each run and given to the
+//!   agent as `--termination-log`; what it holds (or, empty after a failure with
+//!   `FallbackToLogsOnError`, the end of that run's log) becomes
+//!   `lastState.terminated.message` (see [`status::termination_message`]);
 //! - `logs/agents/<cluster>/<pod>.log`: the agent's stdout and stderr;
 //! - `images/<tag>/<name>`: the "registry".
 

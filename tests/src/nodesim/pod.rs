@@ -48,12 +48,13 @@ const METRICS_PORT_NAMES: [&str; 3] = ["metrics", "http-metrics", "http"];
 const DEFAULT_LISTEN_PORT: u16 = 12345;
 /// Agent flags the simulator always sets itself; copies in the container args are dropped
 /// (the agent refuses a flag given twice).
-const OVERRIDDEN_FLAGS: [&str; 5] = [
+const OVERRIDDEN_FLAGS: [&str; 6] = [
     "--node-name",
     "--listen",
     "--log-root",
     "--kubeconfig",
     "--positions",
+    "--termination-log",
 ];
 const DEFAULT_POSITIONS: &str = "/var/lib/logpipe/positions.json";
 /// A container that ran this long gets its crash back-off reset, as on a kubelet.
@@ -300,7 +301,8 @@ impl Worker {
                 running.kill_group();
                 Record::remove(&self.ctx.state_dir(), &self.uid);
                 tracing::warn!(pod = %self.name, pid = running.pid(), ?exit, "agent exited; restarting with back-off");
-                self.last_state = Some(terminated(&running, exit, &started_at, finished_at));
+                let words = self.last_words(exit);
+                self.last_state = Some(terminated(&running, exit, &started_at, finished_at, words));
                 self.restart_count += 1;
                 if began.elapsed() >= BACKOFF_RESET_AFTER {
                     backoff = self.ctx.opts.backoff_initial;
@@ -338,7 +340,8 @@ impl Worker {
             let started_at = self.started_at_of_current();
             let exit = running.stop(grace).await;
             tracing::info!(pod = %self.name, pid = running.pid(), ?exit, "agent stopped");
-            final_state = Some(terminated(running, exit, &started_at, status::now()));
+            let words = self.last_words(exit);
+            final_state = Some(terminated(running, exit, &started_at, status::now(), words));
         }
         Record::remove(&self.ctx.state_dir(), &self.uid);
         match stop {
@@ -384,6 +387,52 @@ impl Worker {
             ipam.release(&self.uid);
         }
         let _ = std::fs::remove_dir_all(self.pod_dir());
+        if let Some(dir) = self.kubelet_pod_dir() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    fn agent_log(&self) -> PathBuf {
+        self.ctx.agent_logs_dir().join(format!("{}.log", self.name))
+    }
+
+    /// `<node>/var/lib/kubelet/pods/<uid>`, as on a node: the pod's kubelet files.
+    fn kubelet_pod_dir(&self) -> Option<PathBuf> {
+        let node = self.pod.spec.as_ref()?.node_name.as_deref()?;
+        Some(
+            self.ctx
+                .node_dir(node)
+                .join("var/lib/kubelet/pods")
+                .join(&self.uid),
+        )
+    }
+
+    /// The host file behind the container's `terminationMessagePath`; the agent gets it
+    /// as `--termination-log`.
+    fn termination_file(&self) -> Option<PathBuf> {
+        let container = self.container()?.name;
+        Some(
+            self.kubelet_pod_dir()?
+                .join("containers")
+                .join(container)
+                .join("termination-log"),
+        )
+    }
+
+    /// The termination message of the run that just ended with `exit`, as a kubelet
+    /// makes it (see `status::termination_message`).
+    fn last_words(&self, exit: Exit) -> Option<String> {
+        let file = self
+            .termination_file()
+            .and_then(|f| std::fs::read(f).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let policy = self.container().and_then(|c| c.termination_message_policy);
+        status::termination_message(
+            file.as_deref(),
+            policy.as_deref(),
+            exit.container_code(),
+            || read_tail(&self.agent_log(), 64 * 1024),
+        )
     }
 
     fn started_at_of_current(&self) -> Time {
@@ -432,7 +481,18 @@ impl Worker {
 
     fn start(&mut self, prepared: &Prepared) -> Result<(Proc, Time), String> {
         let started_at = status::now();
-        let log = self.ctx.agent_logs_dir().join(format!("{}.log", self.name));
+        let log = self.agent_log();
+        // A new, empty termination-message file for each run, as the kubelet makes one
+        // per container instance.
+        if let Some(file) = self.termination_file() {
+            let fresh = file
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(&file, b""));
+            if let Err(e) = fresh {
+                tracing::warn!(pod = %self.name, path = %file.display(), error = %e, "cannot create the termination-message file");
+            }
+        }
         let banner = format!(
             "--- nodesim {}: starting {} for pod {}/{} (uid {}, restart {})\n--- args: {:?}",
             started_at.0,
@@ -937,6 +997,9 @@ impl Worker {
         let log_root = node_dir.join("var/log/pods");
         let _ = std::fs::create_dir_all(&log_root);
         let port = listen_port(container);
+        if let Some(file) = self.termination_file() {
+            args.extend(["--termination-log".to_string(), file.display().to_string()]);
+        }
         args.extend([
             "--node-name".to_string(),
             node_name.to_string(),
@@ -958,6 +1021,7 @@ fn terminated(
     exit: Exit,
     started_at: &Time,
     finished_at: Time,
+    message: Option<String>,
 ) -> ContainerStateTerminated {
     ContainerStateTerminated {
         exit_code: exit.container_code(),
@@ -966,8 +1030,19 @@ fn terminated(
         started_at: Some(started_at.clone()),
         finished_at: Some(finished_at),
         container_id: Some(format!("nodesim://{}", running.pid())),
-        message: None,
+        message,
     }
+}
+
+/// The last `max` bytes of a file (lossy UTF-8), `None` if it cannot be read.
+fn read_tail(path: &std::path::Path, max: u64) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(max))).ok()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// The port the agent listens on: a container port named like a metrics port, else the

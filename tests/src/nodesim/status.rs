@@ -1,4 +1,10 @@
 //! The pod status a kubelet would write for a simulated agent pod.
+//!
+//! Termination messages, as the kubelet makes them ([`termination_message`]): the
+//! content of the container's termination-message file (its first 4 KiB), else, when
+//! the file is empty, the container failed (exit code not 0) and its
+//! `terminationMessagePolicy` is `FallbackToLogsOnError`, the end of its log of that run
+//! (at most 80 lines and 2 KiB).
 
 use std::collections::BTreeMap;
 
@@ -11,6 +17,87 @@ use k8s_openapi::jiff::Timestamp;
 
 pub fn now() -> Time {
     Time(Timestamp::now())
+}
+
+/// The kubelet's limits (`kubecontainer.MaxContainerTerminationMessage*`).
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+pub const MAX_LOG_LINES: usize = 80;
+pub const MAX_LOG_BYTES: usize = 2048;
+/// First line of the simulator's banner before each run of an agent in its log.
+pub const BANNER_PREFIX: &str = "--- nodesim ";
+
+/// The last `max_bytes` of `text`, cut forward to a character boundary.
+fn tail_bytes(text: &str, max_bytes: usize) -> &str {
+    let mut start = text.len().saturating_sub(max_bytes);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// The first `max_bytes` of `text`, cut back to a character boundary.
+fn head_bytes(text: &str, max_bytes: usize) -> &str {
+    let mut end = text.len().min(max_bytes);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The output of the latest run in an agent's log: what follows the last banner (the
+/// simulator appends every run of a pod's agent to one file, each after a banner).
+pub fn current_run(log: &str) -> &str {
+    let start = if log.starts_with(BANNER_PREFIX) {
+        Some(0)
+    } else {
+        None
+    };
+    let Some(banner) = log
+        .rfind(&format!("\n{BANNER_PREFIX}"))
+        .map(|i| i + 1)
+        .or(start)
+    else {
+        return log;
+    };
+    // The banner is its first line and the `--- args:` line after it.
+    let mut rest = &log[banner..];
+    for _ in 0..2 {
+        if rest.starts_with("--- ") {
+            rest = rest.split_once('\n').map_or("", |(_, r)| r);
+        }
+    }
+    rest
+}
+
+/// The end of a run's log, as the kubelet quotes it: the last 80 lines, then the last
+/// 2 KiB of those.
+pub fn log_tail(run: &str) -> &str {
+    let trimmed = run.trim_end_matches('\n');
+    let start = trimmed
+        .rmatch_indices('\n')
+        .nth(MAX_LOG_LINES - 1)
+        .map_or(0, |(i, _)| i + 1);
+    tail_bytes(&trimmed[start..], MAX_LOG_BYTES)
+}
+
+/// The termination message of a container that ended with `exit_code` (see the module
+/// doc). `file`: its termination-message file (`None`: none); `log`: its log's latest
+/// run, read only when needed.
+pub fn termination_message(
+    file: Option<&str>,
+    policy: Option<&str>,
+    exit_code: i32,
+    log: impl FnOnce() -> Option<String>,
+) -> Option<String> {
+    if let Some(text) = file.filter(|t| !t.is_empty()) {
+        return Some(head_bytes(text, MAX_MESSAGE_BYTES).to_string());
+    }
+    if policy != Some("FallbackToLogsOnError") || exit_code == 0 {
+        return None;
+    }
+    let log = log()?;
+    let tail = log_tail(current_run(&log));
+    (!tail.trim().is_empty()).then(|| tail.to_string())
 }
 
 /// The state of the simulated (first) container.
@@ -203,6 +290,109 @@ pub fn build(input: &Input<'_>, transitions: &mut Transitions) -> PodStatus {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{Container, PodSpec};
+
+    #[test]
+    fn termination_message_table() {
+        let fallback = Some("FallbackToLogsOnError");
+        let log = "--- nodesim t0: starting a\n--- args: [\"--config\"]\nold run line\n\
+                   --- nodesim t1: starting a\n--- args: [\"--config\"]\nstarting\n\
+                   logpipe-agent: regex stage 2: missing ]\n";
+        let long: String = (0..200).map(|i| format!("line {i}\n")).collect();
+        type Case = (
+            &'static str,
+            Option<&'static str>,
+            Option<&'static str>,
+            i32,
+            Option<String>,
+            Option<String>,
+        );
+        let cases: [Case; 7] = [
+            (
+                "the file wins",
+                Some("regex stage 2: missing ]"),
+                fallback,
+                1,
+                Some(log.into()),
+                Some("regex stage 2: missing ]".into()),
+            ),
+            (
+                "the file, even on a clean exit",
+                Some("bye"),
+                None,
+                0,
+                None,
+                Some("bye".into()),
+            ),
+            (
+                "empty file, failed, fallback: this run's log",
+                Some(""),
+                fallback,
+                1,
+                Some(log.into()),
+                Some("starting\nlogpipe-agent: regex stage 2: missing ]".into()),
+            ),
+            (
+                "empty file, policy File: nothing",
+                Some(""),
+                Some("File"),
+                1,
+                Some(log.into()),
+                None,
+            ),
+            (
+                "empty file, exit 0: nothing",
+                None,
+                fallback,
+                0,
+                Some(log.into()),
+                None,
+            ),
+            ("no log either", None, fallback, 137, None, None),
+            (
+                "a long log: its last 80 lines",
+                None,
+                fallback,
+                1,
+                Some(long.clone()),
+                Some(
+                    long.trim_end()
+                        .lines()
+                        .skip(120)
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                ),
+            ),
+        ];
+        for (name, file, policy, code, log, want) in cases {
+            assert_eq!(
+                termination_message(file, policy, code, || log),
+                want,
+                "{name}"
+            );
+        }
+        let huge = "x".repeat(10_000);
+        assert_eq!(
+            termination_message(Some(&huge), None, 1, || None).map(|m| m.len()),
+            Some(MAX_MESSAGE_BYTES)
+        );
+        let wide: String = (0..50).map(|_| format!("{}\n", "é".repeat(30))).collect();
+        let tail = termination_message(None, fallback, 1, || Some(wide)).unwrap();
+        assert!(tail.len() <= MAX_LOG_BYTES, "{}", tail.len());
+        assert!(tail.starts_with('é'));
+    }
+
+    #[test]
+    fn the_current_run_is_after_the_last_banner() {
+        assert_eq!(current_run("no banner\n"), "no banner\n");
+        assert_eq!(
+            current_run("--- nodesim a\n--- args: []\nhello\n"),
+            "hello\n"
+        );
+        assert_eq!(
+            current_run("x\n--- nodesim a\n--- args: []\none\n--- nodesim b\n--- args: []\ntwo\n"),
+            "two\n"
+        );
+    }
 
     #[test]
     fn pending_with_image_pull_error() {

@@ -489,6 +489,12 @@ pub struct Bed {
 
 impl Bed {
     pub async fn up(testbed: &Testbed, cluster: &str, ns: &str) -> Self {
+        Self::up_writing(testbed, cluster, ns, usize::MAX).await
+    }
+
+    /// Like [`Bed::up`], with workload logs written on the first `writing` nodes (by
+    /// name) only: the others are quiet.
+    pub async fn up_writing(testbed: &Testbed, cluster: &str, ns: &str, writing: usize) -> Self {
         let client = testbed.client(cluster).await.unwrap();
         install_crd(&client).await;
         create_namespace(&client, ns).await;
@@ -506,7 +512,22 @@ impl Bed {
             .items
             .len();
         let pods = workload(&client, ns, node_count).await;
-        let logs = LogWriter::start(&testbed.dir.join(cluster), &pods, "rollout");
+        let mut nodes: Vec<String> = pods
+            .iter()
+            .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+            .collect();
+        nodes.sort();
+        nodes.truncate(writing);
+        let writers: Vec<Pod> = pods
+            .into_iter()
+            .filter(|p| {
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_ref())
+                    .is_some_and(|n| nodes.contains(n))
+            })
+            .collect();
+        let logs = LogWriter::start(&testbed.dir.join(cluster), &writers, "rollout");
         let operator = Operator::start(testbed, cluster, ns, "first").await;
         Self {
             testbed: testbed.clone(),
