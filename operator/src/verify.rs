@@ -16,7 +16,10 @@
 //!   `ContainersReady`, so a node heartbeat lapse is not blamed on the revision) and
 //!   `restarts`; a container waiting on `ErrImagePull`,
 //!   `ImagePullBackOff`, `CrashLoopBackOff`... fails at once;
-//! - a node is *quiet* when its agent wrote nothing (`logpipe_written_bytes_total` 0):
+//! - a node is *quiet* when its agent wrote nothing (`logpipe_written_bytes_total` 0),
+//!   or nothing within the window the store is asked about (its newest entry,
+//!   `logpipe_newest_entry_timestamp_seconds`, is older: a node whose only files are old
+//!   ones, read again from the start by a first install, has nothing in that window):
 //!   `entriesSent` and `storeEntries` are asked only of the nodes that wrote, and their
 //!   messages name the quiet ones (`quiet (wrote nothing): n2`, `all 3 nodes quiet`);
 //!   their values stay plain numbers;
@@ -235,6 +238,9 @@ pub struct Measurements {
     /// Per node: the stable revision's active streams before the step moved it, from
     /// `status.streamBaseline` (set by the caller); `None`: none recorded.
     pub stream_baseline: Option<BTreeMap<String, i64>>,
+    /// Start of the window the store is asked about (Unix seconds), when it is: a node
+    /// whose newest entry is older wrote nothing in it.
+    pub wrote_since: Option<f64>,
 }
 
 /// How far what the store can return trails what the agents have read, worst node: for
@@ -258,14 +264,23 @@ fn queryable_lag(pods: &[&PodView], m: &Measurements) -> Option<f64> {
 struct Node<'a> {
     name: &'a str,
     sample: Option<&'a Sample>,
+    /// See [`Measurements::wrote_since`].
+    wrote_since: Option<f64>,
 }
 
 impl Node<'_> {
-    /// Wrote nothing to the files its agent tails: nothing to send, nothing to find.
-    /// An agent that does not say what was written is never quiet.
+    /// Wrote nothing to the files its agent tails, or nothing since the window the store
+    /// is asked about began: nothing to send, nothing to find. An agent that does not say
+    /// what was written is never quiet.
     fn quiet(&self) -> bool {
-        self.sample
-            .is_some_and(|s| s.written_bytes.is_some_and(|w| w <= 0.0))
+        self.sample.is_some_and(|s| {
+            let nothing = s.written_bytes.is_some_and(|w| w <= 0.0);
+            // 0: the agent has read no entry at all (not the same as an old one).
+            let nothing_recent = s.written_bytes.is_some()
+                && s.newest_entry > 0.0
+                && self.wrote_since.is_some_and(|since| s.newest_entry < since);
+            nothing || nothing_recent
+        })
     }
 }
 
@@ -377,6 +392,7 @@ pub fn judge(
         .map(|(pod, s)| Node {
             name: node_of(pod).unwrap_or(pod),
             sample: s.as_ref().ok(),
+            wrote_since: m.wrote_since,
         })
         .collect();
     let quiet = quiet_note(&nodes);
@@ -828,6 +844,10 @@ impl Verifier {
             }
             Some(q) => {
                 let nodes: Vec<&str> = targets.iter().map(|t| t.node.as_str()).collect();
+                m.wrote_since = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|now| now.saturating_sub(q.window).as_secs_f64());
                 let (counts, newest) = self.ask_store(q, &nodes).await;
                 m.store = Some(counts);
                 m.newest_queryable = newest;

@@ -200,7 +200,7 @@ async fn good_release_goes_canary_steps_soak_healthy() {
 async fn a_quiet_cluster_rolls_out_a_harmless_change_and_names_its_quiet_nodes() {
     let _serial = SERIAL.lock().await;
     let testbed = ops().await;
-    let (bed, _tenant, _release1, lp) = installed_writing(&testbed, "lprl-quiet", "8s", 2).await;
+    let (bed, tenant, _release1, lp) = installed_writing(&testbed, "lprl-quiet", "8s", 2).await;
     let before = status(&bed.client, &bed.ns, "logpipe").await.unwrap().1;
     let mut next = lp.clone();
     next["spec"]["pipeline"]
@@ -253,16 +253,23 @@ async fn a_quiet_cluster_rolls_out_a_harmless_change_and_names_its_quiet_nodes()
         quiet.contains("quiet"),
         "the report names the quiet nodes: {quiet}"
     );
-    assert!(
-        check("entriesSent")["value"]
-            .as_str()
-            .unwrap()
-            .parse::<f64>()
-            .unwrap()
-            > 0.0,
-        "the 2 writing nodes shipped: {}",
-        check("entriesSent")
-    );
+    // The 2 writing nodes shipped, and only they: the others wrote nothing in the window.
+    let query = format!("{{namespace=\"{}\"}} _time:5m", bed.ns);
+    let streams = logpipe_e2e::store::query_range(
+        &testbed.store_url,
+        &tenant,
+        &query,
+        logpipe_e2e::store::now_ns() - 600_000_000_000,
+        logpipe_e2e::store::now_ns(),
+    )
+    .await
+    .unwrap();
+    let shipping: std::collections::BTreeSet<&str> = streams
+        .iter()
+        .filter_map(|s| s.labels.get("node_name").map(String::as_str))
+        .collect();
+    println!("nodes with recent lines in the store: {shipping:?}");
+    assert_eq!(shipping.len(), 2, "{shipping:?}");
     bed.down().await;
 }
 
@@ -1224,4 +1231,130 @@ async fn gate_moves_a_release_ops_then_dev_then_prod_and_holds_a_bad_one() {
     for bed in [ops, dev, prod] {
         bed.down().await;
     }
+}
+
+/// The gate keeps watching: dev is moving release 2 (its canary window is long) when ops,
+/// which vouched for release 2, moves on to a release 3 that fails there. dev stops within
+/// the gate's polling interval (5 s here), says why in `status.gate`, and moves no further
+/// node.
+#[tokio::test]
+async fn gate_stops_a_moving_release_when_the_upstream_turns_degraded_on_it() {
+    let _serial = SERIAL.lock().await;
+    let testbed = Testbed::ensure(&["ops", "dev"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let suffix = unique_suffix();
+    let ns = format!("lprl-watch-{suffix}");
+    let ops = Bed::up(&testbed, "ops", &ns).await;
+    let dev = Bed::up(&testbed, "dev", &ns).await;
+    let secret = gate_secret(&testbed, "ops", &ns, false);
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(dev.client.clone(), &ns)
+        .patch(
+            &secret.name_any(),
+            &kube::api::PatchParams::apply("e2e-rollout").force(),
+            &kube::api::Patch::Apply(&secret),
+        )
+        .await
+        .unwrap();
+    let tenants = [
+        ("ops", logpipe_e2e::store::unique_tenant()),
+        ("dev", logpipe_e2e::store::unique_tenant()),
+    ];
+    let release = publish(&testbed, &format!("e2e-{suffix}-w1"));
+    let spec_for = |cluster: &str, tenant: &str, stage: Option<serde_json::Value>| {
+        // dev's windows are long, so it is still moving when ops moves on.
+        let window = if cluster == "dev" { "120s" } else { "5s" };
+        let mut lp = pipeline(
+            &ns,
+            tenant,
+            &release.image,
+            &testbed.store_url,
+            window,
+            ops.nodes,
+        );
+        if let Some(stage) = stage {
+            lp["spec"]["pipeline"].as_array_mut().unwrap().push(stage);
+        }
+        if cluster == "dev" {
+            lp["spec"]["rollout"]["gate"] = json!({
+                "clusterSecretRef": {"name": "cluster-ops", "key": "kubeconfig"},
+                "namespace": ns,
+                "name": "logpipe",
+                "soak": "0s",
+                "pollInterval": "5s",
+            });
+        }
+        lp
+    };
+    let beds = [("ops", &ops), ("dev", &dev)];
+    for ((cluster, bed), (_, tenant)) in beds.iter().zip(&tenants) {
+        apply(&bed.client, &ns, &spec_for(cluster, tenant, None)).await;
+    }
+    watch_clusters(&beds, &Default::default(), Duration::from_secs(900), |s| {
+        s.values().all(|s| {
+            s["stableRevision"] == s["targetRevision"]
+                && s["readyNodes"] == s["desiredNodes"]
+                && s["desiredNodes"].as_i64() > Some(0)
+        }) && s["dev"]["phase"] == "Healthy"
+    })
+    .await;
+    let release2 = Some(json!({"staticLabels": {"release": "2"}}));
+    for ((cluster, bed), (_, tenant)) in beds.iter().zip(&tenants) {
+        apply(
+            &bed.client,
+            &ns,
+            &spec_for(cluster, tenant, release2.clone()),
+        )
+        .await;
+    }
+    // ops rolls release 2 out and vouches for it; then dev moves it.
+    let moving = watch_clusters(&beds, &Default::default(), Duration::from_secs(300), |s| {
+        matches!(s["dev"]["phase"].as_str(), Some("Canary" | "Step"))
+    })
+    .await;
+    println!("dev moving release 2: {:?}", moving.phases("dev"));
+    let dev_target = status(&dev.client, &ns, "logpipe").await.unwrap().1["targetRevision"].clone();
+
+    // ops moves on to release 3, which cannot push there: it fails at its canary.
+    let aborted = Instant::now();
+    let mut release3 = spec_for(
+        "ops",
+        &tenants[0].1,
+        Some(json!({"staticLabels": {"release": "3"}})),
+    );
+    release3["spec"]["endpoint"] = json!(format!("{}-nowhere", testbed.push_url()));
+    apply(&ops.client, &ns, &release3).await;
+    let stopped = watch_clusters(&beds, &Default::default(), Duration::from_secs(120), |s| {
+        s["dev"]["gate"]["stopped"] == true
+    })
+    .await;
+    let stop_after = aborted.elapsed().as_secs_f64();
+    let dev_status = status(&dev.client, &ns, "logpipe").await.unwrap().1;
+    println!(
+        "dev stopped {stop_after:.1}s after ops moved on: phase {}, gate {}",
+        dev_status["phase"], dev_status["gate"]
+    );
+    println!("{:?}", stopped.phases("ops"));
+    assert!(
+        dev_status["gate"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .len()
+            > 10,
+        "status.gate says why: {}",
+        dev_status["gate"]
+    );
+    // One poll interval (5 s), a reconcile, and this test's own polling.
+    assert!(stop_after < 30.0, "dev stopped only after {stop_after:.1}s");
+    // The canary's one node may be on its way when the stop lands; nothing more moves.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let moved_after = nodes_at(&dev.client, &ns, dev_target.as_str().unwrap()).await;
+    assert!(
+        moved_after.len() <= 1,
+        "no dev node moves after the stop but the canary's: {moved_after:?}"
+    );
+    let later = status(&dev.client, &ns, "logpipe").await.unwrap().1;
+    assert_eq!(later["phase"], "Paused", "{}", later["message"]);
+    dev.down().await;
+    ops.down().await;
 }

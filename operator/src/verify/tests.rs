@@ -99,6 +99,18 @@ fn good() -> Sample {
     }
 }
 
+/// Start of the store's window in the table tests (Unix seconds).
+const WINDOW_START: f64 = 1_796_000_000.0;
+
+/// Read files whose newest entry is older than the window: shipped them, but wrote
+/// nothing in it.
+fn old_files() -> Sample {
+    Sample {
+        newest_entry: WINDOW_START - 3600.0,
+        ..good()
+    }
+}
+
 /// Wrote nothing, so shipped nothing.
 fn quiet() -> Sample {
     Sample {
@@ -124,8 +136,7 @@ fn measured(sample: Sample, cpu: f64, store: f64) -> Measurements {
         samples: BTreeMap::from([("agent-n1".to_string(), Ok(sample))]),
         cpu_millis: BTreeMap::from([("agent-n1".to_string(), cpu)]),
         store: Some(Ok(BTreeMap::from([("n1".to_string(), store)]))),
-        newest_queryable: BTreeMap::new(),
-        stream_baseline: None,
+        ..Default::default()
     }
 }
 
@@ -466,6 +477,14 @@ fn quiet_nodes_and_lag_table() {
     };
     let cases = [
         Case {
+            name: "regression: a node whose only files are old is quiet for the window (first install on a node with old logs)",
+            spec: spec(),
+            nodes: vec![("n1", good(), 50.0), ("n2", old_files(), 0.0)],
+            final_check: true,
+            passed: true,
+            shows: &[("storeEntries", "50", "quiet (wrote nothing): n2")],
+        },
+        Case {
             name: "a quiet node passes with nothing sent and nothing in the store",
             spec: spec(),
             nodes: vec![("n1", quiet(), 0.0)],
@@ -595,7 +614,8 @@ fn quiet_nodes_and_lag_table() {
         },
     ];
     for case in cases {
-        let (pods, m) = nodes(&case.nodes);
+        let (pods, mut m) = nodes(&case.nodes);
+        m.wrote_since = Some(WINDOW_START);
         let refs: Vec<&PodView> = pods.iter().collect();
         let (checks, verdict) = judge(&case.spec, &refs, &m, case.final_check);
         assert_eq!(
