@@ -27,7 +27,7 @@ pub enum StoreError {
     Status { status: u16, body: String },
     #[error("unexpected store answer line {line:?}: {reason}")]
     Answer { line: String, reason: String },
-    #[error("tenant {0:?} is not <account>[:<project>] with numeric parts")]
+    #[error("{0}")]
     Tenant(String),
 }
 
@@ -60,14 +60,10 @@ pub fn unique_tenant() -> String {
     (1000 + (mixed.wrapping_add(u64::from(salt) * 7919)) % 4_000_000_000).to_string()
 }
 
-/// `AccountID` and `ProjectID` of a tenant `<account>[:<project>]`.
+/// `AccountID` and `ProjectID` of a tenant `<account>[:<project>]`, read as the
+/// operator's verification reads it.
 pub fn tenant_headers(tenant: &str) -> Result<(u32, u32), StoreError> {
-    let bad = || StoreError::Tenant(tenant.to_string());
-    let (account, project) = tenant.split_once(':').unwrap_or((tenant, "0"));
-    Ok((
-        account.parse().map_err(|_| bad())?,
-        project.parse().map_err(|_| bad())?,
-    ))
+    logpipe_operator::verify::victorialogs::tenant(tenant).map_err(StoreError::Tenant)
 }
 
 /// Push lines with Loki's JSON push API (the agent uses protobuf; this is the test's own path).
