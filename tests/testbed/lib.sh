@@ -51,13 +51,21 @@ node_ip() { echo "127.$((200 + CI_INDEX)).$(($1 / 250)).$(($1 % 250 + 1))"; }
 node_pod_cidr() { echo "127.$((16 + NET_OFFSET + 8 * CI_INDEX + $1 / 256)).$(($1 % 256)).0/24"; }
 
 # alive NAME: the process recorded under NAME runs and is still the binary we started
-# (a PID can be reused by an unrelated process after a crash).
+# (a PID can be reused by an unrelated process after a crash). While a process is inside
+# execve its command line reads empty for a moment: that is a start, not an exit (CI once
+# failed a healthy kube-apiserver as "exited"), so only a zombie or a gone PID is dead.
 alive() {
-  local pidfile=$PIDS/$1.pid pid
+  local pidfile=$PIDS/$1.pid pid binary cmdline state
   [ -f "$pidfile" ] || return 1
   read -r pid binary < "$pidfile" || return 1
   [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
-  tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$binary"
+  cmdline=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null) || return 1
+  if [ -z "$cmdline" ]; then
+    read -r _ _ state _ < "/proc/$pid/stat" 2>/dev/null || return 1
+    [ "$state" != Z ]
+    return
+  fi
+  [[ $cmdline == *"$binary"* ]]
 }
 
 # replaced NAME: the process runs, but its binary was rebuilt since (the file it runs from

@@ -37,7 +37,11 @@ wait_for() {
   local name=$1 limit=$2; shift 2
   local deadline=$((SECONDS + limit))
   until "$@" >/dev/null 2>&1; do
-    if ! alive "$name"; then tail -25 "$LOGS/$name.log" >&2; fail "$name exited; log: $LOGS/$name.log"; fi
+    # Asked twice, a second apart: one look can fall inside the process's execve.
+    if ! alive "$name" && { sleep 1; ! alive "$name"; }; then
+      tail -25 "$LOGS/$name.log" >&2
+      fail "$name exited (pid, binary: $(cat "$PIDS/$name.pid" 2>/dev/null)); log: $LOGS/$name.log"
+    fi
     if [ $SECONDS -ge $deadline ]; then tail -25 "$LOGS/$name.log" >&2; fail "$name not healthy after ${limit}s; log: $LOGS/$name.log"; fi
     sleep 0.5
   done
