@@ -3,6 +3,7 @@
 //! ```text
 //! Pending (gate) -> Canary -> verify -> Step k -> verify -> ... -> Soak -> Healthy
 //!                      \ any verification fails, or logpipe.io/abort -> RollingBack -> Degraded
+//! Healthy <-> Degraded (AgentsFailing): the stable revision's agents fail where they run
 //! ```
 //!
 //! # Flow
@@ -36,6 +37,14 @@
 //! up to [`BASELINE_NODES`] of them); [`step`] records them in the state, so in
 //! `status.streamBaseline`, and only then deletes pods. It is written once, when the step
 //! starts, never during its window.
+//!
+//! A Healthy revision stays watched: when an agent at the stable revision waits for a
+//! reason that will not pass by itself (`CrashLoopBackOff`, `ImagePullBackOff`...: see
+//! [`FATAL_WAITING`]; a pod that is merely not Ready is node trouble, not the revision),
+//! the LogPipeline turns Degraded on that revision with the agents' last words
+//! (`status::AGENTS_FAILING`). Nothing moves, there is nothing to roll back to; a gate
+//! downstream sees a release Degraded where it runs and stops it there. It is Healthy
+//! again once no agent fails.
 //!
 //! Manual control (annotations on the LogPipeline, removed by the operator once acted on):
 //! - `logpipe.io/promote`: skip what the rollout waits for now (the gate, the rest of a
@@ -108,9 +117,44 @@ pub struct PodView {
     pub termination_message: Option<String>,
 }
 
+/// Waiting reasons that mean the agent will not run without a change.
+pub const FATAL_WAITING: &[&str] = &[
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
 impl PodView {
     fn at(&self, revision: &str) -> bool {
         self.revision.as_deref() == Some(revision)
+    }
+
+    /// `CrashLoopBackOff on n1: agent exited: <its last words>` when the agent waits for
+    /// a reason that will not pass by itself, or runs again after a failed run and is not
+    /// Ready yet (a crash loop between two back-offs); `None` otherwise.
+    pub fn failure(&self) -> Option<String> {
+        let reason = match self.waiting_reason.as_deref() {
+            Some(reason) if FATAL_WAITING.contains(&reason) => reason,
+            _ if !self.containers_ready && self.termination_message.is_some() => "restarting",
+            _ => return None,
+        };
+        let node = self.node_name();
+        // The agent's last words: the last line of its termination message.
+        let words = self
+            .termination_message
+            .as_deref()
+            .and_then(|m| m.lines().rev().map(str::trim).find(|l| !l.is_empty()));
+        Some(match words {
+            Some(w) => format!(
+                "{reason} on {node}: agent exited: {}",
+                w.chars().take(300).collect::<String>()
+            ),
+            None => format!("{reason} on {node}"),
+        })
     }
     fn node_name(&self) -> &str {
         self.node.as_deref().unwrap_or(&self.name)
@@ -192,6 +236,17 @@ pub struct State {
     pub reason: Option<String>,
     /// Active streams of the stable agents the current step replaced, before they moved.
     pub stream_baseline: Option<StreamBaseline>,
+}
+
+impl State {
+    /// Degraded on the stable revision itself: its agents fail where they run (see
+    /// `Engine::failing`), not a new revision rolled back.
+    pub fn settled_failure(&self) -> bool {
+        self.phase == Some(Phase::Degraded)
+            && self.failed.is_some()
+            && self.failed == self.stable
+            && self.failed == self.target
+    }
 }
 
 /// What the controller saw for one LogPipeline.
@@ -930,7 +985,43 @@ impl Engine<'_, '_> {
         self.decision(st, Template::Stable, actions, message)
     }
 
+    /// The stable revision's agents fail where they run (a fatal waiting reason: crash
+    /// loop, image gone): Degraded on that revision, so a gate downstream stops the
+    /// release, until they run again. Nothing to roll back to: no node moves.
+    fn failing(&self, mut st: State) -> Option<Decision> {
+        let failures: Vec<String> = live(self.obs.pods)
+            .filter(|p| p.at(self.target))
+            .filter_map(PodView::failure)
+            .collect();
+        if failures.is_empty() {
+            return None;
+        }
+        let reason = format!(
+            "agents failing at the stable revision on {}/{} nodes: {}",
+            failures.len(),
+            self.obs.desired_nodes,
+            few(&failures)
+        );
+        if st.failed.as_deref() != Some(self.target) || st.phase != Some(Phase::Degraded) {
+            st.step_started = Some(self.now);
+        }
+        st.phase = Some(Phase::Degraded);
+        st.failed = Some(self.target.to_string());
+        st.reason = Some(reason.clone());
+        let message = format!("revision {}: {reason}", self.target);
+        Some(self.decision(st, Template::Target, Vec::new(), message))
+    }
+
     fn degraded(&self, mut st: State, promote: bool) -> Decision {
+        if st.settled_failure() {
+            // Watched, not rolled back: Healthy again once no agent fails.
+            return self.failing(st.clone()).unwrap_or_else(|| {
+                st.phase = Some(Phase::Healthy);
+                st.failed = None;
+                st.reason = None;
+                self.converge(st)
+            });
+        }
         if promote {
             // A person asked to try the failed revision again.
             st.failed = None;
@@ -968,6 +1059,11 @@ impl Engine<'_, '_> {
         let desired = self.obs.desired_nodes;
         let mut actions = Vec::new();
         if off.is_empty() && ready >= desired && self.obs.desired_known {
+            if st.phase == Some(Phase::Healthy)
+                && let Some(decision) = self.failing(st.clone())
+            {
+                return decision;
+            }
             let changed = st.phase != Some(Phase::Healthy);
             st.phase = Some(Phase::Healthy);
             st.stable = Some(self.target.to_string());
@@ -984,6 +1080,9 @@ impl Engine<'_, '_> {
             return self.decision(st, Template::Target, actions, message);
         }
         if st.phase == Some(Phase::Healthy) && off.is_empty() {
+            if let Some(decision) = self.failing(st.clone()) {
+                return decision;
+            }
             // Healthy with an agent down (node trouble): stays Healthy, the Ready
             // condition tells.
             let message = self.healthy_message();

@@ -9,7 +9,8 @@
 //!   `lastVerification`);
 //! - `Degraded`: the operator cannot make the cluster match the spec, or a revision failed
 //!   its verification and was rolled back (reason `VerificationFailed` or `Aborted`,
-//!   message with the numbers).
+//!   message with the numbers), or the stable revision's agents fail where they run
+//!   (reason `AgentsFailing`, with their last words; see `rollout`).
 //!
 //! A condition keeps its `lastTransitionTime` while its status does not change.
 //!
@@ -34,6 +35,10 @@ use k8s_openapi::jiff::Timestamp;
 use crate::apply::ApplyError;
 use crate::crd::{GateStatus, LogPipelineSpec, LogPipelineStatus, Phase, Verification};
 use crate::rollout::{PodView, State};
+
+/// The reason of the Ready, Progressing and Degraded conditions while the stable
+/// revision's agents fail where they run (crash loop, image gone): nothing to roll back.
+pub const AGENTS_FAILING: &str = "AgentsFailing";
 
 /// Why a reconcile failed, as the `reason` of the Ready and Degraded conditions and of
 /// its Event.
@@ -278,6 +283,8 @@ pub fn compute(
         (None, None) => old.and_then(|s| s.message.clone()).unwrap_or_default(),
     };
     let rolled_back = matches!(phase, Phase::Degraded | Phase::RollingBack);
+    // Degraded without a rollback: the stable revision's agents fail where they run.
+    let failing = state.settled_failure();
     let verification = rollout
         .and_then(|r| r.verification.clone())
         .or_else(|| old.and_then(|s| s.last_verification.clone()));
@@ -307,6 +314,8 @@ pub fn compute(
                 complete && !rolled_back,
                 if complete && !rolled_back {
                     "AllNodesReady"
+                } else if failing {
+                    AGENTS_FAILING
                 } else if rolled_back {
                     "RolledBack"
                 } else {
@@ -323,6 +332,7 @@ pub fn compute(
                 Phase::Paused => "RolloutPaused",
                 Phase::Pending => "HeldByGate",
                 Phase::RollingBack => "RollingBack",
+                Phase::Degraded if failing => AGENTS_FAILING,
                 Phase::Degraded => "RolledBack",
                 _ => "NodesMoving",
             },
@@ -346,7 +356,9 @@ pub fn compute(
             (None, true) => cond(
                 "Degraded",
                 true,
-                if state
+                if failing {
+                    AGENTS_FAILING
+                } else if state
                     .reason
                     .as_deref()
                     .is_some_and(|r| r.starts_with("aborted"))
@@ -567,6 +579,30 @@ mod tests {
         assert_eq!(get(&s, "Degraded").reason, "VerificationFailed");
         assert!(get(&s, "Degraded").message.contains("droppedEntries 3"));
         assert_eq!(get(&s, "Ready").reason, "RolledBack");
+    }
+
+    #[test]
+    fn a_settled_revision_failing_is_degraded_agents_failing_not_rolled_back() {
+        let mut r = rollout(Phase::Degraded, "r2");
+        r.state.failed = Some("r2".into());
+        r.state.reason = Some("agents failing at the stable revision on 1/2 nodes: ...".into());
+        let s = compute(
+            None,
+            &observed(vec![pod("a", "r2", true), pod("b", "r2", false)], 2),
+            Some(&r),
+            &at(1),
+        );
+        for type_ in ["Ready", "Progressing", "Degraded"] {
+            assert_eq!(get(&s, type_).reason, AGENTS_FAILING, "{type_}");
+        }
+        assert_eq!(get(&s, "Degraded").status, "True");
+        assert!(get(&s, "Degraded").message.contains("1/2 nodes"));
+        assert_eq!(s.stable_revision.as_deref(), Some("r2"));
+        assert_eq!(s.failed_revision.as_deref(), Some("r2"));
+        assert_eq!(
+            s.healthy_since, None,
+            "a gate downstream no longer vouches for it"
+        );
     }
 
     #[test]

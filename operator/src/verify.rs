@@ -87,17 +87,6 @@ const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 const SCRAPE_CONCURRENCY: usize = 16;
 /// Nodes of a step whose written -> queryable latency Loki is asked about (one query each).
 const LATENCY_SAMPLE_NODES: usize = 5;
-/// Waiting reasons that mean the new agent will not run without a change.
-const FATAL_WAITING: &[&str] = &[
-    "ErrImagePull",
-    "ImagePullBackOff",
-    "InvalidImageName",
-    "CrashLoopBackOff",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-    "RunContainerError",
-];
-
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     #[error("cannot build the HTTP client: {0}")]
@@ -328,25 +317,7 @@ pub fn judge(
             .iter()
             .filter(|p| p.ready || p.containers_ready)
             .count();
-        let fatal: Vec<String> = pods
-            .iter()
-            .filter_map(|p| {
-                let reason = p.waiting_reason.as_deref()?;
-                let node = p.node.as_deref().unwrap_or(&p.name);
-                // The agent's last words: the last line of its termination message.
-                let words = p
-                    .termination_message
-                    .as_deref()
-                    .and_then(|m| m.lines().rev().map(str::trim).find(|l| !l.is_empty()));
-                FATAL_WAITING.contains(&reason).then(|| match words {
-                    Some(w) => format!(
-                        "{reason} on {node}: agent exited: {}",
-                        w.chars().take(300).collect::<String>()
-                    ),
-                    None => format!("{reason} on {node}"),
-                })
-            })
-            .collect();
+        let fatal: Vec<String> = pods.iter().filter_map(|p| p.failure()).collect();
         push(
             CheckResult {
                 name: "podsReady".into(),

@@ -1237,40 +1237,80 @@ async fn gate_moves_a_release_ops_then_dev_then_prod_and_holds_a_bad_one() {
 /// which vouched for release 2, moves on to a release 3 that fails there. dev stops within
 /// the gate's polling interval (5 s here), says why in `status.gate`, and moves no further
 /// node.
-#[tokio::test]
-async fn gate_stops_a_moving_release_when_the_upstream_turns_degraded_on_it() {
-    let _serial = SERIAL.lock().await;
-    let testbed = Testbed::ensure(&["ops", "dev"])
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let suffix = unique_suffix();
-    let ns = format!("lprl-watch-{suffix}");
-    let ops = Bed::up(&testbed, "ops", &ns).await;
-    let dev = Bed::up(&testbed, "dev", &ns).await;
-    let secret = gate_secret(&testbed, "ops", &ns, false);
-    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(dev.client.clone(), &ns)
-        .patch(
-            &secret.name_any(),
-            &kube::api::PatchParams::apply("e2e-rollout").force(),
-            &kube::api::Patch::Apply(&secret),
+/// ops and dev, one namespace each with the same name, dev's LogPipeline gated on ops's
+/// (soak 0s, polled every 5s), both Healthy at `image`.
+struct GatedPair {
+    ns: String,
+    ops: Bed,
+    dev: Bed,
+    tenants: [String; 2],
+    image: String,
+    store_url: String,
+}
+
+impl GatedPair {
+    async fn up(testbed: &Testbed, ns: String, image: &str) -> Self {
+        let ops = Bed::up(testbed, "ops", &ns).await;
+        let dev = Bed::up(testbed, "dev", &ns).await;
+        let secret = gate_secret(testbed, "ops", &ns, false);
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(dev.client.clone(), &ns)
+            .patch(
+                &secret.name_any(),
+                &kube::api::PatchParams::apply("e2e-rollout").force(),
+                &kube::api::Patch::Apply(&secret),
+            )
+            .await
+            .unwrap();
+        let pair = Self {
+            ns,
+            ops,
+            dev,
+            tenants: [
+                logpipe_e2e::store::unique_tenant(),
+                logpipe_e2e::store::unique_tenant(),
+            ],
+            image: image.to_string(),
+            store_url: testbed.store_url.clone(),
+        };
+        pair.apply_everywhere(None).await;
+        watch_clusters(
+            &pair.beds(),
+            &Default::default(),
+            Duration::from_secs(900),
+            |s| {
+                s.values().all(|s| {
+                    s["stableRevision"] == s["targetRevision"]
+                        && s["readyNodes"] == s["desiredNodes"]
+                        && s["desiredNodes"].as_i64() > Some(0)
+                }) && s["dev"]["phase"] == "Healthy"
+            },
         )
-        .await
-        .unwrap();
-    let tenants = [
-        ("ops", logpipe_e2e::store::unique_tenant()),
-        ("dev", logpipe_e2e::store::unique_tenant()),
-    ];
-    let release = publish(&testbed, &format!("e2e-{suffix}-w1"));
-    let spec_for = |cluster: &str, tenant: &str, stage: Option<serde_json::Value>| {
-        // dev's windows are long, so it is still moving when ops moves on.
-        let window = if cluster == "dev" { "120s" } else { "5s" };
+        .await;
+        pair
+    }
+
+    fn beds(&self) -> [(&'static str, &Bed); 2] {
+        [("ops", &self.ops), ("dev", &self.dev)]
+    }
+
+    /// The LogPipeline for `cluster`, with one more pipeline stage when given. Release 1
+    /// installs with short windows; a later release stays long enough at dev's canary to be
+    /// stopped there.
+    fn spec(&self, cluster: &str, stage: Option<serde_json::Value>) -> serde_json::Value {
+        let tenant = &self.tenants[usize::from(cluster == "dev")];
+        let window = if cluster == "dev" && stage.is_some() {
+            "120s"
+        } else {
+            "5s"
+        };
+        let nodes = self.ops.nodes;
         let mut lp = pipeline(
-            &ns,
+            &self.ns,
             tenant,
-            &release.image,
-            &testbed.store_url,
+            &self.image,
+            &self.store_url,
             window,
-            ops.nodes,
+            nodes,
         );
         if let Some(stage) = stage {
             lp["spec"]["pipeline"].as_array_mut().unwrap().push(stage);
@@ -1278,83 +1318,205 @@ async fn gate_stops_a_moving_release_when_the_upstream_turns_degraded_on_it() {
         if cluster == "dev" {
             lp["spec"]["rollout"]["gate"] = json!({
                 "clusterSecretRef": {"name": "cluster-ops", "key": "kubeconfig"},
-                "namespace": ns,
+                "namespace": self.ns,
                 "name": "logpipe",
                 "soak": "0s",
                 "pollInterval": "5s",
             });
         }
         lp
-    };
-    let beds = [("ops", &ops), ("dev", &dev)];
-    for ((cluster, bed), (_, tenant)) in beds.iter().zip(&tenants) {
-        apply(&bed.client, &ns, &spec_for(cluster, tenant, None)).await;
     }
-    watch_clusters(&beds, &Default::default(), Duration::from_secs(900), |s| {
-        s.values().all(|s| {
-            s["stableRevision"] == s["targetRevision"]
-                && s["readyNodes"] == s["desiredNodes"]
-                && s["desiredNodes"].as_i64() > Some(0)
-        }) && s["dev"]["phase"] == "Healthy"
-    })
-    .await;
-    let release2 = Some(json!({"staticLabels": {"release": "2"}}));
-    for ((cluster, bed), (_, tenant)) in beds.iter().zip(&tenants) {
-        apply(
-            &bed.client,
-            &ns,
-            &spec_for(cluster, tenant, release2.clone()),
+
+    /// The same change synced to both clusters at once.
+    async fn apply_everywhere(&self, stage: Option<serde_json::Value>) {
+        for (cluster, bed) in self.beds() {
+            apply(&bed.client, &self.ns, &self.spec(cluster, stage.clone())).await;
+        }
+    }
+
+    /// Release 2 (one static label) everywhere: ops rolls it out and vouches for it, then
+    /// dev moves it. dev's target revision once it is at its canary or a step.
+    async fn dev_moving_release_2(&self) -> String {
+        self.apply_everywhere(Some(json!({"staticLabels": {"release": "2"}})))
+            .await;
+        let moving = watch_clusters(
+            &self.beds(),
+            &Default::default(),
+            Duration::from_secs(300),
+            |s| matches!(s["dev"]["phase"].as_str(), Some("Canary" | "Step")),
         )
         .await;
+        println!("dev moving release 2: {:?}", moving.phases("dev"));
+        let dev = status(&self.dev.client, &self.ns, "logpipe")
+            .await
+            .unwrap()
+            .1;
+        dev["targetRevision"].as_str().unwrap().to_string()
     }
-    // ops rolls release 2 out and vouches for it; then dev moves it.
-    let moving = watch_clusters(&beds, &Default::default(), Duration::from_secs(300), |s| {
-        matches!(s["dev"]["phase"].as_str(), Some("Canary" | "Step"))
-    })
-    .await;
-    println!("dev moving release 2: {:?}", moving.phases("dev"));
-    let dev_target = status(&dev.client, &ns, "logpipe").await.unwrap().1["targetRevision"].clone();
+
+    /// dev has stopped (`status.gate.stopped`) and says why; no dev node moves after it
+    /// but the canary's, which may be on its way when the stop lands. Seconds from
+    /// `since` to the stop.
+    async fn dev_stops(&self, since: Instant, dev_target: &str) -> f64 {
+        watch_clusters(
+            &self.beds(),
+            &Default::default(),
+            Duration::from_secs(120),
+            |s| s["dev"]["gate"]["stopped"] == true,
+        )
+        .await;
+        let stop_after = since.elapsed().as_secs_f64();
+        let dev = status(&self.dev.client, &self.ns, "logpipe")
+            .await
+            .unwrap()
+            .1;
+        println!(
+            "dev stopped {stop_after:.1}s after: phase {}, gate {}",
+            dev["phase"], dev["gate"]
+        );
+        assert!(
+            dev["gate"]["message"].as_str().unwrap_or_default().len() > 10,
+            "status.gate says why: {}",
+            dev["gate"]
+        );
+        // One poll interval (5 s), a reconcile, and this test's own polling.
+        assert!(stop_after < 30.0, "dev stopped only after {stop_after:.1}s");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let moved_after = nodes_at(&self.dev.client, &self.ns, dev_target).await;
+        assert!(
+            moved_after.len() <= 1,
+            "no dev node moves after the stop but the canary's: {moved_after:?}"
+        );
+        let later = status(&self.dev.client, &self.ns, "logpipe")
+            .await
+            .unwrap()
+            .1;
+        assert_eq!(later["phase"], "Paused", "{}", later["message"]);
+        stop_after
+    }
+
+    async fn down(self) {
+        self.dev.down().await;
+        self.ops.down().await;
+    }
+}
+
+#[tokio::test]
+async fn gate_stops_a_moving_release_when_the_upstream_turns_degraded_on_it() {
+    let _serial = SERIAL.lock().await;
+    let testbed = Testbed::ensure(&["ops", "dev"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let suffix = unique_suffix();
+    let release = publish(&testbed, &format!("e2e-{suffix}-w1"));
+    let pair = GatedPair::up(&testbed, format!("lprl-watch-{suffix}"), &release.image).await;
+    let dev_target = pair.dev_moving_release_2().await;
 
     // ops moves on to release 3, which cannot push there: it fails at its canary.
-    let aborted = Instant::now();
-    let mut release3 = spec_for(
-        "ops",
-        &tenants[0].1,
-        Some(json!({"staticLabels": {"release": "3"}})),
-    );
+    let moved_on = Instant::now();
+    let mut release3 = pair.spec("ops", Some(json!({"staticLabels": {"release": "3"}})));
     release3["spec"]["endpoint"] = json!(format!("{}-nowhere", testbed.push_url()));
-    apply(&ops.client, &ns, &release3).await;
-    let stopped = watch_clusters(&beds, &Default::default(), Duration::from_secs(120), |s| {
-        s["dev"]["gate"]["stopped"] == true
-    })
+    apply(&pair.ops.client, &pair.ns, &release3).await;
+    pair.dev_stops(moved_on, &dev_target).await;
+    pair.down().await;
+}
+
+/// The release dev is moving turns Degraded in ops on that very release (its agents crash
+/// there: nothing to roll back to): dev stops within the gate's polling interval and says
+/// why; once ops runs again, dev's stop ends.
+#[tokio::test]
+async fn gate_stops_a_moving_release_when_its_agents_fail_upstream() {
+    let _serial = SERIAL.lock().await;
+    let testbed = Testbed::ensure(&["ops", "dev"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let suffix = unique_suffix();
+    let fault = testbed.dir.join(format!("fault-{suffix}"));
+    let release = bed::publish_failing_on(&testbed, &format!("e2e-{suffix}-f1"), "ops-", &fault);
+    let pair = GatedPair::up(&testbed, format!("lprl-fail-{suffix}"), &release.image).await;
+    let dev_target = pair.dev_moving_release_2().await;
+
+    // The disk of one ops node fills up: its agent, restarted, exits at start.
+    std::fs::write(&fault, "").unwrap();
+    let pods = Api::<Pod>::namespaced(pair.ops.client.clone(), &pair.ns);
+    let victim = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=logpipe-agent"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .next()
+        .expect("an ops agent pod");
+    let injected = Instant::now();
+    pods.delete(&victim.name_any(), &Default::default())
+        .await
+        .unwrap();
+    let failing = watch_clusters(
+        &pair.beds(),
+        &Default::default(),
+        Duration::from_secs(120),
+        |s| s["ops"]["phase"] == "Degraded",
+    )
     .await;
-    let stop_after = aborted.elapsed().as_secs_f64();
-    let dev_status = status(&dev.client, &ns, "logpipe").await.unwrap().1;
+    let ops = status(&pair.ops.client, &pair.ns, "logpipe")
+        .await
+        .unwrap()
+        .1;
     println!(
-        "dev stopped {stop_after:.1}s after ops moved on: phase {}, gate {}",
-        dev_status["phase"], dev_status["gate"]
+        "ops Degraded {:.1}s after the fault: {}",
+        injected.elapsed().as_secs_f64(),
+        ops["message"]
     );
-    println!("{:?}", stopped.phases("ops"));
+    assert_eq!(
+        ops["stableRevision"], ops["targetRevision"],
+        "nothing rolled back"
+    );
+    let message = ops["message"].as_str().unwrap_or_default();
     assert!(
-        dev_status["gate"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .len()
-            > 10,
-        "status.gate says why: {}",
-        dev_status["gate"]
+        message.contains("agent exited") && message.contains("fault injected"),
+        "the agent's last words: {message}"
     );
-    // One poll interval (5 s), a reconcile, and this test's own polling.
-    assert!(stop_after < 30.0, "dev stopped only after {stop_after:.1}s");
-    // The canary's one node may be on its way when the stop lands; nothing more moves.
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let moved_after = nodes_at(&dev.client, &ns, dev_target.as_str().unwrap()).await;
-    assert!(
-        moved_after.len() <= 1,
-        "no dev node moves after the stop but the canary's: {moved_after:?}"
+    let degraded = ops["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap();
+    assert_eq!(degraded["reason"], "AgentsFailing", "{degraded}");
+    let ops_degraded_at = failing.first("ops", "Degraded").unwrap();
+    let stop_after = pair.dev_stops(injected, &dev_target).await;
+    println!(
+        "dev stopped {:.1}s after ops turned Degraded",
+        stop_after - ops_degraded_at
     );
-    let later = status(&dev.client, &ns, "logpipe").await.unwrap().1;
-    assert_eq!(later["phase"], "Paused", "{}", later["message"]);
-    dev.down().await;
-    ops.down().await;
+    let wide = kubectl(
+        &testbed,
+        "ops",
+        &["get", "lp", "-n", &pair.ns, "-o", "wide"],
+    );
+    println!("{wide}");
+    assert!(wide.contains("Degraded"), "{wide}");
+
+    // The disk is freed: the agent runs again, ops is Healthy, dev's stop ends.
+    std::fs::remove_file(&fault).unwrap();
+    let recovered = Instant::now();
+    watch_clusters(
+        &pair.beds(),
+        &Default::default(),
+        Duration::from_secs(120),
+        |s| s["ops"]["phase"] == "Healthy" && s["dev"]["gate"]["stopped"] != true,
+    )
+    .await;
+    let dev = status(&pair.dev.client, &pair.ns, "logpipe")
+        .await
+        .unwrap()
+        .1;
+    println!(
+        "ops Healthy and dev going on {:.1}s after the fault was cleared: dev {} {}",
+        recovered.elapsed().as_secs_f64(),
+        dev["phase"],
+        dev["message"]
+    );
+    assert_ne!(dev["phase"], "Paused", "{}", dev["message"]);
+    pair.down().await;
 }

@@ -1304,3 +1304,190 @@ fn a_step_holds_its_moves_until_the_stable_streams_are_measured_then_records_the
     assert_eq!(d.state.phase, Some(Phase::Healthy));
     assert_eq!(d.state.stream_baseline, None);
 }
+
+/// `pods` with the agent on `node` waiting on `reason`, with its last words.
+fn waiting(mut pods: Vec<PodView>, node: &str, reason: &str, words: Option<&str>) -> Vec<PodView> {
+    for p in pods.iter_mut().filter(|p| p.node.as_deref() == Some(node)) {
+        p.ready = false;
+        p.waiting_reason = Some(reason.into());
+        p.termination_message = words.map(Into::into);
+    }
+    pods
+}
+
+/// A Healthy revision whose agents then fail where they run: Degraded on that revision
+/// (a gate downstream stops the release), no node moves, Healthy again once they run.
+#[test]
+fn a_settled_revision_whose_agents_fail_is_degraded_until_they_run_again() {
+    let healthy = healthy_r1();
+    let crashing = waiting(
+        fleet("r1"),
+        "n2",
+        "CrashLoopBackOff",
+        Some("starting\npositions: disk full\n"),
+    );
+    // (case, pods, phase, reason contains); Degraded names r1 as failed
+    let cases: Vec<(&str, Vec<PodView>, Phase, &str)> = vec![
+        ("all running", fleet("r1"), Phase::Healthy, ""),
+        (
+            "a node not Ready (node trouble) stays Healthy",
+            with(fleet("r1"), "n2", "r1", false, 0),
+            Phase::Healthy,
+            "",
+        ),
+        (
+            "a starting container is not a failure",
+            waiting(fleet("r1"), "n2", "ContainerCreating", None),
+            Phase::Healthy,
+            "",
+        ),
+        (
+            "a crash loop with its last words",
+            crashing.clone(),
+            Phase::Degraded,
+            "on 1/4 nodes: CrashLoopBackOff on n2: agent exited: positions: disk full",
+        ),
+        (
+            "between two crashes: running again, not Ready, its last words kept",
+            {
+                let mut pods = fleet("r1");
+                pods[1].ready = false;
+                pods[1].termination_message = Some("positions: disk full".into());
+                pods
+            },
+            Phase::Degraded,
+            "restarting on n2: agent exited: positions: disk full",
+        ),
+        (
+            "Ready again after a failed run",
+            {
+                let mut pods = fleet("r1");
+                pods[1].containers_ready = true;
+                pods[1].termination_message = Some("positions: disk full".into());
+                pods
+            },
+            Phase::Healthy,
+            "",
+        ),
+        (
+            "an image gone",
+            waiting(fleet("r1"), "n4", "ImagePullBackOff", None),
+            Phase::Degraded,
+            "ImagePullBackOff on n4",
+        ),
+    ];
+    for (case, pods, phase, reason) in cases {
+        let failed = (phase == Phase::Degraded).then_some("r1");
+        let d = run(
+            &spec(),
+            &healthy,
+            "r1",
+            &pods,
+            Verdicts::default(),
+            100,
+            Flags::default(),
+        );
+        assert_eq!(d.state.phase, Some(phase), "{case}: {}", d.message);
+        assert_eq!(d.state.failed.as_deref(), failed, "{case}");
+        assert!(
+            d.state
+                .reason
+                .as_deref()
+                .unwrap_or_default()
+                .contains(reason),
+            "{case}: {:?}",
+            d.state.reason
+        );
+        assert!(deleted(&d).is_empty(), "{case}: nothing moves");
+        assert_eq!(d.template, Template::Target, "{case}");
+        assert_eq!(d.state.stable.as_deref(), Some("r1"), "{case}");
+    }
+
+    // Degraded on r1: it stays so (same start) while the crash goes on, even on promote.
+    let failing = run(
+        &spec(),
+        &healthy,
+        "r1",
+        &crashing,
+        Verdicts::default(),
+        100,
+        Flags::default(),
+    );
+    assert!(failing.state.settled_failure());
+    assert!(
+        failing.message.contains("revision r1: agents failing"),
+        "{}",
+        failing.message
+    );
+    let flags = Flags {
+        promote: true,
+        ..Default::default()
+    };
+    let still = run(
+        &spec(),
+        &failing.state,
+        "r1",
+        &crashing,
+        Verdicts::default(),
+        160,
+        flags,
+    );
+    assert_eq!(still.state.phase, Some(Phase::Degraded));
+    assert_eq!(still.state.step_started, Some(t(100)));
+    assert!(deleted(&still).is_empty());
+
+    // The agent runs again (not Ready yet, then Ready): Healthy, nothing moved.
+    let running = with(fleet("r1"), "n2", "r1", false, 170);
+    let back = run(
+        &spec(),
+        &failing.state,
+        "r1",
+        &running,
+        Verdicts::default(),
+        170,
+        Flags::default(),
+    );
+    assert_eq!(back.state.phase, Some(Phase::Healthy), "{}", back.message);
+    assert_eq!(back.state.failed, None);
+    assert_eq!(back.state.reason, None);
+    assert!(deleted(&back).is_empty());
+
+    // A new revision while r1 fails: a rollout as usual, from the canary.
+    let next = run(
+        &spec(),
+        &failing.state,
+        "r2",
+        &crashing,
+        Verdicts::default(),
+        180,
+        Flags::default(),
+    );
+    assert_eq!(next.state.phase, Some(Phase::Canary), "{}", next.message);
+    assert!(!next.state.settled_failure());
+}
+
+/// A rolled-back revision is not a settled failure, nor is a failed first install.
+#[test]
+fn settled_failure_is_only_the_stable_revision_failing() {
+    let rolled_back = State {
+        phase: Some(Phase::Degraded),
+        target: Some("r2".into()),
+        stable: Some("r1".into()),
+        failed: Some("r2".into()),
+        ..Default::default()
+    };
+    assert!(!rolled_back.settled_failure());
+    let first_install = State {
+        stable: None,
+        target: Some("r1".into()),
+        failed: Some("r1".into()),
+        ..rolled_back.clone()
+    };
+    assert!(!first_install.settled_failure());
+    let settled = State {
+        target: Some("r1".into()),
+        failed: Some("r1".into()),
+        ..rolled_back
+    };
+    assert!(settled.settled_failure());
+}

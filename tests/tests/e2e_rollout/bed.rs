@@ -38,18 +38,64 @@ impl Drop for Release {
 /// "Publish" the built agent as `reg.local/logpipe-agent:<tag>` for the node simulator
 /// (a hard link, renamed into place so a starting pod never sees half a file).
 pub fn publish(testbed: &Testbed, tag: &str) -> Release {
+    release(testbed, tag, |file| {
+        let binary = workspace_binary("logpipe-agent");
+        if std::fs::hard_link(&binary, file).is_err() {
+            std::fs::copy(&binary, file).unwrap();
+        }
+    })
+}
+
+/// `images/<tag>/logpipe-agent`, written by `write` under a temporary name, then renamed.
+fn release(testbed: &Testbed, tag: &str, write: impl FnOnce(&Path)) -> Release {
     let dir = testbed.dir.join("images").join(tag);
     std::fs::create_dir_all(&dir).unwrap();
-    let binary = workspace_binary("logpipe-agent");
     let tmp = dir.join(format!(".logpipe-agent.{}", unique_suffix()));
-    if std::fs::hard_link(&binary, &tmp).is_err() {
-        std::fs::copy(&binary, &tmp).unwrap();
-    }
+    write(&tmp);
     std::fs::rename(&tmp, dir.join("logpipe-agent")).unwrap();
     Release {
         dir,
         image: format!("reg.local/logpipe-agent:{tag}"),
     }
+}
+
+/// [`publish`], but the agent of this release fails at start on the nodes whose name
+/// starts with `node_prefix` while the file `fault` exists (its last words in its
+/// termination log, as the agent writes a fatal error): the same release, failing where it
+/// runs, as a full disk or a broken node would make it.
+pub fn publish_failing_on(
+    testbed: &Testbed,
+    tag: &str,
+    node_prefix: &str,
+    fault: &Path,
+) -> Release {
+    let agent = workspace_binary("logpipe-agent");
+    let script = format!(
+        r#"#!/bin/sh
+node=; log=; prev=
+for arg in "$@"; do
+  case $prev in --node-name) node=$arg ;; --termination-log) log=$arg ;; esac
+  prev=$arg
+done
+case $node in
+  {node_prefix}*)
+    if [ -e '{fault}' ]; then
+      words='positions: cannot save: No space left on device (fault injected by the test)'
+      [ -z "$log" ] || echo "$words" > "$log"
+      echo "$words" >&2
+      exit 1
+    fi ;;
+esac
+exec '{agent}' "$@"
+"#,
+        fault = fault.display(),
+        agent = agent.display(),
+    );
+    release(testbed, tag, |file| {
+        std::fs::write(file, script).unwrap();
+        std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    })
 }
 
 pub async fn delete_namespace(client: &Client, name: &str) {
