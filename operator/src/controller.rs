@@ -242,7 +242,8 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
         }
     }
 
-    // The stable agents' active streams, before the step moves them.
+    // What the stable agents say (streams, lines read and dropped), before the step moves
+    // them.
     let baseline = match (rollout::baseline_due(spec, &state, &observed), state.step) {
         (Some(names), Some(step)) => {
             let targets: Vec<verify::Target> = pods
@@ -295,6 +296,7 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
             || spec.verify.max_latency.is_some()
             || spec.verify.max_streams.is_some()
             || spec.verify.max_stream_growth.is_some()
+            || spec.verify.pipeline_drops()
             || store.is_some()
         {
             ctx.verifier
@@ -309,6 +311,7 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
             verify::Measurements::default()
         };
         measured.stream_baseline = state.stream_baseline.as_ref().map(|b| b.nodes.clone());
+        measured.drop_baseline = state.stream_baseline.as_ref().map(|b| b.drops.clone());
         let step_views: Vec<&PodView> = views
             .iter()
             .filter(|v| request.pods.contains(&v.name))
