@@ -251,9 +251,15 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
                 .filter(|p| names.contains(&p.name_any()))
                 .map(verify::Target::of)
                 .collect();
+            let key = verify::BaselineKey {
+                pipeline: lp.uid().unwrap_or_default(),
+                revision: objects.revision.clone(),
+                step,
+                started: state.step_started.map(|t| t.to_string()),
+            };
             Some(
                 ctx.verifier
-                    .baseline(step, &targets, lp.spec.monitoring.port)
+                    .baseline_once(key, &targets, lp.spec.monitoring.port)
                     .await,
             )
         }

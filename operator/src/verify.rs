@@ -977,10 +977,29 @@ impl Target {
     }
 }
 
-/// The I/O half: HTTP client and the CPU baselines (pod uid -> time, cpu seconds).
+/// Which step's stable agents a baseline describes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaselineKey {
+    /// The LogPipeline's uid.
+    pub pipeline: String,
+    /// The revision moving in.
+    pub revision: String,
+    pub step: usize,
+    /// When the step started (`status.stepStartedAt`): a step tried again after a
+    /// rollback is measured again.
+    pub started: Option<String>,
+}
+
+/// The I/O half: HTTP client, the CPU baselines (pod uid -> time, cpu seconds) and the
+/// last stable baseline measured per LogPipeline.
 pub struct Verifier {
     http: reqwest::Client,
     baselines: Mutex<HashMap<String, (Instant, f64)>>,
+    /// LogPipeline uid -> the last step baseline measured for it. A reconcile that starts
+    /// before the status carrying a baseline is back in the cache sees none and asks
+    /// again, after the step moved some of its nodes: measured again, those nodes would
+    /// be left out of it (seen in the rollout tests), so the first measurement is reused.
+    stable: Mutex<HashMap<String, (BaselineKey, StreamBaseline)>>,
 }
 
 impl Verifier {
@@ -992,6 +1011,7 @@ impl Verifier {
         Ok(Self {
             http,
             baselines: Mutex::new(HashMap::new()),
+            stable: Mutex::new(HashMap::new()),
         })
     }
 
@@ -1082,6 +1102,29 @@ impl Verifier {
                 };
                 baseline.drops.insert(t.node.clone(), counts);
             }
+        }
+        baseline
+    }
+
+    /// [`Self::baseline`] once per step: the baseline already measured for `key`, else
+    /// a new one, remembered (one per LogPipeline; bounded by their number).
+    pub async fn baseline_once(
+        &self,
+        key: BaselineKey,
+        targets: &[Target],
+        port: i32,
+    ) -> StreamBaseline {
+        let known = self.stable.lock().ok().and_then(|map| {
+            map.get(&key.pipeline)
+                .filter(|(k, _)| *k == key)
+                .map(|(_, b)| b.clone())
+        });
+        if let Some(baseline) = known {
+            return baseline;
+        }
+        let baseline = self.baseline(key.step, targets, port).await;
+        if let Ok(mut map) = self.stable.lock() {
+            map.insert(key.pipeline.clone(), (key, baseline.clone()));
         }
         baseline
     }
