@@ -28,6 +28,11 @@
 //! | `logpipe_unacknowledged_bytes` | gauge | written − acknowledged: unread, in flight, held, or lost undecided; 0 on a node where nothing was written |
 //! | `logpipe_oldest_unacknowledged_seconds` | gauge | age of the oldest unacknowledged byte, from when the agent first saw it (scan or read, ≤ 1 s early); 0 when none |
 //! | `logpipe_active_streams` | gauge | distinct streams (label sets as pushed, external labels included) in pushes of the last [`crate::loki::ACTIVE_STREAMS_WINDOW`] |
+//! | `logpipe_read_lines_total` | counter | lines read since the agent started, every file (`promtail_read_lines_total` forgets a file's lines with the file) |
+//!
+//! It also reads `logentry_dropped_lines_total` (summed over `reason`) against
+//! `logpipe_read_lines_total`: the share of lines the pipeline stages drop on purpose
+//! (check `pipelineDrops`).
 //!
 //! The age is measured from first sight, not from entry timestamps: unread bytes have no
 //! timestamp yet, and a timestamp is the application's (a backlog, a skewed clock, a
@@ -100,6 +105,16 @@ pub mod names {
     pub const UNACKNOWLEDGED_BYTES: &str = "logpipe_unacknowledged_bytes";
     pub const OLDEST_UNACKNOWLEDGED: &str = "logpipe_oldest_unacknowledged_seconds";
     pub const ACTIVE_STREAMS: &str = "logpipe_active_streams";
+    /// Promtail's, per file (`path`): a file's series goes when the file does (rotation,
+    /// deletion), so its sum is not a count since the agent started.
+    pub const READ_LINES: &str = "promtail_read_lines";
+    pub const READ_LINES_TOTAL: &str = "promtail_read_lines_total";
+    /// Every line read since the agent started, on every file, gone or not.
+    pub const ALL_READ_LINES: &str = "logpipe_read_lines";
+    pub const ALL_READ_LINES_TOTAL: &str = "logpipe_read_lines_total";
+    /// Promtail's drop stage counter (`reason`): entries pipeline stages dropped.
+    pub const PIPELINE_DROPPED_LINES: &str = "logentry_dropped_lines";
+    pub const PIPELINE_DROPPED_LINES_TOTAL: &str = "logentry_dropped_lines_total";
 }
 
 type FloatGauge = Gauge<f64, AtomicU64>;
@@ -118,6 +133,7 @@ pub struct Metrics {
     pub read_bytes: Family<PathLabel, Gauge>,
     pub file_bytes: Family<PathLabel, Gauge>,
     pub read_lines: Family<PathLabel, Counter>,
+    pub all_read_lines: Counter,
     pub files_active: Gauge,
     pub oversized_raw_lines: Counter,
     pub truncations: Counter,
@@ -185,9 +201,15 @@ impl Metrics {
         );
         let read_lines = Family::<PathLabel, Counter>::default();
         r.register(
-            "promtail_read_lines",
+            names::READ_LINES,
             "Number of lines read",
             read_lines.clone(),
+        );
+        let all_read_lines = Counter::default();
+        r.register(
+            names::ALL_READ_LINES,
+            "Lines read since the agent started, on every file (kept when a file goes, unlike promtail_read_lines)",
+            all_read_lines.clone(),
         );
         let files_active = Gauge::default();
         r.register(
@@ -240,7 +262,7 @@ impl Metrics {
         );
         let pipeline_dropped = Family::<ReasonLabel, Counter>::default();
         r.register(
-            "logentry_dropped_lines",
+            names::PIPELINE_DROPPED_LINES,
             "Lines dropped by pipeline stages",
             pipeline_dropped.clone(),
         );
@@ -416,6 +438,7 @@ impl Metrics {
             read_bytes,
             file_bytes,
             read_lines,
+            all_read_lines,
             files_active,
             oversized_raw_lines,
             truncations,
@@ -579,6 +602,24 @@ mod tests {
         }
         m.forget_path("/p/0.log");
         assert!(!m.encode().unwrap().contains("/p/0.log"));
+    }
+
+    #[test]
+    fn lines_read_outlive_the_file_they_were_read_from() {
+        // The operator's drop share divides by this: it must not fall when a file goes.
+        let m = Metrics::new();
+        let path = PathLabel {
+            path: "/p/0.log".into(),
+        };
+        m.read_lines.get_or_create(&path).inc_by(7);
+        m.all_read_lines.inc_by(7);
+        m.forget_path("/p/0.log");
+        let text = m.encode().unwrap();
+        assert!(!text.contains(names::READ_LINES_TOTAL), "{text}");
+        assert!(
+            text.contains(&format!("{} 7", names::ALL_READ_LINES_TOTAL)),
+            "{text}"
+        );
     }
 
     #[test]

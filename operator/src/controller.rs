@@ -242,7 +242,8 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
         }
     }
 
-    // The stable agents' active streams, before the step moves them.
+    // What the stable agents say (streams, lines read and dropped), before the step moves
+    // them.
     let baseline = match (rollout::baseline_due(spec, &state, &observed), state.step) {
         (Some(names), Some(step)) => {
             let targets: Vec<verify::Target> = pods
@@ -250,9 +251,15 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
                 .filter(|p| names.contains(&p.name_any()))
                 .map(verify::Target::of)
                 .collect();
+            let key = verify::BaselineKey {
+                pipeline: lp.uid().unwrap_or_default(),
+                revision: objects.revision.clone(),
+                step,
+                started: state.step_started.map(|t| t.to_string()),
+            };
             Some(
                 ctx.verifier
-                    .baseline(step, &targets, lp.spec.monitoring.port)
+                    .baseline_once(key, &targets, lp.spec.monitoring.port)
                     .await,
             )
         }
@@ -295,6 +302,7 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
             || spec.verify.max_latency.is_some()
             || spec.verify.max_streams.is_some()
             || spec.verify.max_stream_growth.is_some()
+            || spec.verify.pipeline_drops()
             || store.is_some()
         {
             ctx.verifier
@@ -309,6 +317,7 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
             verify::Measurements::default()
         };
         measured.stream_baseline = state.stream_baseline.as_ref().map(|b| b.nodes.clone());
+        measured.drop_baseline = state.stream_baseline.as_ref().map(|b| b.drops.clone());
         let step_views: Vec<&PodView> = views
             .iter()
             .filter(|v| request.pods.contains(&v.name))

@@ -32,11 +32,12 @@
 //! long (a fatal waiting reason, `ErrImagePull` or `CrashLoopBackOff`, fails it at once:
 //! `verify`).
 //!
-//! With `verify.maxStreamGrowth`, a step starts by measuring the active streams of the
-//! stable agents it is about to replace ([`baseline_due`], scraped by the controller,
-//! up to [`BASELINE_NODES`] of them); [`step`] records them in the state, so in
-//! `status.streamBaseline`, and only then deletes pods. It is written once, when the step
-//! starts, never during its window.
+//! With a check that compares with the stable revision (`verify.maxStreamGrowth`, or
+//! `verify.maxDropIncrease` below 100%, on by default), a step starts by scraping the
+//! stable agents it is about to replace ([`baseline_due`], scraped by the controller, up
+//! to [`BASELINE_NODES`] of them: active streams, lines read and dropped by pipeline
+//! stages); [`step`] records them in the state, so in `status.streamBaseline`, and only
+//! then deletes pods. It is written once, when the step starts, never during its window.
 //!
 //! A Healthy revision stays watched: when an agent at the stable revision waits for a
 //! reason that will not pass by itself (`CrashLoopBackOff`, `ImagePullBackOff`...: see
@@ -73,10 +74,11 @@
 //!   current template at once: the DaemonSet controller, not the operator, creates pods.
 //! - A first install has nothing to roll back to: the DaemonSet creates every pod at once
 //!   and the install is verified as one 100% step; a failure is reported (Degraded).
-//! - The stream baseline is a sample on a large step (the first [`BASELINE_NODES`] stable
-//!   agents in the step's order), and `logpipe_active_streams` counts the last 5 minutes:
-//!   a new agent watched for a shorter window shows fewer streams than it will have, so
-//!   `streamGrowth` errs towards passing, never towards a false failure.
+//! - The baseline is a sample on a large step (the first [`BASELINE_NODES`] stable
+//!   agents in the step's order): `streamGrowth` and `pipelineDrops` compare those nodes
+//!   only. `logpipe_active_streams` counts the last 5 minutes: a new agent watched for a
+//!   shorter window shows fewer streams than it will have, so `streamGrowth` errs towards
+//!   passing, never towards a false failure.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -234,7 +236,8 @@ pub struct State {
     pub window_started: Option<Timestamp>,
     pub failed: Option<String>,
     pub reason: Option<String>,
-    /// Active streams of the stable agents the current step replaced, before they moved.
+    /// What the stable agents the current step replaced said before they moved (active
+    /// streams, lines read and dropped).
     pub stream_baseline: Option<StreamBaseline>,
 }
 
@@ -295,7 +298,8 @@ pub struct Verdict {
 pub struct Verdicts {
     pub gate: Option<Gate>,
     pub verification: Option<Verdict>,
-    /// The stable agents' active streams, measured because [`baseline_due`] asked.
+    /// What the stable agents said (active streams, lines read and dropped), measured
+    /// because [`baseline_due`] asked.
     pub baseline: Option<StreamBaseline>,
 }
 
@@ -479,7 +483,7 @@ fn step_pods(set: &[&PodView], target: &str, started: Option<Timestamp>) -> Vec<
     }
 }
 
-/// The stable pods of a set whose streams make the baseline (Ready ones: the others
+/// The stable pods of a set scraped for the baseline (Ready ones: the others
 /// cannot be scraped), in the step's order.
 fn baseline_pods(set: &[&PodView], stable: &str) -> Vec<String> {
     set.iter()
@@ -489,15 +493,15 @@ fn baseline_pods(set: &[&PodView], stable: &str) -> Vec<String> {
         .collect()
 }
 
-/// Must the stable pods of the current step be scraped for their active streams now
+/// Must the stable pods of the current step be scraped for the baseline now
 /// (pure; called before [`step`])? Once per step, when it starts, before any of them
-/// moves: `verify.maxStreamGrowth` set, a stable revision to compare with, no baseline
-/// recorded for this step. The pods to scrape; the controller passes what they said in
+/// moves: a check that compares with the stable revision on (`verify.maxStreamGrowth`,
+/// `verify.maxDropIncrease` below 100%: see `VerifySpec::needs_baseline`), a stable
+/// revision to compare with, no baseline recorded for this step. The pods to scrape; the controller passes what they said in
 /// [`Verdicts::baseline`] (an empty map when none answered), and [`step`] holds the
 /// step's moves until it has it.
 pub fn baseline_due(spec: &RolloutSpec, state: &State, obs: &Observed) -> Option<Vec<String>> {
-    spec.verify.max_stream_growth.as_ref()?;
-    if obs.paused || obs.abort || !obs.desired_known {
+    if !spec.verify.needs_baseline() || obs.paused || obs.abort || !obs.desired_known {
         return None;
     }
     let target = state.target.as_deref().filter(|t| *t == obs.revision)?;
@@ -901,11 +905,11 @@ impl Engine<'_, '_> {
         self.decision(st, Template::Target, Vec::new(), message)
     }
 
-    /// Records the stable agents' streams before the step moves any of them; the message
+    /// Records what the stable agents said (the baseline) before the step moves any of them; the message
     /// to hold the step with while they are being measured.
     fn record_baseline(&self, st: &mut State, index: usize, set: &[&PodView]) -> Option<String> {
         let stable = st.stable.clone()?;
-        if self.spec.verify.max_stream_growth.is_none() || has_baseline(st, index) {
+        if !self.spec.verify.needs_baseline() || has_baseline(st, index) {
             return None;
         }
         let step = i32::try_from(index).unwrap_or(i32::MAX);
@@ -916,12 +920,12 @@ impl Engine<'_, '_> {
             None if pods.is_empty() => {
                 st.stream_baseline = Some(StreamBaseline {
                     step,
-                    nodes: BTreeMap::new(),
+                    ..Default::default()
                 })
             }
             None => {
                 return Some(format!(
-                    "{}: measuring the active streams of {} stable agents before they move",
+                    "{}: measuring {} stable agents (active streams, pipeline drops) before they move",
                     step_name(self.steps, index),
                     pods.len()
                 ));

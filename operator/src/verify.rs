@@ -41,6 +41,19 @@
 //!   ([`Measurements::stream_baseline`], from `status.streamBaseline`); value the worst
 //!   ratio, message both counts; skipped, saying why, with no baseline (a first install).
 //!   Both fail at once during the window: streams only accumulate over it;
+//! - `pipelineDrops` (on by default, `maxDropIncrease`, 10%; `100%` turns it off): per
+//!   node, the share of lines the new agent's pipeline stages dropped on purpose
+//!   (`logentry_dropped_lines_total`, every reason: drop, limit, malformed...) out of the
+//!   lines it read (`logpipe_read_lines_total`, else the sum of
+//!   `promtail_read_lines_total`), minus the share the stable agent had dropped on the
+//!   same node before the step moved it ([`Measurements::drop_baseline`], from
+//!   `status.streamBaseline.drops`), at most `maxDropIncrease`. A line dropped on purpose
+//!   is decided like a shipped one, so `lag` and `entriesSent` pass a release that ships
+//!   only half of what it reads; this check does not. Judged at the end of the window, on
+//!   nodes where both agents read at least [`MIN_DROP_LINES`] (a quieter new agent is
+//!   "too few lines to judge", not a failure); value the worst node's new share
+//!   (`50.0%`), message that node's two shares and line counts; skipped, saying why,
+//!   with no baseline (a first install) or stable agents that do not export the counts;
 //! - `cpu` (rate of `process_cpu_seconds_total`, in millicores) under `maxCpu`, `memory`
 //!   (`process_resident_memory_bytes`) under `maxMemory`, `latency` under `maxLatency`:
 //!   written -> queryable when a store is set (at the end of the window, for up to 5 of
@@ -62,6 +75,12 @@
 //! - Quiet is what the new agent says it wrote since it started: an agent that does not
 //!   export `logpipe_written_bytes_total` is never quiet, and one that does not export
 //!   its lag fails `lag` (fail closed).
+//! - `pipelineDrops` compares lifetimes: the stable agent's share since it started with
+//!   the new agent's over one window. A drop rule for a burst the stable agent happened
+//!   to see (or not) moves the stable share; raise `maxDropIncrease` for such workloads.
+//!   A stable agent of an older release that exports only `promtail_read_lines_total`
+//!   under-counts its lines once files rotated (a file's series goes with it): its share
+//!   reads high, so the check errs towards passing.
 //! - CPU is a rate between two scrapes: the first scrape of a pod is its baseline (kept
 //!   in memory; after an operator restart the final check scrapes twice, 1 s apart).
 
@@ -72,7 +91,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 pub use crate::crd::StoreKind;
-use crate::crd::{CheckResult, StreamBaseline, Verification, VerifySpec};
+use crate::crd::{CheckResult, LineCounts, StreamBaseline, Verification, VerifySpec};
 use crate::rollout::{PodView, Verdict, few};
 use logpipe_agent::metrics::names;
 
@@ -85,6 +104,10 @@ pub use store::{StoreAnswer, StoreQuery, StoreRequest, answer};
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(3);
 const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 const SCRAPE_CONCURRENCY: usize = 16;
+/// Fewest lines an agent must have read for its drop share to mean something (check
+/// `pipelineDrops`): the new agent on a node to be judged, the stable one to be compared
+/// with. Below it one line more or less moves the share by whole percents.
+pub const MIN_DROP_LINES: i64 = 50;
 /// Nodes of a step whose written -> queryable latency Loki is asked about (one query each).
 const LATENCY_SAMPLE_NODES: usize = 5;
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +138,12 @@ pub struct Sample {
     pub oldest_unacknowledged: Option<f64>,
     /// Label sets pushed over the last 5 minutes.
     pub active_streams: Option<f64>,
+    /// Lines read since the agent started (`logpipe_read_lines_total`, else the sum of
+    /// `promtail_read_lines_total`); `None`: an agent that does not say.
+    pub read_lines: Option<f64>,
+    /// Lines its pipeline stages dropped on purpose (`logentry_dropped_lines_total`, every
+    /// reason): absent until the first drop, so 0 when absent.
+    pub pipeline_dropped: f64,
 }
 
 /// The standard process collector's names (not the agent's own: not in `names`).
@@ -128,6 +157,9 @@ fn add(total: &mut Option<f64>, value: f64) {
 /// Sum of every series of each metric we read (labels ignored: one agent, one host).
 pub fn parse_metrics(text: &str) -> Sample {
     let mut s = Sample::default();
+    // Promtail's per-file counter loses a file's lines when the file goes (rotation): the
+    // agent-wide total wins when the agent has it.
+    let (mut all_read, mut per_file_read) = (None, None);
     for line in text.lines() {
         if line.starts_with('#') || line.trim().is_empty() {
             continue;
@@ -166,9 +198,13 @@ pub fn parse_metrics(text: &str) -> Sample {
                 s.oldest_unacknowledged = Some(s.oldest_unacknowledged.unwrap_or(0.0).max(value));
             }
             names::ACTIVE_STREAMS => add(&mut s.active_streams, value),
+            names::ALL_READ_LINES_TOTAL => add(&mut all_read, value),
+            names::READ_LINES_TOTAL => add(&mut per_file_read, value),
+            names::PIPELINE_DROPPED_LINES_TOTAL => s.pipeline_dropped += value,
             _ => {}
         }
     }
+    s.read_lines = all_read.or(per_file_read);
     s
 }
 
@@ -227,6 +263,10 @@ pub struct Measurements {
     /// Per node: the stable revision's active streams before the step moved it, from
     /// `status.streamBaseline` (set by the caller); `None`: none recorded.
     pub stream_baseline: Option<BTreeMap<String, i64>>,
+    /// Per node: lines the stable revision's agent had read and dropped before the step
+    /// moved it, from `status.streamBaseline.drops` (set by the caller); `None`: no
+    /// baseline recorded (a first install).
+    pub drop_baseline: Option<BTreeMap<String, LineCounts>>,
     /// Start of the window the store is asked about (Unix seconds), when it is: a node
     /// whose newest entry is older wrote nothing in it.
     pub wrote_since: Option<f64>,
@@ -571,6 +611,9 @@ pub fn judge(
             stream_growth_over(spec.stream_growth_limit(), &nodes, m),
         );
     }
+    if spec.pipeline_drops() {
+        push(pipeline_drops(spec, &nodes, m, final_check), false);
+    }
     let failed: Vec<String> = checks
         .iter()
         .filter(|(c, hard)| !c.passed && (final_check || *hard))
@@ -709,6 +752,160 @@ fn stream_growth(
     }
 }
 
+/// A node whose pipeline drops are compared: the stable agent's counts before the step
+/// moved it, the new agent's now.
+struct DropShares<'a> {
+    node: &'a str,
+    before: LineCounts,
+    now: LineCounts,
+}
+
+impl DropShares<'_> {
+    fn share(c: LineCounts) -> f64 {
+        // A stage that splits long lines can drop more entries than lines were read.
+        (c.dropped as f64 / c.read.max(1) as f64).min(1.0)
+    }
+
+    /// New share minus stable share, in [-1, 1].
+    fn increase(&self) -> f64 {
+        Self::share(self.now) - Self::share(self.before)
+    }
+}
+
+fn percent(share: f64) -> String {
+    format!("{:.1}%", share * 100.0)
+}
+
+/// `pipelineDrops`: per node, the share of lines the new revision's pipeline stages drop
+/// on purpose (drop, limit, malformed, ...) minus the share the stable revision dropped on
+/// the same node before the step moved it (`status.streamBaseline.drops`), at most
+/// `maxDropIncrease`. A dropped line is decided (acknowledged) like a shipped one, so this
+/// is the only check that sees a release ship less than it reads. Judged at the end of
+/// the window, on nodes where both agents read at least [`MIN_DROP_LINES`].
+fn pipeline_drops(
+    spec: &VerifySpec,
+    nodes: &[Node],
+    m: &Measurements,
+    final_check: bool,
+) -> CheckResult {
+    let raw = spec.max_drop_increase.as_str();
+    let result = |passed: bool, value: String, message: String| CheckResult {
+        name: "pipelineDrops".into(),
+        passed,
+        value: Some(value),
+        limit: Some(raw.to_string()),
+        message: Some(message),
+    };
+    let Some(baseline) = &m.drop_baseline else {
+        return result(
+            true,
+            "skipped".into(),
+            "no stable revision's drop share to compare with (a first install)".into(),
+        );
+    };
+    if baseline.is_empty() {
+        return result(
+            true,
+            "skipped".into(),
+            format!(
+                "the stable agents gave no line counts to compare with (they do not export {} or {}, or could not be scraped)",
+                names::ALL_READ_LINES_TOTAL,
+                names::READ_LINES_TOTAL
+            ),
+        );
+    }
+    let Some(limit) = spec.drop_increase_limit() else {
+        return result(
+            !final_check,
+            "-".into(),
+            format!("cannot read maxDropIncrease {raw:?}"),
+        );
+    };
+    let counts = |s: &Sample| {
+        Some(LineCounts {
+            read: s.read_lines?.round() as i64,
+            dropped: s.pipeline_dropped.round() as i64,
+        })
+    };
+    let (mut compared, mut quiet) = (Vec::new(), Vec::new());
+    let (mut unmatched, mut silent) = (Vec::new(), Vec::new());
+    for n in nodes {
+        // An agent that was not scraped fails the other checks at the end of the window.
+        let Some(sample) = n.sample else { continue };
+        let Some(now) = counts(sample) else {
+            silent.push(n.name.to_string());
+            continue;
+        };
+        if now.read < MIN_DROP_LINES {
+            quiet.push(n.name.to_string());
+            continue;
+        }
+        // Not in the sample of a large step, or a stable agent that read too little.
+        match baseline.get(n.name).filter(|b| b.read >= MIN_DROP_LINES) {
+            Some(&before) => compared.push(DropShares {
+                node: n.name,
+                before,
+                now,
+            }),
+            None => unmatched.push(n.name.to_string()),
+        }
+    }
+    let aside = notes([
+        (!quiet.is_empty()).then(|| {
+            format!(
+                "too few lines to judge (under {MIN_DROP_LINES} read): {}",
+                few(&quiet)
+            )
+        }),
+        (!unmatched.is_empty())
+            .then(|| format!("no stable line counts to compare with: {}", few(&unmatched))),
+        (!silent.is_empty()).then(|| {
+            format!(
+                "{} not exported by the new agent: {}",
+                names::ALL_READ_LINES_TOTAL,
+                few(&silent)
+            )
+        }),
+    ]);
+    let Some(worst) = compared
+        .iter()
+        .reduce(|a, b| if b.increase() > a.increase() { b } else { a })
+    else {
+        // Too quiet to judge is a pass with a note; nothing to compare with, a skip.
+        let value = if quiet.is_empty() { "skipped" } else { "-" };
+        return result(
+            true,
+            value.into(),
+            aside.unwrap_or_else(|| "no node of the step to compare".into()),
+        );
+    };
+    // A hair of tolerance: 45% - 35% is 0.0999... or 0.1000...1 in floating point.
+    let over = worst.increase() > limit + 1e-9;
+    let share = DropShares::share;
+    let mut message = format!(
+        "worst node {}: {} of {} lines dropped by the stable revision -> {} of {} by the new one, {} nodes compared",
+        worst.node,
+        percent(share(worst.before)),
+        worst.before.read,
+        percent(share(worst.now)),
+        worst.now.read,
+        compared.len()
+    );
+    for part in [
+        aside,
+        over.then(|| {
+            "raise rollout.verify.maxDropIncrease if the new drop rule is intended".to_string()
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        message.push_str("; ");
+        message.push_str(&part);
+    }
+    result(!final_check || !over, percent(share(worst.now)), message)
+}
+
 /// The record of a verification for the status.
 pub fn record(
     revision: &str,
@@ -751,10 +948,29 @@ impl Target {
     }
 }
 
-/// The I/O half: HTTP client and the CPU baselines (pod uid -> time, cpu seconds).
+/// Which step's stable agents a baseline describes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaselineKey {
+    /// The LogPipeline's uid.
+    pub pipeline: String,
+    /// The revision moving in.
+    pub revision: String,
+    pub step: usize,
+    /// When the step started (`status.stepStartedAt`): a step tried again after a
+    /// rollback is measured again.
+    pub started: Option<String>,
+}
+
+/// The I/O half: HTTP client, the CPU baselines (pod uid -> time, cpu seconds) and the
+/// last stable baseline measured per LogPipeline.
 pub struct Verifier {
     http: reqwest::Client,
     baselines: Mutex<HashMap<String, (Instant, f64)>>,
+    /// LogPipeline uid -> the last step baseline measured for it. A reconcile that starts
+    /// before the status carrying a baseline is back in the cache sees none and asks
+    /// again, after the step moved some of its nodes: measured again, those nodes would
+    /// be left out of it (seen in the rollout tests), so the first measurement is reused.
+    stable: Mutex<HashMap<String, (BaselineKey, StreamBaseline)>>,
 }
 
 impl Verifier {
@@ -766,6 +982,7 @@ impl Verifier {
         Ok(Self {
             http,
             baselines: Mutex::new(HashMap::new()),
+            stable: Mutex::new(HashMap::new()),
         })
     }
 
@@ -828,26 +1045,59 @@ impl Verifier {
         m
     }
 
-    /// The active streams of each target's agent, by node, for step `step`'s baseline
-    /// (the stable agents it is about to replace). An agent that cannot be scraped, or
-    /// does not export the count, is left out: its node is not compared.
+    /// What each target's agent says, by node, for step `step`'s baseline (the stable
+    /// agents it is about to replace): active streams, lines read and dropped. An agent
+    /// that cannot be scraped, or does not export a count, is left out of that count: its
+    /// node is not compared by the check that uses it.
     pub async fn baseline(&self, step: usize, targets: &[Target], port: i32) -> StreamBaseline {
         let pending: Vec<_> = targets.iter().map(|t| self.scrape_pair(t, port)).collect();
         let scrapes = futures::stream::iter(pending)
             .buffer_unordered(SCRAPE_CONCURRENCY)
             .collect::<Vec<_>>()
             .await;
-        let nodes = scrapes
-            .into_iter()
-            .filter_map(|(t, result)| {
-                let streams = result.ok()?.active_streams?;
-                Some((t.node.clone(), streams.round() as i64))
-            })
-            .collect();
-        StreamBaseline {
+        let mut baseline = StreamBaseline {
             step: i32::try_from(step).unwrap_or(i32::MAX),
-            nodes,
+            ..Default::default()
+        };
+        for (t, result) in scrapes {
+            let Ok(sample) = result else { continue };
+            if let Some(streams) = sample.active_streams {
+                baseline
+                    .nodes
+                    .insert(t.node.clone(), streams.round() as i64);
+            }
+            if let Some(read) = sample.read_lines {
+                let counts = LineCounts {
+                    read: read.round() as i64,
+                    dropped: sample.pipeline_dropped.round() as i64,
+                };
+                baseline.drops.insert(t.node.clone(), counts);
+            }
         }
+        baseline
+    }
+
+    /// [`Self::baseline`] once per step: the baseline already measured for `key`, else
+    /// a new one, remembered (one per LogPipeline; bounded by their number).
+    pub async fn baseline_once(
+        &self,
+        key: BaselineKey,
+        targets: &[Target],
+        port: i32,
+    ) -> StreamBaseline {
+        let known = self.stable.lock().ok().and_then(|map| {
+            map.get(&key.pipeline)
+                .filter(|(k, _)| *k == key)
+                .map(|(_, b)| b.clone())
+        });
+        if let Some(baseline) = known {
+            return baseline;
+        }
+        let baseline = self.baseline(key.step, targets, port).await;
+        if let Ok(mut map) = self.stable.lock() {
+            map.insert(key.pipeline.clone(), (key, baseline.clone()));
+        }
+        baseline
     }
 
     /// Millicores since the first sample of this pod (the average over the step, not

@@ -341,6 +341,86 @@ async fn a_release_that_multiplies_streams_fails_at_the_canary() {
 }
 
 #[tokio::test]
+async fn a_release_that_drops_every_other_line_fails_at_the_canary() {
+    let _serial = SERIAL.lock().await;
+    let testbed = ops().await;
+    // 20 s: the workload writes 5 lines a second per node, so the canary's new agent reads
+    // about 100, over the 50 a node needs to be judged.
+    let (bed, _tenant, _release1, lp) = installed(&testbed, "lprl-drops", "20s").await;
+    let before = status(&bed.client, &bed.ns, "logpipe").await.unwrap().1;
+    // Release 2: a `drop` rule meant for one noisy stream that matches every even sequence
+    // number of the workload container `app` (`rollout <pod> seq=N`): half of every
+    // node's lines. Every dropped line is decided, so `lag` and `entriesSent` pass.
+    let mut next = lp.clone();
+    next["spec"]["pipeline"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"drop": {"expression": "seq=[0-9]*[02468]$", "dropCounterReason": "noisy"}}));
+    let started = Instant::now();
+    apply(&bed.client, &bed.ns, &next).await;
+    let record = record_until(
+        &bed.client,
+        &bed.ns,
+        bed.nodes,
+        before["stableRevision"].as_str().unwrap(),
+        Duration::from_secs(180),
+        |s| s["phase"] == "Degraded",
+    )
+    .await;
+    let sequence = record.sequence();
+    let detected = record
+        .first("RollingBack")
+        .map(|x| x.at)
+        .unwrap_or_else(|| record.first("Degraded").unwrap().at);
+    println!(
+        "pipeline drops: {sequence:?}; canary started -> failure detected {:.1}s, Degraded after {:.1}s: {}",
+        detected
+            .saturating_sub(record.first("Canary").map(|x| x.at).unwrap_or_default())
+            .as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+        record.last["message"]
+    );
+    assert!(
+        sequence.iter().any(|p| p.starts_with("RollingBack(0)")),
+        "rolled back from the canary: {sequence:?}"
+    );
+    let checks = record.last["lastVerification"]["checks"]
+        .as_array()
+        .unwrap();
+    let find = |name: &str| {
+        checks
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} check: {checks:?}"))
+    };
+    let drops = find("pipelineDrops");
+    println!("pipelineDrops: {drops}");
+    assert_eq!(drops["passed"], false, "{drops}");
+    let value = drops["value"].as_str().unwrap_or_default();
+    let share: f64 = value.trim_end_matches('%').parse().unwrap();
+    assert!((35.0..=65.0).contains(&share), "about half: {drops}");
+    let message = drops["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("dropped by the stable revision -> ")
+            && message.contains("by the new one"),
+        "both shares: {drops}"
+    );
+    assert!(message.contains("maxDropIncrease"), "the way out: {drops}");
+    let sent = find("entriesSent");
+    println!("entriesSent: {sent}");
+    assert_eq!(sent["passed"], true, "entries were sent: {sent}");
+    assert!(
+        record.last["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("pipelineDrops"),
+        "{}",
+        record.last["message"]
+    );
+    bed.down().await;
+}
+
+#[tokio::test]
 async fn bad_release_stops_at_the_canary_and_rolls_back() {
     let _serial = SERIAL.lock().await;
     let testbed = ops().await;

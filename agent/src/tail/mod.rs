@@ -746,6 +746,7 @@ impl<H: LineHandler> Tailer<H> {
                     .line(&mut file.stream, &raw, start, end, &mut self.out);
                 file.handed(start, end, outcome);
                 file.scanned = 0;
+                count_lines(&self.metrics, &file.path_str, 1);
             }
             self.handler.flush(&mut file.stream, true, &mut self.out);
         } else {
@@ -917,9 +918,11 @@ fn feed<H: LineHandler>(
     wait
 }
 
-/// Add `lines` to the file's `promtail_read_lines_total`.
+/// Add `lines` to the file's `promtail_read_lines_total` and to
+/// `logpipe_read_lines_total`.
 fn count_lines(metrics: &Metrics, path: &str, lines: u64) {
     if lines > 0 {
+        metrics.all_read_lines.inc_by(lines);
         metrics
             .read_lines
             .get_or_create(&PathLabel {

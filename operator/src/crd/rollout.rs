@@ -151,6 +151,16 @@ pub struct VerifySpec {
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+([.][0-9]+)?x?$') && !self.matches('^0+([.]0+)?x?$')")
         .message("rollout.verify.maxStreamGrowth must be a ratio above 0, such as 2x or 1.5"))]
     pub max_stream_growth: Option<String>,
+    /// Most increase, in percentage points, of the share of lines the agent's pipeline
+    /// stages drop on purpose (drop, limit, ...), new revision over the stable one on the
+    /// same nodes before they moved (check `pipelineDrops`): a dropped line counts as
+    /// shipped everywhere else, so a bad `drop` rule would pass every other check. `10%`
+    /// by default; `100%` turns the check off.
+    #[serde(default = "default_max_drop_increase")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.matches('^(100([.]0+)?|[0-9]{1,2}([.][0-9]+)?)%$')")
+        .message("rollout.verify.maxDropIncrease must be a percentage from 0% to 100%, such as 10% (100% turns the check off)"))]
+    pub max_drop_increase: String,
 }
 
 impl VerifySpec {
@@ -169,6 +179,31 @@ impl VerifySpec {
         let s = self.max_stream_growth.as_deref()?.trim();
         let n = s.strip_suffix('x').unwrap_or(s).parse::<f64>().ok()?;
         (n.is_finite() && n > 0.0).then_some(n)
+    }
+
+    /// `maxDropIncrease` as a share (`10%` -> 0.1); `None` when unreadable.
+    pub fn drop_increase_limit(&self) -> Option<f64> {
+        let n = self
+            .max_drop_increase
+            .trim()
+            .strip_suffix('%')?
+            .trim()
+            .parse::<f64>()
+            .ok()?;
+        (n.is_finite() && (0.0..=100.0).contains(&n)).then_some(n / 100.0)
+    }
+
+    /// Is `pipelineDrops` on? Below `100%` (an unreadable limit too: the check then says
+    /// so, and fails at the end of the window).
+    pub fn pipeline_drops(&self) -> bool {
+        self.drop_increase_limit().is_none_or(|l| l < 1.0)
+    }
+
+    /// Must a step start by scraping the stable agents it is about to replace
+    /// (`status.streamBaseline`)? When a check compares with them: `streamGrowth` or
+    /// `pipelineDrops`.
+    pub fn needs_baseline(&self) -> bool {
+        self.max_stream_growth.is_some() || self.pipeline_drops()
     }
 
     /// Age the oldest unacknowledged byte may reach at the end of a window (`maxLatency`,
@@ -192,6 +227,7 @@ impl Default for VerifySpec {
             max_latency: None,
             max_streams: None,
             max_stream_growth: None,
+            max_drop_increase: default_max_drop_increase(),
         }
     }
 }
@@ -231,6 +267,9 @@ impl StoreKind {
     }
 }
 
+fn default_max_drop_increase() -> String {
+    "10%".into()
+}
 fn default_window() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(120))
 }

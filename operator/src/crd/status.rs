@@ -71,8 +71,9 @@ pub struct LogPipelineStatus {
     pub gate: Option<GateStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verification: Option<Verification>,
-    /// Active streams of the stable revision's agents on the current step's nodes, scraped
-    /// once when the step started, before they moved (check `streamGrowth`).
+    /// What the stable revision's agents on the current step's nodes said, scraped once
+    /// when the step started, before they moved: active streams (check `streamGrowth`)
+    /// and lines read and dropped by pipeline stages (check `pipelineDrops`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_baseline: Option<StreamBaseline>,
     /// One line a person can act on.
@@ -139,7 +140,8 @@ impl Phase {
     }
 }
 
-/// The stable revision's active streams per node, before a step moved the nodes.
+/// The stable revision's agents per node, before a step moved the nodes. Named for its
+/// first use (streams); it also carries the pipeline drops, so a step is scraped once.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StreamBaseline {
@@ -149,6 +151,21 @@ pub struct StreamBaseline {
     /// nodes on a large step).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub nodes: std::collections::BTreeMap<String, i64>,
+    /// Node name -> lines its stable agent had read and its pipeline stages had dropped
+    /// since it started (same sample of nodes); a node whose agent does not export them
+    /// is left out.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub drops: std::collections::BTreeMap<String, LineCounts>,
+}
+
+/// Lines an agent read, and of those, the lines its pipeline stages dropped on purpose.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LineCounts {
+    /// `logpipe_read_lines_total` (or the sum of `promtail_read_lines_total`).
+    pub read: i64,
+    /// `logentry_dropped_lines_total`, summed over reasons.
+    pub dropped: i64,
 }
 
 /// The result of verifying one step, with the measured numbers.

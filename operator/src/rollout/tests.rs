@@ -27,10 +27,20 @@ fn spec() -> RolloutSpec {
         soak: HumanDuration(Duration::from_secs(30)),
         verify: crate::crd::VerifySpec {
             window: HumanDuration(Duration::from_secs(10)),
+            // These tables are about moves; the baseline a step starts with (taken by
+            // default for `pipelineDrops`) has its own, with `drops_spec` and `growth_spec`.
+            max_drop_increase: "100%".into(),
             ..Default::default()
         },
         ..Default::default()
     }
+}
+
+/// [`spec`] with the default `pipelineDrops` check (maxDropIncrease 10%).
+fn drops_spec() -> RolloutSpec {
+    let mut s = spec();
+    s.verify.max_drop_increase = crate::crd::VerifySpec::default().max_drop_increase;
+    s
 }
 
 fn pod(node: &str, rev: &str, ready: bool) -> PodView {
@@ -1127,6 +1137,7 @@ fn baseline(step: i32, nodes: &[(&str, i64)]) -> StreamBaseline {
     StreamBaseline {
         step,
         nodes: nodes.iter().map(|(n, c)| (n.to_string(), *c)).collect(),
+        ..Default::default()
     }
 }
 
@@ -1169,11 +1180,39 @@ fn baseline_due_table() {
         &'a [PodView],
         Option<Vec<&'a str>>,
     );
-    let cases: [Case; 6] = [
+    let cases: [Case; 10] = [
         (
-            "no maxStreamGrowth: nothing to measure",
+            "no maxStreamGrowth, maxDropIncrease 100%: nothing to measure",
             spec(),
             &canary,
+            &fleet_r1,
+            None,
+        ),
+        (
+            "the default drop check, no maxStreamGrowth: the canary's stable node",
+            drops_spec(),
+            &canary,
+            &fleet_r1,
+            Some(vec!["agent-n1"]),
+        ),
+        (
+            "the default drop check: the next step's stable nodes",
+            drops_spec(),
+            &step1,
+            &moved,
+            Some(vec!["agent-n2"]),
+        ),
+        (
+            "the default drop check: recorded once for the step",
+            drops_spec(),
+            &recorded,
+            &fleet_r1,
+            None,
+        ),
+        (
+            "the default drop check: a first install has no stable revision",
+            drops_spec(),
+            &first_install,
             &fleet_r1,
             None,
         ),
@@ -1238,8 +1277,7 @@ fn a_step_holds_its_moves_until_the_stable_streams_are_measured_then_records_the
     assert_eq!(d.state.phase, Some(Phase::Canary));
     assert!(deleted(&d).is_empty(), "{:?}", d.actions);
     assert!(
-        d.message
-            .contains("measuring the active streams of 1 stable agents"),
+        d.message.contains("measuring 1 stable agents"),
         "{}",
         d.message
     );
@@ -1490,4 +1528,46 @@ fn settled_failure_is_only_the_stable_revision_failing() {
         ..rolled_back
     };
     assert!(settled.settled_failure());
+}
+
+#[test]
+fn the_default_drop_check_holds_the_canary_until_the_stable_agents_are_measured() {
+    let d = run(
+        &drops_spec(),
+        &healthy_r1(),
+        "r2",
+        &fleet("r1"),
+        Verdicts::default(),
+        100,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::Canary));
+    assert!(deleted(&d).is_empty(), "{:?}", d.actions);
+    assert!(
+        d.message.contains("measuring 1 stable agents"),
+        "{}",
+        d.message
+    );
+    let mut measured = baseline(0, &[]);
+    measured.drops.insert(
+        "n1".into(),
+        crate::crd::LineCounts {
+            read: 1200,
+            dropped: 0,
+        },
+    );
+    let d = run(
+        &drops_spec(),
+        &d.state,
+        "r2",
+        &fleet("r1"),
+        Verdicts {
+            baseline: Some(measured.clone()),
+            ..Default::default()
+        },
+        102,
+        Flags::default(),
+    );
+    assert_eq!(deleted(&d), ["agent-n1"]);
+    assert_eq!(d.state.stream_baseline, Some(measured));
 }

@@ -782,3 +782,262 @@ fn max_stream_growth_reads_as_a_ratio() {
         assert_eq!(spec.stream_growth_limit(), limit, "{raw}");
     }
 }
+
+#[test]
+fn pipeline_drops_table() {
+    struct Case {
+        name: &'static str,
+        limit: &'static str,
+        /// Lines read and dropped by the new agents on n1, n2 (`None`: not exported).
+        now: [Option<(i64, i64)>; 2],
+        /// Lines read and dropped by the stable agents before they moved.
+        baseline: Option<&'static [(&'static str, i64, i64)]>,
+        final_check: bool,
+        passed: bool,
+        value: &'static str,
+        says: &'static [&'static str],
+    }
+    let cases = [
+        Case {
+            name: "a bad drop rule (every other line) fails at the end of the window",
+            limit: "10%",
+            now: [Some((200, 100)), Some((200, 0))],
+            baseline: Some(&[("n1", 1000, 0), ("n2", 1000, 0)]),
+            final_check: true,
+            passed: false,
+            value: "50.0%",
+            says: &[
+                "worst node n1: 0.0% of 1000 lines dropped by the stable revision -> 50.0% of 200 by the new one, 2 nodes compared",
+                "raise rollout.verify.maxDropIncrease if the new drop rule is intended",
+            ],
+        },
+        Case {
+            name: "the same bad rule does not fail during the window (judged at the end)",
+            limit: "10%",
+            now: [Some((200, 100)), Some((200, 0))],
+            baseline: Some(&[("n1", 1000, 0), ("n2", 1000, 0)]),
+            final_check: false,
+            passed: true,
+            value: "50.0%",
+            says: &["worst node n1"],
+        },
+        Case {
+            name: "the same share as the stable revision passes",
+            limit: "10%",
+            now: [Some((200, 20)), Some((300, 30))],
+            baseline: Some(&[("n1", 1000, 100), ("n2", 1000, 100)]),
+            final_check: true,
+            passed: true,
+            value: "10.0%",
+            says: &["10.0% of 1000 lines dropped by the stable revision -> 10.0% of"],
+        },
+        Case {
+            name: "an intended small increase within the limit passes",
+            limit: "10%",
+            now: [Some((200, 10)), Some((200, 0))],
+            baseline: Some(&[("n1", 1000, 0), ("n2", 1000, 0)]),
+            final_check: true,
+            passed: true,
+            value: "5.0%",
+            says: &[
+                "worst node n1: 0.0% of 1000 lines dropped by the stable revision -> 5.0% of 200",
+            ],
+        },
+        Case {
+            name: "a stable revision already dropping 40%: 45% passes at 10%",
+            limit: "10%",
+            now: [Some((200, 90)), Some((200, 80))],
+            baseline: Some(&[("n1", 1000, 400), ("n2", 1000, 400)]),
+            final_check: true,
+            passed: true,
+            value: "45.0%",
+            says: &["40.0% of 1000 lines dropped by the stable revision -> 45.0% of 200"],
+        },
+        Case {
+            name: "a quiet node is too few lines to judge, not failed; the other is judged",
+            limit: "10%",
+            now: [Some((20, 20)), Some((200, 0))],
+            baseline: Some(&[("n1", 1000, 0), ("n2", 1000, 0)]),
+            final_check: true,
+            passed: true,
+            value: "0.0%",
+            says: &[
+                "worst node n2",
+                "1 nodes compared",
+                "too few lines to judge (under 50 read): n1",
+            ],
+        },
+        Case {
+            name: "every node too quiet: passed, with a note",
+            limit: "10%",
+            now: [Some((20, 20)), Some((0, 0))],
+            baseline: Some(&[("n1", 1000, 0), ("n2", 1000, 0)]),
+            final_check: true,
+            passed: true,
+            value: "-",
+            says: &["too few lines to judge (under 50 read): n1, n2"],
+        },
+        Case {
+            name: "no baseline (a first install): skipped, saying so",
+            limit: "10%",
+            now: [Some((200, 100)), Some((200, 100))],
+            baseline: None,
+            final_check: true,
+            passed: true,
+            value: "skipped",
+            says: &["first install"],
+        },
+        Case {
+            name: "stable agents that do not export line counts: skipped, saying so",
+            limit: "10%",
+            now: [Some((200, 100)), Some((200, 100))],
+            baseline: Some(&[]),
+            final_check: true,
+            passed: true,
+            value: "skipped",
+            says: &["do not export logpipe_read_lines_total or promtail_read_lines_total"],
+        },
+        Case {
+            name: "only nodes with a stable count are compared; a thin baseline is none",
+            limit: "10%",
+            now: [Some((200, 100)), Some((200, 0))],
+            baseline: Some(&[("n1", 30, 0), ("n2", 1000, 0)]),
+            final_check: true,
+            passed: true,
+            value: "0.0%",
+            says: &[
+                "1 nodes compared",
+                "no stable line counts to compare with: n1",
+            ],
+        },
+        Case {
+            name: "a new agent that does not export its lines is not compared",
+            limit: "10%",
+            now: [None, None],
+            baseline: Some(&[("n1", 1000, 0), ("n2", 1000, 0)]),
+            final_check: true,
+            passed: true,
+            value: "skipped",
+            says: &["logpipe_read_lines_total not exported by the new agent: n1, n2"],
+        },
+        Case {
+            name: "a bigger limit lets the bad rule pass",
+            limit: "60%",
+            now: [Some((200, 100)), Some((200, 0))],
+            baseline: Some(&[("n1", 1000, 0), ("n2", 1000, 0)]),
+            final_check: true,
+            passed: true,
+            value: "50.0%",
+            says: &["worst node n1"],
+        },
+    ];
+    for case in cases {
+        let spec = VerifySpec {
+            max_drop_increase: case.limit.into(),
+            ..spec()
+        };
+        let lines = |now: Option<(i64, i64)>| Sample {
+            read_lines: now.map(|(r, _)| r as f64),
+            pipeline_dropped: now.map_or(0.0, |(_, d)| d as f64),
+            ..good()
+        };
+        let (pods, mut m) = nodes(&[
+            ("n1", lines(case.now[0]), 50.0),
+            ("n2", lines(case.now[1]), 50.0),
+        ]);
+        m.drop_baseline = case.baseline.map(|b| {
+            b.iter()
+                .map(|(n, read, dropped)| {
+                    (
+                        n.to_string(),
+                        LineCounts {
+                            read: *read,
+                            dropped: *dropped,
+                        },
+                    )
+                })
+                .collect()
+        });
+        let refs: Vec<&PodView> = pods.iter().collect();
+        let (checks, verdict) = judge(&spec, &refs, &m, case.final_check);
+        assert_eq!(
+            verdict.passed, case.passed,
+            "{}: {}",
+            case.name, verdict.summary
+        );
+        let c = check(&checks, "pipelineDrops");
+        assert_eq!(c.value.as_deref(), Some(case.value), "{}: {c:?}", case.name);
+        assert_eq!(c.limit.as_deref(), Some(case.limit), "{}", case.name);
+        for words in case.says {
+            assert!(
+                c.message.as_deref().unwrap_or_default().contains(words),
+                "{}: {words:?} not in {c:?}",
+                case.name
+            );
+        }
+        if !case.passed {
+            assert!(
+                verdict.summary.contains("pipelineDrops 50.0% (limit 10%)"),
+                "{}",
+                verdict.summary
+            );
+        }
+    }
+}
+
+#[test]
+fn pipeline_drops_off_at_100_percent() {
+    let spec = VerifySpec {
+        max_drop_increase: "100%".into(),
+        ..spec()
+    };
+    let (pods, m) = nodes(&[("n1", good(), 50.0)]);
+    let refs: Vec<&PodView> = pods.iter().collect();
+    let (checks, _) = judge(&spec, &refs, &m, true);
+    assert!(
+        checks.iter().all(|c| c.name != "pipelineDrops"),
+        "{checks:?}"
+    );
+    assert!(!spec.pipeline_drops() && !spec.needs_baseline());
+    assert!(VerifySpec::default().needs_baseline(), "on by default");
+}
+
+#[test]
+fn max_drop_increase_reads_as_a_share() {
+    for (raw, limit) in [
+        ("10%", Some(0.1)),
+        ("0%", Some(0.0)),
+        ("2.5%", Some(0.025)),
+        ("100%", Some(1.0)),
+        ("10", None),
+        ("150%", None),
+        ("lots%", None),
+    ] {
+        let spec = VerifySpec {
+            max_drop_increase: raw.into(),
+            ..spec()
+        };
+        assert_eq!(spec.drop_increase_limit(), limit, "{raw}");
+    }
+}
+
+#[test]
+fn lines_read_are_the_agents_total_else_the_sum_over_files() {
+    let both = "promtail_read_lines_total{path=\"/a/0.log\"} 10\n\
+                promtail_read_lines_total{path=\"/b/0.log\"} 5\n\
+                logpipe_read_lines_total 40\n\
+                logentry_dropped_lines_total{reason=\"drop_stage\"} 6\n\
+                logentry_dropped_lines_total{reason=\"rate_limited\"} 2\n";
+    let s = parse_metrics(both);
+    assert_eq!(
+        s.read_lines,
+        Some(40.0),
+        "the total outlives rotated files' series"
+    );
+    assert_eq!(s.pipeline_dropped, 8.0, "every reason");
+    let promtail_only = "promtail_read_lines_total{path=\"/a/0.log\"} 10\n\
+                         promtail_read_lines_total{path=\"/b/0.log\"} 5\n";
+    assert_eq!(parse_metrics(promtail_only).read_lines, Some(15.0));
+    assert_eq!(parse_metrics(promtail_only).pipeline_dropped, 0.0);
+    assert_eq!(parse_metrics(METRICS).read_lines, None);
+}
