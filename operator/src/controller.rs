@@ -421,7 +421,10 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
         release: objects.release.clone(),
         config_map: current_cm,
         paused: spec.paused,
-        failure: None,
+        failure: decision
+            .store_unreachable
+            .as_ref()
+            .map(|hold| Failure::new(FailureReason::StoreUnreachable, hold.clone())),
     };
     let record = status::Rollout {
         state: decision.state.clone(),
@@ -904,6 +907,7 @@ mod tests {
                 "rolling back to revision r1: 2 nodes to move back, 3/5 Ready: {engine}"
             ),
             requeue: Duration::from_secs(2),
+            store_unreachable: None,
         };
         explain_gate_stop(&mut aborted, &before, "ops turned Degraded", false);
         assert!(aborted.actions.is_empty(), "no annotation to clear");

@@ -39,6 +39,12 @@
 //! stages); [`step`] records them in the state, so in `status.streamBaseline`, and only
 //! then deletes pods. It is written once, when the step starts, never during its window.
 //!
+//! A step whose only failed check is the store's, because the store could not be reached
+//! at the end of the window ([`Verdict::store_unreachable`]), holds: it neither goes on
+//! (nothing proves the logs arrived) nor rolls back (nothing says the revision is wrong),
+//! asks again at each look, and says so ([`Decision::store_unreachable`], reported as
+//! `StoreUnreachable`); `logpipe.io/promote` goes on without it.
+//!
 //! A Healthy revision stays watched: when an agent at the stable revision waits for a
 //! reason that will not pass by itself (`CrashLoopBackOff`, `ImagePullBackOff`...: see
 //! [`FATAL_WAITING`]; a pod that is merely not Ready is node trouble, not the revision),
@@ -292,6 +298,9 @@ pub struct Verdict {
     pub passed: bool,
     /// The failed checks with their numbers.
     pub summary: String,
+    /// At the end of a window, the only check that failed is the store's, because the
+    /// store could not be asked (its error): the step holds, it does not roll back.
+    pub store_unreachable: Option<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -331,6 +340,9 @@ pub struct Decision {
     pub message: String,
     /// When to look again.
     pub requeue: Duration,
+    /// The step holds because the store cannot be asked (the hold's message): the
+    /// status reports it as a failure (`StoreUnreachable`).
+    pub store_unreachable: Option<String>,
 }
 
 /// Nodes to check now, when due: a step's moved nodes during and at the end of its
@@ -661,6 +673,7 @@ impl Engine<'_, '_> {
             actions,
             message,
             requeue,
+            store_unreachable: None,
         }
     }
 
@@ -788,7 +801,15 @@ impl Engine<'_, '_> {
             );
         }
         if let Some(v) = verdict.filter(|v| !v.passed) {
-            return self.start_rollback(st, format!("{name} failed verification: {}", v.summary));
+            match v.store_unreachable.as_deref() {
+                Some(why) if v.final_check && !promote => return self.hold_for_store(st, why),
+                // Promoted: on without the store's answer.
+                Some(_) if v.final_check => {}
+                _ => {
+                    return self
+                        .start_rollback(st, format!("{name} failed verification: {}", v.summary));
+                }
+            }
         }
         let desired = self.obs.desired_nodes;
         if index >= self.steps.len() {
@@ -932,6 +953,22 @@ impl Engine<'_, '_> {
             }
         }
         None
+    }
+
+    /// Every check of the step passed but the store's, which could not be asked: the step
+    /// neither goes on (nothing proves the logs arrived) nor rolls back (nothing says the
+    /// revision is wrong). It asks again at the next look, so it goes on once the store
+    /// answers; `logpipe.io/promote` goes on without it.
+    fn hold_for_store(&self, st: State, why: &str) -> Decision {
+        let index = st.step.unwrap_or(0);
+        let message = format!(
+            "{}: holding at revision {}: every check passed but the store cannot be asked: {why} (it is asked again at each look; promote to go on without it)",
+            step_name(self.steps, index),
+            self.target
+        );
+        let mut decision = self.decision(st, Template::Target, Vec::new(), message.clone());
+        decision.store_unreachable = Some(message);
+        decision
     }
 
     fn start_rollback(&self, mut st: State, reason: String) -> Decision {

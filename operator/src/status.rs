@@ -17,7 +17,7 @@
 //! # Failures
 //! A reconcile that cannot do its work ([`Failure`]: the spec the agent would refuse, a
 //! server-side apply the API server refused, a Secret the pods or the gate need that is
-//! missing) gives `Ready=False` and `Degraded=True` with the failure's
+//! missing, a step held because its store cannot be reached) gives `Ready=False` and `Degraded=True` with the failure's
 //! [`FailureReason`], the top-level `message` replaced by `<Reason>: <message>`, and
 //! `observedGeneration` of the spec it failed on.
 //!
@@ -51,16 +51,25 @@ pub enum FailureReason {
     /// A Secret the agent pods mount (auth, TLS CA) or the gate reads is missing, or
     /// lacks the key.
     SecretMissing,
+    /// The store a step's verification asks cannot be reached at the end of its window:
+    /// the step holds (neither goes on nor rolls back) until it answers.
+    StoreUnreachable,
 }
 
 impl FailureReason {
-    pub const ALL: [Self; 3] = [Self::InvalidSpec, Self::ApplyFailed, Self::SecretMissing];
+    pub const ALL: [Self; 4] = [
+        Self::InvalidSpec,
+        Self::ApplyFailed,
+        Self::SecretMissing,
+        Self::StoreUnreachable,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::InvalidSpec => "InvalidSpec",
             Self::ApplyFailed => "ApplyFailed",
             Self::SecretMissing => "SecretMissing",
+            Self::StoreUnreachable => "StoreUnreachable",
         }
     }
 
@@ -75,6 +84,7 @@ impl FailureReason {
             Self::InvalidSpec => "invalid_spec",
             Self::ApplyFailed => "apply",
             Self::SecretMissing => "secret_missing",
+            Self::StoreUnreachable => "store_unreachable",
         }
     }
 }
@@ -638,6 +648,10 @@ mod tests {
             (
                 FailureReason::SecretMissing,
                 "Secret logging/loki (auth.bearerTokenSecretRef) not found",
+            ),
+            (
+                FailureReason::StoreUnreachable,
+                "canary: holding at revision r2: every check passed but the store cannot be asked: VictoriaLogs query: connection refused",
             ),
         ];
         for (reason, message) in cases {

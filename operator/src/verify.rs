@@ -34,7 +34,9 @@
 //!   node's age (`4.5s`), message that node and its `logpipe_unacknowledged_bytes`;
 //! - `storeEntries`: the step's nodes' entries in the store over the window (> 0 on every
 //!   node that wrote), asked at the end of the window only; recorded as skipped when no
-//!   store is set;
+//!   store is set. When a store that cannot be reached is the one reason a step fails,
+//!   the verdict says so ([`Verdict::store_unreachable`]) and the step holds instead of
+//!   rolling back (see `rollout`);
 //! - `streams` (with `maxStreams`): the worst agent's `logpipe_active_streams`;
 //!   `streamGrowth` (with `maxStreamGrowth`): per node, the new agent's active streams
 //!   over the stable agent's on the same node before the step moved it
@@ -99,7 +101,7 @@ pub mod loki;
 mod store;
 pub mod victorialogs;
 
-pub use store::{StoreAnswer, StoreQuery, StoreRequest, answer};
+pub use store::{StoreAnswer, StoreError, StoreQuery, StoreRequest, answer};
 
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(3);
 const STORE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -256,7 +258,7 @@ pub struct Measurements {
     /// Per pod: CPU in millicores since the previous scrape.
     pub cpu_millis: BTreeMap<String, f64>,
     /// Per node: entries in the store over the window; `None`: no store set.
-    pub store: Option<Result<BTreeMap<String, f64>, String>>,
+    pub store: Option<Result<BTreeMap<String, f64>, StoreError>>,
     /// Per node (the step's nodes, or a sample of them, at the end of the window): time of
     /// the newest entry the store returns, asked right after the scrape (Unix seconds).
     pub newest_queryable: BTreeMap<String, f64>,
@@ -472,7 +474,7 @@ pub fn judge(
                 passed: !final_check || all_quiet,
                 value: Some(if all_quiet { "0" } else { "-" }.into()),
                 limit: Some(">0".into()),
-                message: notes([Some(e.clone()), quiet.clone()]),
+                message: notes([Some(e.to_string()), quiet.clone()]),
             },
             false,
         ),
@@ -634,8 +636,28 @@ pub fn judge(
         final_check,
         passed: failed.is_empty(),
         summary: failed.join("; "),
+        store_unreachable: store_unreachable(&m.store, &checks, final_check),
     };
     (checks.into_iter().map(|(c, _)| c).collect(), verdict)
+}
+
+/// The store's error when, at the end of the window, it is the one reason the step
+/// fails: the store could not be reached for `storeEntries` and every other check
+/// passed.
+fn store_unreachable(
+    store: &Option<Result<BTreeMap<String, f64>, StoreError>>,
+    checks: &[(CheckResult, bool)],
+    final_check: bool,
+) -> Option<String> {
+    let Some(Err(StoreError::Unreachable(error))) = store else {
+        return None;
+    };
+    let mut failing = checks.iter().filter(|(c, _)| !c.passed);
+    let only_store = failing.clone().count() == 1
+        && failing
+            .next()
+            .is_some_and(|(c, _)| c.name == "storeEntries");
+    (final_check && only_store).then(|| error.clone())
 }
 
 /// `lag`: at the end of the window, the oldest byte written on a node and not yet
@@ -1028,7 +1050,7 @@ impl Verifier {
             // The store's answers count only at the end of the window: no query every few
             // seconds before it.
             Some(_) if !final_check => {
-                m.store = Some(Err("counted at the end of the window".into()));
+                m.store = Some(Err(StoreError::NotYet));
             }
             Some(q) => {
                 let nodes: Vec<&str> = targets.iter().map(|t| t.node.as_str()).collect();

@@ -420,6 +420,83 @@ async fn a_release_that_drops_every_other_line_fails_at_the_canary() {
     bed.down().await;
 }
 
+/// The store a step's verification asks cannot be reached at the end of the canary's
+/// window: the step holds with `StoreUnreachable` (nothing moves on, nothing rolls back)
+/// and goes on once the query endpoint is fixed.
+#[tokio::test]
+async fn an_unreachable_store_holds_the_step_until_it_answers() {
+    let _serial = SERIAL.lock().await;
+    let testbed = ops().await;
+    let (bed, _tenant, _release1, lp) = installed(&testbed, "lprl-store", "5s").await;
+    let mut next = lp.clone();
+    let stages = next["spec"]["pipeline"].as_array_mut().unwrap();
+    stages.push(json!({"staticLabels": {"release": "2"}}));
+    // A loopback port nobody listens on.
+    let nowhere = format!("http://127.0.0.1:{}", logpipe_e2e::free_port());
+    next["spec"]["rollout"]["verify"]["query"]["endpoint"] = json!(nowhere);
+    let started = Instant::now();
+    apply(&bed.client, &bed.ns, &next).await;
+    let ready_reason = |s: &serde_json::Value| {
+        s["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+            .map(|c| c["reason"].clone())
+            .unwrap_or_default()
+    };
+    let held = wait_for(
+        "the canary held: StoreUnreachable",
+        Duration::from_secs(180),
+        || async {
+            let (_, s) = status(&bed.client, &bed.ns, "logpipe").await?;
+            (ready_reason(&s) == "StoreUnreachable")
+                .then(|| s.clone())
+                .ok_or_else(|| s["message"].to_string())
+        },
+    )
+    .await;
+    println!(
+        "held {:.1}s after the apply: {}",
+        started.elapsed().as_secs_f64(),
+        held["message"]
+    );
+    let message = held["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("StoreUnreachable: canary: holding") && message.contains(&nowhere),
+        "{message}"
+    );
+    // Held: still the canary a while later, nothing rolled back, one node moved.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (_, later) = status(&bed.client, &bed.ns, "logpipe").await.unwrap();
+    assert_eq!(later["phase"], "Canary", "{}", later["message"]);
+    assert_eq!(ready_reason(&later), "StoreUnreachable");
+    let target = later["targetRevision"].as_str().unwrap().to_string();
+    assert_eq!(nodes_at(&bed.client, &bed.ns, &target).await.len(), 1);
+    let events = Api::<Event>::namespaced(bed.client.clone(), &bed.ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("StoreUnreachable")),
+        "a Warning Event"
+    );
+
+    // The endpoint fixed (a rollout field: no new revision): the held step goes on.
+    next["spec"]["rollout"]["verify"]["query"]["endpoint"] = json!(testbed.store_url);
+    let fixed = Instant::now();
+    apply(&bed.client, &bed.ns, &next).await;
+    let healthy = wait_healthy(&bed.client, &bed.ns, bed.nodes, Duration::from_secs(300)).await;
+    println!(
+        "Healthy {:.1}s after the endpoint was fixed: {}",
+        fixed.elapsed().as_secs_f64(),
+        healthy["message"]
+    );
+    assert_eq!(healthy["stableRevision"], json!(target));
+    bed.down().await;
+}
+
 #[tokio::test]
 async fn bad_release_stops_at_the_canary_and_rolls_back() {
     let _serial = SERIAL.lock().await;

@@ -131,6 +131,7 @@ fn verdict(final_check: bool, passed: bool) -> Verdicts {
             } else {
                 "droppedEntries 12 > 0".into()
             },
+            store_unreachable: None,
         }),
         baseline: None,
     }
@@ -1570,4 +1571,76 @@ fn the_default_drop_check_holds_the_canary_until_the_stable_agents_are_measured(
     );
     assert_eq!(deleted(&d), ["agent-n1"]);
     assert_eq!(d.state.stream_baseline, Some(measured));
+}
+
+/// The end of the canary's window, every check passing but the store's, which cannot be
+/// reached: the step holds (no rollback, no next step), says so, and asks again; it goes
+/// on once the store answers, or on promote.
+#[test]
+fn an_unreachable_store_holds_the_step_until_it_answers_or_a_promote() {
+    let mut watching = state(Phase::Canary, Some(0), 100);
+    watching.window_started = Some(t(105));
+    let pods = with(fleet("r1"), "n1", "r2", true, 101);
+    let outage = "VictoriaLogs query: connection refused";
+    let unreachable = Verdicts {
+        verification: Some(Verdict {
+            final_check: true,
+            passed: false,
+            summary: format!("storeEntries - (limit >0): {outage}"),
+            store_unreachable: Some(outage.into()),
+        }),
+        ..Default::default()
+    };
+    let held = run(
+        &spec(),
+        &watching,
+        "r2",
+        &pods,
+        unreachable.clone(),
+        116,
+        Flags::default(),
+    );
+    assert_eq!(held.state, watching, "neither rolled back nor moved on");
+    assert!(deleted(&held).is_empty());
+    let hold = held.store_unreachable.as_deref().unwrap_or_default();
+    assert!(
+        hold.starts_with("canary: holding at revision r2") && hold.contains(outage),
+        "{hold}"
+    );
+    assert_eq!(held.message, hold);
+    assert_eq!(held.requeue, ACTIVE_REQUEUE, "asked again soon");
+
+    // The store answers at a later look: on to step 1.
+    let d = run(
+        &spec(),
+        &held.state,
+        "r2",
+        &pods,
+        verdict(true, true),
+        130,
+        Flags::default(),
+    );
+    assert_eq!((d.state.phase, d.state.step), (Some(Phase::Step), Some(1)));
+    assert_eq!(d.store_unreachable, None);
+
+    // Promoted while it holds: on without the store.
+    let flags = Flags {
+        promote: true,
+        ..Default::default()
+    };
+    let d = run(&spec(), &watching, "r2", &pods, unreachable, 120, flags);
+    assert_eq!((d.state.phase, d.state.step), (Some(Phase::Step), Some(1)));
+    assert_eq!(d.store_unreachable, None);
+
+    // Anything else failing rolls back as ever.
+    let d = run(
+        &spec(),
+        &watching,
+        "r2",
+        &pods,
+        verdict(true, false),
+        116,
+        Flags::default(),
+    );
+    assert_eq!(d.state.phase, Some(Phase::RollingBack));
 }

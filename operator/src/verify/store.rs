@@ -4,8 +4,11 @@
 //!
 //! # Guarantees
 //! - A store that cannot be reached, answers non-2xx or answers something unreadable gives
-//!   an error message naming the store, never a count: `storeEntries` fails with it at
-//!   the end of the window.
+//!   an error naming the store, never a count: `storeEntries` fails with it at the end of
+//!   the window. [`StoreError::Unreachable`] (no connection, no answer in time, 5xx, 429:
+//!   an outage) is told apart from [`StoreError::Refused`] (the store answered and said
+//!   no, or something unreadable: a mistake to fix), because an outage holds a step and a
+//!   refusal fails it.
 //! - Loki is asked at most `1 + LATENCY_SAMPLE_NODES` queries per verification,
 //!   VictoriaLogs one.
 
@@ -30,6 +33,20 @@ pub struct StoreRequest {
     pub path: &'static str,
     pub params: Vec<(&'static str, String)>,
     pub headers: Vec<(&'static str, String)>,
+}
+
+/// Why a store gave no count.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Not asked yet: its answers count only at the end of a window.
+    #[error("counted at the end of the window")]
+    NotYet,
+    /// No connection, no answer in time, or a 5xx or 429 answer: an outage.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The store answered, refusing the query or with something unreadable.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// What a store says about the step's nodes.
@@ -61,7 +78,10 @@ impl Verifier {
         &self,
         q: &StoreQuery,
         nodes: &[&str],
-    ) -> (Result<BTreeMap<String, f64>, String>, BTreeMap<String, f64>) {
+    ) -> (
+        Result<BTreeMap<String, f64>, StoreError>,
+        BTreeMap<String, f64>,
+    ) {
         if nodes.is_empty() {
             return (Ok(BTreeMap::new()), BTreeMap::new());
         }
@@ -71,7 +91,7 @@ impl Verifier {
                     .store_get(q, loki::count_request(nodes, q.window, &q.tenant))
                     .await
                 {
-                    Ok(body) => loki::parse_vector(&body),
+                    Ok(body) => loki::parse_vector(&body).map_err(StoreError::Refused),
                     Err(e) => Err(e),
                 };
                 let now = std::time::SystemTime::now()
@@ -92,10 +112,10 @@ impl Verifier {
             StoreKind::VictoriaLogs => {
                 let answer = match victorialogs::stats_request(nodes, q.window, &q.tenant) {
                     Ok(request) => match self.store_get(q, request).await {
-                        Ok(body) => victorialogs::parse_stats(&body),
+                        Ok(body) => victorialogs::parse_stats(&body).map_err(StoreError::Refused),
                         Err(e) => Err(e),
                     },
-                    Err(e) => Err(e),
+                    Err(e) => Err(StoreError::Refused(e)),
                 };
                 match answer {
                     Ok(a) => (Ok(a.counts), a.newest),
@@ -107,22 +127,31 @@ impl Verifier {
 
     /// GET `<endpoint><path>` with the request's parameters and headers: the body, or why
     /// not.
-    async fn store_get(&self, q: &StoreQuery, r: StoreRequest) -> Result<String, String> {
+    async fn store_get(&self, q: &StoreQuery, r: StoreRequest) -> Result<String, StoreError> {
         let store = q.kind.name();
         let url = format!("{}{}", q.endpoint.trim_end_matches('/'), r.path);
         let mut request = self.http.get(&url).query(&r.params);
         for (name, value) in &r.headers {
             request = request.header(*name, value);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| format!("{store} query: {e}"))?;
+        // The root cause ("Connection refused"), not the query string: reqwest's own
+        // message names the whole URL and stops at "error sending request".
+        let unreachable = |e: reqwest::Error| {
+            let e = e.without_url();
+            let mut text = format!("{store} query {url}: {e}");
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                text.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            StoreError::Unreachable(text)
+        };
+        let response = request.send().await.map_err(unreachable)?;
         let status = response.status().as_u16();
-        let body = response
-            .text()
-            .await
-            .map_err(|e| format!("{store} query: {e}"))?;
-        answer(q.kind, status, body)
+        let body = response.text().await.map_err(unreachable)?;
+        answer(q.kind, status, body).map_err(|e| match status {
+            429 | 500.. => StoreError::Unreachable(e),
+            _ => StoreError::Refused(e),
+        })
     }
 }

@@ -372,7 +372,7 @@ fn store_is_recorded_as_skipped_without_a_query() {
 fn a_store_error_fails_store_entries_at_the_end_with_its_message() {
     let tenant_error = victorialogs::tenant("ops").unwrap_err();
     let m = Measurements {
-        store: Some(Err(tenant_error.clone())),
+        store: Some(Err(StoreError::Refused(tenant_error.clone()))),
         ..measured(good(), 20.0, 0.0)
     };
     let p = pod("n1", true);
@@ -389,6 +389,71 @@ fn a_store_error_fails_store_entries_at_the_end_with_its_message() {
     );
     let c = checks.iter().find(|c| c.name == "storeEntries").unwrap();
     assert!(!c.passed);
+    assert_eq!(verdict.store_unreachable, None, "a refusal fails the step");
+}
+
+/// A store that cannot be reached holds the step (it neither passes nor rolls back) when
+/// it is the one reason the step fails; anything else failing fails the step as usual.
+#[test]
+fn an_unreachable_store_is_the_step_holding_only_when_nothing_else_failed() {
+    let outage = "VictoriaLogs query: error sending request: connection refused";
+    let unreachable = |sample: Sample| Measurements {
+        store: Some(Err(StoreError::Unreachable(outage.into()))),
+        ..measured(sample, 20.0, 0.0)
+    };
+    let p = pod("n1", true);
+    let lagging = Sample {
+        oldest_unacknowledged: Some(300.0),
+        ..good()
+    };
+    let quiet = Sample {
+        written_bytes: Some(0.0),
+        ..good()
+    };
+    // (case, measurements, final check, passed, holds)
+    let cases = [
+        ("during the window", unreachable(good()), false, true, false),
+        (
+            "at the end, all else passing",
+            unreachable(good()),
+            true,
+            false,
+            true,
+        ),
+        (
+            "at the end, a node left lines behind",
+            unreachable(lagging),
+            true,
+            false,
+            false,
+        ),
+        (
+            "every node quiet: nothing to find",
+            unreachable(quiet),
+            true,
+            true,
+            false,
+        ),
+    ];
+    for (case, m, final_check, passed, holds) in cases {
+        let (checks, verdict) = judge(&spec(), &[&p], &m, final_check);
+        assert_eq!(verdict.passed, passed, "{case}: {}", verdict.summary);
+        assert_eq!(
+            verdict.store_unreachable.as_deref(),
+            holds.then_some(outage),
+            "{case}: {}",
+            verdict.summary
+        );
+        let store = checks.iter().find(|c| c.name == "storeEntries").unwrap();
+        assert!(
+            store
+                .message
+                .as_deref()
+                .unwrap_or_default()
+                .contains(outage),
+            "{case}: the check says why: {store:?}"
+        );
+    }
 }
 
 #[test]
