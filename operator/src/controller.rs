@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Secret};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
@@ -324,10 +324,11 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
             .collect();
         let (checks, v) = verify::judge(&spec.verify, &step_views, &measured, request.final_check);
         ctx.metrics.verification(request.final_check, v.passed);
-        // A passing check during a window is neither logged nor recorded: its numbers
-        // change at every look, and the status would be written every few seconds for
-        // nothing. The end of a window, and any failure, are.
-        if !v.passed || request.final_check {
+        let last = lp
+            .status
+            .as_ref()
+            .and_then(|s| s.last_verification.as_ref());
+        if verify::worth_recording(&v, &objects.revision, request.step, last) {
             tracing::info!(pipeline = %key.name, namespace = %key.namespace, step = request.step, final_check = request.final_check, passed = v.passed, summary = %v.summary, "verification");
             verification = Some(verify::record(
                 &objects.revision,
@@ -611,24 +612,31 @@ pub fn pod_view(pod: &Pod) -> PodView {
             .and_then(|s| s.waiting.as_ref())
             .and_then(|w| w.reason.clone()),
         created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
-        termination_message: agent.and_then(termination_message),
+        termination_message: agent.and_then(|c| failed_run(c)?.message.clone()),
+        last_failure: agent.and_then(|c| Some(failed_run(c)?.finished_at.as_ref()?.0)),
     }
 }
 
-/// The agent's last words (`terminationMessagePolicy: FallbackToLogsOnError`: its
-/// termination-log file, else the end of its log): of the run that just ended, else of
-/// the previous one (a crash-looping container waits with them in `lastState`). Only a
-/// failed run's.
-fn termination_message(c: &ContainerStatus) -> Option<String> {
-    let words = |s: Option<&k8s_openapi::api::core::v1::ContainerState>| {
+/// The agent's last failed run (`terminationMessagePolicy: FallbackToLogsOnError`: its
+/// message is the termination-log file, else the end of its log): the run that just
+/// ended, else the previous one (a crash-looping container waits with it in
+/// `lastState`). Only a failed run, with something to say.
+fn failed_run(c: &ContainerStatus) -> Option<ContainerStateTerminated> {
+    let failed = |s: Option<&k8s_openapi::api::core::v1::ContainerState>| {
         s.and_then(|s| s.terminated.as_ref())
             .filter(|t| t.exit_code != 0)
-            .and_then(|t| t.message.as_deref())
-            .map(str::trim)
-            .filter(|m| !m.is_empty())
-            .map(str::to_string)
+            .map(|t| ContainerStateTerminated {
+                message: t
+                    .message
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_string),
+                ..t.clone()
+            })
+            .filter(|t| t.message.is_some())
     };
-    words(c.state.as_ref()).or_else(|| words(c.last_state.as_ref()))
+    failed(c.state.as_ref()).or_else(|| failed(c.last_state.as_ref()))
 }
 
 pub fn error_policy(lp: Arc<LogPipeline>, error: &Error, ctx: Arc<Ctx>) -> Action {

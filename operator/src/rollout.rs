@@ -42,12 +42,14 @@
 //! A step whose only failed check is the store's, because the store could not be reached
 //! at the end of the window ([`Verdict::store_unreachable`]), holds: it neither goes on
 //! (nothing proves the logs arrived) nor rolls back (nothing says the revision is wrong),
-//! asks again at each look, and says so ([`Decision::store_unreachable`], reported as
+//! asks again every 10 s, and says so ([`Decision::store_unreachable`], reported as
 //! `StoreUnreachable`); `logpipe.io/promote` goes on without it.
 //!
-//! A Healthy revision stays watched: when an agent at the stable revision waits for a
-//! reason that will not pass by itself (`CrashLoopBackOff`, `ImagePullBackOff`...: see
-//! [`FATAL_WAITING`]; a pod that is merely not Ready is node trouble, not the revision),
+//! A Healthy revision stays watched: when an agent at the stable revision waits on an
+//! image or container error (`ImagePullBackOff`...: see [`FATAL_WAITING`]) or is in a
+//! crash loop ([`CRASH_LOOP_RESTARTS`] restarts, the last failed run less than
+//! [`CRASH_LOOP_RECENT`] ago; one crash is not a loop, and a pod that is merely not Ready
+//! is node or store trouble, not the revision),
 //! the LogPipeline turns Degraded on that revision with the agents' last words
 //! (`status::AGENTS_FAILING`). Nothing moves, there is nothing to roll back to; a gate
 //! downstream sees a release Degraded where it runs and stops it there. It is Healthy
@@ -123,7 +125,15 @@ pub struct PodView {
     /// The agent's last words when its last run failed: the container's termination
     /// message (its fatal error, or the end of its log).
     pub termination_message: Option<String>,
+    /// When that failed run ended.
+    pub last_failure: Option<Timestamp>,
 }
+
+/// Restarts that make a stable agent's crashes a crash loop (see `Engine::failing`).
+pub const CRASH_LOOP_RESTARTS: i32 = 3;
+/// A container running again, not Ready, after a failed run that ended this recently is
+/// still in its crash loop (a kubelet's back-off reaches 5 minutes).
+pub const CRASH_LOOP_RECENT: Duration = Duration::from_secs(600);
 
 /// Waiting reasons that mean the agent will not run without a change.
 pub const FATAL_WAITING: &[&str] = &[
@@ -142,28 +152,48 @@ impl PodView {
     }
 
     /// `CrashLoopBackOff on n1: agent exited: <its last words>` when the agent waits for
-    /// a reason that will not pass by itself, or runs again after a failed run and is not
-    /// Ready yet (a crash loop between two back-offs); `None` otherwise.
+    /// a reason that will not pass by itself; `None` otherwise.
     pub fn failure(&self) -> Option<String> {
-        let reason = match self.waiting_reason.as_deref() {
-            Some(reason) if FATAL_WAITING.contains(&reason) => reason,
-            _ if !self.containers_ready && self.termination_message.is_some() => "restarting",
-            _ => return None,
-        };
+        let reason = self.waiting_reason.as_deref()?;
+        FATAL_WAITING
+            .contains(&reason)
+            .then(|| self.describe(reason))
+    }
+
+    /// A stable agent failing where it runs, at `now`: waiting on an image or container
+    /// error, or in a crash loop (at least [`CRASH_LOOP_RESTARTS`] restarts, and waiting
+    /// in its back-off or running again, not Ready, after a failed run that ended less
+    /// than [`CRASH_LOOP_RECENT`] ago). One crash (an OOM kill) is no crash loop, nor is
+    /// a pod that crashed long ago and is not Ready now (its store is away).
+    fn failing_at(&self, now: Timestamp) -> Option<String> {
+        let looping = self.restarts >= CRASH_LOOP_RESTARTS;
+        match self.waiting_reason.as_deref() {
+            Some("CrashLoopBackOff") => return looping.then(|| self.describe("CrashLoopBackOff")),
+            Some(reason) if FATAL_WAITING.contains(&reason) => return self.failure(),
+            _ => {}
+        }
+        let recent = self
+            .last_failure
+            .is_some_and(|t| elapsed(Some(t), now) <= CRASH_LOOP_RECENT);
+        (looping && recent && !self.containers_ready).then(|| self.describe("restarting"))
+    }
+
+    /// `<reason> on <node>: agent exited: <the last line of its termination message>`.
+    fn describe(&self, reason: &str) -> String {
         let node = self.node_name();
-        // The agent's last words: the last line of its termination message.
         let words = self
             .termination_message
             .as_deref()
             .and_then(|m| m.lines().rev().map(str::trim).find(|l| !l.is_empty()));
-        Some(match words {
+        match words {
             Some(w) => format!(
                 "{reason} on {node}: agent exited: {}",
                 w.chars().take(300).collect::<String>()
             ),
             None => format!("{reason} on {node}"),
-        })
+        }
     }
+
     fn node_name(&self) -> &str {
         self.node.as_deref().unwrap_or(&self.name)
     }
@@ -356,6 +386,8 @@ pub struct VerifyRequest {
 }
 
 const ACTIVE_REQUEUE: Duration = Duration::from_secs(2);
+/// How often a step held on an unreachable store asks it again.
+const STORE_RETRY: Duration = Duration::from_secs(10);
 const GATE_REQUEUE: Duration = Duration::from_secs(10);
 const SETTLED_REQUEUE: Duration = Duration::from_secs(300);
 
@@ -962,12 +994,14 @@ impl Engine<'_, '_> {
     fn hold_for_store(&self, st: State, why: &str) -> Decision {
         let index = st.step.unwrap_or(0);
         let message = format!(
-            "{}: holding at revision {}: every check passed but the store cannot be asked: {why} (it is asked again at each look; promote to go on without it)",
+            "{}: holding at revision {}: every check passed but the store cannot be asked: {why} (asked again every 10s; promote to go on without it)",
             step_name(self.steps, index),
             self.target
         );
         let mut decision = self.decision(st, Template::Target, Vec::new(), message.clone());
         decision.store_unreachable = Some(message);
+        // Each look scrapes the step's agents and asks the store again: not every 2 s.
+        decision.requeue = STORE_RETRY;
         decision
     }
 
@@ -1032,7 +1066,7 @@ impl Engine<'_, '_> {
     fn failing(&self, mut st: State) -> Option<Decision> {
         let failures: Vec<String> = live(self.obs.pods)
             .filter(|p| p.at(self.target))
-            .filter_map(PodView::failure)
+            .filter_map(|p| p.failing_at(self.now))
             .collect();
         if failures.is_empty() {
             return None;

@@ -101,7 +101,7 @@ pub mod loki;
 mod store;
 pub mod victorialogs;
 
-pub use store::{StoreAnswer, StoreError, StoreQuery, StoreRequest, answer};
+pub use store::{StoreAnswer, StoreError, StoreQuery, StoreRequest, answer, without_credentials};
 
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(3);
 const STORE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -926,6 +926,24 @@ fn pipeline_drops(
         message.push_str(&part);
     }
     result(!final_check || !over, percent(share(worst.now)), message)
+}
+
+/// Is this verdict written into the status (`lastVerification`)? A passing check during a
+/// window is not: its numbers change at every look, and the status would be written
+/// every few seconds for nothing. The end of a window and any failure are, except a step
+/// held on an unreachable store once its hold is recorded (it is asked again at each
+/// look, with the same answer).
+pub fn worth_recording(
+    v: &Verdict,
+    revision: &str,
+    step: usize,
+    last: Option<&Verification>,
+) -> bool {
+    let held_already = v.store_unreachable.is_some()
+        && last.is_some_and(|l| {
+            !l.passed && l.revision == revision && l.step == i32::try_from(step).ok()
+        });
+    (!v.passed || v.final_check) && !held_already
 }
 
 /// The record of a verification for the status.

@@ -1359,12 +1359,17 @@ fn waiting(mut pods: Vec<PodView>, node: &str, reason: &str, words: Option<&str>
 #[test]
 fn a_settled_revision_whose_agents_fail_is_degraded_until_they_run_again() {
     let healthy = healthy_r1();
-    let crashing = waiting(
-        fleet("r1"),
-        "n2",
-        "CrashLoopBackOff",
-        Some("starting\npositions: disk full\n"),
-    );
+    // n2's agent after `restarts` failed runs, the last one ended at `ended`.
+    let after_crashes = |restarts: i32, ended: i64, pods: Vec<PodView>| {
+        let mut pods = pods;
+        pods[1].restarts = restarts;
+        pods[1].last_failure = Some(t(ended));
+        pods[1].termination_message = Some("starting\npositions: disk full\n".into());
+        pods
+    };
+    let crashing = after_crashes(3, 99, waiting(fleet("r1"), "n2", "CrashLoopBackOff", None));
+    let mut running_again = fleet("r1");
+    running_again[1].ready = false;
     // (case, pods, phase, reason contains); Degraded names r1 as failed
     let cases: Vec<(&str, Vec<PodView>, Phase, &str)> = vec![
         ("all running", fleet("r1"), Phase::Healthy, ""),
@@ -1387,24 +1392,30 @@ fn a_settled_revision_whose_agents_fail_is_degraded_until_they_run_again() {
             "on 1/4 nodes: CrashLoopBackOff on n2: agent exited: positions: disk full",
         ),
         (
-            "between two crashes: running again, not Ready, its last words kept",
-            {
-                let mut pods = fleet("r1");
-                pods[1].ready = false;
-                pods[1].termination_message = Some("positions: disk full".into());
-                pods
-            },
+            "one crash (an OOM kill) waiting out its back-off is no crash loop",
+            after_crashes(1, 99, waiting(fleet("r1"), "n2", "CrashLoopBackOff", None)),
+            Phase::Healthy,
+            "",
+        ),
+        (
+            "between two crashes of a loop: running again, not Ready yet",
+            after_crashes(3, 95, running_again.clone()),
             Phase::Degraded,
             "restarting on n2: agent exited: positions: disk full",
         ),
         (
-            "Ready again after a failed run",
-            {
+            "crashes long ago, not Ready now (its store is away): no crash loop",
+            after_crashes(5, 100 - 601, running_again.clone()),
+            Phase::Healthy,
+            "",
+        ),
+        (
+            "Ready again after a crash loop",
+            after_crashes(3, 95, {
                 let mut pods = fleet("r1");
                 pods[1].containers_ready = true;
-                pods[1].termination_message = Some("positions: disk full".into());
                 pods
-            },
+            }),
             Phase::Healthy,
             "",
         ),
@@ -1608,7 +1619,7 @@ fn an_unreachable_store_holds_the_step_until_it_answers_or_a_promote() {
         "{hold}"
     );
     assert_eq!(held.message, hold);
-    assert_eq!(held.requeue, ACTIVE_REQUEUE, "asked again soon");
+    assert_eq!(held.requeue, STORE_RETRY, "asked again, not at every look");
 
     // The store answers at a later look: on to step 1.
     let d = run(

@@ -49,6 +49,30 @@ pub enum StoreError {
     Refused(String),
 }
 
+impl StoreError {
+    /// A non-2xx answer: 429 and 5xx are the store being away (an outage holds a step),
+    /// anything else the store saying no (a mistake: the step fails).
+    pub fn of_status(status: u16, error: String) -> Self {
+        match status {
+            429 | 500.. => Self::Unreachable(error),
+            _ => Self::Refused(error),
+        }
+    }
+}
+
+/// `url` without a `user:password@` part: it ends up in the status and in Events.
+pub fn without_credentials(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
+            // Only fails for URLs that cannot have credentials, which these have.
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// What a store says about the step's nodes.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StoreAnswer {
@@ -136,9 +160,10 @@ impl Verifier {
         }
         // The root cause ("Connection refused"), not the query string: reqwest's own
         // message names the whole URL and stops at "error sending request".
+        let shown = without_credentials(&url);
         let unreachable = |e: reqwest::Error| {
             let e = e.without_url();
-            let mut text = format!("{store} query {url}: {e}");
+            let mut text = format!("{store} query {shown}: {e}");
             let mut cause = std::error::Error::source(&e);
             while let Some(c) = cause {
                 text.push_str(&format!(": {c}"));
@@ -149,9 +174,6 @@ impl Verifier {
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status().as_u16();
         let body = response.text().await.map_err(unreachable)?;
-        answer(q.kind, status, body).map_err(|e| match status {
-            429 | 500.. => StoreError::Unreachable(e),
-            _ => StoreError::Refused(e),
-        })
+        answer(q.kind, status, body).map_err(|e| StoreError::of_status(status, e))
     }
 }

@@ -1106,3 +1106,117 @@ fn lines_read_are_the_agents_total_else_the_sum_over_files() {
     assert_eq!(parse_metrics(promtail_only).pipeline_dropped, 0.0);
     assert_eq!(parse_metrics(METRICS).read_lines, None);
 }
+
+#[test]
+fn store_answers_tell_an_outage_from_a_refusal() {
+    // (status, an outage)
+    let cases = [
+        (429, true),
+        (500, true),
+        (502, true),
+        (503, true),
+        (400, false),
+        (401, false),
+        (403, false),
+        (404, false),
+    ];
+    for (status, outage) in cases {
+        let e = StoreError::of_status(status, format!("answered {status}"));
+        assert_eq!(
+            matches!(e, StoreError::Unreachable(_)),
+            outage,
+            "{status}: {e:?}"
+        );
+        assert_eq!(e.to_string(), format!("answered {status}"));
+    }
+}
+
+#[test]
+fn store_urls_in_messages_carry_no_credentials() {
+    let cases = [
+        (
+            "http://user:secret@vl:9428/select/logsql/stats_query",
+            "http://vl:9428/select/logsql/stats_query",
+        ),
+        (
+            "https://token@loki/loki/api/v1/query",
+            "https://loki/loki/api/v1/query",
+        ),
+        (
+            "http://127.0.0.1:9428/select",
+            "http://127.0.0.1:9428/select",
+        ),
+        ("not a url", "not a url"),
+    ];
+    for (url, shown) in cases {
+        assert_eq!(without_credentials(url), shown);
+    }
+}
+
+/// The end of a window and any failure are written into the status; a step held on an
+/// unreachable store only once.
+#[test]
+fn verdicts_worth_recording() {
+    let verdict = |final_check: bool, passed: bool, held: bool| Verdict {
+        final_check,
+        passed,
+        summary: String::new(),
+        store_unreachable: held.then(|| "VictoriaLogs query: refused".into()),
+    };
+    let failed_at = |revision: &str, step: i32| Verification {
+        revision: revision.into(),
+        step: Some(step),
+        passed: false,
+        ..Default::default()
+    };
+    let held = failed_at("r2", 0);
+    // (case, verdict, last recorded, recorded)
+    let cases = [
+        (
+            "a passing look during the window",
+            verdict(false, true, false),
+            None,
+            false,
+        ),
+        (
+            "a failure during the window",
+            verdict(false, false, false),
+            None,
+            true,
+        ),
+        (
+            "the end of the window",
+            verdict(true, true, false),
+            None,
+            true,
+        ),
+        ("a hold, first look", verdict(true, false, true), None, true),
+        (
+            "a hold, recorded already",
+            verdict(true, false, true),
+            Some(&held),
+            false,
+        ),
+        (
+            "a hold of another step",
+            verdict(true, false, true),
+            Some(&failed_at("r2", 1)),
+            true,
+        ),
+        (
+            "a hold of another revision",
+            verdict(true, false, true),
+            Some(&failed_at("r1", 0)),
+            true,
+        ),
+        (
+            "a real failure after a hold",
+            verdict(true, false, false),
+            Some(&held),
+            true,
+        ),
+    ];
+    for (case, v, last, recorded) in cases {
+        assert_eq!(worth_recording(&v, "r2", 0, last), recorded, "{case}");
+    }
+}
