@@ -437,8 +437,16 @@ async fn an_unreachable_store_holds_the_step_until_it_answers() {
         message.starts_with("StoreUnreachable: canary: holding") && message.contains(&nowhere),
         "{message}"
     );
-    // Held: still the canary a while later, nothing rolled back, one node moved.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Held: still the canary a while later, nothing rolled back, one node moved, and no
+    // status write while the store keeps giving the same answer (asked every 10 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let held_at = resource_version(&bed.client, &bed.ns, "logpipe").await;
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert_eq!(
+        resource_version(&bed.client, &bed.ns, "logpipe").await,
+        held_at,
+        "the hold is written once"
+    );
     let (_, later) = status(&bed.client, &bed.ns, "logpipe").await.unwrap();
     assert_eq!(later["phase"], "Canary", "{}", later["message"]);
     assert_eq!(ready_reason(&later), "StoreUnreachable");
