@@ -61,7 +61,8 @@ alive() {
   [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
   cmdline=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null) || return 1
   if [ -z "$cmdline" ]; then
-    read -r _ _ state _ < "/proc/$pid/stat" 2>/dev/null || return 1
+    # The state follows the parenthesised command name, which may hold spaces.
+    state=$(sed -E 's/.*\) ([A-Za-z]).*/\1/' "/proc/$pid/stat" 2>/dev/null) || return 1
     [ "$state" != Z ]
     return
   fi
