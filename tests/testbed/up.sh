@@ -240,7 +240,23 @@ up_store() {
   echo "http://127.0.0.1:$STORE_HTTP_PORT" > "$TESTBED/store-url"
 }
 
+# The bed's ports lie in the kernel's ephemeral range (32768-60999): any client socket
+# (an agent's push, a watch) may get one as its local port, and a listener started later
+# then fails with "address already in use" (a dry run of CI lost prod's KWOK so).
+# Reserved ports are never handed out that way; the ports of all three clusters are
+# reserved at once, before the first starts. Needs root; without it, say so and go on.
+reserve_ports() {
+  local file=/proc/sys/net/ipv4/ip_local_reserved_ports
+  local want="$PORT_BASE-$((PORT_BASE + ${#KNOWN_CLUSTERS[@]} * 100 - 1)),$STORE_HTTP_PORT"
+  local current; current=$(cat "$file" 2>/dev/null) || current=
+  case ",$current," in *",$want,"*) return ;; esac
+  if ! { [ -w "$file" ] && echo "${current:+$current,}$want" > "$file"; } 2>/dev/null; then
+    say "cannot reserve ports $want from the ephemeral range (not root): a client socket may take one"
+  fi
+}
+
 for c in $CLUSTERS; do cluster_index "$c" >/dev/null || exit 2; done
+reserve_ports
 for c in $CLUSTERS; do up_cluster "$c"; done
 "$here/build.sh" victorialogs
 up_store
