@@ -49,9 +49,8 @@
 //! image or container error (`ImagePullBackOff`...: see [`FATAL_WAITING`]) or is in a
 //! crash loop ([`CRASH_LOOP_RESTARTS`] restarts, the last failed run less than
 //! [`CRASH_LOOP_RECENT`] ago; one crash is not a loop, and a pod that is merely not Ready
-//! is node or store trouble, not the revision),
-//! the LogPipeline turns Degraded on that revision with the agents' last words
-//! (`status::AGENTS_FAILING`). Nothing moves, there is nothing to roll back to; a gate
+//! is node or store trouble, not the revision), the LogPipeline turns Degraded on that
+//! revision with the agents' last words (`status::AGENTS_FAILING`). Nothing moves, there is nothing to roll back to; a gate
 //! downstream sees a release Degraded where it runs and stops it there. It is Healthy
 //! again once no agent fails.
 //!
@@ -541,9 +540,9 @@ fn baseline_pods(set: &[&PodView], stable: &str) -> Vec<String> {
 /// (pure; called before [`step`])? Once per step, when it starts, before any of them
 /// moves: a check that compares with the stable revision on (`verify.maxStreamGrowth`,
 /// `verify.maxDropIncrease` below 100%: see `VerifySpec::needs_baseline`), a stable
-/// revision to compare with, no baseline recorded for this step. The pods to scrape; the controller passes what they said in
-/// [`Verdicts::baseline`] (an empty map when none answered), and [`step`] holds the
-/// step's moves until it has it.
+/// revision to compare with, no baseline recorded for this step. The pods to scrape; the
+/// controller passes what they said in [`Verdicts::baseline`] (an empty map when none
+/// answered), and [`step`] holds the step's moves until it has it.
 pub fn baseline_due(spec: &RolloutSpec, state: &State, obs: &Observed) -> Option<Vec<String>> {
     if !spec.verify.needs_baseline() || obs.paused || obs.abort || !obs.desired_known {
         return None;
@@ -958,8 +957,8 @@ impl Engine<'_, '_> {
         self.decision(st, Template::Target, Vec::new(), message)
     }
 
-    /// Records what the stable agents said (the baseline) before the step moves any of them; the message
-    /// to hold the step with while they are being measured.
+    /// Records what the stable agents said (the baseline) before the step moves any of
+    /// them; the message to hold the step with while they are being measured.
     fn record_baseline(&self, st: &mut State, index: usize, set: &[&PodView]) -> Option<String> {
         let stable = st.stable.clone()?;
         if !self.spec.verify.needs_baseline() || has_baseline(st, index) {
@@ -989,8 +988,8 @@ impl Engine<'_, '_> {
 
     /// Every check of the step passed but the store's, which could not be asked: the step
     /// neither goes on (nothing proves the logs arrived) nor rolls back (nothing says the
-    /// revision is wrong). It asks again at the next look, so it goes on once the store
-    /// answers; `logpipe.io/promote` goes on without it.
+    /// revision is wrong). It asks again every [`STORE_RETRY`], so it goes on once the
+    /// store answers; `logpipe.io/promote` goes on without it.
     fn hold_for_store(&self, st: State, why: &str) -> Decision {
         let index = st.step.unwrap_or(0);
         let message = format!(
