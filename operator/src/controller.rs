@@ -296,15 +296,7 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
                 tenant: lp.spec.tenant.clone(),
                 window: request.window,
             });
-        let mut measured = if spec.verify.shipping
-            || spec.verify.max_cpu.is_some()
-            || spec.verify.max_memory.is_some()
-            || spec.verify.max_latency.is_some()
-            || spec.verify.max_streams.is_some()
-            || spec.verify.max_stream_growth.is_some()
-            || spec.verify.pipeline_drops()
-            || store.is_some()
-        {
+        let mut measured = if spec.verify.measures() {
             ctx.verifier
                 .measure(
                     &targets,

@@ -148,6 +148,17 @@ pub struct Sample {
     pub pipeline_dropped: f64,
 }
 
+impl Sample {
+    /// Lines read and dropped by pipeline stages; `None` from an agent that does not say
+    /// how many lines it read.
+    pub fn line_counts(&self) -> Option<LineCounts> {
+        Some(LineCounts {
+            read: self.read_lines?.round() as i64,
+            dropped: self.pipeline_dropped.round() as i64,
+        })
+    }
+}
+
 /// The standard process collector's names (not the agent's own: not in `names`).
 const PROCESS_CPU_SECONDS_TOTAL: &str = "process_cpu_seconds_total";
 const PROCESS_RESIDENT_MEMORY_BYTES: &str = "process_resident_memory_bytes";
@@ -843,18 +854,12 @@ fn pipeline_drops(
             format!("cannot read maxDropIncrease {raw:?}"),
         );
     };
-    let counts = |s: &Sample| {
-        Some(LineCounts {
-            read: s.read_lines?.round() as i64,
-            dropped: s.pipeline_dropped.round() as i64,
-        })
-    };
     let (mut compared, mut quiet) = (Vec::new(), Vec::new());
     let (mut unmatched, mut silent) = (Vec::new(), Vec::new());
     for n in nodes {
         // An agent that was not scraped fails the other checks at the end of the window.
         let Some(sample) = n.sample else { continue };
-        let Some(now) = counts(sample) else {
+        let Some(now) = sample.line_counts() else {
             silent.push(n.name.to_string());
             continue;
         };
@@ -1106,11 +1111,7 @@ impl Verifier {
                     .nodes
                     .insert(t.node.clone(), streams.round() as i64);
             }
-            if let Some(read) = sample.read_lines {
-                let counts = LineCounts {
-                    read: read.round() as i64,
-                    dropped: sample.pipeline_dropped.round() as i64,
-                };
+            if let Some(counts) = sample.line_counts() {
                 baseline.drops.insert(t.node.clone(), counts);
             }
         }

@@ -206,6 +206,18 @@ impl VerifySpec {
         self.max_stream_growth.is_some() || self.pipeline_drops()
     }
 
+    /// Does any check need the agents scraped or the store asked? (Only `podsReady`
+    /// otherwise, which the pods' status answers.)
+    pub fn measures(&self) -> bool {
+        self.shipping
+            || self.max_cpu.is_some()
+            || self.max_memory.is_some()
+            || self.max_latency.is_some()
+            || self.max_streams.is_some()
+            || self.needs_baseline()
+            || self.store().is_some()
+    }
+
     /// Age the oldest unacknowledged byte may reach at the end of a window (`maxLatency`,
     /// else 30 s).
     pub fn max_lag(&self) -> std::time::Duration {
