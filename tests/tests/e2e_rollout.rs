@@ -24,7 +24,7 @@ use logpipe_e2e::{Testbed, unique_suffix};
 use serde_json::json;
 
 use bed::{
-    Bed, Operator, apply, checks, kubectl, max_unavailable, nodes_at, pipeline, publish,
+    Bed, Operator, apply, checks, condition, kubectl, max_unavailable, nodes_at, pipeline, publish,
     record_until, resource_version, rfc3339, status, wait_for, wait_healthy,
 };
 
@@ -409,13 +409,7 @@ async fn an_unreachable_store_holds_the_step_until_it_answers() {
     next["spec"]["rollout"]["verify"]["query"]["endpoint"] = json!(nowhere);
     let started = Instant::now();
     apply(&bed.client, &bed.ns, &next).await;
-    let ready_reason = |s: &serde_json::Value| {
-        s["conditions"]
-            .as_array()
-            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
-            .map(|c| c["reason"].clone())
-            .unwrap_or_default()
-    };
+    let ready_reason = |s: &serde_json::Value| condition(s, "Ready")["reason"].clone();
     let held = wait_for(
         "the canary held: StoreUnreachable",
         Duration::from_secs(180),
@@ -540,13 +534,7 @@ async fn bad_release_stops_at_the_canary_and_rolls_back() {
     );
     assert_eq!(s["stableRevision"], stable.as_str());
     assert_eq!(s["failedRevision"], s["targetRevision"]);
-    let degraded_condition = s["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Degraded")
-        .unwrap()
-        .clone();
+    let degraded_condition = condition(s, "Degraded");
     assert_eq!(degraded_condition["status"], "True");
     let reason = degraded_condition["message"].as_str().unwrap();
     assert!(
@@ -1614,12 +1602,7 @@ async fn gate_stops_a_moving_release_when_its_agents_fail_upstream() {
         message.contains("agent exited") && message.contains("fault injected"),
         "the agent's last words: {message}"
     );
-    let degraded = ops["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Degraded")
-        .unwrap();
+    let degraded = condition(&ops, "Degraded");
     assert_eq!(degraded["reason"], "AgentsFailing", "{degraded}");
     let ops_degraded_at = failing.first("ops", "Degraded").unwrap();
     let stop_after = pair.dev_stops(injected, &dev_target).await;

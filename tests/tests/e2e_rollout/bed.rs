@@ -325,6 +325,15 @@ pub fn rfc3339(value: &Value) -> chrono::DateTime<chrono::FixedOffset> {
 }
 
 /// Wait for Healthy at the current generation with every node ready.
+/// The status's condition of `type_` (`Null` when it has none).
+pub fn condition(status: &Value, type_: &str) -> Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_))
+        .cloned()
+        .unwrap_or_default()
+}
+
 pub async fn wait_healthy(client: &Client, ns: &str, nodes: usize, timeout: Duration) -> Value {
     wait_for("LogPipeline Healthy", timeout, || async {
         let (generation, s) = status(client, ns, "logpipe").await?;
