@@ -7,7 +7,7 @@
 //!   -> loki batcher/client -> positions (after acknowledgement)
 //! ```
 
-pub mod config;
+pub use logpipe_api::config;
 pub mod cri;
 pub mod discovery;
 pub mod entry;
@@ -15,7 +15,7 @@ pub mod loki;
 pub mod metrics;
 pub mod podlogs;
 pub mod positions;
-pub mod relabel;
+pub use logpipe_api::relabel;
 pub mod runtime;
 pub mod server;
 pub mod stages;

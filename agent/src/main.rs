@@ -7,6 +7,7 @@ use clap::Parser;
 use logpipe_agent::config::AgentConfig;
 use logpipe_agent::runtime::{self, Options};
 use logpipe_agent::termination;
+use logpipe_api::process;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -16,11 +17,11 @@ use logpipe_agent::termination;
 )]
 struct Args {
     /// The agent configuration (YAML or JSON), as rendered by the operator.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long = process::FLAG_CONFIG, value_name = "FILE")]
     config: PathBuf,
     /// This node's name (discovery watches its pods only). Default: $NODE_NAME, then
     /// $HOSTNAME, then the system host name.
-    #[arg(long)]
+    #[arg(long = process::FLAG_NODE_NAME)]
     node_name: Option<String>,
     /// Overrides `logRoot` (kubelet pod log tree, default /var/log/pods).
     #[arg(long)]
@@ -79,7 +80,7 @@ fn init_logging(format: &str) {
 
 fn node_name(flag: Option<String>) -> Result<String, MainError> {
     let from_env = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
-    flag.or_else(|| from_env("NODE_NAME"))
+    flag.or_else(|| from_env(process::ENV_NODE_NAME))
         .or_else(|| from_env("HOSTNAME"))
         .or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -85,37 +85,9 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
-/// Names of the metrics the operator reads, as exposed on `/metrics` (a counter's
-/// samples carry `_total`). Registration uses the same constants.
-pub mod names {
-    pub const SENT_ENTRIES: &str = "promtail_sent_entries";
-    pub const SENT_ENTRIES_TOTAL: &str = "promtail_sent_entries_total";
-    pub const DROPPED_ENTRIES: &str = "promtail_dropped_entries";
-    pub const DROPPED_ENTRIES_TOTAL: &str = "promtail_dropped_entries_total";
-    pub const REQUEST_DURATION: &str = "promtail_request_duration_seconds";
-    pub const REQUEST_DURATION_COUNT: &str = "promtail_request_duration_seconds_count";
-    pub const DELIVERY_LATENCY: &str = "logpipe_delivery_latency_seconds";
-    pub const DELIVERY_LATENCY_SUM: &str = "logpipe_delivery_latency_seconds_sum";
-    pub const DELIVERY_LATENCY_COUNT: &str = "logpipe_delivery_latency_seconds_count";
-    pub const NEWEST_ENTRY: &str = "logpipe_newest_entry_timestamp_seconds";
-    pub const WRITTEN_BYTES: &str = "logpipe_written_bytes";
-    pub const WRITTEN_BYTES_TOTAL: &str = "logpipe_written_bytes_total";
-    pub const ACKNOWLEDGED_BYTES: &str = "logpipe_acknowledged_bytes";
-    pub const ACKNOWLEDGED_BYTES_TOTAL: &str = "logpipe_acknowledged_bytes_total";
-    pub const UNACKNOWLEDGED_BYTES: &str = "logpipe_unacknowledged_bytes";
-    pub const OLDEST_UNACKNOWLEDGED: &str = "logpipe_oldest_unacknowledged_seconds";
-    pub const ACTIVE_STREAMS: &str = "logpipe_active_streams";
-    /// Promtail's, per file (`path`): a file's series goes when the file does (rotation,
-    /// deletion), so its sum is not a count since the agent started.
-    pub const READ_LINES: &str = "promtail_read_lines";
-    pub const READ_LINES_TOTAL: &str = "promtail_read_lines_total";
-    /// Every line read since the agent started, on every file, gone or not.
-    pub const ALL_READ_LINES: &str = "logpipe_read_lines";
-    pub const ALL_READ_LINES_TOTAL: &str = "logpipe_read_lines_total";
-    /// Promtail's drop stage counter (`reason`): entries pipeline stages dropped.
-    pub const PIPELINE_DROPPED_LINES: &str = "logentry_dropped_lines";
-    pub const PIPELINE_DROPPED_LINES_TOTAL: &str = "logentry_dropped_lines_total";
-}
+/// Names of the metrics the operator reads: the contract's, registered with the same
+/// constants.
+pub use logpipe_api::metrics as names;
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 type FloatCounter = Counter<f64, AtomicU64>;
@@ -602,6 +574,46 @@ mod tests {
         }
         m.forget_path("/p/0.log");
         assert!(!m.encode().unwrap().contains("/p/0.log"));
+    }
+
+    /// The operator decides rollouts on these: each must be a family this agent exposes,
+    /// of the type its sample name implies.
+    #[test]
+    fn every_metric_the_operator_reads_is_exposed() {
+        let m = Metrics::new();
+        // A labelled family is exposed once it has a series.
+        let host = HostLabel { host: "h".into() };
+        m.sent_entries.get_or_create(&host).inc();
+        let drop = DropLabels {
+            host: "h".into(),
+            tenant: "t".into(),
+            reason: "r".into(),
+        };
+        m.dropped_entries.get_or_create(&drop).inc();
+        let path = PathLabel { path: "p".into() };
+        m.read_lines.get_or_create(&path).inc();
+        let reason = ReasonLabel { reason: "r".into() };
+        m.pipeline_dropped.get_or_create(&reason).inc();
+        let request = RequestLabels {
+            status_code: "204".into(),
+            host: "h".into(),
+        };
+        m.request_duration.get_or_create(&request).observe(0.1);
+        let text = m.encode().unwrap();
+        for sample in names::READ_BY_OPERATOR {
+            let (family, kind) = if let Some(family) = sample.strip_suffix("_total") {
+                (family, "counter")
+            } else if let Some(family) = sample
+                .strip_suffix("_sum")
+                .or_else(|| sample.strip_suffix("_count"))
+            {
+                (family, "histogram")
+            } else {
+                (*sample, "gauge")
+            };
+            let declared = format!("# TYPE {family} {kind}\n");
+            assert!(text.contains(&declared), "missing {declared:?} in\n{text}");
+        }
     }
 
     #[test]

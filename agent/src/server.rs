@@ -14,6 +14,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
+use logpipe_api::process;
+
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -86,9 +88,9 @@ pub fn parse_listen(addr: &str) -> Result<SocketAddr, ServerError> {
 
 pub fn router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
     Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/-/ready", get(ready_handler))
-        .route("/-/healthy", get(|| async { "ok\n" }))
+        .route(process::METRICS_PATH, get(metrics_handler))
+        .route(process::READY_PATH, get(ready_handler))
+        .route(process::HEALTHY_PATH, get(|| async { "ok\n" }))
         .with_state(AppState { metrics, health })
 }
 

@@ -14,9 +14,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Where the kubelet reads a container's termination message (`terminationMessagePath`).
-pub const DEFAULT_PATH: &str = "/dev/termination-log";
+pub const DEFAULT_PATH: &str = logpipe_api::process::TERMINATION_MESSAGE_PATH;
 /// The flag that sets it (`--termination-log`); an empty value disables it.
-pub const FLAG: &str = "termination-log";
+pub const FLAG: &str = logpipe_api::process::FLAG_TERMINATION_LOG;
 /// Kubernetes keeps the first 4096 bytes of a termination message.
 pub const MAX_MESSAGE_BYTES: usize = 4096;
 

@@ -477,7 +477,7 @@ pub async fn fetch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use logpipe_agent::config::HumanDuration;
+    use logpipe_api::config::HumanDuration;
 
     fn spec() -> GateSpec {
         GateSpec {

@@ -1,4 +1,4 @@
-//! logpipe-operator: `run` (default), `crdgen`, `render -f lp.yaml`.
+//! logpipe-operator: `run` (default), `crdgen`, `render -f lp.yaml`, `validate -f lp.yaml`.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -40,6 +40,12 @@ enum Command {
     Render {
         #[arg(short = 'f', long = "filename")]
         file: std::path::PathBuf,
+    },
+    /// Check the LogPipelines of these files as the operator does before any node moves;
+    /// exits 1 when one would be held as InvalidSpec.
+    Validate {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<std::path::PathBuf>,
     },
 }
 
@@ -128,6 +134,13 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+fn read(file: &std::path::Path) -> Result<String, MainError> {
+    std::fs::read_to_string(file).map_err(|source| MainError::Read {
+        path: file.display().to_string(),
+        source,
+    })
+}
+
 async fn real_main() -> Result<(), MainError> {
     let cli = Cli::parse();
     match cli.command {
@@ -136,12 +149,19 @@ async fn real_main() -> Result<(), MainError> {
             Ok(())
         }
         Some(Command::Render { file }) => {
-            let text = std::fs::read_to_string(&file).map_err(|source| MainError::Read {
-                path: file.display().to_string(),
-                source,
-            })?;
+            let text = read(&file)?;
             std::io::stdout().write_all(render::render(&text, &cli.run.agent_image)?.as_bytes())?;
             Ok(())
+        }
+        Some(Command::Validate { files }) => {
+            let mut text = String::new();
+            for file in &files {
+                text.push_str(&read(file)?);
+                text.push_str("\n---\n");
+            }
+            let (report, verdict) = render::validate(&text)?;
+            std::io::stdout().write_all(report.as_bytes())?;
+            Ok(verdict?)
         }
         Some(Command::Run) | None => run(cli.run).await,
     }

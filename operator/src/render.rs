@@ -1,5 +1,7 @@
 //! `logpipe-operator render -f lp.yaml`: every object the operator would create, as YAML,
 //! with no cluster (reviewable in a GitOps pull request, like `helm template`).
+//! `logpipe-operator validate -f lp.yaml`: the same checks, every problem of every
+//! LogPipeline listed, for a CI job that must fail before Argo CD syncs a bad spec.
 //!
 //! With no cluster there is no uid, so no owner references are printed, and the
 //! ServiceMonitor is printed whenever it is enabled (the controller creates it only when
@@ -19,6 +21,8 @@ pub enum RenderError {
     Empty,
     #[error("LogPipeline {name}: {source}")]
     Desired { name: String, source: DesiredError },
+    #[error("{} of {checked} LogPipelines would be held as InvalidSpec", .invalid)]
+    Invalid { invalid: usize, checked: usize },
 }
 
 /// Every `LogPipeline` document of a (multi-document) YAML text; other kinds are skipped.
@@ -70,6 +74,43 @@ pub fn render(text: &str, agent_image: &str) -> Result<String, RenderError> {
     Ok(out)
 }
 
+/// What the operator would say of each LogPipeline in `text`: `ok <ns>/<name>` or
+/// `invalid <ns>/<name>: <every problem>`, one line each, and whether all are valid.
+pub fn validate(text: &str) -> Result<(String, Result<(), RenderError>), RenderError> {
+    let pipelines = parse_log_pipelines(text)?;
+    if pipelines.is_empty() {
+        return Err(RenderError::Empty);
+    }
+    let ctx = Context {
+        agent_image: "validate".into(),
+        service_monitor_crd: true,
+    };
+    let mut report = String::new();
+    let mut invalid = 0;
+    for lp in &pipelines {
+        let name = format!(
+            "{}/{}",
+            lp.metadata.namespace.as_deref().unwrap_or_default(),
+            lp.metadata.name.as_deref().unwrap_or_default()
+        );
+        match desired(lp, &ctx) {
+            Ok(_) => report.push_str(&format!("ok {name}\n")),
+            Err(e) => {
+                invalid += 1;
+                report.push_str(&format!("invalid {name}: {e}\n"));
+            }
+        }
+    }
+    let verdict = match invalid {
+        0 => Ok(()),
+        _ => Err(RenderError::Invalid {
+            invalid,
+            checked: pipelines.len(),
+        }),
+    };
+    Ok((report, verdict))
+}
+
 fn documents(o: &Objects) -> Result<Vec<String>, serde_yaml::Error> {
     fn yaml<T: Serialize>(value: &T) -> Result<String, serde_yaml::Error> {
         serde_yaml::to_string(value)
@@ -112,6 +153,28 @@ mod tests {
         }
         assert!(out.contains("tenant: ops"), "the agent config is printed");
         assert_eq!(out.matches("\n---\n").count(), 7, "one document per object");
+    }
+
+    #[test]
+    fn validate_lists_every_problem_of_every_pipeline() {
+        let good = include_str!("../../examples/ops.yaml");
+        let bad = "apiVersion: logpipe.io/v1alpha1\nkind: LogPipeline\nmetadata: {name: bad}\n\
+                   spec:\n  tenant: t\n  endpoint: http://loki:3100/loki/api/v1/push\n\
+                   \x20 pipeline:\n  - regex: {expression: '('}\n  - multiline: {firstLine: '['}\n";
+        let (report, verdict) = validate(&format!("{good}\n---\n{bad}")).unwrap();
+        assert!(report.starts_with("ok "), "{report}");
+        assert!(
+            report.contains("invalid default/bad: spec.pipeline[0].regex: invalid regex")
+                && report.contains("spec.pipeline[1].multiline: invalid regex"),
+            "{report}"
+        );
+        assert!(matches!(
+            verdict,
+            Err(RenderError::Invalid {
+                invalid: 1,
+                checked: 2
+            })
+        ));
     }
 
     #[test]

@@ -407,7 +407,7 @@ pub fn ends_at(start: Option<Timestamp>, length: Duration) -> String {
 
 /// `1m30s`-style rendering for messages.
 pub fn human(d: Duration) -> String {
-    logpipe_agent::config::HumanDuration(Duration::from_secs(d.as_secs())).to_string()
+    logpipe_api::config::HumanDuration(Duration::from_secs(d.as_secs())).to_string()
 }
 
 /// At most 5 names, then how many more: a message stays one line on 5,000 nodes.

@@ -95,7 +95,7 @@ use futures::StreamExt;
 pub use crate::crd::StoreKind;
 use crate::crd::{CheckResult, LineCounts, StreamBaseline, Verification, VerifySpec};
 use crate::rollout::{PodView, Verdict, few};
-use logpipe_agent::metrics::names;
+use logpipe_api::metrics as names;
 
 pub mod loki;
 mod store;
@@ -705,7 +705,7 @@ fn lag(
                 && silent.is_empty()
                 && top.is_some_and(|(age, _)| age <= limit.as_secs_f64())),
         value: Some(top.map_or("-".into(), |(age, _)| format!("{age:.1}s"))),
-        limit: Some(logpipe_agent::config::HumanDuration(limit).to_string()),
+        limit: Some(logpipe_api::config::HumanDuration(limit).to_string()),
         message: notes([
             top.map(|(_, node)| {
                 format!("worst node {node}: {:.0} bytes unacknowledged", bytes(node))
@@ -1174,7 +1174,7 @@ impl Verifier {
 
     async fn scrape(&self, t: &Target, port: i32) -> Result<Sample, String> {
         let ip = t.ip.as_deref().ok_or("no pod IP yet")?;
-        let url = format!("http://{ip}:{port}/metrics");
+        let url = format!("http://{ip}:{port}{}", logpipe_api::process::METRICS_PATH);
         let response = self
             .http
             .get(&url)

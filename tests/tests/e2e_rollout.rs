@@ -273,6 +273,86 @@ async fn a_quiet_cluster_rolls_out_a_harmless_change_and_names_its_quiet_nodes()
     bed.down().await;
 }
 
+/// A mistake only code can judge (a regex that does not compile) is held as
+/// `InvalidSpec` before any node moves, and the running release keeps shipping: lines
+/// written after the mistake was applied arrive in the store from every node.
+#[tokio::test]
+async fn an_invalid_spec_is_held_and_the_running_release_keeps_shipping() {
+    let _serial = SERIAL.lock().await;
+    let testbed = ops().await;
+    let (bed, tenant, _release1, lp) = installed(&testbed, "lprl-invalid", "5s").await;
+    let pods = Api::<Pod>::namespaced(bed.client.clone(), &bed.ns);
+    let agent_pods = ListParams::default().labels("app.kubernetes.io/name=logpipe-agent");
+    let uids = |list: Vec<Pod>| -> std::collections::BTreeSet<String> {
+        list.iter().filter_map(|p| p.uid()).collect()
+    };
+    let before_pods = uids(pods.list(&agent_pods).await.unwrap().items);
+    let (_, before) = status(&bed.client, &bed.ns, "logpipe").await.unwrap();
+    let mut bad = lp.clone();
+    bad["spec"]["pipeline"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"regex": {"expression": "(?P<level>[a-z+"}}));
+    let applied_ns = logpipe_e2e::store::now_ns();
+    let started = Instant::now();
+    apply(&bed.client, &bed.ns, &bad).await;
+    let held = wait_for(
+        "Ready=False InvalidSpec",
+        Duration::from_secs(30),
+        || async {
+            let (generation, s) = status(&bed.client, &bed.ns, "logpipe").await?;
+            let ready = condition(&s, "Ready");
+            let ok =
+                ready["reason"] == "InvalidSpec" && s["observedGeneration"].as_i64() == generation;
+            ok.then(|| s.clone()).ok_or_else(|| s.to_string())
+        },
+    )
+    .await;
+    println!(
+        "held in {:.1}s: {}",
+        started.elapsed().as_secs_f64(),
+        held["message"]
+    );
+    assert!(
+        held["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("spec.pipeline[3].regex: invalid regex"),
+        "{held}"
+    );
+    // Lines written from now on must arrive, through the agents already running.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let query = format!("{{namespace=\"{}\"}}", bed.ns);
+    let streams = logpipe_e2e::store::query_range(
+        &testbed.store_url,
+        &tenant,
+        &query,
+        applied_ns,
+        logpipe_e2e::store::now_ns(),
+    )
+    .await
+    .unwrap();
+    let nodes: std::collections::BTreeSet<&str> = streams
+        .iter()
+        .filter_map(|s| s.labels.get("node_name").map(String::as_str))
+        .collect();
+    let lines = logpipe_e2e::store::count(&streams);
+    println!(
+        "while held: {lines} lines from {} of {} nodes reached the store",
+        nodes.len(),
+        bed.nodes
+    );
+    assert_eq!(nodes.len(), bed.nodes, "every node still ships: {nodes:?}");
+    assert_eq!(
+        uids(pods.list(&agent_pods).await.unwrap().items),
+        before_pods,
+        "no agent pod was replaced"
+    );
+    let (_, after) = status(&bed.client, &bed.ns, "logpipe").await.unwrap();
+    assert_eq!(after["stableRevision"], before["stableRevision"]);
+    bed.down().await;
+}
+
 /// A release that makes a label of a per-line id multiplies the streams per node: it
 /// fails at the canary on `streamGrowth` and rolls back, before the store would refuse
 /// the tenant for too many active streams.

@@ -16,10 +16,19 @@ use regex::Regex;
 fn registered(source: &str, prefix: &str, exposition: &str) -> BTreeMap<String, (String, String)> {
     // A name is a literal or one of the `pub const`s of the module (`names::X`), which
     // the operator reads too.
-    let constant = Regex::new(r#"pub const ([A-Z0-9_]+): &str = "([a-zA-Z0-9_:]+)";"#).unwrap();
+    // The contract's counters and histograms are declared by macro: `counter!(NAME, ...,
+    // "name")`.
+    let constant = Regex::new(
+        r#"pub const ([A-Z0-9_]+): &str = "([a-zA-Z0-9_:]+)";|(?:counter|histogram)!\(\s*(?:///[^\n]*\s*)*([A-Z0-9_]+),[^"]*"([a-zA-Z0-9_:]+)"\s*\)"#,
+    )
+    .unwrap();
     let constants: BTreeMap<&str, &str> = constant
         .captures_iter(source)
-        .map(|c| (c.get(1).unwrap().as_str(), c.get(2).unwrap().as_str()))
+        .map(|c| {
+            let name = c.get(1).or(c.get(3)).unwrap().as_str();
+            let literal = c.get(2).or(c.get(4)).unwrap().as_str();
+            (name, literal)
+        })
         .collect();
     let call =
         Regex::new(r#"register\(\s*(?:"([a-zA-Z0-9_:]+)"|names::([A-Z0-9_]+)),\s*"([^"]*)""#)
@@ -76,7 +85,9 @@ fn check(relative: &str, generated: &str) {
 
 #[test]
 fn agent_metrics_list_matches_the_registry() {
-    let source = std::fs::read_to_string(repo_root().join("agent/src/metrics.rs")).unwrap();
+    let read = |path: &str| std::fs::read_to_string(repo_root().join(path)).unwrap();
+    // The names the operator reads are the contract's (api/), registered by the agent.
+    let source = read("agent/src/metrics.rs") + &read("api/src/metrics.rs");
     let exposition = logpipe_agent::metrics::Metrics::new().encode().unwrap();
     let metrics = registered(&source, "", &exposition);
     // Promtail's names, so existing dashboards keep working.

@@ -9,7 +9,7 @@ use super::Work;
 use super::compile::DropRule;
 use super::fields::{FieldId, Fields};
 use super::labels::LabelMemo;
-use super::timestamp::TimeFormat;
+use super::timestamp::{ParseTime, TimeFormat};
 use crate::entry::LabelSet;
 
 pub(super) fn parse_timestamp(

@@ -1,8 +1,10 @@
-//! Compiling the configured stages: every regex, label name, format and limit is checked
-//! here, once, and reported as `pipeline[i] (kind): message`.
+//! Compiling the configured stages. Each stage is first checked by the contract's
+//! [`logpipe_api::validate::stage`] (the check the operator runs before any node moves),
+//! reported as `pipeline[i] (kind): message`; building it then cannot find anything new.
 
 use std::collections::BTreeMap;
 
+use logpipe_api::validate::{self, stage_regex};
 use regex::Regex;
 
 use super::fields::{FieldId, FieldTable};
@@ -10,7 +12,6 @@ use super::labels::StaticChange;
 use super::timestamp::TimeFormat;
 use super::{DROP_STAGE_REASON, Parser, ParserFields, Pipeline, StageError};
 use crate::config::{Limits, Stage};
-use crate::relabel::is_valid_label_name;
 
 #[derive(Debug)]
 pub(super) enum Compiled {
@@ -87,9 +88,8 @@ pub(super) fn pipeline(stages: &[Stage], limits: &Limits) -> Result<Pipeline, St
             kind,
             message,
         };
-        pipeline
-            .compile(index, stage, &mut table)
-            .map_err(invalid)?;
+        validate::stage(index, stage).map_err(invalid)?;
+        pipeline.compile(stage, &mut table).map_err(invalid)?;
     }
     pipeline.parser_fields = ParserFields {
         time: table.lookup("time"),
@@ -101,22 +101,11 @@ pub(super) fn pipeline(stages: &[Stage], limits: &Limits) -> Result<Pipeline, St
 }
 
 impl Pipeline {
-    fn compile(
-        &mut self,
-        index: usize,
-        stage: &Stage,
-        table: &mut FieldTable,
-    ) -> Result<(), String> {
-        let regex = |pattern: &str| {
-            Regex::new(pattern).map_err(|e| format!("invalid regex {pattern:?}: {e}"))
-        };
+    fn compile(&mut self, stage: &Stage, table: &mut FieldTable) -> Result<(), String> {
         let source = |table: &mut FieldTable, name: &Option<String>| {
             name.as_deref().map(|name| table.intern(name))
         };
         let compiled = if stage.cri.is_some() || stage.docker.is_some() {
-            if index != 0 {
-                return Err("a parser stage must be the first stage".into());
-            }
             self.parser = if stage.cri.is_some() {
                 Parser::Cri
             } else {
@@ -137,9 +126,6 @@ impl Pipeline {
         } else if let Some(names) = &stage.label_keep {
             self.static_labels(StaticChange::Keep(names.clone()))
         } else if let Some(labels) = &stage.static_labels {
-            for name in labels.keys() {
-                check_label_name(name)?;
-            }
             let pairs = labels
                 .iter()
                 .filter(|(_, value)| !value.is_empty())
@@ -147,9 +133,6 @@ impl Pipeline {
                 .collect();
             self.static_labels(StaticChange::Add(pairs))
         } else if let Some(json) = &stage.json {
-            if json.expressions.is_empty() {
-                return Err("expressions must not be empty".into());
-            }
             let expressions = json
                 .expressions
                 .iter()
@@ -166,43 +149,30 @@ impl Pipeline {
                 expressions,
             }
         } else if let Some(stage) = &stage.regex {
-            let compiled = regex(&stage.expression)?;
+            let compiled = stage_regex(&stage.expression)?;
             let groups: Vec<(usize, FieldId)> = compiled
                 .capture_names()
                 .enumerate()
                 .filter_map(|(i, name)| name.map(|name| (i, table.intern(name))))
                 .collect();
-            if groups.is_empty() {
-                return Err(format!(
-                    "regex {:?} has no named capture group",
-                    stage.expression
-                ));
-            }
             Compiled::Regex {
                 source: source(table, &stage.source),
                 regex: compiled,
                 groups,
             }
         } else if let Some(labels) = &stage.labels {
-            let pairs = field_pairs(labels, table, true)?;
+            let pairs = field_pairs(labels, table);
             let memo = self.label_memos;
             self.label_memos += 1;
             Compiled::Labels { pairs, memo }
         } else if let Some(metadata) = &stage.structured_metadata {
             Compiled::StructuredMetadata {
-                pairs: field_pairs(metadata, table, false)?,
+                pairs: field_pairs(metadata, table),
             }
         } else if let Some(drop) = &stage.drop {
-            if drop.source.is_none()
-                && drop.expression.is_none()
-                && drop.older_than.is_none()
-                && drop.longer_than.is_none()
-            {
-                return Err("set at least one of source, expression, olderThan, longerThan".into());
-            }
             Compiled::Drop(DropRule {
                 source: source(table, &drop.source),
-                expression: drop.expression.as_deref().map(regex).transpose()?,
+                expression: drop.expression.as_deref().map(stage_regex).transpose()?,
                 older_than_ns: drop
                     .older_than
                     .map(|d| i64::try_from(d.0.as_nanos()).unwrap_or(i64::MAX)),
@@ -213,24 +183,15 @@ impl Pipeline {
                     .unwrap_or_else(|| DROP_STAGE_REASON.to_string()),
             })
         } else if let Some(multiline) = &stage.multiline {
-            if multiline.max_lines == 0 {
-                return Err("maxLines must be at least 1".into());
-            }
             let slot = self.multiline_stages.len();
             self.multiline_stages.push(self.stages.len());
             Compiled::Multiline {
-                first_line: regex(&multiline.first_line)?,
+                first_line: stage_regex(&multiline.first_line)?,
                 max_wait_ns: i64::try_from(multiline.max_wait.0.as_nanos()).unwrap_or(i64::MAX),
                 max_lines: multiline.max_lines,
                 slot,
             }
         } else if let Some(limit) = &stage.limit {
-            if !(limit.rate.is_finite() && limit.rate > 0.0) {
-                return Err(format!("rate must be above 0, got {}", limit.rate));
-            }
-            if limit.burst == 0 {
-                return Err("burst must be at least 1".into());
-            }
             let slot = self.limits;
             self.limits += 1;
             Compiled::Limit {
@@ -253,27 +214,12 @@ impl Pipeline {
     }
 }
 
-fn check_label_name(name: &str) -> Result<(), String> {
-    if is_valid_label_name(name) {
-        Ok(())
-    } else {
-        Err(format!("{name:?} is not a valid label name"))
-    }
-}
-
 /// `name -> field` maps where an empty field means the same name.
-fn field_pairs(
-    map: &BTreeMap<String, String>,
-    table: &mut FieldTable,
-    label_names: bool,
-) -> Result<Vec<(String, FieldId)>, String> {
+fn field_pairs(map: &BTreeMap<String, String>, table: &mut FieldTable) -> Vec<(String, FieldId)> {
     map.iter()
         .map(|(name, field)| {
-            if label_names {
-                check_label_name(name)?;
-            }
             let field = if field.is_empty() { name } else { field };
-            Ok((name.clone(), table.intern(field)))
+            (name.clone(), table.intern(field))
         })
         .collect()
 }

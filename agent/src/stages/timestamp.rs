@@ -1,42 +1,20 @@
 //! Timestamp formats of the `timestamp` stage. A value that does not parse leaves the
 //! entry's timestamp as it was; nothing here fails on input.
 
-use chrono::format::{Item, StrftimeItems};
 use chrono::{DateTime, NaiveDate, NaiveDateTime};
 
 use crate::cri::parse_rfc3339_nanos;
 
-#[derive(Clone, Debug, PartialEq)]
-pub(super) enum TimeFormat {
-    /// RFC3339 with or without fraction digits (`RFC3339` and `RFC3339Nano`, as in Go).
-    Rfc3339,
-    /// Seconds, optionally with a fraction: `1562708916` or `1562708916.414123`.
-    Unix,
-    UnixMs,
-    UnixUs,
-    UnixNs,
-    Strftime(String),
+pub(super) use logpipe_api::timeformat::TimeFormat;
+
+/// Parsing a [`TimeFormat`] (the format itself is the contract's, checked there).
+pub(super) trait ParseTime {
+    /// Nanoseconds since the epoch, `None` when `text` is not in this format.
+    fn parse(&self, text: &str) -> Option<i64>;
 }
 
-impl TimeFormat {
-    pub(super) fn new(name: &str) -> Result<Self, String> {
-        Ok(match name {
-            "RFC3339" | "RFC3339Nano" => Self::Rfc3339,
-            "Unix" => Self::Unix,
-            "UnixMs" => Self::UnixMs,
-            "UnixUs" => Self::UnixUs,
-            "UnixNs" => Self::UnixNs,
-            "" => return Err("format must not be empty".into()),
-            custom => {
-                if StrftimeItems::new(custom).any(|item| matches!(item, Item::Error)) {
-                    return Err(format!("invalid strftime format {custom:?}"));
-                }
-                Self::Strftime(custom.to_string())
-            }
-        })
-    }
-
-    pub(super) fn parse(&self, text: &str) -> Option<i64> {
+impl ParseTime for TimeFormat {
+    fn parse(&self, text: &str) -> Option<i64> {
         let text = text.trim();
         match self {
             Self::Rfc3339 => parse_rfc3339_nanos(text.as_bytes()),

@@ -6,7 +6,7 @@
 //! operator ever sees it. The operator re-checks nothing the schema already guarantees, and
 //! treats anything else it cannot use as a reconcile error with a readable status message.
 //!
-//! `labels` and `pipeline` embed the agent's own types ([`logpipe_agent::config`]), so what
+//! `labels` and `pipeline` embed the agent's own types ([`logpipe_api::config`]), so what
 //! a user writes is exactly what the agent runs.
 
 mod rollout;
@@ -20,12 +20,12 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Affinity, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{CustomResource, KubeSchema};
-use logpipe_agent::config::{HumanDuration, RelabelRule, Stage};
+use logpipe_api::config::{HumanDuration, RelabelRule, Stage};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Default metrics and health port of the agent (the reference pipeline's 12345).
-pub const DEFAULT_METRICS_PORT: i32 = 12345;
+pub const DEFAULT_METRICS_PORT: i32 = logpipe_api::process::DEFAULT_PORT as i32;
 
 /// The desired log agent of one cluster: where logs go, how they are processed, how the
 /// agent runs on each node and how a change is rolled out.
@@ -178,6 +178,15 @@ pub struct AgentSpec {
     pub resources: Option<AgentResources>,
     /// Tolerations; `[{operator: Exists}]` runs on every node whatever its taints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.all(t, !has(t.operator) || t.operator == 'Exists' || t.operator == 'Equal')")
+        .message("agent.tolerations[].operator must be Exists or Equal (case matters)"))]
+    #[x_kube(validation = Rule::new("self.all(t, !has(t.effect) || t.effect == '' || t.effect == 'NoSchedule' || t.effect == 'PreferNoSchedule' || t.effect == 'NoExecute')")
+        .message("agent.tolerations[].effect must be NoSchedule, PreferNoSchedule or NoExecute (or empty for all effects)"))]
+    #[x_kube(validation = Rule::new("self.all(t, !has(t.operator) || t.operator != 'Exists' || !has(t.value) || t.value == '')")
+        .message("agent.tolerations[]: a toleration with operator Exists must not set a value"))]
+    #[x_kube(validation = Rule::new("self.all(t, has(t.key) && t.key != '' || has(t.operator) && t.operator == 'Exists')")
+        .message("agent.tolerations[]: a toleration without a key must use operator Exists (it then tolerates every taint)"))]
     pub tolerations: Vec<Toleration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]

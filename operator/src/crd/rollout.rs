@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use kube::KubeSchema;
-use logpipe_agent::config::HumanDuration;
+use logpipe_api::config::HumanDuration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -87,6 +87,10 @@ pub struct RolloutStep {
     pub window: Option<HumanDuration>,
 }
 
+/// A quantity the API server can parse, above zero (`sign()` is not in its library).
+const POSITIVE_QUANTITY_RULE: &str =
+    "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))";
+
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.nodes) != has(self.nodeSelector)")
@@ -98,6 +102,9 @@ pub struct CanaryStep {
     pub nodes: Option<i32>,
     /// Nodes with these labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 16))]
+    #[x_kube(validation = Rule::new("size(self) > 0")
+        .message("rollout.steps[].canary.nodeSelector must name at least one label: an empty selector selects every node, so the canary would be the whole fleet"))]
     pub node_selector: Option<BTreeMap<String, String>>,
 }
 
@@ -131,9 +138,15 @@ pub struct VerifySpec {
     pub shipping: bool,
     /// CPU budget per agent (e.g. 250m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(POSITIVE_QUANTITY_RULE)
+        .message("rollout.verify.maxCpu must be a Kubernetes CPU quantity above 0, such as 250m or 1"))]
     pub max_cpu: Option<String>,
     /// Memory budget per agent (e.g. 700Mi).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(POSITIVE_QUANTITY_RULE)
+        .message("rollout.verify.maxMemory must be a Kubernetes memory quantity above 0, such as 700Mi or 1Gi"))]
     pub max_memory: Option<String>,
     /// Delivery latency budget, file write to queryable in the store; also how old the
     /// oldest unacknowledged byte may be at the end of a window (check `lag`, 30s when

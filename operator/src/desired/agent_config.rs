@@ -1,7 +1,9 @@
 //! The agent config document rendered from a LogPipeline: built as the agent's own
 //! [`AgentConfig`] (so every default and check is the agent's) and written as YAML.
 
-use logpipe_agent::config::AgentConfig;
+use logpipe_api::config::AgentConfig;
+use logpipe_api::process;
+use logpipe_api::validate::{self, Problem};
 use serde_json::{Map, Value, json};
 
 use crate::crd::LogPipeline;
@@ -12,9 +14,11 @@ pub const CONFIG_FILE: &str = "/etc/logpipe/config/config.yaml";
 pub const AUTH_MOUNT: &str = "/etc/logpipe/auth";
 pub const TLS_MOUNT: &str = "/etc/logpipe/tls";
 /// Container path of the positions hostPath directory.
-pub const POSITIONS_MOUNT: &str = "/var/lib/logpipe";
-pub const DEFAULT_LOG_ROOT: &str = "/var/log/pods";
-pub const DEFAULT_SHUTDOWN_TIMEOUT_SECONDS: i64 = 20;
+pub const POSITIONS_MOUNT: &str = process::POSITIONS_DIR;
+pub const DEFAULT_LOG_ROOT: &str = process::DEFAULT_LOG_ROOT;
+/// Whole seconds, as the CRD's `agent.shutdownTimeoutSeconds` (an integer the API server
+/// compares with the grace period).
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECONDS: i64 = process::DEFAULT_SHUTDOWN_TIMEOUT_SECONDS as i64;
 /// File names inside the auth/TLS secret volumes (the Secret keys are mapped onto them).
 pub const PASSWORD_FILE: &str = "password";
 pub const TOKEN_FILE: &str = "token";
@@ -24,6 +28,9 @@ pub const CA_FILE: &str = "ca.crt";
 pub enum AgentConfigError {
     #[error("the agent would refuse this config: {0}")]
     Refused(String),
+    /// What the contract's full validation finds, named by the LogPipeline's fields.
+    #[error("{}", spec_problems(.0))]
+    Invalid(Vec<Problem>),
     #[error("cannot write the agent config: {0}")]
     Write(String),
 }
@@ -31,12 +38,44 @@ pub enum AgentConfigError {
 /// The agent config for `lp`, as YAML, checked by the agent's own loader.
 pub fn render_agent_config(lp: &LogPipeline) -> Result<String, AgentConfigError> {
     let config = agent_config(lp)?;
+    let problems = validate::config(&config);
+    if !problems.is_empty() {
+        return Err(AgentConfigError::Invalid(problems));
+    }
     let yaml = config
         .to_yaml()
         .map_err(|e| AgentConfigError::Write(e.to_string()))?;
     // Round trip through the loader the agent runs: what we ship, it accepts.
     AgentConfig::from_yaml(&yaml).map_err(|e| AgentConfigError::Refused(e.to_string()))?;
     Ok(yaml)
+}
+
+/// `spec.labels[0].regex: invalid regex ...; spec.pipeline[2].multiline: ...`.
+fn spec_problems(problems: &[Problem]) -> String {
+    let described: Vec<String> = problems
+        .iter()
+        .map(|p| format!("{}: {}", spec_field(&p.field), p.message))
+        .collect();
+    described.join("; ")
+}
+
+/// The LogPipeline field an agent config field comes from.
+fn spec_field(agent_field: &str) -> String {
+    let renamed = [
+        ("relabel", "spec.labels"),
+        ("pipeline", "spec.pipeline"),
+        ("loki.url", "spec.endpoint"),
+        ("loki.tenant", "spec.tenant"),
+    ];
+    renamed
+        .iter()
+        .find_map(|(agent, spec)| {
+            agent_field
+                .strip_prefix(agent)
+                .filter(|rest| rest.is_empty() || rest.starts_with(['[', '.']))
+                .map(|rest| format!("{spec}{rest}"))
+        })
+        .unwrap_or_else(|| format!("agent config {agent_field}"))
 }
 
 /// Built as JSON and deserialized, so the agent's serde defaults fill every field the
@@ -77,7 +116,7 @@ pub fn agent_config(lp: &LogPipeline) -> Result<AgentConfig, AgentConfigError> {
     let document = json!({
         "loki": loki,
         "logRoot": spec.agent.log_root.as_deref().unwrap_or(DEFAULT_LOG_ROOT),
-        "positionsFile": format!("{POSITIONS_MOUNT}/positions.json"),
+        "positionsFile": process::POSITIONS_FILE,
         "listen": format!("0.0.0.0:{}", spec.monitoring.port),
         "relabel": spec.labels,
         "pipeline": spec.pipeline,

@@ -27,11 +27,13 @@ use super::{
     common_labels, owned_meta, selector_labels, short_hash,
 };
 use crate::crd::LogPipeline;
+use logpipe_api::process;
 
 pub const CONTAINER: &str = "logpipe-agent";
-pub const DEFAULT_POSITIONS_ROOT: &str = "/var/lib/logpipe";
+/// The host directory of positions, the same path as in the container by default.
+pub const DEFAULT_POSITIONS_ROOT: &str = process::POSITIONS_DIR;
 /// The kubelet's default, where the agent writes its last words by default.
-pub const TERMINATION_MESSAGE_PATH: &str = logpipe_agent::termination::DEFAULT_PATH;
+pub const TERMINATION_MESSAGE_PATH: &str = process::TERMINATION_MESSAGE_PATH;
 /// Extra grace on top of the agent's shutdown timeout: time for the process to save
 /// positions and exit after its last Loki answer.
 const GRACE_MARGIN_SECONDS: i64 = 10;
@@ -138,13 +140,13 @@ fn container(lp: &LogPipeline, ctx: &Context) -> Container {
         ),
         image_pull_policy: agent.image_pull_policy.map(|p| p.as_str().to_string()),
         args: Some(vec![
-            "--config".into(),
+            format!("--{}", process::FLAG_CONFIG),
             CONFIG_FILE.into(),
-            "--node-name".into(),
-            "$(NODE_NAME)".into(),
+            format!("--{}", process::FLAG_NODE_NAME),
+            format!("$({})", process::ENV_NODE_NAME),
         ]),
         env: Some(vec![EnvVar {
-            name: "NODE_NAME".into(),
+            name: process::ENV_NODE_NAME.into(),
             value_from: Some(EnvVarSource {
                 field_ref: Some(ObjectFieldSelector {
                     field_path: "spec.nodeName".into(),
@@ -160,10 +162,10 @@ fn container(lp: &LogPipeline, ctx: &Context) -> Container {
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
         }]),
-        readiness_probe: Some(probe("/-/ready", 5)),
+        readiness_probe: Some(probe(process::READY_PATH, 5)),
         liveness_probe: Some(Probe {
             initial_delay_seconds: Some(10),
-            ..probe("/-/healthy", 10)
+            ..probe(process::HEALTHY_PATH, 10)
         }),
         resources,
         security_context: Some(SecurityContext {

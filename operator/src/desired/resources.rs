@@ -102,7 +102,7 @@ pub fn service_monitor(lp: &LogPipeline, key: &Key) -> DynamicObject {
     let mut metadata = owned_meta(lp, key, key.name.clone());
     let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
     labels.extend(sm.labels.clone());
-    let mut endpoint = json!({"port": "metrics", "path": "/metrics"});
+    let mut endpoint = json!({"port": "metrics", "path": logpipe_api::process::METRICS_PATH});
     if let Some(interval) = &sm.interval {
         endpoint["interval"] = json!(interval.to_string());
     }

@@ -1,5 +1,5 @@
 use k8s_openapi::api::core::v1::PodSpec;
-use logpipe_agent::config::AgentConfig;
+use logpipe_api::config::AgentConfig;
 
 use super::*;
 use crate::render::parse_log_pipelines;
@@ -165,7 +165,7 @@ fn agent_leaves_its_last_words_in_the_termination_message() {
     );
     assert_eq!(
         c.termination_message_path.as_deref(),
-        Some(logpipe_agent::termination::DEFAULT_PATH)
+        Some(logpipe_api::process::TERMINATION_MESSAGE_PATH)
     );
     // The agent's default is that path: no flag needed.
     let args = c.args.as_deref().unwrap_or_default();

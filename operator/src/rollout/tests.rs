@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::crd::{CanaryStep, RolloutStep};
-use logpipe_agent::config::HumanDuration;
+use logpipe_api::config::HumanDuration;
 
 fn t(s: i64) -> Timestamp {
     Timestamp::from_second(s).unwrap()

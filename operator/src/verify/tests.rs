@@ -1,7 +1,7 @@
 //! Tables for the pure half of verification.
 
 use super::*;
-use logpipe_agent::config::HumanDuration;
+use logpipe_api::config::HumanDuration;
 
 use crate::crd::QuerySpec;
 

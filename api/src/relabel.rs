@@ -93,6 +93,11 @@ impl Relabeler {
     }
 }
 
+/// Builds rule `index` as [`Relabeler::new`] does, and keeps only the verdict.
+pub fn check_rule(index: usize, rule: &RelabelRule) -> Result<(), RelabelError> {
+    compile(index, rule).map(|_| ())
+}
+
 fn compile(index: usize, rule: &RelabelRule) -> Result<Compiled, RelabelError> {
     let invalid = |field: &'static str, message: String| RelabelError::Invalid {
         index,
@@ -101,7 +106,7 @@ fn compile(index: usize, rule: &RelabelRule) -> Result<Compiled, RelabelError> {
     };
     let pattern = rule.regex.as_deref().unwrap_or(DEFAULT_REGEX);
     let regex = Regex::new(&format!("^(?:{pattern})$"))
-        .map_err(|e| invalid("regex", format!("invalid regex {pattern:?}: {e}")))?;
+        .map_err(|e| invalid("regex", crate::validate::regex_error(pattern, &e)))?;
     let target_label = rule.target_label.clone().unwrap_or_default();
     let replacement = rule
         .replacement

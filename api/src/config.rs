@@ -13,6 +13,8 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::process;
+
 /// Everything one agent process needs. Rendered by the operator; flags override a few
 /// fields for runs outside a cluster (see `main.rs`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -46,16 +48,18 @@ pub struct AgentConfig {
 }
 
 fn default_log_root() -> String {
-    "/var/log/pods".to_string()
+    process::DEFAULT_LOG_ROOT.to_string()
 }
 fn default_positions_file() -> String {
-    "/var/lib/logpipe/positions.json".to_string()
+    process::POSITIONS_FILE.to_string()
 }
 fn default_listen() -> String {
-    "0.0.0.0:12345".to_string()
+    format!("0.0.0.0:{}", process::DEFAULT_PORT)
 }
 fn default_shutdown_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(20))
+    HumanDuration(Duration::from_secs(
+        process::DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
+    ))
 }
 
 /// The Loki push client.
@@ -183,10 +187,31 @@ pub enum MalformedLinePolicy {
 }
 
 /// One Prometheus relabel rule (same semantics as Prometheus' `relabel_config`).
+/// The API server refuses what Prometheus refuses where a rule can say it; regex syntax
+/// is judged by the operator before any node moves.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.action) || self.action != 'hashmod' || has(self.modulus) && self.modulus > 0",
+        "message": "labels[]: the hashmod action requires a modulus above 0"
+    },
+    {
+        "rule": "has(self.action) && !(self.action in ['replace', 'hashmod', 'lowercase', 'uppercase']) || has(self.targetLabel) && self.targetLabel != ''",
+        "message": "labels[]: the replace, hashmod, lowercase and uppercase actions require a targetLabel"
+    },
+    {
+        "rule": "!has(self.targetLabel) || (has(self.action) && self.action != 'replace' ? self.targetLabel.matches('^[a-zA-Z_][a-zA-Z0-9_]*$') : self.targetLabel.matches('^[a-zA-Z_$][a-zA-Z0-9_${}]*$'))",
+        "message": "labels[].targetLabel must be a label name: letters, digits and _, not starting with a digit (replace may also use $1 or ${name}); Loki refuses other names"
+    },
+    {
+        "rule": "!has(self.action) || !(self.action in ['labeldrop', 'labelkeep']) || !has(self.sourceLabels) && !has(self.targetLabel) && !has(self.modulus) && !has(self.separator) && !has(self.replacement)",
+        "message": "labels[]: the labeldrop and labelkeep actions take only a regex"
+    }
+]))]
 pub struct RelabelRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub source_labels: Vec<String>,
     /// Joins the source label values; default `;`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -195,6 +220,7 @@ pub struct RelabelRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub regex: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub target_label: Option<String>,
     /// Default `$1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -223,7 +249,7 @@ pub enum RelabelAction {
 
 /// One processing stage. Written as a one-key object, as in Promtail:
 /// `- cri: {}`, `- timestamp: {source: time, format: RFC3339}`, `- labelDrop: [filename]`.
-/// Exactly one field is set (checked by [`Stage::validate`] and by a CEL rule in the CRD).
+/// Exactly one field is set (checked by a CEL rule in the CRD and by the agent's validation).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Stage {
@@ -238,12 +264,15 @@ pub struct Stage {
     pub timestamp: Option<TimestampStage>,
     /// Remove these labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), extend("items" = {"type": "string", "maxLength": 256}, "x-kubernetes-validations" = [{"rule": LABEL_NAMES_RULE, "message": "labelDrop: each entry must be a label name: letters, digits and _, not starting with a digit"}]))]
     pub label_drop: Option<Vec<String>>,
     /// Keep only these labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), extend("items" = {"type": "string", "maxLength": 256}, "x-kubernetes-validations" = [{"rule": LABEL_NAMES_RULE, "message": "labelKeep: each entry must be a label name: letters, digits and _, not starting with a digit"}]))]
     pub label_keep: Option<Vec<String>>,
     /// Add fixed labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 64, "x-kubernetes-validations" = [{"rule": STREAM_LABEL_KEYS_RULE, "message": "staticLabels: each name must be a label name Loki accepts: letters, digits and _, not starting with a digit nor with __ (e.g. team, not my-team)"}]))]
     pub static_labels: Option<BTreeMap<String, String>>,
     /// Extract fields from a JSON line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,6 +282,7 @@ pub struct Stage {
     pub regex: Option<RegexStage>,
     /// Turn extracted fields into labels: label name -> field name (empty: same name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 64, "x-kubernetes-validations" = [{"rule": STREAM_LABEL_KEYS_RULE, "message": "labels: each name must be a label name Loki accepts: letters, digits and _, not starting with a digit nor with __ (e.g. level, not log-level)"}]))]
     pub labels: Option<BTreeMap<String, String>>,
     /// Attach extracted fields as Loki structured metadata: name -> field (empty: same).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -267,6 +297,13 @@ pub struct Stage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<LimitStage>,
 }
+
+/// CEL (the CRD): a list of label names, as [`crate::validate::label_name`] checks them.
+const LABEL_NAMES_RULE: &str = "self.all(n, n.matches('^[a-zA-Z_][a-zA-Z0-9_]*$'))";
+/// CEL (the CRD): the keys of a map of labels added to streams, as
+/// [`crate::validate::stream_label`] checks them.
+const STREAM_LABEL_KEYS_RULE: &str =
+    "self.all(k, k.matches('^[a-zA-Z_][a-zA-Z0-9_]*$') && !k.startsWith('__'))";
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -339,6 +376,7 @@ pub struct MultilineStage {
     pub max_wait: HumanDuration,
     /// Flush after this many lines.
     #[serde(default = "default_multiline_lines")]
+    #[schemars(range(min = 1))]
     pub max_lines: u32,
 }
 
@@ -353,8 +391,10 @@ fn default_multiline_lines() -> u32 {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LimitStage {
     /// Entries per second.
+    #[schemars(extend("minimum" = 0, "exclusiveMinimum" = true))]
     pub rate: f64,
     /// Burst size, in entries.
+    #[schemars(range(min = 1))]
     pub burst: u32,
     /// Drop entries over the limit (true) or wait, which slows reading (false).
     #[serde(default)]
@@ -447,6 +487,22 @@ impl JsonSchema for HumanDuration {
     }
 }
 
+/// The problems of a config, shown as `field: reason; field: reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problems(pub Vec<crate::validate::Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
 /// A configuration file the agent cannot use; the message names the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -457,8 +513,8 @@ pub enum ConfigError {
     },
     #[error("invalid config: {0}")]
     Parse(String),
-    #[error("invalid config: {field}: {message}")]
-    Invalid { field: String, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(Problems),
 }
 
 impl AgentConfig {
@@ -474,29 +530,15 @@ impl AgentConfig {
         serde_yaml::to_string(self).map_err(|e| ConfigError::Parse(e.to_string()))
     }
 
-    /// Checks serde cannot express. Regexes are compiled (and so checked) where they are
-    /// used: [`crate::relabel`] and [`crate::stages`] report them with their field path.
+    /// Every check of [`crate::validate::config`]: the config the agent can run, or every
+    /// problem in it, each with its field.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let url = &self.loki.url;
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(ConfigError::Invalid {
-                field: "loki.url".into(),
-                message: format!("{url:?} must start with http:// or https://"),
-            });
+        let problems = crate::validate::config(self);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(Problems(problems)))
         }
-        if self.loki.tenant.is_empty() {
-            return Err(ConfigError::Invalid {
-                field: "loki.tenant".into(),
-                message: "must not be empty".into(),
-            });
-        }
-        for (index, stage) in self.pipeline.iter().enumerate() {
-            stage.validate().map_err(|message| ConfigError::Invalid {
-                field: format!("pipeline[{index}]"),
-                message,
-            })?;
-        }
-        Ok(())
     }
 }
 
@@ -526,10 +568,6 @@ impl Stage {
             [] => Err("a stage must name exactly one kind (cri, docker, timestamp, labelDrop, labelKeep, staticLabels, json, regex, labels, structuredMetadata, drop, multiline, limit)".into()),
             many => Err(format!("a stage must name exactly one kind, found {}", many.join(", "))),
         }
-    }
-
-    pub fn validate(&self) -> Result<(), String> {
-        self.kind().map(|_| ())
     }
 }
 
