@@ -6,7 +6,8 @@ CLUSTERS ?= ops
 NODES ?= 5
 export CLUSTERS NODES
 CARGO ?= cargo
-E2E := $(CARGO) test -p logpipe-e2e --test
+# The end-to-end targets of tests/ are built only with the `e2e` feature (see tests/Cargo.toml).
+E2E := $(CARGO) test -p logpipe-e2e --features e2e --test
 
 .PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent e2e-argocd e2e-nodesim e2e-rollout e2e-examples \
         chart-test testbed-build testbed-up testbed-down testbed-wipe crds demo bench bench-operator \
@@ -30,19 +31,23 @@ testbed-down:
 testbed-wipe:
 	tests/testbed/down.sh --wipe
 
-## Tests
+## Tests, in two tiers (see README "Tests"):
+## - unit: `cargo test --workspace`, hermetic (no test bed, no Go, no helm; only the processes
+##   its tests start themselves), a few minutes;
+## - e2e: the end-to-end tests on the local test bed (`--features e2e`), and the images.
 test: lint unit e2e images-test
 
+# The e2e feature's targets are linted too: they are compiled only with it.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p logpipe-e2e --all-targets --features e2e -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all
 
 unit:
-	$(CARGO) test --workspace --lib --bins
-	$(CARGO) test -p logpipe-e2e --test crd_reference --test metrics_reference
+	$(CARGO) test --workspace
 
 e2e: build e2e-testbed e2e-nodesim chart-test e2e-argocd e2e-examples e2e-operator e2e-agent e2e-rollout
 

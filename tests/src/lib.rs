@@ -271,6 +271,30 @@ impl Testbed {
     }
 }
 
+/// The YAML documents of a file (empty documents left out); panics with the file's name.
+pub fn yaml_documents(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| {
+            serde::Deserialize::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        })
+        .filter(|doc: &serde_json::Value| !doc.is_null())
+        .collect()
+}
+
+/// The `*.yaml` files of a directory, sorted.
+pub fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
 /// A short suffix unique to this test run, so reruns against a long-lived test bed (and
 /// its store, which keeps what it got) never see each other's data.
 pub fn unique_suffix() -> String {
