@@ -37,11 +37,11 @@ testbed-wipe:
 ## - e2e: the end-to-end tests on the local test bed (`--features e2e`), and the images.
 test: lint unit e2e images-test
 
-# The e2e feature's targets are linted too: they are compiled only with it.
+# With the e2e feature, so the end-to-end targets are linted too (the feature only adds
+# targets: everything else is the same code).
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) clippy -p logpipe-e2e --all-targets --features e2e -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --features logpipe-e2e/e2e -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all
@@ -92,7 +92,7 @@ demo: testbed-up
 
 bench:
 	$(CARGO) build --release -p logpipe-agent --bin logpipe-agent
-	$(CARGO) build --release -p logpipe-e2e --bin logpipe-bench
+	$(CARGO) build --release -p logpipe-bench --bin logpipe-bench
 	tests/testbed/build.sh otelcol
 	$(MAKE) testbed-up
 	target/release/logpipe-bench --size "$${BENCH_SIZE:-default}"
@@ -102,14 +102,14 @@ bench:
 # BENCH_SIZE=small: 200) against a native DaemonSet RollingUpdate. Starts (or grows) the
 # test bed to that many nodes; honours LOGPIPE_PORT_BASE / LOGPIPE_NET_OFFSET like it.
 # Writes target/bench/operator.json and merges it into results.{json,md} when they exist.
-# One cargo call: built apart, the two packages unify features differently and each
-# rebuilds the other's dependencies.
+# One cargo call over the workspace, as tests/testbed/up.sh builds the simulator: built
+# apart, packages unify features differently and each rebuilds the other's dependencies.
 BENCH_NODES ?= $(if $(filter small,$(BENCH_SIZE)),200,1000)
 # A test bed of its own (directory, ports, addresses), stopped afterwards: nodes are never
 # removed, and the end-to-end tests' bed must not grow to 1000 nodes.
 BENCH_BED ?= LOGPIPE_TESTBED=$(CURDIR)/target/testbed-bench LOGPIPE_PORT_BASE=51000 LOGPIPE_NET_OFFSET=64
 bench-operator:
-	$(CARGO) build --release -p logpipe-operator -p logpipe-e2e \
+	$(CARGO) build --release --workspace \
 	  --bin logpipe-operator --bin logpipe-bench-operator --bin logpipe-nodesim
 	$(BENCH_BED) LOGPIPE_NODESIM_PROFILE=release NODES=$(BENCH_NODES) tests/testbed/up.sh
 	$(BENCH_BED) target/release/logpipe-bench-operator --nodes $(BENCH_NODES)

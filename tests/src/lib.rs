@@ -7,12 +7,10 @@
 //! command to run. A missing component never makes a test pass.
 
 pub mod argocd;
-pub mod bench;
 pub mod cluster;
 pub mod crdref;
 pub mod faultproxy;
 pub mod loggen;
-pub mod nodesim;
 pub mod operator;
 pub mod simulator;
 pub mod store;

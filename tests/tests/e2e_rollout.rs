@@ -9,7 +9,7 @@
 //! else). Needs `cargo build --bins` first.
 //!
 //! ```text
-//! cargo build --bins && cargo test -p logpipe-e2e --test e2e_rollout -- --nocapture
+//! cargo build --bins && cargo test -p logpipe-e2e --features e2e --test e2e_rollout -- --nocapture
 //! ```
 
 #[path = "e2e_rollout/bed.rs"]

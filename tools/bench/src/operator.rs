@@ -587,7 +587,7 @@ impl OperatorProcess {
     }
 
     async fn scrape(&self) -> Result<Vec<Sample>, BenchError> {
-        let answer = crate::http_client()
+        let answer = logpipe_e2e::http_client()
             .get(&self.metrics_url)
             .timeout(Duration::from_secs(5))
             .send()
@@ -713,7 +713,7 @@ fn lp_api(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
 }
 
 async fn install_crd(client: &kube::Client) -> Result<(), BenchError> {
-    let path = crate::repo_root().join("crds/logpipe.io_logpipelines.yaml");
+    let path = logpipe_e2e::repo_root().join("crds/logpipe.io_logpipelines.yaml");
     let text = std::fs::read_to_string(&path).map_err(BenchError::io(&path))?;
     let crd: CustomResourceDefinition =
         serde_yaml::from_str(&text).map_err(|e| other(format!("{}: {e}", path.display())))?;
@@ -1304,7 +1304,7 @@ async fn count_nodes(client: &kube::Client) -> Result<(usize, usize), BenchError
 }
 
 async fn kube_client(kubeconfig: &Path) -> Result<kube::Client, BenchError> {
-    let testbed = crate::Testbed {
+    let testbed = logpipe_e2e::Testbed {
         dir: kubeconfig
             .parent()
             .and_then(Path::parent)
@@ -1372,7 +1372,7 @@ pub async fn run(options: &Options) -> Result<Value, BenchError> {
     let load_before = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .map(|s| s.trim().to_string());
-    let suffix = crate::unique_suffix();
+    let suffix = logpipe_e2e::unique_suffix();
     let ns = format!("opbench-{suffix}");
     let native_ns = format!("opbench-native-{suffix}");
     let mut namespaces = Namespaces {
@@ -1780,7 +1780,8 @@ logpipe_operator_leader 1\n\
         let missing = missing_section("not run");
         assert!(missing["steady_rss_bytes"].is_null());
         assert_eq!(missing["reasons"]["steady_rss_bytes"], "not run");
-        let dir = std::env::temp_dir().join(format!("opbench-test-{}", crate::unique_suffix()));
+        let dir =
+            std::env::temp_dir().join(format!("opbench-test-{}", logpipe_e2e::unique_suffix()));
         assert_eq!(load_section(&dir)["rollout_1000_nodes_s"], Value::Null);
         assert!(load_section(&dir)["reasons"]["rollout_1000_nodes_s"].is_string());
     }
