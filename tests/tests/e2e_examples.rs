@@ -12,7 +12,7 @@ async fn example_logpipelines_are_accepted_by_the_api_server() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let client = testbed.client("ops").await.unwrap();
-    cluster::install_crd(&client).await;
+    cluster::install_crd(&client).await.unwrap();
     let dry_run = PatchParams {
         dry_run: true,
         ..PatchParams::apply("logpipe-e2e")
@@ -24,7 +24,9 @@ async fn example_logpipelines_are_accepted_by_the_api_server() {
                 continue;
             }
             let namespace = doc["metadata"]["namespace"].as_str().unwrap().to_string();
-            cluster::ensure_namespace(&client, &namespace).await;
+            cluster::ensure_namespace(&client, &namespace)
+                .await
+                .unwrap();
             let api = cluster::logpipelines(&client, &namespace);
             let name = doc["metadata"]["name"].as_str().unwrap();
             api.patch(name, &dry_run, &Patch::Apply(&doc))

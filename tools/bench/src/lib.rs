@@ -41,6 +41,8 @@ pub enum BenchError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Testbed(#[from] logpipe_e2e::TestbedError),
     #[error("{0}")]
     Other(String),
 }
