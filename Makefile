@@ -6,7 +6,8 @@ CLUSTERS ?= ops
 NODES ?= 5
 export CLUSTERS NODES
 CARGO ?= cargo
-E2E := $(CARGO) test -p logpipe-e2e --test
+# The end-to-end targets of tests/ are built only with the `e2e` feature (see tests/Cargo.toml).
+E2E := $(CARGO) test -p logpipe-e2e --features e2e --test
 
 .PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent e2e-argocd e2e-nodesim e2e-rollout e2e-examples \
         chart-test testbed-build testbed-up testbed-down testbed-wipe crds demo bench bench-operator \
@@ -30,19 +31,23 @@ testbed-down:
 testbed-wipe:
 	tests/testbed/down.sh --wipe
 
-## Tests
+## Tests, in two tiers (see README "Tests"):
+## - unit: `cargo test --workspace`, hermetic (no test bed, no Go, no helm; only the processes
+##   its tests start themselves), a few minutes;
+## - e2e: the end-to-end tests on the local test bed (`--features e2e`), and the images.
 test: lint unit e2e images-test
 
+# With the e2e feature, so the end-to-end targets are linted too (the feature only adds
+# targets: everything else is the same code).
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --features logpipe-e2e/e2e -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all
 
 unit:
-	$(CARGO) test --workspace --lib --bins
-	$(CARGO) test -p logpipe-e2e --test crd_reference --test metrics_reference
+	$(CARGO) test --workspace
 
 e2e: build e2e-testbed e2e-nodesim chart-test e2e-argocd e2e-examples e2e-operator e2e-agent e2e-rollout
 
@@ -87,7 +92,7 @@ demo: testbed-up
 
 bench:
 	$(CARGO) build --release -p logpipe-agent --bin logpipe-agent
-	$(CARGO) build --release -p logpipe-e2e --bin logpipe-bench
+	$(CARGO) build --release -p logpipe-bench --bin logpipe-bench
 	tests/testbed/build.sh otelcol
 	$(MAKE) testbed-up
 	target/release/logpipe-bench --size "$${BENCH_SIZE:-default}"
@@ -97,14 +102,14 @@ bench:
 # BENCH_SIZE=small: 200) against a native DaemonSet RollingUpdate. Starts (or grows) the
 # test bed to that many nodes; honours LOGPIPE_PORT_BASE / LOGPIPE_NET_OFFSET like it.
 # Writes target/bench/operator.json and merges it into results.{json,md} when they exist.
-# One cargo call: built apart, the two packages unify features differently and each
-# rebuilds the other's dependencies.
+# One cargo call over the workspace, as tests/testbed/up.sh builds the simulator: built
+# apart, packages unify features differently and each rebuilds the other's dependencies.
 BENCH_NODES ?= $(if $(filter small,$(BENCH_SIZE)),200,1000)
 # A test bed of its own (directory, ports, addresses), stopped afterwards: nodes are never
 # removed, and the end-to-end tests' bed must not grow to 1000 nodes.
 BENCH_BED ?= LOGPIPE_TESTBED=$(CURDIR)/target/testbed-bench LOGPIPE_PORT_BASE=51000 LOGPIPE_NET_OFFSET=64
 bench-operator:
-	$(CARGO) build --release -p logpipe-operator -p logpipe-e2e \
+	$(CARGO) build --release --workspace \
 	  --bin logpipe-operator --bin logpipe-bench-operator --bin logpipe-nodesim
 	$(BENCH_BED) LOGPIPE_NODESIM_PROFILE=release NODES=$(BENCH_NODES) tests/testbed/up.sh
 	$(BENCH_BED) target/release/logpipe-bench-operator --nodes $(BENCH_NODES)

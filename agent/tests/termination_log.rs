@@ -32,7 +32,7 @@ fn a_regex_that_does_not_compile_is_the_termination_message() {
     assert!(!output.status.success());
     let message = std::fs::read_to_string(&last_words).unwrap();
     assert!(
-        message.starts_with("invalid config: pipeline[1] (regex)"),
+        message.starts_with("invalid config: pipeline[1].regex: invalid regex"),
         "{message:?}"
     );
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -1,24 +1,29 @@
-//! Small steps every end-to-end test takes on a test-bed cluster: the LogPipeline CRD from
-//! crds/ installed and served, a namespace, an API handle for LogPipelines. Test helpers:
-//! a failure panics with what went wrong.
+//! Small steps every end-to-end test (and the operator bench) takes on a test-bed cluster:
+//! the LogPipeline CRD from crds/ installed and served, a namespace, the nodes, an API
+//! handle for LogPipelines. Each returns what went wrong as a [`TestbedError`].
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::GroupVersionKind;
 use serde_json::json;
+
+use crate::{TestbedError, Wait, poll};
 
 const FIELD_MANAGER: &str = "logpipe-e2e";
 
 /// Apply the committed CRD (what the operator's types generate) and wait until the API
 /// server serves it.
-pub async fn install_crd(client: &kube::Client) {
+pub async fn install_crd(client: &kube::Client) -> Result<(), TestbedError> {
     let path = crate::repo_root().join("crds/logpipe.io_logpipelines.yaml");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).map_err(|source| TestbedError::Read {
+        path: path.clone(),
+        source,
+    })?;
     let crd: CustomResourceDefinition =
-        serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_yaml::from_str(&text).map_err(|source| TestbedError::Yaml { path, source })?;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     crds.patch(
         "logpipelines.logpipe.io",
@@ -26,32 +31,30 @@ pub async fn install_crd(client: &kube::Client) {
         &Patch::Apply(&crd),
     )
     .await
-    .unwrap_or_else(|e| panic!("applying the LogPipeline CRD: {e}"));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let established = crds
-            .get("logpipelines.logpipe.io")
-            .await
-            .ok()
-            .and_then(|crd| crd.status)
-            .and_then(|s| s.conditions)
-            .is_some_and(|c| {
-                c.iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-            });
-        if established {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the LogPipeline CRD is not Established after 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    .map_err(TestbedError::kube("applying the LogPipeline CRD"))?;
+    poll(
+        "the LogPipeline CRD Established",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let established = crds
+                .get("logpipelines.logpipe.io")
+                .await
+                .map_err(|e| e.to_string())?
+                .status
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
+            established.then_some(()).ok_or(Wait::from("not yet"))
+        },
+    )
+    .await
 }
 
 /// Create (or keep) a namespace.
-pub async fn ensure_namespace(client: &kube::Client, name: &str) {
+pub async fn ensure_namespace(client: &kube::Client, name: &str) -> Result<(), TestbedError> {
     Api::<Namespace>::all(client.clone())
         .patch(
             name,
@@ -61,17 +64,38 @@ pub async fn ensure_namespace(client: &kube::Client, name: &str) {
             ),
         )
         .await
-        .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+        .map_err(TestbedError::kube(&format!("creating namespace {name}")))?;
+    Ok(())
 }
 
-/// Nodes of the cluster: what a DaemonSet without constraints runs on.
-pub async fn node_count(client: &kube::Client) -> usize {
-    Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
-        .list_metadata(&kube::api::ListParams::default())
+/// How many nodes the cluster has, and how many of them are Ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nodes {
+    /// What a DaemonSet without constraints runs on.
+    pub all: usize,
+    pub ready: usize,
+}
+
+/// The cluster's nodes, counted.
+pub async fn nodes(client: &kube::Client) -> Result<Nodes, TestbedError> {
+    let list = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
         .await
-        .unwrap_or_else(|e| panic!("listing nodes: {e}"))
+        .map_err(TestbedError::kube("listing nodes"))?;
+    let ready = list
         .items
-        .len()
+        .iter()
+        .filter(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count();
+    Ok(Nodes {
+        all: list.items.len(),
+        ready,
+    })
 }
 
 /// LogPipelines of one namespace, as untyped objects (what a user's kubectl sees).

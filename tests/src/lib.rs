@@ -7,12 +7,10 @@
 //! command to run. A missing component never makes a test pass.
 
 pub mod argocd;
-pub mod bench;
 pub mod cluster;
 pub mod crdref;
 pub mod faultproxy;
 pub mod loggen;
-pub mod nodesim;
 pub mod operator;
 pub mod simulator;
 pub mod store;
@@ -22,7 +20,8 @@ use std::time::Duration;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-/// Why the test bed is not usable; the message says what to run.
+/// What went wrong in a test-bed helper. The end-to-end tests panic with it; the
+/// benchmarks (tools/bench) return it. For the test bed itself, the message says what to run.
 #[derive(Debug, thiserror::Error)]
 pub enum TestbedError {
     #[error(
@@ -36,8 +35,51 @@ pub enum TestbedError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Yaml {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
     #[error("kubeconfig {path}: {message}")]
     Kubeconfig { path: PathBuf, message: String },
+    #[error("{what}: {source}")]
+    Kube { what: String, source: kube::Error },
+    #[error("GET {url}: {source}")]
+    Http { url: String, source: reqwest::Error },
+    #[error("no free loopback port: {0}")]
+    NoFreePort(std::io::Error),
+    #[error("cannot start {}: {source}", binary.display())]
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} exited ({status}); log: {}", log.display())]
+    Exited {
+        what: String,
+        status: String,
+        log: PathBuf,
+    },
+    #[error("timed out after {}s waiting for {what}; last: {last}", after.as_secs())]
+    Timeout {
+        what: String,
+        after: Duration,
+        last: String,
+    },
+}
+
+impl TestbedError {
+    /// `map_err(TestbedError::kube("what was done"))`.
+    pub fn kube(what: &str) -> impl FnOnce(kube::Error) -> Self + '_ {
+        move |source| Self::Kube {
+            what: what.to_string(),
+            source,
+        }
+    }
 }
 
 /// The workspace root.
@@ -104,31 +146,83 @@ pub fn wanted_nodes() -> usize {
         .unwrap_or(5)
 }
 
-/// Poll `check` every 500 ms until it returns `Ok`, or fail with `what` and the last
-/// observation after `timeout`.
+/// What one look of [`poll`] saw when it was not done: wait and look again (with what it
+/// saw, for the timeout's message), or stop waiting with an error.
+#[derive(Debug)]
+pub enum Wait {
+    Again(String),
+    Fail(TestbedError),
+}
+
+impl From<String> for Wait {
+    fn from(last: String) -> Self {
+        Self::Again(last)
+    }
+}
+
+impl From<&str> for Wait {
+    fn from(last: &str) -> Self {
+        Self::Again(last.to_string())
+    }
+}
+
+impl From<TestbedError> for Wait {
+    fn from(error: TestbedError) -> Self {
+        Self::Fail(error)
+    }
+}
+
+/// Call `check` every `every` until it returns `Ok`; fail with its error
+/// ([`Wait::Fail`]) at once, or with `what` and the last observation ([`Wait::Again`])
+/// after `timeout`.
+pub async fn poll<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut check: F,
+) -> Result<T, TestbedError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Wait>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        match check().await {
+            Ok(value) => return Ok(value),
+            Err(Wait::Fail(error)) => return Err(error),
+            Err(Wait::Again(last)) if started.elapsed() > timeout => {
+                return Err(TestbedError::Timeout {
+                    what: what.to_string(),
+                    after: timeout,
+                    last,
+                });
+            }
+            Err(Wait::Again(_)) => tokio::time::sleep(every).await,
+        }
+    }
+}
+
+/// [`poll`] every 500 ms for a test: panics with `what` and the last observation after
+/// `timeout`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, String>>,
 {
-    let started = std::time::Instant::now();
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(last) if started.elapsed() > timeout => {
-                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
+    poll(what, timeout, Duration::from_millis(500), || {
+        let look = check();
+        async move { look.await.map_err(Wait::Again) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A loopback port nothing listens on right now.
-pub fn free_port() -> u16 {
+pub fn free_port() -> Result<u16, TestbedError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
+        .map_err(TestbedError::NoFreePort)
 }
 
 /// Directory of the running test bed.
@@ -239,22 +333,7 @@ impl Testbed {
 
     /// A client for one cluster, as the admin.
     pub async fn client(&self, cluster: &str) -> Result<kube::Client, TestbedError> {
-        let path = self.kubeconfig(cluster);
-        let kubeconfig = Kubeconfig::read_from(&path).map_err(|e| TestbedError::Kubeconfig {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        let config =
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| TestbedError::Kubeconfig {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-        kube::Client::try_from(config).map_err(|e| TestbedError::Kubeconfig {
-            path,
-            message: e.to_string(),
-        })
+        kube_client(&self.kubeconfig(cluster)).await
     }
 
     /// A fresh directory under the test bed for one test's files.
@@ -269,6 +348,43 @@ impl Testbed {
         })?;
         Ok(path)
     }
+}
+
+/// The YAML documents of a file (empty documents left out); panics with the file's name.
+pub fn yaml_documents(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| {
+            serde::Deserialize::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        })
+        .filter(|doc: &serde_json::Value| !doc.is_null())
+        .collect()
+}
+
+/// The `*.yaml` files of a directory, sorted.
+pub fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// A client from a kubeconfig file (a test-bed cluster's: `<testbed>/<cluster>/kubeconfig`).
+pub async fn kube_client(path: &Path) -> Result<kube::Client, TestbedError> {
+    let invalid = |message: String| TestbedError::Kubeconfig {
+        path: path.to_path_buf(),
+        message,
+    };
+    let kubeconfig = Kubeconfig::read_from(path).map_err(|e| invalid(e.to_string()))?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| invalid(e.to_string()))?;
+    kube::Client::try_from(config).map_err(|e| invalid(e.to_string()))
 }
 
 /// A short suffix unique to this test run, so reruns against a long-lived test bed (and

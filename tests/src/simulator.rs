@@ -29,7 +29,7 @@ impl Simulator {
             std::fs::read_to_string(file)
                 .ok()
                 .and_then(|text| text.split_whitespace().next()?.parse::<i32>().ok())
-                .is_some_and(crate::nodesim::is_simulator)
+                .is_some_and(logpipe_nodesim::is_simulator)
         });
         if running {
             return Self { child: None };
@@ -47,7 +47,7 @@ impl Simulator {
             .arg(cluster)
             .arg("--testbed-dir")
             .arg(&testbed.dir)
-            .env("RUST_LOG", "info,logpipe_e2e::nodesim=debug")
+            .env("RUST_LOG", "info,logpipe_nodesim=debug")
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(stderr)

@@ -17,7 +17,7 @@ command -v curl >/dev/null || fail "curl is required (apt-get install curl)"
 
 mkdir -p "$LOGS" "$PIDS"
 
-# The node simulator is ours (tests/src/bin/nodesim.rs): build it before the clusters need it.
+# The node simulator is ours (tools/nodesim): build it before the clusters need it.
 # LOGPIPE_NODESIM_PROFILE=release (make bench-operator) uses the release build instead.
 NODESIM_PROFILE=${LOGPIPE_NODESIM_PROFILE:-debug}
 case $NODESIM_PROFILE in
@@ -25,8 +25,11 @@ case $NODESIM_PROFILE in
   release) profile_flag=(--release) ;;
   *) fail "LOGPIPE_NODESIM_PROFILE must be debug or release, not '$NODESIM_PROFILE'" ;;
 esac
-say "building the node simulator (cargo build ${profile_flag[*]} -p logpipe-e2e --bin logpipe-nodesim)"
-(cd "$repo" && cargo build -q "${profile_flag[@]}" -p logpipe-e2e --bin logpipe-nodesim) || fail "cannot build logpipe-nodesim"
+# --workspace: dependencies get the features the whole workspace unifies, as `make build`
+# gives them; built alone (-p logpipe-nodesim) they would be compiled a second time and
+# each build would replace the other's binary (and so restart the simulator).
+say "building the node simulator (cargo build ${profile_flag[*]} --workspace --bin logpipe-nodesim)"
+(cd "$repo" && cargo build -q "${profile_flag[@]}" --workspace --bin logpipe-nodesim) || fail "cannot build logpipe-nodesim"
 NODESIM=${CARGO_TARGET_DIR:-$repo/target}/$NODESIM_PROFILE/logpipe-nodesim
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

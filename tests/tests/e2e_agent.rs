@@ -135,7 +135,7 @@ mod agent {
         }
 
         fn start(&self, extra_args: &[&str]) -> Agent {
-            let listen = format!("127.0.0.1:{}", logpipe_e2e::free_port());
+            let listen = format!("127.0.0.1:{}", logpipe_e2e::free_port().unwrap());
             let log = fs::OpenOptions::new()
                 .create(true)
                 .append(true)

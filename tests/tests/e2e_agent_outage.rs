@@ -213,7 +213,7 @@ mod outage {
             let http_port = if port_free(PREFERRED_PORT) {
                 PREFERRED_PORT
             } else {
-                let port = logpipe_e2e::free_port();
+                let port = logpipe_e2e::free_port().unwrap();
                 println!("port {PREFERRED_PORT} is taken, the private store uses {port}");
                 port
             };
@@ -342,7 +342,7 @@ mod outage {
                 ),
             )
             .unwrap();
-            let listen = format!("127.0.0.1:{}", logpipe_e2e::free_port());
+            let listen = format!("127.0.0.1:{}", logpipe_e2e::free_port().unwrap());
             let log = fs::OpenOptions::new()
                 .create(true)
                 .append(true)

@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 
 async fn lp_api(testbed: &Testbed, namespace: &str) -> Api<DynamicObject> {
     let client = testbed.client("ops").await.unwrap();
-    cluster::install_crd(&client).await;
-    cluster::ensure_namespace(&client, namespace).await;
+    cluster::install_crd(&client).await.unwrap();
+    cluster::ensure_namespace(&client, namespace).await.unwrap();
     cluster::logpipelines(&client, namespace)
 }
 

@@ -5,7 +5,7 @@
 //!
 //! The "agent" is a stand-in (Python, same flags as logpipe-agent) so the test can see
 //! what the process was given and what it received; published under a tag unique to
-//! the run. Run with `cargo test -p logpipe-e2e --test e2e_nodesim`.
+//! the run. Run with `cargo test -p logpipe-e2e --features e2e --test e2e_nodesim`.
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -17,7 +17,7 @@ use kube::api::{
     ValidationDirective,
 };
 use kube::{Client, ResourceExt};
-use logpipe_e2e::cluster::node_count;
+use logpipe_e2e::cluster::nodes as count_nodes;
 use logpipe_e2e::operator::Operator;
 use logpipe_e2e::{Testbed, repo_root, unique_suffix, wait_for};
 use serde_json::{Value, json};
@@ -27,9 +27,11 @@ fn lp_api(client: &Client, ns: &str) -> Api<DynamicObject> {
 }
 
 async fn setup(testbed: &Testbed, client: &Client, prefix: &str) -> String {
-    logpipe_e2e::cluster::install_crd(client).await;
+    logpipe_e2e::cluster::install_crd(client).await.unwrap();
     let ns = format!("{prefix}-{}", unique_suffix());
-    logpipe_e2e::cluster::ensure_namespace(client, &ns).await;
+    logpipe_e2e::cluster::ensure_namespace(client, &ns)
+        .await
+        .unwrap();
     let _ = testbed;
     ns
 }
@@ -73,7 +75,7 @@ async fn status(client: &Client, ns: &str, name: &str) -> Result<Value, String> 
 
 /// Wait until the LogPipeline is Healthy with every node ready at the current spec.
 async fn wait_healthy(client: &Client, ns: &str, name: &str, timeout: Duration) -> Value {
-    let nodes = node_count(client).await;
+    let nodes = count_nodes(client).await.unwrap().all;
     wait_for("LogPipeline Healthy on every node", timeout, || async {
         let lp = lp_api(client, ns)
             .get(name)
@@ -163,7 +165,7 @@ async fn ops_example_is_reconciled_updated_quiet_and_deleted() {
     let name = lp["metadata"]["name"].as_str().unwrap().to_string();
 
     // 1. Apply: the DaemonSet with the reference settings, a Ready pod on every node.
-    let nodes = node_count(&client).await;
+    let nodes = count_nodes(&client).await.unwrap().all;
     let started = Instant::now();
     apply_lp(&client, &ns, &lp).await;
     let first = wait_healthy(&client, &ns, &name, Duration::from_secs(60)).await;

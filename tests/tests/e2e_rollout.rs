@@ -9,7 +9,7 @@
 //! else). Needs `cargo build --bins` first.
 //!
 //! ```text
-//! cargo build --bins && cargo test -p logpipe-e2e --test e2e_rollout -- --nocapture
+//! cargo build --bins && cargo test -p logpipe-e2e --features e2e --test e2e_rollout -- --nocapture
 //! ```
 
 #[path = "e2e_rollout/bed.rs"]
@@ -485,7 +485,7 @@ async fn an_unreachable_store_holds_the_step_until_it_answers() {
     let stages = next["spec"]["pipeline"].as_array_mut().unwrap();
     stages.push(json!({"staticLabels": {"release": "2"}}));
     // A loopback port nobody listens on.
-    let nowhere = format!("http://127.0.0.1:{}", logpipe_e2e::free_port());
+    let nowhere = format!("http://127.0.0.1:{}", logpipe_e2e::free_port().unwrap());
     next["spec"]["rollout"]["verify"]["query"]["endpoint"] = json!(nowhere);
     let started = Instant::now();
     apply(&bed.client, &bed.ns, &next).await;

@@ -536,7 +536,7 @@ fn run_like_the_daemonset(image: &Image) {
         .block_on(Testbed::ensure(&["ops"]))
         .unwrap_or_else(|e| panic!("{e}"));
     let tenant = store::unique_tenant();
-    let port = logpipe_e2e::free_port();
+    let port = logpipe_e2e::free_port().unwrap();
     std::fs::write(
         config.join("config.yaml"),
         format!(

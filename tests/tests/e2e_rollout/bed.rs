@@ -551,8 +551,8 @@ impl Bed {
     /// name) only: the others are quiet.
     pub async fn up_writing(testbed: &Testbed, cluster: &str, ns: &str, writing: usize) -> Self {
         let client = testbed.client(cluster).await.unwrap();
-        install_crd(&client).await;
-        create_namespace(&client, ns).await;
+        install_crd(&client).await.unwrap();
+        create_namespace(&client, ns).await.unwrap();
         let simulator = Simulator::ensure(
             testbed,
             cluster,

@@ -99,7 +99,7 @@ async fn measure(job: &SteadyJob<'_>, run: &mut SteadyRun) -> Result<(), BenchEr
             .map_err(BenchError::io(&path))?;
         handles.push((path, handle, file.format));
     }
-    let tenant = crate::store::unique_tenant();
+    let tenant = logpipe_e2e::store::unique_tenant();
     let tally = job.receiver.tally(&tenant);
     let mut process = runner::start(
         job.subject,
@@ -198,7 +198,7 @@ fn write_at_rate(
     let mut done = 0u64;
     while !stop.load(Ordering::Relaxed) && start.elapsed() < duration {
         let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
-        let now_ns = crate::bench::now_ns();
+        let now_ns = crate::now_ns();
         for _ in done..due {
             let index = next % files.len().max(1);
             next += 1;

@@ -26,17 +26,15 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
-};
-use kube::core::GroupVersionKind;
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use logpipe_e2e::cluster::{self, ensure_namespace, install_crd, logpipelines as lp_api};
+use logpipe_e2e::operator::{Launch, Operator};
+use logpipe_e2e::{Wait, poll};
 use serde_json::{Map, Value, json};
 
 use super::BenchError;
@@ -513,99 +511,57 @@ pub fn merge_into_results(dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
 // The run
 // ---------------------------------------------------------------------------------------
 
-/// The operator as a child process; SIGKILLed when dropped (also on error).
-struct OperatorProcess {
-    child: std::process::Child,
-    pid: u32,
-    metrics_url: String,
-    log: PathBuf,
+/// The operator as a child process (SIGKILLed when dropped, also on error), once it leads
+/// (the controller starts after the lease).
+async fn start_operator(
+    options: &Options,
+    kubeconfig: &Path,
+    ns: &str,
+) -> Result<Operator, BenchError> {
+    std::fs::create_dir_all(&options.out).map_err(BenchError::io(&options.out))?;
+    let mut operator = Operator::spawn(&Launch {
+        binary: options.operator.clone(),
+        kubeconfig: kubeconfig.to_path_buf(),
+        namespace: ns.to_string(),
+        identity: "bench".into(),
+        log: options.out.join("operator.log"),
+        rust_log: "info,kube=warn,kube_lease_manager=warn".into(),
+        args: vec!["--log-format".into(), "json".into()],
+    })?;
+    let metrics = operator.metrics.clone();
+    operator
+        .wait_until("the operator leading", Duration::from_secs(60), || {
+            let metrics = metrics.clone();
+            async move {
+                let leader = scrape_url(&metrics)
+                    .await
+                    .ok()
+                    .and_then(|samples| scalar(&samples, "logpipe_operator_leader"));
+                match leader {
+                    Some(1.0) => Ok(()),
+                    other => Err(Wait::from(format!("logpipe_operator_leader {other:?}"))),
+                }
+            }
+        })
+        .await?;
+    Ok(operator)
 }
 
-impl OperatorProcess {
-    async fn start(options: &Options, kubeconfig: &Path, ns: &str) -> Result<Self, BenchError> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .map_err(|e| other(format!("cannot find a free loopback port: {e}")))?;
-        std::fs::create_dir_all(&options.out).map_err(BenchError::io(&options.out))?;
-        let log = options.out.join("operator.log");
-        let file = std::fs::File::create(&log).map_err(BenchError::io(&log))?;
-        let file2 = file.try_clone().map_err(BenchError::io(&log))?;
-        let child = std::process::Command::new(&options.operator)
-            .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,kube=warn,kube_lease_manager=warn")
-            .args(["--namespace", ns, "--lease-namespace", ns])
-            .args(["--identity", "bench", "--log-format", "json"])
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(file))
-            .stderr(Stdio::from(file2))
-            .spawn()
-            .map_err(|e| other(format!("cannot start {}: {e}", options.operator.display())))?;
-        let mut process = Self {
-            pid: child.id(),
-            child,
-            metrics_url: format!("http://127.0.0.1:{port}/metrics"),
-            log,
-        };
-        // Ready, then leading (the controller starts after the lease).
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(status)) = process.child.try_wait() {
-                return Err(other(format!(
-                    "the operator exited ({status}); log: {}",
-                    process.log.display()
-                )));
-            }
-            if let Ok(samples) = process.scrape().await
-                && scalar(&samples, "logpipe_operator_leader") == Some(1.0)
-            {
-                return Ok(process);
-            }
-            if Instant::now() > deadline {
-                return Err(other(format!(
-                    "the operator did not lead within 60 s; log: {}",
-                    process.log.display()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// Fails when the process has exited (something else may kill it: the bench says so
-    /// at once instead of waiting for a timeout).
-    fn check(&mut self) -> Result<(), BenchError> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(other(format!(
-                "the operator (pid {}) exited mid-run: {status}; log: {}",
-                self.pid,
-                self.log.display()
-            ))),
-            Err(e) => Err(other(format!("cannot wait for the operator: {e}"))),
-        }
-    }
-
-    async fn scrape(&self) -> Result<Vec<Sample>, BenchError> {
-        let answer = crate::http_client()
-            .get(&self.metrics_url)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| other(format!("{}: {e}", self.metrics_url)))?;
-        let text = answer
-            .text()
-            .await
-            .map_err(|e| other(format!("{}: {e}", self.metrics_url)))?;
-        Ok(parse_exposition(&text))
-    }
+/// The samples of the operator's /metrics.
+async fn scrape(operator: &Operator) -> Result<Vec<Sample>, BenchError> {
+    Ok(parse_exposition(&operator.scrape().await?))
 }
 
-impl Drop for OperatorProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+async fn scrape_url(url: &str) -> Result<Vec<Sample>, String> {
+    let answer = logpipe_e2e::http_client()
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(parse_exposition(
+        &answer.text().await.map_err(|e| e.to_string())?,
+    ))
 }
 
 /// VmRSS of a process every 200 ms, with the time of each sample.
@@ -701,91 +657,6 @@ impl Drop for Namespaces {
             });
         })
         .join();
-    }
-}
-
-fn lp_api(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
-    let resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("logpipe.io", "v1alpha1", "LogPipeline"),
-        "logpipelines",
-    );
-    Api::namespaced_with(client.clone(), ns, &resource)
-}
-
-async fn install_crd(client: &kube::Client) -> Result<(), BenchError> {
-    let path = crate::repo_root().join("crds/logpipe.io_logpipelines.yaml");
-    let text = std::fs::read_to_string(&path).map_err(BenchError::io(&path))?;
-    let crd: CustomResourceDefinition =
-        serde_yaml::from_str(&text).map_err(|e| other(format!("{}: {e}", path.display())))?;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        "logpipelines.logpipe.io",
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .map_err(kube_err("applying the LogPipeline CRD"))?;
-    poll(
-        "the LogPipeline CRD Established",
-        Duration::from_secs(30),
-        200,
-        || async {
-            let established = crds
-                .get("logpipelines.logpipe.io")
-                .await
-                .map_err(|e| e.to_string())?
-                .status
-                .and_then(|s| s.conditions)
-                .is_some_and(|c| {
-                    c.iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                });
-            established.then_some(()).ok_or_else(|| "not yet".into())
-        },
-    )
-    .await
-}
-
-async fn create_namespace(client: &kube::Client, name: &str) -> Result<(), BenchError> {
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            name,
-            &PatchParams::apply(FIELD_MANAGER),
-            &Patch::Apply(
-                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
-            ),
-        )
-        .await
-        .map_err(kube_err("creating a namespace"))?;
-    // Pods need the namespace's default ServiceAccount? No: ours name their own. But the
-    // namespace must be Active before anything is created in it.
-    Ok(())
-}
-
-/// Poll `check` every `every_ms` until it returns `Ok`, or fail after `limit` with `what`
-/// and the last observation.
-async fn poll<T, F, Fut>(
-    what: &str,
-    limit: Duration,
-    every_ms: u64,
-    mut check: F,
-) -> Result<T, BenchError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let started = Instant::now();
-    loop {
-        match check().await {
-            Ok(value) => return Ok(value),
-            Err(last) if started.elapsed() > limit => {
-                return Err(other(format!(
-                    "timed out after {}s waiting for {what}; last: {last}",
-                    limit.as_secs()
-                )));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(every_ms)).await,
-        }
     }
 }
 
@@ -918,7 +789,7 @@ struct Goal<'a> {
 }
 
 async fn wait_healthy(
-    operator: &mut OperatorProcess,
+    operator: &mut Operator,
     client: &kube::Client,
     ns: &str,
     goal: Goal<'_>,
@@ -1002,7 +873,7 @@ async fn operator_run(
     nodes: usize,
     run: &mut OperatorRun,
 ) -> Result<(), BenchError> {
-    let mut operator = OperatorProcess::start(options, kubeconfig, ns).await?;
+    let mut operator = start_operator(options, kubeconfig, ns).await?;
     say(format!(
         "operator pid {} leading (log {})",
         operator.pid,
@@ -1018,14 +889,19 @@ async fn operator_run(
     say(format!("apply LogPipeline release r1 in {ns}"));
     let applied = Instant::now();
     apply_pipeline(client, ns, &pipeline(ns, "r1", max_unavailable(options))).await?;
-    poll("the DaemonSet", Duration::from_secs(60), 50, || async {
-        ds_api
-            .get_opt(LP_NAME)
-            .await
-            .map_err(|e| e.to_string())?
-            .map(|_| ())
-            .ok_or_else(|| "not created yet".to_string())
-    })
+    poll(
+        "the DaemonSet",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || async {
+            ds_api
+                .get_opt(LP_NAME)
+                .await
+                .map_err(|e| e.to_string())?
+                .map(|_| ())
+                .ok_or(Wait::from("not created yet"))
+        },
+    )
     .await?;
     run.apply_to_daemonset_s = Some(applied.elapsed().as_secs_f64());
     say(format!(
@@ -1056,7 +932,7 @@ async fn operator_run(
     tokio::time::sleep(Duration::from_secs(5)).await;
 
     // Release 2: the phased rollout.
-    let before = operator.scrape().await?;
+    let before = scrape(&operator).await?;
     let changed = Instant::now();
     say("change the agent image to release r2: phased rollout");
     apply_pipeline(client, ns, &pipeline(ns, "r2", max_unavailable(options))).await?;
@@ -1075,7 +951,7 @@ async fn operator_run(
     )
     .await?;
     let done = Instant::now();
-    let after = operator.scrape().await?;
+    let after = scrape(&operator).await?;
     run.rollout_s = Some(done.duration_since(changed).as_secs_f64());
     run.phases = phases.seen;
     say(format!(
@@ -1105,9 +981,9 @@ async fn operator_run(
     let settle = Duration::from_secs(5);
     tokio::time::sleep(settle).await;
     let steady_from = Instant::now();
-    let steady_before = operator.scrape().await?;
+    let steady_before = scrape(&operator).await?;
     tokio::time::sleep(options.steady).await;
-    let steady_after = operator.scrape().await?;
+    let steady_after = scrape(&operator).await?;
     let steady_to = Instant::now();
     run.steady_rss_bytes = median(rss.between(steady_from, steady_to));
     let steady = request_delta(&steady_before, &steady_after);
@@ -1125,12 +1001,12 @@ async fn operator_run(
     let _ = poll(
         "the LogPipeline deleted",
         Duration::from_secs(60),
-        500,
+        Duration::from_millis(500),
         || async {
             match lp_api(client, ns).get_opt(LP_NAME).await {
                 Ok(None) => Ok(()),
-                Ok(Some(_)) => Err("still there".to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok(Some(_)) => Err(Wait::from("still there")),
+                Err(e) => Err(Wait::from(e.to_string())),
             }
         },
     )
@@ -1260,8 +1136,8 @@ async fn native_run(
     poll(
         "the native DaemonSet Ready on every node",
         options.install_timeout,
-        250,
-        || native_done(&api, nodes),
+        Duration::from_millis(250),
+        || async { native_done(&api, nodes).await.map_err(Wait::Again) },
     )
     .await?;
     let install_s = created.elapsed().as_secs_f64();
@@ -1276,52 +1152,13 @@ async fn native_run(
     poll(
         "the native RollingUpdate done",
         options.rollout_timeout,
-        250,
-        || native_done(&api, nodes),
+        Duration::from_millis(250),
+        || async { native_done(&api, nodes).await.map_err(Wait::Again) },
     )
     .await?;
     let rollout_s = changed.elapsed().as_secs_f64();
     say(format!("native rollout: done after {rollout_s:.1}s"));
     Ok((install_s, rollout_s))
-}
-
-async fn count_nodes(client: &kube::Client) -> Result<(usize, usize), BenchError> {
-    let list = Api::<Node>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(kube_err("listing nodes"))?;
-    let ready = list
-        .items
-        .iter()
-        .filter(|n| {
-            n.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .count();
-    Ok((list.items.len(), ready))
-}
-
-async fn kube_client(kubeconfig: &Path) -> Result<kube::Client, BenchError> {
-    let testbed = crate::Testbed {
-        dir: kubeconfig
-            .parent()
-            .and_then(Path::parent)
-            .map(Path::to_path_buf)
-            .unwrap_or_default(),
-        store_url: String::new(),
-    };
-    let cluster = kubeconfig
-        .parent()
-        .and_then(Path::file_name)
-        .and_then(|n| n.to_str())
-        .unwrap_or("ops")
-        .to_string();
-    testbed
-        .client(&cluster)
-        .await
-        .map_err(|e| other(e.to_string()))
 }
 
 /// Run everything; returns the `operator` section (also when a part failed: the figures it
@@ -1343,8 +1180,11 @@ pub async fn run(options: &Options) -> Result<Value, BenchError> {
             options.operator.display()
         )));
     }
-    let client = kube_client(&kubeconfig).await?;
-    let (nodes, ready_nodes) = count_nodes(&client).await?;
+    let client = logpipe_e2e::kube_client(&kubeconfig).await?;
+    let cluster::Nodes {
+        all: nodes,
+        ready: ready_nodes,
+    } = cluster::nodes(&client).await?;
     say(format!(
         "cluster {}: {nodes} nodes ({ready_nodes} Ready), kubeconfig {}",
         options.cluster,
@@ -1372,14 +1212,14 @@ pub async fn run(options: &Options) -> Result<Value, BenchError> {
     let load_before = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .map(|s| s.trim().to_string());
-    let suffix = crate::unique_suffix();
+    let suffix = logpipe_e2e::unique_suffix();
     let ns = format!("opbench-{suffix}");
     let native_ns = format!("opbench-native-{suffix}");
     let mut namespaces = Namespaces {
         client: client.clone(),
         names: vec![ns.clone(), native_ns.clone()],
     };
-    create_namespace(&client, &ns).await?;
+    ensure_namespace(&client, &ns).await?;
 
     let mut run = OperatorRun::default();
     let operator_started = Instant::now();
@@ -1399,7 +1239,7 @@ pub async fn run(options: &Options) -> Result<Value, BenchError> {
 
     let native: Result<(f64, f64), String> = match run.templates.clone() {
         Some(templates) => {
-            create_namespace(&client, &native_ns).await?;
+            ensure_namespace(&client, &native_ns).await?;
             let result = native_run(options, &client, &native_ns, nodes, &templates)
                 .await
                 .map_err(|e| e.to_string());
@@ -1780,7 +1620,8 @@ logpipe_operator_leader 1\n\
         let missing = missing_section("not run");
         assert!(missing["steady_rss_bytes"].is_null());
         assert_eq!(missing["reasons"]["steady_rss_bytes"], "not run");
-        let dir = std::env::temp_dir().join(format!("opbench-test-{}", crate::unique_suffix()));
+        let dir =
+            std::env::temp_dir().join(format!("opbench-test-{}", logpipe_e2e::unique_suffix()));
         assert_eq!(load_section(&dir)["rollout_1000_nodes_s"], Value::Null);
         assert!(load_section(&dir)["reasons"]["rollout_1000_nodes_s"].is_string());
     }

@@ -1,5 +1,5 @@
 //! `logpipe-nodesim`: runs the test bed's agent pods as real processes on simulated
-//! nodes (see `logpipe_e2e::nodesim`). One per cluster:
+//! nodes (see the library, `logpipe_nodesim`). One per cluster:
 //!
 //! ```text
 //! logpipe-nodesim --kubeconfig target/testbed/ops/kubeconfig --cluster ops
@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use logpipe_e2e::nodesim::{self, Options};
+use logpipe_nodesim::{self as nodesim, Options};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -298,8 +298,8 @@ fn ratios(outcome: &Outcome, options: &Options, theirs: Subject) -> Ratios {
 
 /// A version pinned in `tests/testbed/versions.env`.
 pub fn pinned(key: &str) -> Option<String> {
-    let text =
-        std::fs::read_to_string(crate::repo_root().join("tests/testbed/versions.env")).ok()?;
+    let text = std::fs::read_to_string(logpipe_e2e::repo_root().join("tests/testbed/versions.env"))
+        .ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
         .map(|v| v.trim().to_string())

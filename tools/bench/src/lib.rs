@@ -41,6 +41,8 @@ pub enum BenchError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Testbed(#[from] logpipe_e2e::TestbedError),
     #[error("{0}")]
     Other(String),
 }
@@ -292,7 +294,7 @@ fn warm_cache(root: &Path, manifest: &Manifest) -> Result<(), BenchError> {
 /// The store's version from its `/metrics` (`vm_app_version{short_version=...}`; empty
 /// for a `go install` build, whose version is then the pinned one).
 async fn store_version(url: &str) -> Option<String> {
-    let answer = crate::http_client()
+    let answer = logpipe_e2e::http_client()
         .get(format!("{}/metrics", url.trim_end_matches('/')))
         .timeout(Duration::from_secs(3))
         .send()

@@ -692,8 +692,10 @@ mod tests {
     }
 
     fn tempdir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("logpipe-corpus-{name}-{}", crate::unique_suffix()));
+        let dir = std::env::temp_dir().join(format!(
+            "logpipe-corpus-{name}-{}",
+            logpipe_e2e::unique_suffix()
+        ));
         fs::create_dir_all(&dir).unwrap();
         dir
     }

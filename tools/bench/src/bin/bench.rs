@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use logpipe_e2e::bench::runner::{Binaries, Subject};
-use logpipe_e2e::bench::{self, BenchError, Options, Size, report};
+use logpipe_bench::runner::{Binaries, Subject};
+use logpipe_bench::{self as bench, BenchError, Options, Size, report};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -209,5 +209,5 @@ async fn main_async(args: Args) -> Result<(), BenchError> {
 }
 
 fn main() -> ExitCode {
-    logpipe_e2e::bench::run_main("logpipe-bench", main_async(Args::parse()))
+    logpipe_bench::run_main("logpipe-bench", main_async(Args::parse()))
 }

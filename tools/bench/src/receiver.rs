@@ -104,8 +104,12 @@ impl Receiver {
     pub async fn start(upstream: Option<&str>) -> Result<Self, BenchError> {
         let shared = Arc::new(Shared {
             tallies: Mutex::new(HashMap::new()),
-            upstream: upstream
-                .map(|url| (crate::http_client(), url.trim_end_matches('/').to_string())),
+            upstream: upstream.map(|url| {
+                (
+                    logpipe_e2e::http_client(),
+                    url.trim_end_matches('/').to_string(),
+                )
+            }),
         });
         let app = Router::new()
             .route(LOKI_PATH, post(push_loki))
@@ -675,7 +679,7 @@ mod tests {
         }
         .encode_to_vec();
         let body = snap::raw::Encoder::new().compress_vec(&raw).unwrap();
-        let answer = crate::http_client()
+        let answer = logpipe_e2e::http_client()
             .post(receiver.push_url(Protocol::Loki))
             .header("X-Scope-OrgID", "t1")
             .header("Content-Type", "application/x-protobuf")
@@ -840,7 +844,7 @@ mod tests {
             .compress_vec(&otlp_request())
             .unwrap();
         let send = |account: &'static str, project: &'static str| {
-            crate::http_client()
+            logpipe_e2e::http_client()
                 .post(receiver.push_url(Protocol::Otlp))
                 .header("AccountID", account)
                 .header("ProjectID", project)
@@ -855,7 +859,7 @@ mod tests {
         assert_eq!(receiver.tally("42").entries(), 5);
         assert_eq!(receiver.tally("42:7").entries(), 5);
         assert_eq!(receiver.tally("42").streams().0, 3);
-        let bad = crate::http_client()
+        let bad = logpipe_e2e::http_client()
             .post(receiver.push_url(Protocol::Otlp))
             .header("Content-Encoding", "snappy")
             .body(vec![1u8, 2, 3])

@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use logpipe_e2e::bench::BenchError;
-use logpipe_e2e::bench::operator::{self, Options};
+use logpipe_bench::BenchError;
+use logpipe_bench::operator::{self, Options};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -93,5 +93,5 @@ async fn main_async(args: Args) -> Result<(), BenchError> {
 }
 
 fn main() -> ExitCode {
-    logpipe_e2e::bench::run_main("logpipe-bench-operator", main_async(Args::parse()))
+    logpipe_bench::run_main("logpipe-bench-operator", main_async(Args::parse()))
 }

@@ -319,7 +319,7 @@ pub struct CorpusJob<'a> {
 
 pub async fn corpus_run(job: CorpusJob<'_>) -> CorpusRun {
     // Numeric (VictoriaLogs' tenants are) and fresh: runs never see each other's rows.
-    let tenant = crate::store::unique_tenant();
+    let tenant = logpipe_e2e::store::unique_tenant();
     let mut run = CorpusRun {
         subject: job.subject,
         sink: job.sink,
@@ -456,7 +456,7 @@ pub async fn corpus_run(job: CorpusJob<'_>) -> CorpusRun {
 
 /// Wait until `url` answers 200 (the agent is up), at most `limit`.
 pub async fn wait_ready(url: &str, limit: Duration) -> bool {
-    let http = crate::http_client();
+    let http = logpipe_e2e::http_client();
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if let Ok(answer) = http.get(url).timeout(Duration::from_secs(1)).send().await
@@ -473,8 +473,9 @@ pub async fn wait_ready(url: &str, limit: Duration) -> bool {
 /// the `AccountID` header), asked until it reaches `want` or 30 s pass: freshly
 /// acknowledged rows become searchable within a few seconds.
 pub async fn store_rows(base: &str, tenant: &str, want: u64) -> Result<u64, String> {
-    let http = crate::http_client();
-    let (account, project) = crate::store::tenant_headers(tenant).map_err(|e| e.to_string())?;
+    let http = logpipe_e2e::http_client();
+    let (account, project) =
+        logpipe_e2e::store::tenant_headers(tenant).map_err(|e| e.to_string())?;
     let url = format!("{}/select/logsql/stats_query", base.trim_end_matches('/'));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
