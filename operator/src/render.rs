@@ -39,8 +39,13 @@ pub fn parse_log_pipelines(text: &str) -> Result<Vec<LogPipeline>, RenderError> 
     Ok(out)
 }
 
-/// The objects of every LogPipeline in `text`, as one multi-document YAML stream.
-pub fn render(text: &str, agent_image: &str) -> Result<String, RenderError> {
+/// The objects of every LogPipeline in `text`, as one multi-document YAML stream. The
+/// agents' ClusterRole is the chart's, not printed: only its binding is the operator's.
+pub fn render(
+    text: &str,
+    agent_image: &str,
+    agent_cluster_role: &str,
+) -> Result<String, RenderError> {
     let pipelines = parse_log_pipelines(text)?;
     if pipelines.is_empty() {
         return Err(RenderError::Empty);
@@ -48,6 +53,7 @@ pub fn render(text: &str, agent_image: &str) -> Result<String, RenderError> {
     let ctx = Context {
         agent_image: agent_image.to_string(),
         service_monitor_crd: true,
+        agent_cluster_role: agent_cluster_role.to_string(),
     };
     let mut out = String::new();
     for lp in &pipelines {
@@ -76,7 +82,6 @@ fn documents(o: &Objects) -> Result<Vec<String>, serde_yaml::Error> {
     }
     let mut docs = vec![
         yaml(&o.service_account)?,
-        yaml(&o.cluster_role)?,
         yaml(&o.cluster_role_binding)?,
         yaml(&o.config_map)?,
         yaml(&o.daemon_set)?,
@@ -97,11 +102,11 @@ mod tests {
         let out = render(
             include_str!("../../examples/ops.yaml"),
             "logpipe-agent:test",
+            crate::rbac::AGENT_CLUSTER_ROLE,
         )
         .unwrap();
         for kind in [
             "kind: ServiceAccount",
-            "kind: ClusterRole\n",
             "kind: ClusterRoleBinding",
             "kind: ConfigMap",
             "kind: DaemonSet",
@@ -111,13 +116,21 @@ mod tests {
             assert!(out.contains(kind), "missing {kind:?} in\n{out}");
         }
         assert!(out.contains("tenant: ops"), "the agent config is printed");
-        assert_eq!(out.matches("\n---\n").count(), 7, "one document per object");
+        assert!(
+            !out.contains("\nkind: ClusterRole\n"),
+            "the agents' ClusterRole is the chart's"
+        );
+        assert!(
+            out.contains("  name: logpipe-agent\n"),
+            "the binding's roleRef"
+        );
+        assert_eq!(out.matches("\n---\n").count(), 6, "one document per object");
     }
 
     #[test]
     fn input_without_a_log_pipeline_is_an_error() {
         assert!(matches!(
-            render("kind: Namespace\n", "x"),
+            render("kind: Namespace\n", "x", "y"),
             Err(RenderError::Empty)
         ));
     }
