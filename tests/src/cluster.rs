@@ -1,10 +1,11 @@
 //! Small steps every end-to-end test takes on a test-bed cluster: the LogPipeline CRD from
-//! crds/ installed and served, a namespace, an API handle for LogPipelines. Test helpers:
+//! crds/ installed and served (with the agents' ClusterRole from the chart), a namespace, an API handle for LogPipelines. Test helpers:
 //! a failure panics with what went wrong.
 
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::core::GroupVersionKind;
@@ -12,9 +13,10 @@ use serde_json::json;
 
 const FIELD_MANAGER: &str = "logpipe-e2e";
 
-/// Apply the committed CRD (what the operator's types generate) and wait until the API
-/// server serves it.
+/// Apply the committed CRD (what the operator's types generate) and the agents' ClusterRole
+/// the chart ships (the operator only binds it), and wait until the API server serves the CRD.
 pub async fn install_crd(client: &kube::Client) {
+    install_agent_cluster_role(client).await;
     let path = crate::repo_root().join("crds/logpipe.io_logpipelines.yaml");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let crd: CustomResourceDefinition =
@@ -48,6 +50,24 @@ pub async fn install_crd(client: &kube::Client) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The agents' ClusterRole, from the file the chart renders it from: an operator run
+/// outside the chart binds each LogPipeline's agents to it.
+pub async fn install_agent_cluster_role(client: &kube::Client) {
+    let path = crate::repo_root().join("charts/logpipe/files/agent-clusterrole.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let role: ClusterRole =
+        serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let name = role.metadata.name.clone().unwrap_or_default();
+    Api::<ClusterRole>::all(client.clone())
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&role),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying the agents' ClusterRole {name}: {e}"));
 }
 
 /// Create (or keep) a namespace.

@@ -19,10 +19,36 @@ impl Operator {
     /// Start `logpipe-operator` for namespace `ns` of `cluster` (lease in `ns` too, 6 s)
     /// and wait until it answers /readyz. Its log: `<testbed>/operator-<cluster>-<ns>-<identity>.log`.
     pub async fn start(testbed: &Testbed, cluster: &str, ns: &str, identity: &str) -> Self {
+        let args: Vec<String> = [
+            "--namespace",
+            ns,
+            "--lease-namespace",
+            ns,
+            "--lease-duration-seconds",
+            "6",
+            "--lease-grace-seconds",
+            "2",
+            "--agent-image",
+            "reg.local/logpipe-agent:e2e",
+        ]
+        .map(String::from)
+        .to_vec();
+        let log = format!("operator-{cluster}-{ns}-{identity}.log");
+        Self::start_with(testbed, &testbed.kubeconfig(cluster), &args, identity, &log).await
+    }
+
+    /// Start `logpipe-operator` with `kubeconfig` and `args` (besides identity, log format
+    /// and metrics address, which this sets) and wait until it answers /readyz. Its log:
+    /// `<testbed>/<log>`.
+    pub async fn start_with(
+        testbed: &Testbed,
+        kubeconfig: &std::path::Path,
+        args: &[String],
+        identity: &str,
+        log: &str,
+    ) -> Self {
         let port = free_port();
-        let log = testbed
-            .dir
-            .join(format!("operator-{cluster}-{ns}-{identity}.log"));
+        let log = testbed.dir.join(log);
         let file = std::fs::File::create(&log)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let stderr = file
@@ -30,18 +56,11 @@ impl Operator {
             .unwrap_or_else(|e| panic!("cannot share {}: {e}", log.display()));
         let binary = workspace_binary("logpipe-operator");
         let child = tokio::process::Command::new(&binary)
-            .env("KUBECONFIG", testbed.kubeconfig(cluster))
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,logpipe_operator=debug")
-            .args(["--namespace", ns, "--lease-namespace", ns])
+            .args(args)
             .args(["--identity", identity, "--log-format", "text"])
-            .args([
-                "--lease-duration-seconds",
-                "6",
-                "--lease-grace-seconds",
-                "2",
-            ])
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(["--agent-image", "reg.local/logpipe-agent:e2e"])
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(stderr))
             .kill_on_drop(true)

@@ -725,6 +725,8 @@ async fn install_crd(client: &kube::Client) -> Result<(), BenchError> {
     )
     .await
     .map_err(kube_err("applying the LogPipeline CRD"))?;
+    // The agents' ClusterRole the chart ships: the operator only binds it.
+    crate::cluster::install_agent_cluster_role(client).await;
     poll(
         "the LogPipeline CRD Established",
         Duration::from_secs(30),
@@ -1152,9 +1154,6 @@ async fn force_cleanup(client: &kube::Client, ns: &str) {
         .await;
     let name = format!("logpipe:{ns}:{LP_NAME}");
     let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client.clone())
-        .delete(&name, &DeleteParams::default())
-        .await;
-    let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone())
         .delete(&name, &DeleteParams::default())
         .await;
 }
