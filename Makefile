@@ -37,11 +37,24 @@ testbed-wipe:
 ## - e2e: the end-to-end tests on the local test bed (`--features e2e`), and the images.
 test: lint unit e2e images-test
 
-# With the e2e feature, so the end-to-end targets are linted too (the feature only adds
-# targets: everything else is the same code).
+# Licences and bans (deny.toml), offline. cargo-deny is installed outside the repository
+# (.ci/run does it): cargo install --locked cargo-deny --version 0.20.2 --root ~/.cache/logpipe/cargo-deny
+# `cargo metadata` for the Linux targets only: the crates of other platforms are never
+# downloaded, and cargo-deny's own `cargo metadata` would want them all.
+CARGO_DENY ?= $(or $(shell command -v cargo-deny 2>/dev/null),$(HOME)/.cache/logpipe/cargo-deny/bin/cargo-deny)
+DENY_TARGETS := x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu
+
+# Clippy with the e2e feature, so the end-to-end targets are linted too (the feature only
+# adds targets: everything else is the same code).
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --features logpipe-e2e/e2e -- -D warnings
+	@[ -x "$(CARGO_DENY)" ] || { echo "make lint: cargo-deny not found at $(CARGO_DENY). Install it with" \
+	  "'cargo install --locked cargo-deny --version 0.20.2 --root ~/.cache/logpipe/cargo-deny'" \
+	  "(or put it on PATH, or set CARGO_DENY=/path/to/cargo-deny)" >&2; exit 1; }
+	mkdir -p target
+	$(CARGO) metadata --format-version 1 --offline --locked $(DENY_TARGETS:%=--filter-platform %) > target/deny-metadata.json
+	$(CARGO_DENY) --offline --metadata-path target/deny-metadata.json check --hide-inclusion-graph licenses bans
 
 fmt:
 	$(CARGO) fmt --all

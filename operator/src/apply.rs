@@ -2,7 +2,8 @@
 //!
 //! # Flow (one reconcile of a live LogPipeline)
 //! 1. Server-side apply, in dependency order, of every desired object: ServiceAccount,
-//!    ClusterRole, ClusterRoleBinding, ConfigMap, DaemonSet, metrics Service, and the
+//!    ClusterRoleBinding (to the chart's agent ClusterRole), ConfigMap, DaemonSet, metrics
+//!    Service, and the
 //!    ServiceMonitor when its CRD exists (deleted when it exists but is disabled).
 //!    The DaemonSet carries the pod template the rollout engine chose: the target's, or
 //!    the stable one (saved in the ConfigMap `<name>-stable`) while held or rolled back.
@@ -13,9 +14,12 @@
 //!    stable snapshot, nor any existing pod uses.
 //! 4. Server-side apply of the status, only when it differs from the stored one.
 //!
-//! On deletion, the finalizer `logpipe.io/cluster-scoped` deletes the ClusterRole and
-//! ClusterRoleBinding, then lets the LogPipeline go; the API server's garbage collector
-//! removes the namespaced objects through their owner references.
+//! On deletion, the finalizer `logpipe.io/cluster-scoped` deletes the ClusterRoleBinding
+//! (and, when allowed, the per-LogPipeline ClusterRole an earlier operator created), then
+//! lets the LogPipeline go; the API server's garbage collector removes the namespaced
+//! objects through their owner references.
+//!
+//! Every call here needs a rule in [`crate::rbac`], which the chart grants (a test checks).
 //!
 //! # Guarantees
 //! - One field manager (`logpipe-operator`), with force: the operator owns exactly the
@@ -45,6 +49,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, PodTemplateSpec, Service,
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::Status;
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -53,10 +58,10 @@ use serde_json::json;
 use crate::crd::{LogPipeline, LogPipelineStatus};
 use crate::desired::service_monitor_resource;
 use crate::desired::{Key, MANAGER, Objects, common_labels, owned_meta, selector_labels};
+use crate::rbac::SERVICE_MONITOR_CRD;
 use crate::rollout::{ANNOTATION_ABORT, ANNOTATION_PROMOTE};
 
 pub const FINALIZER: &str = "logpipe.io/cluster-scoped";
-const SERVICE_MONITOR_CRD: &str = "servicemonitors.monitoring.coreos.com";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -142,18 +147,7 @@ pub async fn apply_objects(
         &objects.service_account,
     )
     .await?;
-    apply(
-        &Api::<ClusterRole>::all(client.clone()),
-        "ClusterRole",
-        &objects.cluster_role,
-    )
-    .await?;
-    apply(
-        &Api::<ClusterRoleBinding>::all(client.clone()),
-        "ClusterRoleBinding",
-        &objects.cluster_role_binding,
-    )
-    .await?;
+    apply_binding(client, key, &objects.cluster_role_binding).await?;
     apply(
         &Api::<ConfigMap>::namespaced(client.clone(), ns),
         "ConfigMap",
@@ -461,31 +455,104 @@ pub async fn patch_status(
     Ok(true)
 }
 
-/// Finalizer cleanup: delete the cluster-scoped objects (absent ones are fine).
+/// The agents' ClusterRoleBinding. Its roleRef is immutable: a binding an earlier operator
+/// made to its own per-LogPipeline ClusterRole is refused (422), so it is deleted and made
+/// again to the chart's role, and the old role is deleted when allowed. The agents' watches
+/// keep running meanwhile (a request is authorized when it starts).
+async fn apply_binding(
+    client: &Client,
+    key: &Key,
+    binding: &ClusterRoleBinding,
+) -> Result<(), ApplyError> {
+    let api = Api::<ClusterRoleBinding>::all(client.clone());
+    match apply(&api, "ClusterRoleBinding", binding).await {
+        Ok(_) => Ok(()),
+        Err(ApplyError::Apply {
+            source: kube::Error::Api(status),
+            ..
+        }) if role_ref_changed(&status) => {
+            let name = key.cluster_name();
+            tracing::info!(binding = %name, role = %binding.role_ref.name, "moving the agents' binding to the chart's ClusterRole");
+            match api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => return Err(api_error("delete the agents' old ClusterRoleBinding", e)),
+            }
+            apply(&api, "ClusterRoleBinding", binding).await?;
+            delete_legacy_cluster_role(client, key, true).await;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The API server's answer to a changed roleRef: 422 `cannot change roleRef`.
+fn role_ref_changed(status: &Status) -> bool {
+    status.code == 422 && status.message.contains("roleRef")
+}
+
+/// Finalizer cleanup: delete the agents' ClusterRoleBinding (absent is fine), and the
+/// ClusterRole an earlier operator created per LogPipeline, when allowed.
 pub async fn delete_cluster_scoped(client: &Client, key: &Key) -> Result<(), ApplyError> {
     let name = key.cluster_name();
-    for result in [
-        Api::<ClusterRoleBinding>::all(client.clone())
-            .delete(&name, &DeleteParams::default())
-            .await
-            .map(|_| ()),
-        Api::<ClusterRole>::all(client.clone())
-            .delete(&name, &DeleteParams::default())
-            .await
-            .map(|_| ()),
-    ] {
-        match result {
-            Ok(()) => {}
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(e) => return Err(api_error("delete the agent's ClusterRole(Binding)", e)),
-        }
+    match Api::<ClusterRoleBinding>::all(client.clone())
+        .delete(&name, &DeleteParams::default())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 => {}
+        Err(e) => return Err(api_error("delete the agents' ClusterRoleBinding", e)),
     }
+    delete_legacy_cluster_role(client, key, false).await;
     Ok(())
+}
+
+/// Best effort: delete the ClusterRole `logpipe:<namespace>:<name>` operators before the
+/// chart shipped the agents' role created. The chart grants `delete` on ClusterRoles only
+/// with `rbac.legacyClusterRoleCleanup=true`; without it the API server refuses (403), and
+/// the leftover role, bound to nothing, grants nothing (`kubectl delete clusterrole -l
+/// app.kubernetes.io/managed-by=logpipe-operator` removes them all). `known`: an old binding
+/// was just replaced, so the role surely exists: a refusal is worth a warning.
+async fn delete_legacy_cluster_role(client: &Client, key: &Key, known: bool) {
+    let name = key.cluster_name();
+    match Api::<ClusterRole>::all(client.clone())
+        .delete(&name, &DeleteParams::default())
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(cluster_role = %name, "deleted the ClusterRole an earlier operator created")
+        }
+        Err(kube::Error::Api(status)) if status.code == 404 => {}
+        Err(kube::Error::Api(status)) if status.code == 403 && !known => {
+            tracing::debug!(cluster_role = %name, "not allowed to look for an earlier operator's ClusterRole");
+        }
+        Err(error) => tracing::warn!(
+            cluster_role = %name,
+            %error,
+            "cannot delete the ClusterRole an earlier operator created: delete it with kubectl, or set the chart's rbac.legacyClusterRoleCleanup=true"
+        ),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_changed_role_ref_is_recognised() {
+        let status = |code: u16, message: &str| Status::failure(message, "Invalid").with_code(code);
+        // What kube-apiserver answers to a binding whose roleRef differs from the stored one.
+        let changed = status(
+            422,
+            "ClusterRoleBinding.rbac.authorization.k8s.io \"logpipe:ns:lp\" is invalid: roleRef: Invalid value: rbac.RoleRef{APIGroup:\"rbac.authorization.k8s.io\", Kind:\"ClusterRole\", Name:\"logpipe-agent\"}: cannot change roleRef",
+        );
+        assert!(role_ref_changed(&changed));
+        assert!(!role_ref_changed(&status(
+            422,
+            "subjects[0].name: Required value"
+        )));
+        assert!(!role_ref_changed(&status(403, "roleRef: forbidden")));
+    }
 
     #[test]
     fn unused_config_maps_keep_current_and_mounted() {

@@ -73,6 +73,8 @@ impl Error {
 pub struct Ctx {
     pub client: Client,
     pub agent_image: String,
+    /// The chart's ClusterRole the agents are bound to (`--agent-cluster-role`).
+    pub agent_cluster_role: String,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub verifier: Verifier,
@@ -85,6 +87,7 @@ impl Ctx {
     pub fn new(
         client: Client,
         agent_image: String,
+        agent_cluster_role: String,
         metrics: Arc<Metrics>,
         recorder: Recorder,
         verifier: Verifier,
@@ -92,6 +95,7 @@ impl Ctx {
         Self {
             client,
             agent_image,
+            agent_cluster_role,
             metrics,
             recorder,
             verifier,
@@ -142,6 +146,7 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     let dctx = desired::Context {
         agent_image: ctx.agent_image.clone(),
         service_monitor_crd: sm_crd,
+        agent_cluster_role: ctx.agent_cluster_role.clone(),
     };
     let objects = match desired::desired(lp, &dctx) {
         Ok(objects) => objects,

@@ -14,6 +14,7 @@ pub mod gate;
 pub mod kube_requests;
 pub mod leader;
 pub mod metrics;
+pub mod rbac;
 pub mod render;
 pub mod rollout;
 pub mod status;

@@ -11,7 +11,7 @@ use logpipe_operator::controller::{self, Ctx};
 use logpipe_operator::leader::{self, LeaseConfig};
 use logpipe_operator::metrics::{Health, Metrics, router};
 use logpipe_operator::verify::{Verifier, VerifyError};
-use logpipe_operator::{crdgen, kube_requests, render};
+use logpipe_operator::{crdgen, kube_requests, rbac, render};
 use tokio::sync::oneshot;
 
 /// The agent release bundled with this operator version.
@@ -68,8 +68,17 @@ struct RunArgs {
     namespace: Option<String>,
     #[arg(long, env = "POD_NAMESPACE", default_value = "default", global = true)]
     lease_namespace: String,
-    #[arg(long, default_value = "logpipe-operator", global = true)]
+    #[arg(long, default_value = rbac::LEASE_NAME, global = true)]
     lease_name: String,
+    /// The ClusterRole (created by the chart: `<release>-agent`) each LogPipeline's agent
+    /// ServiceAccount is bound to. The operator creates only the binding.
+    #[arg(
+        long,
+        env = "LOGPIPE_AGENT_CLUSTER_ROLE",
+        default_value = rbac::AGENT_CLUSTER_ROLE,
+        global = true
+    )]
+    agent_cluster_role: String,
     /// Unique per replica (the pod name in a cluster).
     #[arg(long, env = "POD_NAME", global = true)]
     identity: Option<String>,
@@ -150,7 +159,8 @@ async fn real_main() -> Result<(), MainError> {
         }
         Some(Command::Render { file }) => {
             let text = read(&file)?;
-            std::io::stdout().write_all(render::render(&text, &cli.run.agent_image)?.as_bytes())?;
+            let out = render::render(&text, &cli.run.agent_image, &cli.run.agent_cluster_role)?;
+            std::io::stdout().write_all(out.as_bytes())?;
             Ok(())
         }
         Some(Command::Validate { files }) => {
@@ -241,6 +251,7 @@ async fn run(args: RunArgs) -> Result<(), MainError> {
     let ctx = Arc::new(Ctx::new(
         client,
         args.agent_image.clone(),
+        args.agent_cluster_role.clone(),
         metrics.clone(),
         recorder,
         verifier,

@@ -43,8 +43,13 @@ pub fn parse_log_pipelines(text: &str) -> Result<Vec<LogPipeline>, RenderError> 
     Ok(out)
 }
 
-/// The objects of every LogPipeline in `text`, as one multi-document YAML stream.
-pub fn render(text: &str, agent_image: &str) -> Result<String, RenderError> {
+/// The objects of every LogPipeline in `text`, as one multi-document YAML stream. The
+/// agents' ClusterRole is the chart's, not printed: only its binding is the operator's.
+pub fn render(
+    text: &str,
+    agent_image: &str,
+    agent_cluster_role: &str,
+) -> Result<String, RenderError> {
     let pipelines = parse_log_pipelines(text)?;
     if pipelines.is_empty() {
         return Err(RenderError::Empty);
@@ -52,6 +57,7 @@ pub fn render(text: &str, agent_image: &str) -> Result<String, RenderError> {
     let ctx = Context {
         agent_image: agent_image.to_string(),
         service_monitor_crd: true,
+        agent_cluster_role: agent_cluster_role.to_string(),
     };
     let mut out = String::new();
     for lp in &pipelines {
@@ -84,6 +90,7 @@ pub fn validate(text: &str) -> Result<(String, Result<(), RenderError>), RenderE
     let ctx = Context {
         agent_image: "validate".into(),
         service_monitor_crd: true,
+        agent_cluster_role: crate::rbac::AGENT_CLUSTER_ROLE.into(),
     };
     let mut report = String::new();
     let mut invalid = 0;
@@ -117,7 +124,6 @@ fn documents(o: &Objects) -> Result<Vec<String>, serde_yaml::Error> {
     }
     let mut docs = vec![
         yaml(&o.service_account)?,
-        yaml(&o.cluster_role)?,
         yaml(&o.cluster_role_binding)?,
         yaml(&o.config_map)?,
         yaml(&o.daemon_set)?,
@@ -138,11 +144,11 @@ mod tests {
         let out = render(
             include_str!("../../examples/ops.yaml"),
             "logpipe-agent:test",
+            crate::rbac::AGENT_CLUSTER_ROLE,
         )
         .unwrap();
         for kind in [
             "kind: ServiceAccount",
-            "kind: ClusterRole\n",
             "kind: ClusterRoleBinding",
             "kind: ConfigMap",
             "kind: DaemonSet",
@@ -152,7 +158,15 @@ mod tests {
             assert!(out.contains(kind), "missing {kind:?} in\n{out}");
         }
         assert!(out.contains("tenant: ops"), "the agent config is printed");
-        assert_eq!(out.matches("\n---\n").count(), 7, "one document per object");
+        assert!(
+            !out.contains("\nkind: ClusterRole\n"),
+            "the agents' ClusterRole is the chart's"
+        );
+        assert!(
+            out.contains("  name: logpipe-agent\n"),
+            "the binding's roleRef"
+        );
+        assert_eq!(out.matches("\n---\n").count(), 6, "one document per object");
     }
 
     #[test]
@@ -180,7 +194,7 @@ mod tests {
     #[test]
     fn input_without_a_log_pipeline_is_an_error() {
         assert!(matches!(
-            render("kind: Namespace\n", "x"),
+            render("kind: Namespace\n", "x", "y"),
             Err(RenderError::Empty)
         ));
     }

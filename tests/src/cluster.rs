@@ -1,10 +1,12 @@
 //! Small steps every end-to-end test (and the operator bench) takes on a test-bed cluster:
-//! the LogPipeline CRD from crds/ installed and served, a namespace, the nodes, an API
-//! handle for LogPipelines. Each returns what went wrong as a [`TestbedError`].
+//! the LogPipeline CRD from crds/ installed and served (with the agents' ClusterRole from
+//! the chart), a namespace, the nodes, an API handle for LogPipelines. Each returns what
+//! went wrong as a [`TestbedError`].
 
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::GroupVersionKind;
@@ -14,9 +16,10 @@ use crate::{TestbedError, Wait, poll};
 
 const FIELD_MANAGER: &str = "logpipe-e2e";
 
-/// Apply the committed CRD (what the operator's types generate) and wait until the API
-/// server serves it.
+/// Apply the committed CRD (what the operator's types generate) and the agents' ClusterRole
+/// the chart ships (the operator only binds it), and wait until the API server serves the CRD.
 pub async fn install_crd(client: &kube::Client) -> Result<(), TestbedError> {
+    install_agent_cluster_role(client).await?;
     let path = crate::repo_root().join("crds/logpipe.io_logpipelines.yaml");
     let text = std::fs::read_to_string(&path).map_err(|source| TestbedError::Read {
         path: path.clone(),
@@ -51,6 +54,30 @@ pub async fn install_crd(client: &kube::Client) -> Result<(), TestbedError> {
         },
     )
     .await
+}
+
+/// The agents' ClusterRole, from the file the chart renders it from: an operator run
+/// outside the chart binds each LogPipeline's agents to it.
+pub async fn install_agent_cluster_role(client: &kube::Client) -> Result<(), TestbedError> {
+    let path = crate::repo_root().join("charts/logpipe/files/agent-clusterrole.yaml");
+    let text = std::fs::read_to_string(&path).map_err(|source| TestbedError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let role: ClusterRole =
+        serde_yaml::from_str(&text).map_err(|source| TestbedError::Yaml { path, source })?;
+    let name = role.metadata.name.clone().unwrap_or_default();
+    Api::<ClusterRole>::all(client.clone())
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&role),
+        )
+        .await
+        .map_err(TestbedError::kube(&format!(
+            "applying the agents' ClusterRole {name}"
+        )))?;
+    Ok(())
 }
 
 /// Create (or keep) a namespace.

@@ -15,8 +15,8 @@ use crate::{Testbed, TestbedError, Wait, free_port, poll, workspace_binary};
 pub struct Launch {
     pub binary: PathBuf,
     pub kubeconfig: PathBuf,
-    /// Watched namespace, also the lease's.
-    pub namespace: String,
+    /// Watched namespace, also the lease's; `None`: as `args` say.
+    pub namespace: Option<String>,
     pub identity: String,
     /// Its stdout and stderr.
     pub log: PathBuf,
@@ -41,7 +41,7 @@ impl Operator {
         let launch = Launch {
             binary: workspace_binary("logpipe-operator"),
             kubeconfig: testbed.kubeconfig(cluster),
-            namespace: ns.to_string(),
+            namespace: Some(ns.to_string()),
             identity: identity.to_string(),
             log: testbed
                 .dir
@@ -60,7 +60,38 @@ impl Operator {
             .map(String::from)
             .to_vec(),
         };
-        let mut operator = Self::spawn(&launch).unwrap_or_else(|e| panic!("{e}"));
+        Self::start_ready(&launch).await
+    }
+
+    /// Start `logpipe-operator` with `kubeconfig` and `args` as they are (e.g. the chart's,
+    /// with its own namespace flags), besides identity, log format and metrics address, and
+    /// wait until it answers /readyz. Its log: `<testbed>/<log>`.
+    pub async fn start_with(
+        testbed: &Testbed,
+        kubeconfig: &std::path::Path,
+        args: &[String],
+        identity: &str,
+        log: &str,
+    ) -> Self {
+        let launch = Launch {
+            binary: workspace_binary("logpipe-operator"),
+            kubeconfig: kubeconfig.to_path_buf(),
+            namespace: None,
+            identity: identity.to_string(),
+            log: testbed.dir.join(log),
+            rust_log: "info,logpipe_operator=debug".into(),
+            args: args
+                .iter()
+                .cloned()
+                .chain(["--log-format".to_string(), "text".to_string()])
+                .collect(),
+        };
+        Self::start_ready(&launch).await
+    }
+
+    /// [`Self::spawn`], then wait until it answers /readyz.
+    async fn start_ready(launch: &Launch) -> Self {
+        let mut operator = Self::spawn(launch).unwrap_or_else(|e| panic!("{e}"));
         let http = crate::http_client();
         let ready = operator.metrics.replace("/metrics", "/readyz");
         operator
@@ -90,11 +121,14 @@ impl Operator {
             path: launch.log.clone(),
             source,
         })?;
-        let ns = launch.namespace.as_str();
+        let namespace_args = match &launch.namespace {
+            Some(ns) => vec!["--namespace", ns.as_str(), "--lease-namespace", ns.as_str()],
+            None => Vec::new(),
+        };
         let child = tokio::process::Command::new(&launch.binary)
             .env("KUBECONFIG", &launch.kubeconfig)
             .env("RUST_LOG", &launch.rust_log)
-            .args(["--namespace", ns, "--lease-namespace", ns])
+            .args(namespace_args)
             .args(["--identity", &launch.identity])
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .args(&launch.args)

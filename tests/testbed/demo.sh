@@ -28,6 +28,8 @@ mv "$TESTBED/images/$VERSION/logpipe-agent.tmp" "$TESTBED/images/$VERSION/logpip
 say "agent release ghcr.io/logpipe/logpipe-agent:$VERSION published to the test bed"
 
 kc apply --server-side --force-conflicts -f "$repo/crds/" >/dev/null
+# The agents' ClusterRole the chart ships: the operator only binds it.
+kc apply --server-side --force-conflicts -f "$repo/charts/logpipe/files/agent-clusterrole.yaml" >/dev/null
 export KUBECONFIG=$CDIR/kubeconfig  # the operator finds its cluster as kubectl does
 start ops-operator "$DEBUG/logpipe-operator" run --namespace demo --log-format text
 say "operator running (log: $LOGS/ops-operator.log); the node simulator runs the agents (ops-nodesim.log)"

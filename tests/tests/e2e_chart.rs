@@ -1,13 +1,21 @@
 //! The Helm chart: `helm lint`, `helm template` snapshots for each values file in
-//! charts/logpipe/tests/, and the rendered output accepted by the test bed's real API
-//! server (server-side dry run). Run with `make chart-test`. (The chart's CRDs being
-//! identical to crds/ needs no helm: tests/static_checks.rs.)
+//! charts/logpipe/tests/, the rendered output accepted by the test bed's real API server
+//! (server-side dry run), and the operator reconciling a LogPipeline as the chart's
+//! ServiceAccount, with the chart's RBAC and nothing more. Run with `make chart-test`.
+//! (The chart's CRDs being identical to crds/ needs no helm: tests/static_checks.rs.)
 //! `UPDATE_SNAPSHOTS=1` rewrites the snapshots after an intended change.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use logpipe_e2e::{Testbed, cached_binary, repo_root};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use logpipe_e2e::operator::Operator;
+use logpipe_e2e::{Testbed, cached_binary, repo_root, unique_suffix, wait_for};
+use serde_json::{Value, json};
 
 fn run(command: &mut Command) -> String {
     let output = command
@@ -214,4 +222,225 @@ fn pipe(command: &mut Command, input: &str) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The chart's RBAC for real: its ServiceAccount, (Cluster)Roles and bindings applied under a
+/// release of their own, and the operator run here with a kubeconfig that impersonates that
+/// ServiceAccount (the chart's args; the Deployment's pods would only be KWOK's). It must
+/// hold its Lease, reconcile a LogPipeline to Healthy (DaemonSet, binding to the chart's
+/// agent role, Events) and delete it through its finalizer, with no request refused.
+#[tokio::test]
+async fn operator_works_as_the_charts_service_account() {
+    let testbed = Testbed::ensure(&["ops"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = testbed.client("ops").await.unwrap();
+    logpipe_e2e::cluster::install_crd(&client).await.unwrap();
+    let helm = cached_binary("HELM", "helm");
+    let kubectl = cached_binary("K8S", "kubectl");
+    let kubeconfig = testbed.kubeconfig("ops");
+    let suffix = unique_suffix();
+    // The release name contains "logpipe", so it is the chart's fullname too.
+    let release = format!("logpipe-rbac-{suffix}");
+    let release_ns = format!("lprbac-system-{suffix}");
+    let ns = format!("lprbac-{suffix}");
+    for n in [&release_ns, &ns] {
+        logpipe_e2e::cluster::ensure_namespace(&client, n)
+            .await
+            .unwrap();
+    }
+    let rendered = run(Command::new(&helm)
+        .args(["template", &release])
+        .arg(chart_dir())
+        .args(["--namespace", &release_ns, "--kube-version", "1.36.3"])
+        .args(["--set", &format!("watchNamespace={ns}")]));
+    let docs: Vec<Value> = rendered
+        .split("\n---")
+        .filter_map(|doc| serde_yaml::from_str::<Value>(doc).ok())
+        .filter(|v| v.is_object())
+        .collect();
+    let rbac: Vec<String> = docs
+        .iter()
+        .filter(|d| {
+            [
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+            ]
+            .contains(&d["kind"].as_str().unwrap_or_default())
+        })
+        .map(|d| serde_yaml::to_string(d).unwrap())
+        .collect();
+    assert_eq!(rbac.len(), 6, "the chart's RBAC objects: {rbac:?}");
+    let rbac = rbac.join("---\n");
+    let mut apply = Command::new(&kubectl);
+    apply.arg("--kubeconfig").arg(&kubeconfig).args([
+        "apply",
+        "--server-side",
+        "--field-manager",
+        "helm",
+        "-f",
+        "-",
+    ]);
+    pipe(&mut apply, &rbac);
+
+    // The test bed's admin, impersonating the chart's ServiceAccount.
+    let account = format!("system:serviceaccount:{release_ns}:{release}");
+    let mut config: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&kubeconfig).unwrap()).unwrap();
+    for user in config["users"].as_array_mut().unwrap() {
+        user["user"]["as"] = json!(account);
+        user["user"]["as-groups"] = json!([
+            "system:serviceaccounts",
+            format!("system:serviceaccounts:{release_ns}"),
+            "system:authenticated"
+        ]);
+    }
+    let scratch = testbed.scratch_dir("chart-rbac").unwrap();
+    let impersonating = scratch.join("kubeconfig");
+    std::fs::write(&impersonating, serde_yaml::to_string(&config).unwrap()).unwrap();
+    // Who asks is the ServiceAccount: it may get a Secret, not list them.
+    for (verb, expected) in [("get", "yes"), ("list", "no")] {
+        let output = Command::new(&kubectl)
+            .arg("--kubeconfig")
+            .arg(&impersonating)
+            .args(["auth", "can-i", verb, "secrets", "-n", &ns])
+            .output()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(answer.trim(), expected, "can {account} {verb} secrets?");
+    }
+
+    // The chart's args, but the agent image (KWOK runs these pods) and what start_with sets.
+    let args: Vec<String> = operator_args(&rendered)
+        .into_iter()
+        .filter(|a| {
+            !["--metrics-addr=", "--log-format=", "--agent-image="]
+                .iter()
+                .any(|p| a.starts_with(p))
+        })
+        .chain(["--agent-image=reg.local/logpipe-agent:e2e".to_string()])
+        .collect();
+    assert!(
+        args.contains(&format!("--agent-cluster-role={release}-agent")),
+        "{args:?}"
+    );
+    let mut operator = Operator::start_with(
+        &testbed,
+        &impersonating,
+        &args,
+        "chart-sa",
+        &format!("operator-chart-rbac-{suffix}.log"),
+    )
+    .await;
+
+    // The ops example, verified briefly (KWOK's pods ship nothing), as e2e_operator does.
+    let text = std::fs::read_to_string(repo_root().join("examples/ops.yaml")).unwrap();
+    let mut lp: Value = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .find(|doc: &Value| doc["kind"] == "LogPipeline")
+        .unwrap();
+    lp["metadata"]["namespace"] = json!(ns);
+    lp["spec"]["endpoint"] = json!(testbed.push_url());
+    lp["spec"]["rollout"]["verify"] = json!({"window": "1s", "shipping": false});
+    lp["spec"]["rollout"]["soak"] = json!("1s");
+    let name = lp["metadata"]["name"].as_str().unwrap().to_string();
+    let lps = logpipe_e2e::cluster::logpipelines(&client, &ns);
+    lps.patch(
+        &name,
+        &PatchParams::apply("e2e-chart").force(),
+        &Patch::Apply(&lp),
+    )
+    .await
+    .unwrap();
+    let first = healthy(&lps, &name, 1).await;
+    // A new revision: agent pods deleted node by node, the old ConfigMap collected.
+    lp["spec"]["pipeline"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"staticLabels": {"cluster": "ops"}}));
+    lps.patch(
+        &name,
+        &PatchParams::apply("e2e-chart").force(),
+        &Patch::Apply(&lp),
+    )
+    .await
+    .unwrap();
+    let second = healthy(&lps, &name, 2).await;
+    assert_ne!(first, second, "a new ConfigMap");
+    Api::<DaemonSet>::namespaced(client.clone(), &ns)
+        .get(&name)
+        .await
+        .unwrap();
+    let bindings = Api::<ClusterRoleBinding>::all(client.clone());
+    let binding_name = format!("logpipe:{ns}:{name}");
+    let binding = bindings.get(&binding_name).await.unwrap();
+    assert_eq!(binding.role_ref.name, format!("{release}-agent"));
+
+    lps.delete(&name, &DeleteParams::default()).await.unwrap();
+    wait_for(
+        "the LogPipeline and its binding deleted",
+        Duration::from_secs(60),
+        || async {
+            let lp = lps.get_opt(&name).await.map_err(|e| e.to_string())?;
+            let binding = bindings
+                .get_opt(&binding_name)
+                .await
+                .map_err(|e| e.to_string())?;
+            (lp.is_none() && binding.is_none())
+                .then_some(())
+                .ok_or_else(|| {
+                    format!(
+                        "LogPipeline left: {}, binding left: {}",
+                        lp.is_some(),
+                        binding.is_some()
+                    )
+                })
+        },
+    )
+    .await;
+    operator.kill().await;
+
+    let log = std::fs::read_to_string(&operator.log).unwrap();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.to_lowercase().contains("forbidden"))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "requests the chart's RBAC refused ({}):\n{}",
+        operator.log.display(),
+        refused.join("\n")
+    );
+    let mut delete = Command::new(&kubectl);
+    delete.arg("--kubeconfig").arg(&kubeconfig).args([
+        "delete",
+        "--ignore-not-found",
+        "--wait=false",
+        "-f",
+        "-",
+    ]);
+    pipe(&mut delete, &rbac);
+    run(Command::new(&kubectl)
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["delete", "namespace", "--wait=false", &ns, &release_ns]));
+}
+
+/// Wait until the LogPipeline is Healthy at `generation`; its ConfigMap.
+async fn healthy(lps: &Api<kube::api::DynamicObject>, name: &str, generation: i64) -> Value {
+    wait_for(
+        "the LogPipeline Healthy",
+        Duration::from_secs(90),
+        || async {
+            let lp = lps.get(name).await.map_err(|e| e.to_string())?;
+            let s = &lp.data["status"];
+            (s["phase"] == "Healthy" && s["observedGeneration"].as_i64() >= Some(generation))
+                .then(|| s["configMap"].clone())
+                .ok_or_else(|| s.to_string())
+        },
+    )
+    .await
 }

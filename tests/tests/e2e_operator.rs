@@ -140,15 +140,20 @@ async fn versions(client: &Client, ns: &str, name: &str) -> BTreeMap<String, Str
             cm.resource_version().unwrap(),
         );
     }
-    let cr = Api::<ClusterRole>::all(client.clone())
-        .get(&cluster_name)
-        .await
-        .unwrap();
-    out.insert("ClusterRole".into(), cr.resource_version().unwrap());
     let crb = Api::<ClusterRoleBinding>::all(client.clone())
         .get(&cluster_name)
         .await
         .unwrap();
+    // The agents are bound to the chart's ClusterRole; the operator creates none.
+    assert_eq!(crb.role_ref.name, "logpipe-agent");
+    assert!(
+        Api::<ClusterRole>::all(client.clone())
+            .get_opt(&cluster_name)
+            .await
+            .unwrap()
+            .is_none(),
+        "the operator created a ClusterRole {cluster_name}"
+    );
     out.insert("ClusterRoleBinding".into(), crb.resource_version().unwrap());
     out
 }
@@ -386,14 +391,6 @@ async fn ops_example_is_reconciled_updated_quiet_and_deleted() {
                     .iter()
                     .map(|c| format!("ConfigMap/{}", c.name_any())),
             );
-            if Api::<ClusterRole>::all(client.clone())
-                .get_opt(&cluster_name)
-                .await
-                .map_err(|e| e.to_string())?
-                .is_some()
-            {
-                left.push("ClusterRole".into());
-            }
             if Api::<ClusterRoleBinding>::all(client.clone())
                 .get_opt(&cluster_name)
                 .await
@@ -407,6 +404,83 @@ async fn ops_example_is_reconciled_updated_quiet_and_deleted() {
     )
     .await;
     println!("operator log: {}", operator.log.display());
+    operator.kill().await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::default())
+        .await;
+}
+
+/// An upgrade from an operator that created a ClusterRole per LogPipeline and bound the
+/// agents to it: the binding (whose roleRef is immutable) is made again to the chart's
+/// role, and the old role is deleted (this operator runs as admin, as with the chart's
+/// `rbac.legacyClusterRoleCleanup=true`); the finalizer deletes the binding.
+#[tokio::test]
+async fn an_earlier_operators_cluster_role_is_replaced() {
+    let testbed = Testbed::ensure(&["ops"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = testbed.client("ops").await.unwrap();
+    let ns = setup(&testbed, &client, "lpop-upgrade").await;
+    let lp = ops_example(&testbed, &ns);
+    let name = lp["metadata"]["name"].as_str().unwrap().to_string();
+    let cluster_name = format!("logpipe:{ns}:{name}");
+    // What the earlier operator left: its ClusterRole and a binding to it.
+    let labels = json!({"app.kubernetes.io/managed-by": "logpipe-operator"});
+    let old_role: ClusterRole = serde_json::from_value(json!({
+        "metadata": {"name": cluster_name, "labels": labels},
+        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
+    }))
+    .unwrap();
+    let old_binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": cluster_name, "labels": labels},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
+    }))
+    .unwrap();
+    let roles = Api::<ClusterRole>::all(client.clone());
+    let bindings = Api::<ClusterRoleBinding>::all(client.clone());
+    roles
+        .create(&PostParams::default(), &old_role)
+        .await
+        .unwrap();
+    bindings
+        .create(&PostParams::default(), &old_binding)
+        .await
+        .unwrap();
+
+    let mut operator = Operator::start(&testbed, "ops", &ns, "upgrade").await;
+    apply_lp(&client, &ns, &lp).await;
+    wait_for(
+        "the binding on the chart's role, the old role gone",
+        Duration::from_secs(60),
+        || async {
+            let binding = bindings
+                .get_opt(&cluster_name)
+                .await
+                .map_err(|e| e.to_string())?;
+            let role_ref = binding.map(|b| b.role_ref.name);
+            let old = roles
+                .get_opt(&cluster_name)
+                .await
+                .map_err(|e| e.to_string())?;
+            (role_ref.as_deref() == Some("logpipe-agent") && old.is_none())
+                .then_some(())
+                .ok_or_else(|| format!("roleRef {role_ref:?}, old role there: {}", old.is_some()))
+        },
+    )
+    .await;
+
+    lp_api(&client, &ns)
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the binding deleted", Duration::from_secs(60), || async {
+        match bindings.get_opt(&cluster_name).await {
+            Ok(None) => Ok(()),
+            other => Err(format!("{:?}", other.map(|b| b.map(|b| b.name_any())))),
+        }
+    })
+    .await;
     operator.kill().await;
     let _ = Api::<Namespace>::all(client.clone())
         .delete(&ns, &DeleteParams::default())

@@ -18,3 +18,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "logpipe.agentImage" -}}
 {{ .Values.agentImage.repository }}:{{ .Values.agentImage.tag | default .Chart.AppVersion }}
 {{- end -}}
+{{- /* The agents' ClusterRole: `logpipe-agent` for the release `logpipe`. */ -}}
+{{- define "logpipe.agentClusterRole" -}}
+{{ include "logpipe.fullname" . }}-agent
+{{- end -}}

@@ -10,8 +10,10 @@
 //!   ServiceMonitor: `<name>`;
 //! - ConfigMap: `<name>-config-<hash>`, immutable, hash of the rendered agent config, so
 //!   a config change is a new pod template (a new revision), never an in-place edit;
-//! - ClusterRole and ClusterRoleBinding: `logpipe:<namespace>:<name>` (cluster-scoped,
-//!   so the namespace is part of the name; `:` cannot appear in either part).
+//! - ClusterRoleBinding: `logpipe:<namespace>:<name>` (cluster-scoped, so the namespace is
+//!   part of the name; `:` cannot appear in either part). It binds the ServiceAccount to the
+//!   agents' ClusterRole, which the chart creates ([`crate::rbac::AGENT_CLUSTER_ROLE`]):
+//!   the operator creates no ClusterRole.
 //!
 //! The DaemonSet selector is `app.kubernetes.io/name=logpipe-agent` plus
 //! `app.kubernetes.io/instance=<name>`: stable labels chosen once, because a selector is
@@ -24,7 +26,7 @@ mod resources;
 pub use agent_config::{AgentConfigError, CONFIG_FILE, CONFIG_MOUNT, render_agent_config};
 pub use daemonset::daemon_set;
 pub use resources::{
-    cluster_role, cluster_role_binding, config_map, service, service_account, service_monitor,
+    cluster_role_binding, config_map, service, service_account, service_monitor,
     service_monitor_resource,
 };
 
@@ -32,7 +34,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::DynamicObject;
 use kube::{Resource, ResourceExt};
@@ -62,13 +64,14 @@ pub struct Context {
     pub agent_image: String,
     /// Build a ServiceMonitor (only when its CRD exists in the cluster).
     pub service_monitor_crd: bool,
+    /// The ClusterRole the agents' ServiceAccounts are bound to (the chart creates it).
+    pub agent_cluster_role: String,
 }
 
 /// Everything one LogPipeline owns.
 #[derive(Clone, Debug)]
 pub struct Objects {
     pub service_account: ServiceAccount,
-    pub cluster_role: ClusterRole,
     pub cluster_role_binding: ClusterRoleBinding,
     pub config_map: ConfigMap,
     pub daemon_set: DaemonSet,
@@ -137,8 +140,7 @@ pub fn desired(lp: &LogPipeline, ctx: &Context) -> Result<Objects, DesiredError>
         .then(|| service_monitor(lp, &key));
     Ok(Objects {
         service_account: service_account(lp, &key),
-        cluster_role: cluster_role(&key),
-        cluster_role_binding: cluster_role_binding(&key),
+        cluster_role_binding: cluster_role_binding(&key, &ctx.agent_cluster_role),
         config_map,
         daemon_set,
         service: service(lp, &key),

@@ -1,9 +1,9 @@
-//! The small objects: ServiceAccount, RBAC, ConfigMap, metrics Service, ServiceMonitor.
+//! The small objects: ServiceAccount, ClusterRoleBinding, ConfigMap, metrics Service, ServiceMonitor.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount, ServicePort, ServiceSpec};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::json;
@@ -18,27 +18,16 @@ pub fn service_account(lp: &LogPipeline, key: &Key) -> ServiceAccount {
     }
 }
 
-/// The agent discovers the pods of its own node: read pods, nothing else.
-pub fn cluster_role(key: &Key) -> ClusterRole {
-    ClusterRole {
-        metadata: cluster_meta(key),
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec![String::new()]),
-            resources: Some(vec!["pods".into()]),
-            verbs: vec!["get".into(), "list".into(), "watch".into()],
-            ..PolicyRule::default()
-        }]),
-        ..ClusterRole::default()
-    }
-}
-
-pub fn cluster_role_binding(key: &Key) -> ClusterRoleBinding {
+/// Binds the agents' ServiceAccount to `agent_cluster_role`, the chart's ClusterRole (read
+/// pods, nothing else). Its roleRef is immutable: `apply` replaces a binding an older
+/// operator made to its own per-LogPipeline ClusterRole.
+pub fn cluster_role_binding(key: &Key, agent_cluster_role: &str) -> ClusterRoleBinding {
     ClusterRoleBinding {
         metadata: cluster_meta(key),
         role_ref: RoleRef {
             api_group: Some("rbac.authorization.k8s.io".into()),
             kind: "ClusterRole".into(),
-            name: key.cluster_name(),
+            name: agent_cluster_role.into(),
         },
         subjects: Some(vec![Subject {
             kind: "ServiceAccount".into(),

@@ -8,6 +8,7 @@ fn ctx() -> Context {
     Context {
         agent_image: "logpipe-agent:bundled".into(),
         service_monitor_crd: true,
+        agent_cluster_role: crate::rbac::AGENT_CLUSTER_ROLE.into(),
     }
 }
 
@@ -205,25 +206,30 @@ fn rendered_agent_config_is_accepted_by_the_agent() {
 }
 
 #[test]
-fn rbac_reads_pods_only_and_names_are_per_namespace() {
+fn binds_the_charts_agent_role_and_names_are_per_namespace() {
     let objects = desired(&ops(), &ctx()).unwrap();
-    let rules = objects.cluster_role.rules.as_ref().unwrap();
-    assert_eq!(rules.len(), 1);
+    let crb = &objects.cluster_role_binding;
     assert_eq!(
-        rules[0].resources.as_deref(),
-        Some(&["pods".to_string()][..])
-    );
-    assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
-    assert_eq!(
-        objects.cluster_role.metadata.name.as_deref(),
+        crb.metadata.name.as_deref(),
         Some("logpipe:loki-v3:logpipe")
     );
-    assert_eq!(objects.cluster_role.metadata.owner_references, None);
-    let subject = &objects.cluster_role_binding.subjects.as_ref().unwrap()[0];
+    assert_eq!(crb.metadata.owner_references, None);
+    assert_eq!(
+        (crb.role_ref.kind.as_str(), crb.role_ref.name.as_str()),
+        ("ClusterRole", "logpipe-agent")
+    );
+    let subject = &crb.subjects.as_ref().unwrap()[0];
     assert_eq!(
         (subject.name.as_str(), subject.namespace.as_deref()),
         ("logpipe", Some("loki-v3"))
     );
+    // The chart may name the role otherwise (release name, --agent-cluster-role).
+    let other = Context {
+        agent_cluster_role: "other-agent".into(),
+        ..ctx()
+    };
+    let objects = desired(&ops(), &other).unwrap();
+    assert_eq!(objects.cluster_role_binding.role_ref.name, "other-agent");
 }
 
 #[test]

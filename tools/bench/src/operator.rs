@@ -522,7 +522,7 @@ async fn start_operator(
     let mut operator = Operator::spawn(&Launch {
         binary: options.operator.clone(),
         kubeconfig: kubeconfig.to_path_buf(),
-        namespace: ns.to_string(),
+        namespace: Some(ns.to_string()),
         identity: "bench".into(),
         log: options.out.join("operator.log"),
         rust_log: "info,kube=warn,kube_lease_manager=warn".into(),
@@ -1028,9 +1028,6 @@ async fn force_cleanup(client: &kube::Client, ns: &str) {
         .await;
     let name = format!("logpipe:{ns}:{LP_NAME}");
     let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client.clone())
-        .delete(&name, &DeleteParams::default())
-        .await;
-    let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone())
         .delete(&name, &DeleteParams::default())
         .await;
 }
