@@ -22,8 +22,10 @@ fn chart_crds_are_the_generated_ones() {
     );
 }
 
+/// Parse, and pass the operator's full validation (what `logpipe-operator validate` runs):
+/// an example the operator would hold as InvalidSpec fails here.
 #[test]
-fn example_logpipelines_parse_as_the_operator_reads_them() {
+fn example_logpipelines_parse_and_validate_as_the_operator_reads_them() {
     let mut parsed = 0;
     for file in yaml_files(&repo_root().join("examples")) {
         for doc in yaml_documents(&file) {
@@ -39,6 +41,9 @@ fn example_logpipelines_parse_as_the_operator_reads_them() {
                 "{}: LogPipeline {name} has no namespace",
                 file.display()
             );
+            let text = serde_yaml::to_string(&lp).unwrap();
+            let (report, verdict) = logpipe_operator::render::validate(&text).unwrap();
+            assert!(verdict.is_ok(), "{}: {report}", file.display());
             parsed += 1;
         }
     }
