@@ -133,3 +133,30 @@ pub fn logpipelines(client: &kube::Client, namespace: &str) -> Api<DynamicObject
     );
     Api::namespaced_with(client.clone(), namespace, &resource)
 }
+
+/// The reasons of the Events in `namespace` (what `kubectl get events` lists).
+pub async fn event_reasons(
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<Vec<String>, TestbedError> {
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default())
+        .await
+        .map_err(TestbedError::kube("listing events"))?;
+    Ok(events.items.into_iter().filter_map(|e| e.reason).collect())
+}
+
+/// examples/ops.yaml's LogPipeline in namespace `ns`, pushing to `push_url`, for KWOK's
+/// agent pods (no process, nothing shipped): verification only waits for Ready pods,
+/// briefly, and never reaches for the example's in-cluster query address.
+pub fn ops_example_on_kwok(ns: &str, push_url: &str) -> serde_json::Value {
+    let mut lp = crate::yaml_documents(&crate::repo_root().join("examples/ops.yaml"))
+        .into_iter()
+        .find(|doc| doc["kind"] == "LogPipeline")
+        .unwrap_or_default();
+    lp["metadata"]["namespace"] = json!(ns);
+    lp["spec"]["endpoint"] = json!(push_url);
+    lp["spec"]["rollout"]["verify"] = json!({"window": "1s", "shipping": false});
+    lp["spec"]["rollout"]["soak"] = json!("1s");
+    lp
+}

@@ -337,15 +337,7 @@ async fn operator_works_as_the_charts_service_account() {
     .await;
 
     // The ops example, verified briefly (KWOK's pods ship nothing), as e2e_operator does.
-    let text = std::fs::read_to_string(repo_root().join("examples/ops.yaml")).unwrap();
-    let mut lp: Value = serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
-        .find(|doc: &Value| doc["kind"] == "LogPipeline")
-        .unwrap();
-    lp["metadata"]["namespace"] = json!(ns);
-    lp["spec"]["endpoint"] = json!(testbed.push_url());
-    lp["spec"]["rollout"]["verify"] = json!({"window": "1s", "shipping": false});
-    lp["spec"]["rollout"]["soak"] = json!("1s");
+    let mut lp = logpipe_e2e::cluster::ops_example_on_kwok(&ns, &testbed.push_url());
     let name = lp["metadata"]["name"].as_str().unwrap().to_string();
     let lps = logpipe_e2e::cluster::logpipelines(&client, &ns);
     lps.patch(

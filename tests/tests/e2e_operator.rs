@@ -36,21 +36,8 @@ async fn setup(testbed: &Testbed, client: &Client, prefix: &str) -> String {
     ns
 }
 
-/// examples/ops.yaml's LogPipeline, in namespace `ns`, pushing to the test bed's store.
 fn ops_example(testbed: &Testbed, ns: &str) -> Value {
-    let text = std::fs::read_to_string(repo_root().join("examples/ops.yaml")).unwrap();
-    let mut lp: Value = serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
-        .find(|doc: &Value| doc["kind"] == "LogPipeline")
-        .unwrap();
-    lp["metadata"]["namespace"] = json!(ns);
-    lp["spec"]["endpoint"] = json!(testbed.push_url());
-    // KWOK runs these agent pods (no process, nothing shipped): this test is about what the
-    // operator builds and applies, so verification only waits for Ready pods, briefly, and
-    // never reaches for the example's in-cluster query address.
-    lp["spec"]["rollout"]["verify"] = json!({"window": "1s", "shipping": false});
-    lp["spec"]["rollout"]["soak"] = json!("1s");
-    lp
+    logpipe_e2e::cluster::ops_example_on_kwok(ns, &testbed.push_url())
 }
 
 async fn apply_lp(client: &Client, ns: &str, lp: &Value) {
@@ -705,16 +692,12 @@ async fn mistakes_only_code_can_judge_are_held_as_invalid_spec_before_any_node_m
     // Nothing moved: the same DaemonSet spec, the same pods.
     assert_eq!(generation(daemon_sets.get(&name).await.unwrap()), ds_before);
     assert_eq!(pod_uids(ready_pods(&client, &ns).await), pods_before);
-    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), &ns)
-        .list(&ListParams::default())
+    let reasons = logpipe_e2e::cluster::event_reasons(&client, &ns)
         .await
         .unwrap();
     assert!(
-        events
-            .items
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("InvalidSpec")),
-        "an InvalidSpec Event"
+        reasons.iter().any(|r| r == "InvalidSpec"),
+        "an InvalidSpec Event: {reasons:?}"
     );
     // The mistake fixed: Healthy again, on the same pods (nothing changed for them).
     apply_lp(&client, &ns, &lp).await;
@@ -805,15 +788,9 @@ async fn refused_apply_and_missing_secret_show_their_reason_in_status() {
     let message = failed["message"].as_str().unwrap_or_default();
     println!("missing Secret after {:?}: {message}", started.elapsed());
     assert!(message.contains("no-such-secret"), "{message}");
-    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), &ns)
-        .list(&ListParams::default())
+    let reasons = logpipe_e2e::cluster::event_reasons(&client, &ns)
         .await
         .unwrap();
-    let reasons: Vec<_> = events
-        .items
-        .iter()
-        .filter_map(|e| e.reason.clone())
-        .collect();
     assert!(
         ["ApplyFailed", "SecretMissing"]
             .iter()

@@ -17,7 +17,7 @@ mod bed;
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use logpipe_e2e::{Testbed, unique_suffix};
@@ -526,16 +526,12 @@ async fn an_unreachable_store_holds_the_step_until_it_answers() {
     assert_eq!(ready_reason(&later), "StoreUnreachable");
     let target = later["targetRevision"].as_str().unwrap().to_string();
     assert_eq!(nodes_at(&bed.client, &bed.ns, &target).await.len(), 1);
-    let events = Api::<Event>::namespaced(bed.client.clone(), &bed.ns)
-        .list(&ListParams::default())
+    let reasons = logpipe_e2e::cluster::event_reasons(&bed.client, &bed.ns)
         .await
         .unwrap();
     assert!(
-        events
-            .items
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("StoreUnreachable")),
-        "a Warning Event"
+        reasons.iter().any(|r| r == "StoreUnreachable"),
+        "a Warning Event: {reasons:?}"
     );
 
     // The endpoint fixed (a rollout field: no new revision): the held step goes on.
@@ -643,15 +639,9 @@ async fn bad_release_stops_at_the_canary_and_rolls_back() {
         );
     }
     // And an Event says so.
-    let events = Api::<Event>::namespaced(bed.client.clone(), &bed.ns)
-        .list(&ListParams::default())
+    let reasons = logpipe_e2e::cluster::event_reasons(&bed.client, &bed.ns)
         .await
         .unwrap();
-    let reasons: Vec<String> = events
-        .items
-        .iter()
-        .filter_map(|e| e.reason.clone())
-        .collect();
     assert!(reasons.iter().any(|r| r == "RollingBack"), "{reasons:?}");
     assert!(reasons.iter().any(|r| r == "Degraded"), "{reasons:?}");
 
