@@ -340,26 +340,21 @@ async fn operator_works_as_the_charts_service_account() {
     let mut lp = logpipe_e2e::cluster::ops_example_on_kwok(&ns, &testbed.push_url());
     let name = lp["metadata"]["name"].as_str().unwrap().to_string();
     let lps = logpipe_e2e::cluster::logpipelines(&client, &ns);
-    lps.patch(
-        &name,
-        &PatchParams::apply("e2e-chart").force(),
-        &Patch::Apply(&lp),
-    )
-    .await
-    .unwrap();
+    let apply = |lp: serde_json::Value| {
+        let (lps, name) = (lps.clone(), name.clone());
+        async move {
+            let params = PatchParams::apply("e2e-chart").force();
+            lps.patch(&name, &params, &Patch::Apply(&lp)).await.unwrap();
+        }
+    };
+    apply(lp.clone()).await;
     let first = healthy(&lps, &name, 1).await;
     // A new revision: agent pods deleted node by node, the old ConfigMap collected.
     lp["spec"]["pipeline"]
         .as_array_mut()
         .unwrap()
         .push(json!({"staticLabels": {"cluster": "ops"}}));
-    lps.patch(
-        &name,
-        &PatchParams::apply("e2e-chart").force(),
-        &Patch::Apply(&lp),
-    )
-    .await
-    .unwrap();
+    apply(lp).await;
     let second = healthy(&lps, &name, 2).await;
     assert_ne!(first, second, "a new ConfigMap");
     Api::<DaemonSet>::namespaced(client.clone(), &ns)
