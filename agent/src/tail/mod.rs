@@ -146,6 +146,9 @@ pub struct TailConfig {
     pub rescan_interval: Duration,
     /// Watch the root with inotify (tests that drive scans by hand turn it off).
     pub watch: bool,
+    /// With a watch, passes woken by writes are at least this far apart: a container
+    /// writing a line a millisecond would otherwise wake the reader for every line.
+    pub coalesce: Duration,
     pub max_buffered_bytes: u64,
     /// Bytes read from one file in one pass.
     pub per_file_budget: usize,
@@ -162,6 +165,7 @@ impl TailConfig {
             poll_interval: Duration::from_millis(250),
             rescan_interval: Duration::from_secs(10),
             watch: true,
+            coalesce: Duration::from_millis(50),
             max_buffered_bytes,
             per_file_budget: 1024 * 1024,
             max_raw_line_bytes: (2 * max_line_bytes as usize).max(1024 * 1024),
@@ -381,6 +385,7 @@ impl<H: LineHandler> Tailer<H> {
                 };
                 next_scan = now + interval;
             }
+            let pass_started = Instant::now();
             let read = self.read_pass();
             if read == 0 {
                 // Idle: sleep to the next scan or event; tick sooner while lines are held
@@ -404,6 +409,10 @@ impl<H: LineHandler> Tailer<H> {
                         .wait_for_room(self.cfg.max_buffered_bytes, pause);
                 } else if let Some(watch) = &self.watch {
                     watch.wait(pause);
+                    let since = pass_started.elapsed();
+                    if since < self.cfg.coalesce && !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(self.cfg.coalesce - since);
+                    }
                 } else {
                     std::thread::sleep(pause);
                 }
