@@ -4,6 +4,7 @@
 //! format (what Loki's distributor decodes; the framed format is refused).
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Instant;
 
 use prost::Message;
@@ -28,9 +29,35 @@ struct StreamEntries {
     entries: Vec<EntryAdapter>,
 }
 
+/// Hashes a pointer-sized key: it is already unique, one multiply spreads it.
+#[derive(Debug, Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
+    }
+}
+
 /// Entries waiting to be pushed together.
 #[derive(Debug, Default)]
 pub struct Batch {
+    /// Stream of a label set, by the set's address: label sets are shared `Arc`s (one per
+    /// file and output stream), so this finds a stream without hashing its labels. Each
+    /// key's `Arc` is held in `aliases` or `streams`, so no address is reused meanwhile.
+    by_address: HashMap<usize, usize, BuildHasherDefault<AddressHasher>>,
+    /// Label sets equal to a stream's but another `Arc` (e.g. rebuilt after discovery).
+    aliases: Vec<LabelSet>,
     index: HashMap<LabelSet, usize>,
     streams: Vec<StreamEntries>,
     /// Bytes of log lines (Promtail's batch size measure).
@@ -95,10 +122,20 @@ impl Batch {
             last.entries.push(adapter);
             return;
         }
+        let address = std::sync::Arc::as_ptr(&entry.labels) as usize;
+        if let Some(&i) = self.by_address.get(&address) {
+            self.streams[i].entries.push(adapter);
+            return;
+        }
         match self.index.get(&entry.labels) {
-            Some(&i) => self.streams[i].entries.push(adapter),
+            Some(&i) => {
+                self.streams[i].entries.push(adapter);
+                self.by_address.insert(address, i);
+                self.aliases.push(entry.labels);
+            }
             None => {
                 self.index.insert(entry.labels.clone(), self.streams.len());
+                self.by_address.insert(address, self.streams.len());
                 self.streams.push(StreamEntries {
                     labels: entry.labels,
                     entries: vec![adapter],
@@ -237,7 +274,11 @@ impl BlockWriter {
 
 /// One stream of a push: its entries in time order, as Loki wants them.
 fn stream(labels: String, mut entries: Vec<EntryAdapter>) -> StreamAdapter {
-    entries.sort_by_key(|e| e.timestamp.map(|t| (t.seconds, t.nanos)));
+    let key = |e: &EntryAdapter| e.timestamp.map(|t| (t.seconds, t.nanos));
+    // Usually in order already (one file's lines): checking is cheaper than sorting.
+    if !entries.is_sorted_by_key(key) {
+        entries.sort_by_key(key);
+    }
     StreamAdapter {
         labels,
         entries,

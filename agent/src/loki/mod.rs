@@ -33,7 +33,7 @@ use self::batch::Batch;
 use self::client::{LokiClient, Outcome};
 use self::streams::ActiveStreams;
 use crate::metrics::Metrics;
-use crate::tail::ack::{Ledger, Pending};
+use crate::tail::ack::{Ledger, Parcel};
 
 /// Batching limits.
 #[derive(Clone, Debug)]
@@ -56,7 +56,7 @@ pub struct Shipper {
 /// Run until `rx` closes (then flush) or `cancel` fires.
 pub async fn run_shipper(
     shipper: Shipper,
-    mut rx: UnboundedReceiver<Pending>,
+    mut rx: UnboundedReceiver<Parcel>,
     cancel: CancellationToken,
 ) {
     let mut batch = Batch::default();
@@ -72,19 +72,22 @@ pub async fn run_shipper(
             .map(|t| tokio::time::Instant::from_std(t + shipper.cfg.batch_wait));
         tokio::select! {
             received = rx.recv() => match received {
-                Some(pending) => {
-                    if pending.entry.timestamp_ns > newest_ns {
-                        newest_ns = pending.entry.timestamp_ns;
+                Some(parcel) => {
+                    let newest = parcel.iter().map(|p| p.entry.timestamp_ns).max().unwrap_or(0);
+                    if newest > newest_ns {
+                        newest_ns = newest;
                         shipper.metrics.newest_entry.set(newest_ns as f64 / 1e9);
                     }
-                    let size = pending.entry.line.len() as u64;
-                    if !batch.is_empty() && batch.bytes() + size > shipper.cfg.batch_bytes {
-                        let full = std::mem::take(&mut batch);
-                        if !send(&shipper, &mut active, full, &cancel).await {
-                            return;
+                    for pending in parcel {
+                        let size = pending.entry.line.len() as u64;
+                        if !batch.is_empty() && batch.bytes() + size > shipper.cfg.batch_bytes {
+                            let full = std::mem::take(&mut batch);
+                            if !send(&shipper, &mut active, full, &cancel).await {
+                                return;
+                            }
                         }
+                        batch.push(pending);
                     }
-                    batch.push(pending);
                 }
                 None => {
                     if !batch.is_empty() {

@@ -97,6 +97,10 @@ pub struct Pending {
     pub bytes: u64,
 }
 
+/// Entries of one file handed to the shipper at once (one read chunk's worth): one
+/// channel message and one ledger lock for hundreds of short lines, not one each.
+pub type Parcel = Vec<Pending>;
+
 /// What the tailer knows of a file when it closes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseKind {
@@ -348,10 +352,47 @@ impl Ledger {
         Some(AckToken { file: key, seq })
     }
 
+    /// Register `entries` of one file, in order, under one lock: the parcel to send, each
+    /// entry with its token and its cost (see `cost`). Empty if the file is unknown.
+    pub fn register_all(
+        &self,
+        key: FileKey,
+        entries: impl Iterator<Item = Entry>,
+        cost: impl Fn(&Entry) -> u64,
+    ) -> Parcel {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let Some(file) = inner.files.get_mut(&key) else {
+            return Vec::new();
+        };
+        let mut parcel = Vec::with_capacity(entries.size_hint().0);
+        for entry in entries {
+            if file.pending.is_empty() {
+                // Lines before this entry's were dropped or delivered: count them as done.
+                file.watermark = file.watermark.max(file.committed());
+            }
+            let seq = file.front_seq + file.pending.len() as u64;
+            let bytes = cost(&entry);
+            file.pending.push_back(Slot {
+                end_offset: entry.end_offset,
+                bytes,
+                acked: false,
+            });
+            inner.buffered += bytes;
+            parcel.push(Pending {
+                entry,
+                token: AckToken { file: key, seq },
+                bytes,
+            });
+        }
+        parcel
+    }
+
     /// Loki accepted (or refused for good) these entries.
     pub fn ack(&self, tokens: &[AckToken]) {
         let mut inner = self.lock();
-        let mut touched = HashSet::new();
+        // Tokens come in runs of one file: a short list, not a hash set.
+        let mut touched: Vec<FileKey> = Vec::new();
         let mut released = 0;
         for token in tokens {
             let Some(file) = inner.files.get_mut(&token.file) else {
@@ -365,10 +406,14 @@ impl Ledger {
             {
                 slot.acked = true;
                 released += slot.bytes;
-                touched.insert(token.file);
+                if touched.last() != Some(&token.file) {
+                    touched.push(token.file);
+                }
             }
         }
         inner.buffered = inner.buffered.saturating_sub(released);
+        touched.sort_unstable();
+        touched.dedup();
         for key in touched {
             if let Some(file) = inner.files.get_mut(&key) {
                 file.pop_acked();

@@ -2,13 +2,19 @@
 //! a [`LineHandler`] (the pipeline), and ships what comes out with an acknowledgement token.
 //!
 //! Flow, one thread, every pass:
-//! 1. every `poll_interval`, [`Tailer::scan`] lists `<root>/<pod>/<container>/<file>`
+//! 0. an inotify watch of the root ([`watch`]) says which files were written and whether
+//!    anything appeared, vanished or was renamed; without a watch (it could not be set
+//!    up) the tree is listed every `poll_interval` instead;
+//! 1. when the tree changed, and every `rescan_interval` as a safety net (every
+//!    `poll_interval` while a file waits for its pod, or without a watch),
+//!    [`Tailer::scan`] lists `<root>/<pod>/<container>/<file>`
 //!    (see [`crate::podlogs`]) and reconciles it with the open files by identity
 //!    (dev, inode): a known inode under a new name is a rotation (the file keeps being read
 //!    under its new name); an open file no longer on disk is finished (read to its end,
 //!    then forgotten); a new file is matched to a position record (by inode and
 //!    fingerprint, or by fingerprint for a `.gz`) or started as described below;
-//! 2. [`Tailer::read_pass`] reads every open file within a per-file budget, unless the
+//! 2. [`Tailer::read_pass`] reads the files written since they were last read to their
+//!    end (and only those: an idle file costs nothing), within a per-file budget, unless the
 //!    bytes read and not yet acknowledged exceed `max_buffered_bytes` (backpressure), splits
 //!    lines, feeds the handler, registers each entry in the [`ack::Ledger`] and sends it;
 //!    then reports how far the handler decided every line ([`LineOutcome::decided`]) and
@@ -39,11 +45,15 @@
 //! - A rotated or compressed file of unknown identity is read only if it changed after
 //!   the baseline (the last positions save, or this agent's start): otherwise it predates
 //!   the agent (first start, Promtail import) and is skipped, and recorded as such.
-//! - A file created and deleted between two scans (under `poll_interval`) is not seen.
+//! - Without a watch, a file created and deleted between two scans (under
+//!   `poll_interval`) is not seen.
+//! - Files holding lines (a partial line, a multiline entry) or paused by a `limit` stage
+//!   are visited every `poll_interval` without being read, so their stages can flush.
 
 pub mod ack;
+pub mod watch;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -60,7 +70,8 @@ use crate::metrics::{Metrics, PathLabel};
 use crate::podlogs::{self, LogFileKind, PodLogFile};
 use crate::positions::{FINGERPRINT_BYTES, Fingerprint, PositionRecord};
 
-use self::ack::{CloseKind, FileKey, Ledger, Pending};
+use self::ack::{CloseKind, FileKey, Ledger, Parcel};
+use self::watch::Watch;
 
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -130,6 +141,14 @@ pub trait LineHandler {
 pub struct TailConfig {
     pub root: PathBuf,
     pub poll_interval: Duration,
+    /// With a watch, the tree is listed at least this often (the safety net for lost
+    /// events).
+    pub rescan_interval: Duration,
+    /// Watch the root with inotify (tests that drive scans by hand turn it off).
+    pub watch: bool,
+    /// With a watch, passes woken by writes are at least this far apart: a container
+    /// writing a line a millisecond would otherwise wake the reader for every line.
+    pub coalesce: Duration,
     pub max_buffered_bytes: u64,
     /// Bytes read from one file in one pass.
     pub per_file_budget: usize,
@@ -144,6 +163,9 @@ impl TailConfig {
         Self {
             root: root.into(),
             poll_interval: Duration::from_millis(250),
+            rescan_interval: Duration::from_secs(10),
+            watch: true,
+            coalesce: Duration::from_millis(50),
             max_buffered_bytes,
             per_file_budget: 1024 * 1024,
             max_raw_line_bytes: (2 * max_line_bytes as usize).max(1024 * 1024),
@@ -231,7 +253,7 @@ pub struct Tailer<H: LineHandler> {
     cfg: TailConfig,
     handler: H,
     ledger: Arc<Ledger>,
-    tx: UnboundedSender<Pending>,
+    tx: UnboundedSender<Parcel>,
     metrics: Arc<Metrics>,
     files: BTreeMap<FileKey, Tailed<H::Stream>>,
     /// (dev, inode) of present files read to their end or skipped on purpose.
@@ -246,6 +268,25 @@ pub struct Tailer<H: LineHandler> {
     backpressured: bool,
     /// When the lag gauges were last refreshed.
     lag_published: Option<Instant>,
+    /// Open files that may have unread bytes: written since last read to their end, new,
+    /// gone, or not finished by the last pass (budget, buffer limit).
+    dirty: BTreeSet<FileKey>,
+    /// Open files to visit every `poll_interval` although not written: they hold lines or
+    /// wait (a `limit` stage).
+    ticking: BTreeSet<FileKey>,
+    /// Open files by their current path, for the watch's events.
+    by_path: HashMap<PathBuf, FileKey>,
+    watch: Option<Watch>,
+}
+
+/// What one visit of a file found.
+#[derive(Clone, Copy, Debug, Default)]
+struct Visit {
+    read: u64,
+    /// Read to its end with nothing pending: no need to read it again until written.
+    idle: bool,
+    /// Holds lines or waits: visit it again at the next tick.
+    ticking: bool,
 }
 
 impl<H: LineHandler> Tailer<H> {
@@ -253,7 +294,7 @@ impl<H: LineHandler> Tailer<H> {
         cfg: TailConfig,
         handler: H,
         ledger: Arc<Ledger>,
-        tx: UnboundedSender<Pending>,
+        tx: UnboundedSender<Parcel>,
         metrics: Arc<Metrics>,
     ) -> Self {
         metrics
@@ -273,6 +314,10 @@ impl<H: LineHandler> Tailer<H> {
             closed_channel: false,
             backpressured: false,
             lag_published: None,
+            dirty: BTreeSet::new(),
+            ticking: BTreeSet::new(),
+            by_path: HashMap::new(),
+            watch: None,
         }
     }
 
@@ -286,25 +331,88 @@ impl<H: LineHandler> Tailer<H> {
     /// by the next run.
     pub fn run(mut self, stop: &AtomicBool) {
         let mut next_scan = Instant::now();
+        let mut last_scan: Option<Instant> = None;
+        let mut watch_retry = Instant::now();
         while !stop.load(Ordering::Relaxed) && !self.closed_channel {
             let now = Instant::now();
+            if self.watch.is_none() && self.cfg.watch && now >= watch_retry {
+                match Watch::start(&self.cfg.root) {
+                    Ok(watch) => {
+                        tracing::debug!(root = %self.cfg.root.display(), "watching the log tree");
+                        self.watch = Some(watch);
+                        // Whatever happened before the watch: list and read it all.
+                        next_scan = now;
+                        self.dirty.extend(self.files.keys().copied());
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot watch the log tree, polling it");
+                        watch_retry = now + self.cfg.rescan_interval;
+                    }
+                }
+            }
+            if let Some(watch) = &self.watch {
+                let changes = watch.take();
+                if changes.everything {
+                    self.dirty.extend(self.files.keys().copied());
+                    next_scan = now;
+                }
+                if changes.structure {
+                    next_scan = now;
+                }
+                for path in &changes.written {
+                    match self.by_path.get(path) {
+                        Some(&key) => {
+                            self.dirty.insert(key);
+                        }
+                        // Written under a name no open file has (yet): list soon, at
+                        // most every poll interval (a `.gz` being written, say).
+                        None => {
+                            let soon = last_scan.map_or(now, |at| at + self.cfg.poll_interval);
+                            next_scan = next_scan.min(soon);
+                        }
+                    }
+                }
+            }
             if now >= next_scan {
                 if let Err(e) = self.scan() {
                     tracing::warn!(error = %e, "scanning the pod log tree failed");
                 }
-                next_scan = now + self.cfg.poll_interval;
+                last_scan = Some(now);
+                let interval = if self.watch.is_some() && self.waiting.is_empty() {
+                    self.cfg.rescan_interval
+                } else {
+                    self.cfg.poll_interval
+                };
+                next_scan = now + interval;
             }
+            let pass_started = Instant::now();
             let read = self.read_pass();
             if read == 0 {
+                // Idle: sleep to the next scan or event; tick sooner while lines are held
+                // or entries are in flight (the lag gauges move).
+                let tick = if self.watch.is_none()
+                    || !self.ticking.is_empty()
+                    || self.ledger.buffered_bytes() > 0
+                {
+                    self.cfg.poll_interval
+                } else {
+                    self.cfg.rescan_interval
+                };
                 let pause = next_scan
                     .saturating_duration_since(Instant::now())
-                    .min(self.cfg.poll_interval);
+                    .min(tick);
                 if self.backpressured {
                     // Paused by the buffer limit: go on as soon as Loki acknowledged a
                     // batch. Sleeping to the next scan made a backlog drain at one buffer
                     // per poll interval (4 MiB per 250 ms), however fast Loki answered.
                     self.ledger
                         .wait_for_room(self.cfg.max_buffered_bytes, pause);
+                } else if let Some(watch) = &self.watch {
+                    watch.wait(pause);
+                    let since = pass_started.elapsed();
+                    if since < self.cfg.coalesce && !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(self.cfg.coalesce - since);
+                    }
                 } else {
                     std::thread::sleep(pause);
                 }
@@ -384,6 +492,10 @@ impl<H: LineHandler> Tailer<H> {
                 Some(now) => {
                     if now.path != file.info.path {
                         tracing::debug!(from = %file.path_str, to = %now.path.display(), "file renamed");
+                        if self.by_path.get(&file.info.path) == Some(&file.key) {
+                            self.by_path.remove(&file.info.path);
+                        }
+                        self.by_path.insert(now.path.clone(), file.key);
                         self.metrics.forget_path(&file.path_str);
                         file.info.path = now.path.clone();
                         file.path_str = now.path.display().to_string();
@@ -399,9 +511,19 @@ impl<H: LineHandler> Tailer<H> {
                     // A `.gz`'s size on disk is not its content's: its reads count.
                     if matches!(file.source, Source::Plain(_)) {
                         self.ledger.written(file.key, now.size, seen_ms);
+                        // Grown or truncated (or written while no watch saw it).
+                        if now.size != file.read_pos {
+                            self.dirty.insert(file.key);
+                        }
+                    } else {
+                        self.dirty.insert(file.key);
                     }
                 }
-                None => file.gone = true,
+                None => {
+                    file.gone = true;
+                    // Read to its end, then forgotten.
+                    self.dirty.insert(file.key);
+                }
             }
         }
         let open: HashSet<(u64, u64)> = self.files.values().map(|f| (f.dev, f.inode)).collect();
@@ -556,6 +678,8 @@ impl<H: LineHandler> Tailer<H> {
             },
         );
         tracing::info!(path = %path_str, offset = start, "tailing");
+        self.dirty.insert(key);
+        self.by_path.insert(f.path.clone(), key);
         self.files.insert(
             key,
             Tailed {
@@ -580,10 +704,11 @@ impl<H: LineHandler> Tailer<H> {
         Ok(())
     }
 
-    /// Read every open file once; returns the bytes read.
+    /// Read every file that may have unread bytes, and visit those holding lines; returns
+    /// the bytes read. Idle files are not touched.
     pub fn read_pass(&mut self) -> u64 {
         let mut total = 0;
-        let keys: Vec<FileKey> = self.files.keys().copied().collect();
+        let keys: Vec<FileKey> = self.dirty.union(&self.ticking).copied().collect();
         let mut paused = false;
         for key in keys {
             if self.closed_channel {
@@ -593,12 +718,29 @@ impl<H: LineHandler> Tailer<H> {
                 paused = true;
                 self.metrics.backpressure_passes.inc();
             }
-            match self.read_file(key, paused) {
-                Ok(n) => total += n,
+            // A file only ticking (holding lines, not written) is not read.
+            let read = !paused && self.dirty.contains(&key);
+            match self.read_file(key, !read) {
+                Ok(visit) => {
+                    total += visit.read;
+                    if visit.idle {
+                        self.dirty.remove(&key);
+                    }
+                    if visit.ticking {
+                        self.ticking.insert(key);
+                    } else {
+                        self.ticking.remove(&key);
+                    }
+                }
                 Err(e) => {
                     self.metrics.file_errors.inc();
                     tracing::warn!(error = %e, "reading a log file failed, will retry");
                 }
+            }
+            if !self.files.contains_key(&key) {
+                // Finished, or truncated and re-keyed (its new key is dirty).
+                self.dirty.remove(&key);
+                self.ticking.remove(&key);
             }
         }
         self.backpressured = paused;
@@ -617,10 +759,11 @@ impl<H: LineHandler> Tailer<H> {
         total
     }
 
-    fn read_file(&mut self, key: FileKey, paused: bool) -> io::Result<u64> {
+    fn read_file(&mut self, key: FileKey, paused: bool) -> io::Result<Visit> {
         let Some(file) = self.files.get_mut(&key) else {
-            return Ok(0);
+            return Ok(Visit::default());
         };
+        let mut at_end = false;
         self.handler.refresh(&file.info, &mut file.stream);
         let now = Instant::now();
         let waiting = file.wait_until.is_some_and(|until| until > now);
@@ -648,6 +791,7 @@ impl<H: LineHandler> Tailer<H> {
                 if n == 0 {
                     match eof_action(file)? {
                         Eof::Wait => {
+                            at_end = true;
                             // An idle file keeps only its unfinished line: a burst of long
                             // lines must not pin a large buffer per file for ever.
                             release_spare(&mut file.buf);
@@ -689,11 +833,17 @@ impl<H: LineHandler> Tailer<H> {
                             self.out.clear();
                             let mut file = match self.files.remove(&key) {
                                 Some(file) => file,
-                                None => return Ok(read_total),
+                                None => return Ok(Visit::default()),
                             };
                             file.key = new_key;
+                            self.by_path.insert(file.info.path.clone(), new_key);
+                            self.dirty.insert(new_key);
                             self.files.insert(new_key, file);
-                            return Ok(read_total);
+                            return Ok(Visit {
+                                read: read_total,
+                                idle: false,
+                                ticking: false,
+                            });
                         }
                         Eof::Finish => finished = true,
                     }
@@ -731,6 +881,11 @@ impl<H: LineHandler> Tailer<H> {
                     .read_bytes
                     .get_or_create(&label)
                     .set(file.read_pos as i64);
+                // Scans are rare with a watch: the size is at least what was read.
+                let size = self.metrics.file_bytes.get_or_create(&label);
+                if size.get() < file.read_pos as i64 {
+                    size.set(file.read_pos as i64);
+                }
                 self.ledger.written(file.key, file.read_pos, now_ms());
                 refresh_fingerprint(file, &self.ledger);
             }
@@ -753,11 +908,19 @@ impl<H: LineHandler> Tailer<H> {
             self.handler.flush(&mut file.stream, false, &mut self.out);
         }
         let held = self.handler.held_from(&file.stream);
+        let visit = Visit {
+            read: read_total,
+            idle: at_end && !finished && file.wait_until.is_none(),
+            ticking: held.is_some() || file.wait_until.is_some(),
+        };
         let (file_key, decided) = (file.key, file.decided);
         self.ship(file_key);
         self.ledger.progress(file_key, decided, held);
         if finished && let Some(file) = self.files.remove(&key) {
             tracing::info!(path = %file.path_str, offset = file.read_pos, "file finished");
+            if self.by_path.get(&file.info.path) == Some(&file.key) {
+                self.by_path.remove(&file.info.path);
+            }
             self.ledger.close(file.key, CloseKind::Finished);
             self.metrics.forget_path(&file.path_str);
             self.skipped.insert(
@@ -767,7 +930,7 @@ impl<H: LineHandler> Tailer<H> {
                 },
             );
         }
-        Ok(read_total)
+        Ok(visit)
     }
 
     fn ship(&mut self, key: FileKey) {
@@ -781,32 +944,22 @@ impl<H: LineHandler> Tailer<H> {
     }
 }
 
-/// Register `out`'s entries in the ledger and send them to the shipper, in order.
+/// Register `out`'s entries in the ledger and send them to the shipper, in order, as one
+/// parcel.
 fn ship(
     ledger: &Ledger,
-    tx: &UnboundedSender<Pending>,
+    tx: &UnboundedSender<Parcel>,
     out: &mut Vec<Entry>,
     key: FileKey,
     closed_channel: &mut bool,
 ) {
-    for entry in out.drain(..) {
-        let bytes = entry_cost(&entry);
-        let Some(token) = ledger.register(key, entry.end_offset, bytes) else {
-            continue;
-        };
-        if tx
-            .send(Pending {
-                entry,
-                token,
-                bytes,
-            })
-            .is_err()
-        {
-            *closed_channel = true;
-            break;
-        }
+    if out.is_empty() {
+        return;
     }
-    out.clear();
+    let parcel = ledger.register_all(key, out.drain(..), entry_cost);
+    if !parcel.is_empty() && tx.send(parcel).is_err() {
+        *closed_channel = true;
+    }
 }
 
 /// What an entry counts for in the buffer limit: its text plus bookkeeping.

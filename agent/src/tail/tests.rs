@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use super::ack::{AckToken, Lag, Ledger, Pending};
+use super::ack::{AckToken, Lag, Ledger, Parcel};
 use super::*;
 
 #[derive(Default)]
@@ -77,7 +77,7 @@ struct Bed {
     dir: tempfile::TempDir,
     ledger: Arc<Ledger>,
     tailer: Tailer<Lines>,
-    rx: UnboundedReceiver<Pending>,
+    rx: UnboundedReceiver<Parcel>,
 }
 
 impl Bed {
@@ -123,9 +123,11 @@ impl Bed {
             self.tailer.scan().unwrap();
             self.tailer.read_pass();
         }
-        while let Ok(p) = self.rx.try_recv() {
-            lines.push(p.entry.line);
-            tokens.push(p.token);
+        while let Ok(parcel) = self.rx.try_recv() {
+            for p in parcel {
+                lines.push(p.entry.line);
+                tokens.push(p.token);
+            }
         }
         (lines, tokens)
     }

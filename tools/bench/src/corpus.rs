@@ -8,6 +8,10 @@
 //! - entry lengths: 85 % 40..320 B, 13 % 320 B..4 KiB, 2 % 4..16 KiB; 0.5 % of entries
 //!   are larger than the runtime's 16 KiB buffer and so written as 16 KiB `P` pieces and a
 //!   final `F` piece, as containerd does; another 0.5 % are split once at a random point;
+//! - a second shape, [`Shape::Short`] (issue 16), has the lengths of ordinary Kubernetes
+//!   logs: 94 % 40..220 B, 5 % 220 B..1 KiB, 0.8 % 1..4 KiB, 0.15 % 4..16 KiB and 0.05 %
+//!   over 16 KiB (so written in pieces), 0.2 % split once: about 200 B per entry, half
+//!   JSON; the long shape above flatters MB/s, this one shows the per-line cost;
 //! - 10 % of entries on stderr; timestamps RFC3339Nano with trailing zeros trimmed (Go's
 //!   layout), strictly increasing per file, starting at a fixed instant.
 //!
@@ -32,6 +36,38 @@ const GENERATOR_VERSION: u32 = 2;
 const BASE_TIME_NS: i64 = 1_748_736_000_000_000_000;
 /// containerd's (and docker's) line buffer: longer lines are split into `P` pieces.
 pub const RUNTIME_SPLIT: usize = 16 * 1024;
+
+/// The length distribution of a corpus (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shape {
+    /// Long entries (about 890 B on average): today's corpus since issue 7.
+    #[default]
+    Long,
+    /// Ordinary lengths (about 200 B on average): issue 16.
+    Short,
+}
+
+impl Shape {
+    pub const ALL: [Shape; 2] = [Shape::Long, Shape::Short];
+
+    /// Short name: directories, flags, JSON keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Long => "long",
+            Self::Short => "short",
+        }
+    }
+
+    /// The corpus directory under the bench's output directory (`corpus` for the long
+    /// shape, as before, so an existing corpus is reused).
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            Self::Long => "corpus",
+            Self::Short => "corpus-short",
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -75,6 +111,8 @@ impl ContainerFile {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub generator_version: u32,
+    #[serde(default)]
+    pub shape: Shape,
     pub seed: u64,
     pub target_bytes: u64,
     /// Bytes of all files (what an agent reads).
@@ -97,11 +135,13 @@ pub struct Manifest {
 impl Manifest {
     pub fn summary(&self) -> String {
         format!(
-            "{:.1} MiB in {} files of {} pods: {} entries ({} CRI lines, {} partial), json {} / plain {} / klog {}",
+            "{} shape: {:.1} MiB in {} files of {} pods: {} entries (mean {:.0} B; {} CRI lines, {} partial), json {} / plain {} / klog {}",
+            self.shape.name(),
             self.bytes as f64 / 1048576.0,
             self.files.len(),
             self.pods,
             self.entries,
+            self.content_bytes as f64 / self.entries.max(1) as f64,
             self.cri_lines,
             self.partial_lines,
             self.json_entries,
@@ -272,6 +312,32 @@ impl LineMaker {
             self.rng.range(40, 320) as usize
         };
         len.max(40)
+    }
+
+    /// An entry length of `shape`.
+    pub fn length(&mut self, shape: Shape) -> (usize, bool) {
+        match shape {
+            Shape::Long => (self.corpus_length(), false),
+            Shape::Short => self.ordinary_length(),
+        }
+    }
+
+    /// The short shape's length distribution (see the module docs), and whether the
+    /// entry is split once more at a random point (a few partial lines).
+    pub fn ordinary_length(&mut self) -> (usize, bool) {
+        let roll = self.rng.below(10_000);
+        let len = if roll < 5 {
+            RUNTIME_SPLIT + self.rng.range(40, RUNTIME_SPLIT as u64) as usize
+        } else if roll < 20 {
+            self.rng.range(4096, RUNTIME_SPLIT as u64) as usize
+        } else if roll < 100 {
+            self.rng.range(1024, 4096) as usize
+        } else if roll < 600 {
+            self.rng.range(220, 1024) as usize
+        } else {
+            self.rng.range(40, 220) as usize
+        };
+        (len.max(40), self.rng.below(1000) < 2)
     }
 
     /// A short line (40..400 B), the usual steady-state traffic.
@@ -498,18 +564,24 @@ pub fn pods_root(dir: &Path) -> PathBuf {
 }
 
 /// The corpus for (seed, size): reused when `dir` already holds it intact, else written.
-pub fn ensure(dir: &Path, seed: u64, target_bytes: u64) -> Result<Manifest, BenchError> {
+pub fn ensure(
+    dir: &Path,
+    seed: u64,
+    target_bytes: u64,
+    shape: Shape,
+) -> Result<Manifest, BenchError> {
     let manifest_path = dir.join("manifest.json");
     if let Ok(text) = fs::read_to_string(&manifest_path)
         && let Ok(manifest) = serde_json::from_str::<Manifest>(&text)
         && manifest.generator_version == GENERATOR_VERSION
         && manifest.seed == seed
+        && manifest.shape == shape
         && manifest.target_bytes == target_bytes
         && intact(dir, &manifest)
     {
         return Ok(manifest);
     }
-    let manifest = generate(dir, seed, target_bytes)?;
+    let manifest = generate(dir, seed, target_bytes, shape)?;
     let text = serde_json::to_string_pretty(&manifest)
         .map_err(|e| BenchError::Other(format!("cannot serialise the corpus manifest: {e}")))?;
     fs::write(&manifest_path, text).map_err(BenchError::io(&manifest_path))?;
@@ -525,7 +597,12 @@ fn intact(dir: &Path, manifest: &Manifest) -> bool {
     })
 }
 
-fn generate(dir: &Path, seed: u64, target_bytes: u64) -> Result<Manifest, BenchError> {
+fn generate(
+    dir: &Path,
+    seed: u64,
+    target_bytes: u64,
+    shape: Shape,
+) -> Result<Manifest, BenchError> {
     let root = pods_root(dir);
     if root.exists() {
         fs::remove_dir_all(&root).map_err(BenchError::io(&root))?;
@@ -548,6 +625,7 @@ fn generate(dir: &Path, seed: u64, target_bytes: u64) -> Result<Manifest, BenchE
     let mut clock = vec![BASE_TIME_NS; files.len()];
     let mut manifest = Manifest {
         generator_version: GENERATOR_VERSION,
+        shape,
         seed,
         target_bytes,
         bytes: 0,
@@ -567,7 +645,10 @@ fn generate(dir: &Path, seed: u64, target_bytes: u64) -> Result<Manifest, BenchE
     while manifest.bytes < target_bytes {
         let index = picker.pick(&mut layout);
         let file = &mut files[index];
-        let len = maker.corpus_length();
+        let (len, split_once) = match shape {
+            Shape::Long => (maker.corpus_length(), false),
+            Shape::Short => maker.ordinary_length(),
+        };
         // Per-file clocks advance 0.05..2 ms per entry (pieces share their entry's clock
         // step plus 1 µs each), so each stream is ordered as Loki wants it.
         clock[index] += layout.range(50_000, 2_000_000) as i64;
@@ -577,8 +658,14 @@ fn generate(dir: &Path, seed: u64, target_bytes: u64) -> Result<Manifest, BenchE
         } else {
             "stdout"
         };
-        let extra = (len < RUNTIME_SPLIT && layout.chance(5))
-            .then(|| layout.range(1, len as u64 - 1) as usize);
+        // Long shape: 0.5 % split once, as before (the layout stream decides); short
+        // shape: the length stream decided, so the long corpus stays byte for byte.
+        let split = len < RUNTIME_SPLIT
+            && match shape {
+                Shape::Long => layout.chance(5),
+                Shape::Short => split_once,
+            };
+        let extra = split.then(|| layout.range(1, len as u64 - 1) as usize);
         let (path, writer) = &mut writers[index];
         for (n, (tag, piece)) in pieces(&text, extra).into_iter().enumerate() {
             line.clear();
@@ -665,8 +752,8 @@ mod tests {
     fn same_seed_same_corpus_and_counts_add_up() {
         let a = tempdir("a");
         let b = tempdir("b");
-        let ma = generate(&a, 42, 2 << 20).unwrap();
-        let mb = generate(&b, 42, 2 << 20).unwrap();
+        let ma = generate(&a, 42, 2 << 20, Shape::Long).unwrap();
+        let mb = generate(&b, 42, 2 << 20, Shape::Long).unwrap();
         assert_eq!(ma, mb);
         let root = pods_root(&a);
         let (mut entries, mut lines, mut bytes) = (0, 0, 0);
@@ -689,6 +776,19 @@ mod tests {
         assert!(ma.partial_lines > 0 && ma.json_entries > 0 && ma.plain_entries > 0);
         fs::remove_dir_all(&a).unwrap();
         fs::remove_dir_all(&b).unwrap();
+    }
+
+    #[test]
+    fn the_short_shape_has_ordinary_lengths_half_json_and_some_partial_lines() {
+        let dir = tempdir("short");
+        let m = generate(&dir, 42, 8 << 20, Shape::Short).unwrap();
+        let mean = m.content_bytes as f64 / m.entries as f64;
+        assert!((150.0..260.0).contains(&mean), "mean entry {mean:.0} B");
+        let json = m.json_entries as f64 / m.entries as f64;
+        assert!((0.3..0.7).contains(&json), "json share {json:.2}");
+        assert!(m.partial_lines > 0 && m.longest_entry > 4096, "{m:?}");
+        assert_eq!(m.shape, Shape::Short);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     fn tempdir(name: &str) -> PathBuf {

@@ -29,7 +29,7 @@ pub mod steady;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use self::corpus::Manifest;
+use self::corpus::{Manifest, Shape};
 use self::receiver::Receiver;
 use self::runner::{Binaries, CorpusJob, CorpusRun, Sink, Subject};
 use self::steady::{SteadyJob, SteadyRun};
@@ -99,6 +99,8 @@ impl Size {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub size: Size,
+    /// Corpus shapes, each read by every subject into every sink (long first).
+    pub shapes: Vec<Shape>,
     pub seed: u64,
     pub runs: usize,
     pub out: PathBuf,
@@ -118,7 +120,10 @@ pub struct Options {
 /// Everything measured.
 #[derive(Debug)]
 pub struct Outcome {
+    /// The long shape's corpus (the headline figures since issue 7), or the first shape run.
     pub manifest: Manifest,
+    /// Every shape's corpus, in run order.
+    pub manifests: Vec<Manifest>,
     pub corpus_runs: Vec<CorpusRun>,
     pub steady_runs: Vec<SteadyRun>,
     pub store_version: Option<String>,
@@ -142,23 +147,29 @@ pub async fn run(options: &Options) -> Result<Outcome, BenchError> {
     let load_before = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .map(|s| s.trim().to_string());
-    let corpus_dir = options.out.join("corpus");
-    say(format!(
-        "corpus: {} ({} MiB, seed {:#x})",
-        corpus_dir.display(),
-        options.size.bytes >> 20,
-        options.seed
-    ));
-    let manifest = {
-        let dir = corpus_dir.clone();
-        let (seed, bytes) = (options.seed, options.size.bytes);
-        tokio::task::spawn_blocking(move || corpus::ensure(&dir, seed, bytes))
-            .await
-            .map_err(|e| BenchError::Other(format!("corpus task: {e}")))??
+    let mut corpora = Vec::new();
+    for &shape in &options.shapes {
+        let corpus_dir = options.out.join(shape.dir_name());
+        say(format!(
+            "corpus ({} shape): {} ({} MiB, seed {:#x})",
+            shape.name(),
+            corpus_dir.display(),
+            options.size.bytes >> 20,
+            options.seed
+        ));
+        let manifest = {
+            let dir = corpus_dir.clone();
+            let (seed, bytes) = (options.seed, options.size.bytes);
+            tokio::task::spawn_blocking(move || corpus::ensure(&dir, seed, bytes, shape))
+                .await
+                .map_err(|e| BenchError::Other(format!("corpus task: {e}")))??
+        };
+        say(manifest.summary());
+        corpora.push((corpus::pods_root(&corpus_dir), manifest));
+    }
+    let Some(first) = corpora.first().map(|(_, m)| m.clone()) else {
+        return Err(BenchError::Other("no corpus shape to run".into()));
     };
-    say(manifest.summary());
-    let pods_root = corpus::pods_root(&corpus_dir);
-    warm_cache(&pods_root, &manifest)?;
 
     let null = Receiver::start(None).await?;
     let (proxy, store_version) = match &options.store_url {
@@ -168,66 +179,73 @@ pub async fn run(options: &Options) -> Result<Outcome, BenchError> {
         ),
         None => (None, None),
     };
-    // Generous bounds: 60 s plus 1 s per MB, and a minute without progress is a failure.
-    let timeout = Duration::from_secs(60 + manifest.bytes / 1_000_000);
     let stall = Duration::from_secs(60);
     let mut corpus_runs = Vec::new();
     let sinks: Vec<(Sink, &Receiver)> = std::iter::once((Sink::Null, &null))
         .chain(proxy.as_ref().map(|p| (Sink::Store, p)))
         .collect();
-    for (sink, receiver) in &sinks {
-        for index in 0..options.runs {
-            // Alternate who goes first, so a slow spell on the machine hits both.
-            let mut order = Subject::ALL;
-            if index % 2 == 1 {
-                order.reverse();
-            }
-            for subject in order {
-                if !options.subjects.contains(&subject) {
-                    continue;
+    for (pods_root, manifest) in &corpora {
+        let shape = manifest.shape;
+        warm_cache(pods_root, manifest)?;
+        // Generous bounds: 60 s plus 1 s per MB, and a minute without progress is a failure.
+        let timeout = Duration::from_secs(60 + manifest.bytes / 1_000_000);
+        for (sink, receiver) in &sinks {
+            for index in 0..options.runs {
+                // Alternate who goes first, so a slow spell on the machine hits both.
+                let mut order = Subject::ALL;
+                if index % 2 == 1 {
+                    order.reverse();
                 }
-                let run_dir = options
-                    .out
-                    .join("runs")
-                    .join(format!("{}-{:?}-{index}", subject.name(), sink).to_lowercase());
-                if run_dir.exists() {
-                    std::fs::remove_dir_all(&run_dir).map_err(BenchError::io(&run_dir))?;
+                for subject in order {
+                    if !options.subjects.contains(&subject) {
+                        continue;
+                    }
+                    let run_dir = options.out.join("runs").join(
+                        format!("{}-{}-{:?}-{index}", subject.name(), shape.name(), sink)
+                            .to_lowercase(),
+                    );
+                    if run_dir.exists() {
+                        std::fs::remove_dir_all(&run_dir).map_err(BenchError::io(&run_dir))?;
+                    }
+                    let run = runner::corpus_run(CorpusJob {
+                        subject,
+                        sink: *sink,
+                        shape,
+                        index,
+                        bins: &options.bins,
+                        pods_root,
+                        receiver,
+                        store_url: match sink {
+                            Sink::Store => options.store_url.as_deref(),
+                            Sink::Null => None,
+                        },
+                        expected_entries: manifest.entries,
+                        corpus_bytes: manifest.bytes,
+                        run_dir,
+                        timeout,
+                        stall,
+                    })
+                    .await;
+                    say(format!(
+                        "{:<8} {:<5} -> {:<5?} run {index}: {} wall {:.2}s cpu {:.2}s ({:.0} lines/cpu-s, {:.1} MB/cpu-s, {:.1} MB/s) peak rss {:.1} MiB, machine else {:.1} cpu-s{}",
+                        subject.name(),
+                        shape.name(),
+                        sink,
+                        if run.ok { "ok" } else { "FAILED" },
+                        run.wall_s,
+                        run.cpu_s,
+                        run.lines_per_cpu_s,
+                        run.mb_per_cpu_s,
+                        run.mb_per_s,
+                        run.peak_rss_bytes as f64 / 1048576.0,
+                        run.other_cpu_s,
+                        run.error
+                            .as_deref()
+                            .map(|e| format!(" — {e}"))
+                            .unwrap_or_default()
+                    ));
+                    corpus_runs.push(run);
                 }
-                let run = runner::corpus_run(CorpusJob {
-                    subject,
-                    sink: *sink,
-                    index,
-                    bins: &options.bins,
-                    pods_root: &pods_root,
-                    receiver,
-                    store_url: match sink {
-                        Sink::Store => options.store_url.as_deref(),
-                        Sink::Null => None,
-                    },
-                    expected_entries: manifest.entries,
-                    corpus_bytes: manifest.bytes,
-                    run_dir,
-                    timeout,
-                    stall,
-                })
-                .await;
-                say(format!(
-                    "{:<8} -> {:<5?} run {index}: {} wall {:.2}s cpu {:.2}s ({:.0} lines/cpu-s, {:.1} MB/cpu-s) peak rss {:.1} MiB, machine else {:.1} cpu-s{}",
-                    subject.name(),
-                    sink,
-                    if run.ok { "ok" } else { "FAILED" },
-                    run.wall_s,
-                    run.cpu_s,
-                    run.lines_per_cpu_s,
-                    run.mb_per_cpu_s,
-                    run.peak_rss_bytes as f64 / 1048576.0,
-                    run.other_cpu_s,
-                    run.error
-                        .as_deref()
-                        .map(|e| format!(" — {e}"))
-                        .unwrap_or_default()
-                ));
-                corpus_runs.push(run);
             }
         }
     }
@@ -270,8 +288,15 @@ pub async fn run(options: &Options) -> Result<Outcome, BenchError> {
     let load_after = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .map(|s| s.trim().to_string());
+    let manifest = corpora
+        .iter()
+        .map(|(_, m)| m)
+        .find(|m| m.shape == Shape::Long)
+        .cloned()
+        .unwrap_or(first);
     Ok(Outcome {
         manifest,
+        manifests: corpora.into_iter().map(|(_, m)| m).collect(),
         corpus_runs,
         steady_runs,
         store_version,

@@ -14,6 +14,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde_json::{Map, Value, json};
 
+use super::corpus::Shape;
 use super::runner::{CorpusRun, Sink, Subject};
 use super::steady::SteadyRun;
 use super::{BenchError, Options, Outcome};
@@ -45,6 +46,7 @@ pub struct Summary {
     pub lines_per_s: Option<f64>,
     pub lines_per_cpu_s: Option<f64>,
     pub mb_per_cpu_s: Option<f64>,
+    pub mb_per_s: Option<f64>,
     pub peak_rss_bytes: Option<f64>,
     pub other_cpu_s: Option<f64>,
     pub errors: Vec<String>,
@@ -52,10 +54,10 @@ pub struct Summary {
     pub streams: usize,
 }
 
-pub fn summarise(runs: &[CorpusRun], subject: Subject, sink: Sink) -> Summary {
+pub fn summarise(runs: &[CorpusRun], subject: Subject, sink: Sink, shape: Shape) -> Summary {
     let mine: Vec<&CorpusRun> = runs
         .iter()
-        .filter(|r| r.subject == subject && r.sink == sink)
+        .filter(|r| r.subject == subject && r.sink == sink && r.shape == shape)
         .collect();
     let ok: Vec<&CorpusRun> = mine.iter().copied().filter(|r| r.ok).collect();
     let m = |f: fn(&CorpusRun) -> f64| median(ok.iter().map(|r| f(r)).collect());
@@ -67,6 +69,7 @@ pub fn summarise(runs: &[CorpusRun], subject: Subject, sink: Sink) -> Summary {
         lines_per_s: m(|r| r.lines_per_s),
         lines_per_cpu_s: m(|r| r.lines_per_cpu_s),
         mb_per_cpu_s: m(|r| r.mb_per_cpu_s),
+        mb_per_s: m(|r| r.mb_per_s),
         peak_rss_bytes: m(|r| r.peak_rss_bytes as f64),
         other_cpu_s: m(|r| r.other_cpu_s),
         errors: mine.iter().filter_map(|r| r.error.clone()).collect(),
@@ -114,6 +117,7 @@ fn summary_json(s: &Summary, sink: &str, skipped: Option<&str>) -> Value {
         "median_lines_per_s": s.lines_per_s,
         "median_lines_per_cpu_s": s.lines_per_cpu_s,
         "median_mb_per_cpu_s": s.mb_per_cpu_s,
+        "median_mb_per_s": s.mb_per_s,
         "median_peak_rss_bytes": s.peak_rss_bytes.map(|v| v as u64),
         "median_other_machine_cpu_s": s.other_cpu_s,
         "streams": s.streams,
@@ -128,10 +132,15 @@ struct Side {
     store: Summary,
 }
 
+/// The headline shape's (the long corpus, when it was run).
 fn side(outcome: &Outcome, subject: Subject) -> Side {
+    side_of(outcome, subject, outcome.manifest.shape)
+}
+
+fn side_of(outcome: &Outcome, subject: Subject, shape: Shape) -> Side {
     Side {
-        null: summarise(&outcome.corpus_runs, subject, Sink::Null),
-        store: summarise(&outcome.corpus_runs, subject, Sink::Store),
+        null: summarise(&outcome.corpus_runs, subject, Sink::Null, shape),
+        store: summarise(&outcome.corpus_runs, subject, Sink::Store, shape),
     }
 }
 
@@ -347,6 +356,92 @@ fn ratios_json(r: &Ratios, theirs: Subject) -> Value {
     })
 }
 
+/// The short shape (issue 16): per subject and sink, ratios, and the issue's targets.
+/// `None` when it was not run.
+fn short_json(outcome: &Outcome) -> Option<Value> {
+    let m = outcome.manifests.iter().find(|m| m.shape == Shape::Short)?;
+    let a = side_of(outcome, Subject::Agent, Shape::Short);
+    let mut obj = Map::new();
+    obj.insert(
+        "corpus".into(),
+        json!({
+            "bytes": m.bytes,
+            "entries": m.entries,
+            "cri_lines": m.cri_lines,
+            "partial_lines": m.partial_lines,
+            "mean_entry_bytes": m.content_bytes as f64 / m.entries.max(1) as f64,
+            "mean_cri_line_bytes": m.bytes as f64 / m.cri_lines.max(1) as f64,
+            "json_entries": m.json_entries,
+            "longest_entry_bytes": m.longest_entry,
+            "files": m.files.len(),
+        }),
+    );
+    for subject in Subject::ALL {
+        let s = side_of(outcome, subject, Shape::Short);
+        obj.insert(
+            subject.name().into(),
+            json!({
+                "null": summary_json(&s.null, "null", None),
+                "store": summary_json(&s.store, "store", None),
+            }),
+        );
+    }
+    let mut ratios = Map::new();
+    for theirs in Subject::COMPARATORS {
+        let t = side_of(outcome, theirs, Shape::Short);
+        ratios.insert(
+            theirs.name().into(),
+            json!({
+                "note": format!("ours / {}", theirs.title()),
+                "lines_per_cpu_s": ratio(a.null.lines_per_cpu_s, t.null.lines_per_cpu_s),
+                "store_lines_per_cpu_s": ratio(a.store.lines_per_cpu_s, t.store.lines_per_cpu_s),
+                "peak_rss_bytes": ratio(peak(&a), peak(&t)),
+                "null_wall_s": ratio(a.null.wall_s, t.null.wall_s),
+            }),
+        );
+    }
+    obj.insert("ratios".into(), Value::Object(ratios));
+    let target = |name: &str, goal: &str, measured: Option<f64>, met: Option<bool>| json!({"target": goal, "measured": measured, "met": met, "name": name});
+    // CPU per line into the store over CPU per line into the null receiver.
+    let store_cost = ratio(a.null.lines_per_cpu_s, a.store.lines_per_cpu_s);
+    obj.insert(
+        "targets".into(),
+        json!([
+            target(
+                "short: agent null MB/CPU-s",
+                ">= 300",
+                a.null.mb_per_cpu_s,
+                a.null.mb_per_cpu_s.map(|v| v >= 300.0)
+            ),
+            target(
+                "short: agent null lines/CPU-s",
+                ">= 1300000",
+                a.null.lines_per_cpu_s,
+                a.null.lines_per_cpu_s.map(|v| v >= 1.3e6)
+            ),
+            target(
+                "short: agent peak RSS (null)",
+                "<= 25165824 (24 MiB)",
+                a.null.peak_rss_bytes,
+                a.null.peak_rss_bytes.map(|v| v <= 24.0 * MIB)
+            ),
+            target(
+                "short: agent CPU per line, store / null",
+                "<= 1.2",
+                store_cost,
+                store_cost.map(|v| v <= 1.2)
+            ),
+            target(
+                "short: agent store MB/s (wall)",
+                ">= 200 (backlog drain)",
+                a.store.mb_per_s,
+                a.store.mb_per_s.map(|v| v >= 200.0)
+            ),
+        ]),
+    );
+    Some(Value::Object(obj))
+}
+
 pub fn results_json(outcome: &Outcome, options: &Options) -> Value {
     let agent = component_json(outcome, options, Subject::Agent);
     let agent_mb = agent.get("null_mb_per_cpu_s").and_then(Value::as_f64);
@@ -449,6 +544,8 @@ pub fn results_json(outcome: &Outcome, options: &Options) -> Value {
         },
         "agent": agent,
         "ratios": Value::Object(ratios_obj),
+        // Issue 16: the same runs on a corpus of ordinary line lengths (null when not run).
+        "short": short_json(outcome),
         "targets": targets,
         // make bench-operator's figures (target/bench/operator.json), or null + reason.
         "operator": super::operator::load_section(&options.out),
@@ -516,7 +613,7 @@ pub fn results_md(outcome: &Outcome, options: &Options, results: &Value) -> Stri
             let rows: Vec<String> = outcome
                 .corpus_runs
                 .iter()
-                .filter(|r| r.subject == subject && r.sink == sink)
+                .filter(|r| r.subject == subject && r.sink == sink && r.shape == m.shape)
                 .filter_map(|r| r.store_rows.map(|n| n.to_string()))
                 .collect();
             md.push_str(&format!(
@@ -552,8 +649,9 @@ pub fn results_md(outcome: &Outcome, options: &Options, results: &Value) -> Stri
         .filter_map(|r| {
             r.error.as_ref().map(|e| {
                 format!(
-                    "- {} -> {:?} run {}: {e}",
+                    "- {} ({} shape) -> {:?} run {}: {e}",
                     r.subject.title(),
+                    r.shape.name(),
                     r.sink,
                     r.index
                 )
@@ -562,6 +660,77 @@ pub fn results_md(outcome: &Outcome, options: &Options, results: &Value) -> Stri
         .collect();
     if !errors.is_empty() {
         md.push_str(&format!("\nFailed runs:\n{}\n", errors.join("\n")));
+    }
+    if let Some(m) = outcome.manifests.iter().find(|m| m.shape == Shape::Short) {
+        md.push_str(&format!(
+            "\n## Short lines (issue 16): {:.1} MiB, {} entries of {:.0} B on average ({} CRI lines, {} partial, {} JSON)\n\n",
+            m.bytes as f64 / MIB,
+            m.entries,
+            m.content_bytes as f64 / m.entries.max(1) as f64,
+            m.cri_lines,
+            m.partial_lines,
+            m.json_entries,
+        ));
+        md.push_str("| sink | who | ok runs | wall s | CPU s | MB/s | lines/CPU-s | MB/CPU-s | peak RSS MiB |\n");
+        md.push_str("|---|---|---|---|---|---|---|---|---|\n");
+        for sink in [Sink::Null, Sink::Store] {
+            for subject in Subject::ALL {
+                let sd = side_of(outcome, subject, Shape::Short);
+                let s = match sink {
+                    Sink::Null => &sd.null,
+                    Sink::Store => &sd.store,
+                };
+                if s.runs == 0 {
+                    continue;
+                }
+                md.push_str(&format!(
+                    "| {} | {} | {}/{} | {} | {} | {} | {} | {} | {} |\n",
+                    match sink {
+                        Sink::Null => "null",
+                        Sink::Store => "VictoriaLogs",
+                    },
+                    subject.title(),
+                    s.ok,
+                    s.runs,
+                    fmt(s.wall_s, 2),
+                    fmt(s.cpu_s, 2),
+                    fmt(s.mb_per_s, 1),
+                    fmt(s.lines_per_cpu_s, 0),
+                    fmt(s.mb_per_cpu_s, 1),
+                    mib(s.peak_rss_bytes),
+                ));
+            }
+        }
+        if let Some(short) = &results["short"].as_object() {
+            for theirs in Subject::COMPARATORS {
+                let r = &short["ratios"][theirs.name()];
+                md.push_str(&format!(
+                    "\nOurs / {}: lines per CPU-second {} (null), {} (VictoriaLogs); peak RSS {}.\n",
+                    theirs.title(),
+                    fmt(r["lines_per_cpu_s"].as_f64(), 2),
+                    fmt(r["store_lines_per_cpu_s"].as_f64(), 2),
+                    fmt(r["peak_rss_bytes"].as_f64(), 3),
+                ));
+            }
+            md.push_str("\n| target (issue 16) | goal | measured | met |\n|---|---|---|---|\n");
+            if let Some(targets) = short["targets"].as_array() {
+                for t in targets {
+                    md.push_str(&format!(
+                        "| {} | {} | {} | {} |\n",
+                        t["name"].as_str().unwrap_or(""),
+                        t["target"].as_str().unwrap_or(""),
+                        t["measured"]
+                            .as_f64()
+                            .map_or("—".into(), |v| format!("{v:.3}")),
+                        match t["met"].as_bool() {
+                            Some(true) => "yes",
+                            Some(false) => "no",
+                            None => "—",
+                        }
+                    ));
+                }
+            }
+        }
     }
     md.push_str("\n## Steady state (null receiver, short lines)\n\n");
     md.push_str("| lines/s | who | CPU (cores) | RSS mean MiB | RSS max MiB | delivered |\n|---|---|---|---|---|---|\n");
@@ -882,6 +1051,15 @@ pub fn headline(results: &Value) -> Vec<String> {
         mib(get("/agent/peak_rss_bytes")),
         mib(get("/agent/rss_bytes_at_10k_lines_s")),
     ));
+    if results["short"].is_object() {
+        lines.push(format!(
+            "agent, short lines: {} lines/CPU-s, null {} MB/CPU-s, {} MB/s into VictoriaLogs, peak RSS {} MiB",
+            fmt(get("/short/agent/null/median_lines_per_cpu_s"), 0),
+            fmt(get("/short/agent/null/median_mb_per_cpu_s"), 1),
+            fmt(get("/short/agent/store/median_mb_per_s"), 1),
+            mib(get("/short/agent/null/median_peak_rss_bytes")),
+        ));
+    }
     for theirs in Subject::COMPARATORS {
         let n = theirs.name();
         lines.push(format!(

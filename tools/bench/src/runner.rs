@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::BenchError;
+use super::corpus::Shape;
 use super::procstat::{self, Sample};
 use super::receiver::{Protocol, Receiver, label_names};
 
@@ -274,6 +275,7 @@ service:
 pub struct CorpusRun {
     pub subject: Subject,
     pub sink: Sink,
+    pub shape: Shape,
     pub index: usize,
     pub ok: bool,
     pub error: Option<String>,
@@ -288,6 +290,8 @@ pub struct CorpusRun {
     pub lines_per_s: f64,
     pub lines_per_cpu_s: f64,
     pub mb_per_cpu_s: f64,
+    /// MB of the corpus per second of wall time (draining a backlog).
+    pub mb_per_s: f64,
     pub streams: usize,
     pub label_names: Vec<String>,
     /// Store runs: the rows LogsQL counts under the run's tenant once the proxy had
@@ -303,6 +307,7 @@ pub struct CorpusRun {
 pub struct CorpusJob<'a> {
     pub subject: Subject,
     pub sink: Sink,
+    pub shape: Shape,
     pub index: usize,
     pub bins: &'a Binaries,
     pub pods_root: &'a Path,
@@ -323,6 +328,7 @@ pub async fn corpus_run(job: CorpusJob<'_>) -> CorpusRun {
     let mut run = CorpusRun {
         subject: job.subject,
         sink: job.sink,
+        shape: job.shape,
         index: job.index,
         ok: false,
         error: None,
@@ -335,6 +341,7 @@ pub async fn corpus_run(job: CorpusJob<'_>) -> CorpusRun {
         lines_per_s: 0.0,
         lines_per_cpu_s: 0.0,
         mb_per_cpu_s: 0.0,
+        mb_per_s: 0.0,
         streams: 0,
         label_names: Vec::new(),
         store_rows: None,
@@ -449,6 +456,7 @@ pub async fn corpus_run(job: CorpusJob<'_>) -> CorpusRun {
     }
     if run.wall_s > 0.0 {
         run.lines_per_s = job.expected_entries as f64 / run.wall_s;
+        run.mb_per_s = job.corpus_bytes as f64 / 1e6 / run.wall_s;
     }
     job.receiver.forget(&tenant);
     run

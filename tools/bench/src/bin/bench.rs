@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use logpipe_bench::corpus::Shape;
 use logpipe_bench::runner::{Binaries, Subject};
 use logpipe_bench::{self as bench, BenchError, Options, Size, report};
 
@@ -49,6 +50,14 @@ struct Args {
     /// alone is for quick comparisons of a change: the ratios need both.
     #[arg(long, value_delimiter = ',', value_parser = ["agent", "otelcol"])]
     subjects: Option<Vec<String>>,
+    /// Corpus shapes, comma-separated (`long`: about 890 B per entry, `short`: about
+    /// 200 B, issue 16); default both, in the same run.
+    #[arg(long, env = "BENCH_SHAPES", value_delimiter = ',', value_parser = ["long", "short"])]
+    shapes: Option<Vec<String>>,
+    /// Only write (or check) the corpora under `--out` and print where they are: for
+    /// profiling an agent by hand on the bench's input.
+    #[arg(long)]
+    corpus_only: bool,
     /// Skip the steady-state runs.
     #[arg(long)]
     no_steady: bool,
@@ -126,6 +135,13 @@ async fn options(args: Args) -> Result<Options, BenchError> {
         ),
         runs: args.runs.unwrap_or(if small { 1 } else { 3 }).max(1),
         size,
+        shapes: match args.shapes {
+            None => Shape::ALL.to_vec(),
+            Some(names) => Shape::ALL
+                .into_iter()
+                .filter(|s| names.iter().any(|n| n == s.name()))
+                .collect(),
+        },
         seed: args.seed,
         out,
         bins: Binaries { agent, otelcol },
@@ -156,6 +172,35 @@ async fn options(args: Args) -> Result<Options, BenchError> {
 }
 
 async fn main_async(args: Args) -> Result<(), BenchError> {
+    if args.corpus_only {
+        let size = Size::parse(&args.size)?;
+        let out = args
+            .out
+            .unwrap_or_else(|| logpipe_e2e::target_dir().join("bench"));
+        for shape in Shape::ALL {
+            if args
+                .shapes
+                .as_ref()
+                .is_some_and(|names| !names.iter().any(|n| n == shape.name()))
+            {
+                continue;
+            }
+            let dir = out.join(shape.dir_name());
+            let (seed, bytes) = (args.seed, size.bytes);
+            let manifest = tokio::task::spawn_blocking({
+                let dir = dir.clone();
+                move || bench::corpus::ensure(&dir, seed, bytes, shape)
+            })
+            .await
+            .map_err(|e| BenchError::Other(format!("corpus task: {e}")))??;
+            eprintln!(
+                "[bench] {}: {}",
+                bench::corpus::pods_root(&dir).display(),
+                manifest.summary()
+            );
+        }
+        return Ok(());
+    }
     let options = options(args).await?;
     if let Some(reason) = &options.store_skip_reason {
         eprintln!("[bench] store runs skipped: {reason}");

@@ -1,0 +1,166 @@
+//! File-system events for the tailer: which files were written, and whether files or
+//! directories appeared, vanished or were renamed, so the tailer reads only what changed
+//! and lists the tree only when it changed (plus a slow rescan as the safety net).
+//!
+//! Flow: one inotify watch (the `notify` crate, recursive over the log root) calls back
+//! on its own thread; the callback records the paths written and a "structure changed"
+//! flag under a mutex and wakes the tailer, which takes them ([`Watch::take`]) at the
+//! top of each loop.
+//!
+//! Guarantees: nothing is missed silently. An event queue overflow (or an error from the
+//! watch) asks for a full rescan with every open file read ([`Changes::everything`]); so
+//! does a set of pending paths grown past [`MAX_PATHS`], rather than growing without
+//! bound.
+//!
+//! Caveats: without a watch (the root does not exist yet, or inotify is out of watches)
+//! the tailer falls back to listing the tree every poll interval, as before; it retries
+//! the watch at each scan.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use notify::event::{EventKind, ModifyKind};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+
+/// Pending written paths beyond this turn into one "read everything" request.
+pub const MAX_PATHS: usize = 16 * 1024;
+
+/// What happened since the last [`Watch::take`].
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Files whose content changed.
+    pub written: HashSet<PathBuf>,
+    /// Something was created, removed or renamed: list the tree.
+    pub structure: bool,
+    /// Events were lost: list the tree and read every open file.
+    pub everything: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.written.is_empty() && !self.structure && !self.everything
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    changes: Mutex<Changes>,
+    woken: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Changes> {
+        self.changes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, result: notify::Result<notify::Event>) {
+        let mut changes = self.lock();
+        match result {
+            Ok(event) if event.need_rescan() => changes.everything = true,
+            Ok(event) => match event.kind {
+                EventKind::Modify(ModifyKind::Data(_)) | EventKind::Modify(ModifyKind::Any) => {
+                    for path in event.paths {
+                        if changes.written.len() >= MAX_PATHS {
+                            changes.written.clear();
+                            changes.everything = true;
+                            break;
+                        }
+                        if !changes.everything {
+                            changes.written.insert(path);
+                        }
+                    }
+                }
+                EventKind::Create(_)
+                | EventKind::Remove(_)
+                | EventKind::Modify(ModifyKind::Name(_)) => changes.structure = true,
+                // Opens, closes, attribute changes: nothing to read.
+                _ => return,
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "file watch error, rescanning");
+                changes.everything = true;
+            }
+        }
+        drop(changes);
+        self.woken.notify_one();
+    }
+}
+
+/// An inotify watch of the log root.
+pub struct Watch {
+    shared: Arc<Shared>,
+    _watcher: RecommendedWatcher,
+}
+
+impl Watch {
+    /// Watch `root` and everything under it.
+    pub fn start(root: &Path) -> notify::Result<Self> {
+        let shared = Arc::new(Shared::default());
+        let sink = shared.clone();
+        let mut watcher = notify::recommended_watcher(move |result| sink.record(result))?;
+        watcher.watch(root, RecursiveMode::Recursive)?;
+        Ok(Self {
+            shared,
+            _watcher: watcher,
+        })
+    }
+
+    /// Everything recorded since the last call.
+    pub fn take(&self) -> Changes {
+        std::mem::take(&mut *self.shared.lock())
+    }
+
+    /// Wait until something is recorded, at most `timeout`.
+    pub fn wait(&self, timeout: Duration) {
+        let changes = self.shared.lock();
+        let _ = self
+            .shared
+            .woken
+            .wait_timeout_while(changes, timeout, |c| c.is_empty())
+            .unwrap_or_else(|p| p.into_inner());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::time::Instant;
+
+    use super::*;
+
+    fn wait_for(watch: &Watch, what: impl Fn(&Changes) -> bool) -> Changes {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut all = Changes::default();
+        while Instant::now() < deadline {
+            watch.wait(Duration::from_millis(100));
+            let c = watch.take();
+            all.written.extend(c.written);
+            all.structure |= c.structure;
+            all.everything |= c.everything;
+            if what(&all) {
+                return all;
+            }
+        }
+        panic!("no such event: {all:?}");
+    }
+
+    #[test]
+    fn reports_writes_and_new_files_in_new_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let watch = Watch::start(dir.path()).unwrap();
+        let sub = dir.path().join("ns_pod_uid/app");
+        std::fs::create_dir_all(&sub).unwrap();
+        wait_for(&watch, |c| c.structure);
+        // The new directory is watched too (notify adds it on its creation event).
+        std::thread::sleep(Duration::from_millis(100));
+        let path = sub.join("0.log");
+        let mut file = std::fs::File::create(&path).unwrap();
+        wait_for(&watch, |c| c.structure);
+        file.write_all(b"line\n").unwrap();
+        let c = wait_for(&watch, |c| c.written.contains(&path) || c.everything);
+        assert!(c.written.contains(&path) || c.everything, "{c:?}");
+        assert!(watch.take().is_empty());
+    }
+}
