@@ -1,23 +1,24 @@
-//! The controller: watches LogPipelines (spec changes only: generation predicate), their
-//! DaemonSets and agent pods, and reconciles one LogPipeline at a time per object.
+//! The controller: watches LogPipelines (spec changes only: generation predicate), and
+//! through `cache` their DaemonSets, agent pods, ConfigMaps and the ServiceMonitor CRD,
+//! and reconciles one LogPipeline at a time per object.
 //!
-//! Reconcile = desired (pure) -> read the rollout state (status), stable snapshot, pods ->
-//! the Secrets the pods (and the gate) need -> gate (when a new release waits, or moves
-//! under it: a stop pauses or aborts the rollout) -> verification (when due) -> rollout
-//! decision (pure)
-//! -> apply with the chosen template -> delete pods / save stable / clear annotations ->
-//! ConfigMap GC -> status (pure) -> status write if changed -> Events on transitions.
+//! Reconcile = (wait for the caches' first list) -> desired (pure) -> read the rollout
+//! state (status), stable snapshot, pods, DaemonSet from the caches -> the Secrets the pods
+//! (and the gate) need -> gate (when a new release waits, or moves under it: a stop pauses
+//! or aborts the rollout) -> verification (when due) -> rollout decision (pure)
+//! -> apply with the chosen template -> delete pods (concurrently, bounded) / save stable /
+//! clear annotations -> ConfigMap GC -> status (pure) -> status write if changed -> Events
+//! on transitions. Nothing waits for the pods: their events wake the next reconcile.
 //! Errors requeue with exponential backoff per object (1 s doubling to 5 min, reset on
 //! success); a spec the agent would refuse is reported in status, not retried fast.
 //! Failures (`status::Failure`: invalid spec, refused apply, missing Secret) are written
 //! to the status by [`report_failure`], with one Event when they appear or change.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -31,11 +32,10 @@ use kube::runtime::{WatchStreamExt, predicates, utils::Predicate};
 use kube::{Client, ResourceExt};
 
 use crate::apply::{self, ApplyError, FINALIZER};
+use crate::cache::{self, Caches, Writers};
 use crate::crd::{GateFailureAction, GateSpec, GateStatus, LogPipeline, Phase};
 use crate::desired::daemonset::CONTAINER;
-use crate::desired::{
-    self, ANNOTATION_REVISION, DesiredError, Key, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGER,
-};
+use crate::desired::{self, ANNOTATION_REVISION, DesiredError, Key, LABEL_INSTANCE};
 use crate::events;
 use crate::gate;
 use crate::metrics::Metrics;
@@ -46,6 +46,8 @@ use crate::verify::{self, Verifier};
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Longest wait before looking again for a missing Secret.
 const SECRET_RETRY: Duration = Duration::from_secs(30);
+/// How soon to look again while a cache has not been listed once.
+const CACHE_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -79,6 +81,12 @@ pub struct Ctx {
     pub recorder: Recorder,
     pub verifier: Verifier,
     failures: Mutex<HashMap<ObjectRef<LogPipeline>, u32>>,
+    /// What the reconcile reads of the cluster (see `cache`).
+    pub caches: Caches,
+    /// Taken by [`run`], which drives the watches that fill `caches`.
+    writers: Mutex<Option<Writers>>,
+    /// Pods this operator deleted that the pod cache may not show terminating yet.
+    deleting: Mutex<HashMap<ObjectRef<LogPipeline>, HashSet<String>>>,
     /// When each LogPipeline's gate was last asked (see `gate::reuse`).
     gate_asked: Mutex<HashMap<ObjectRef<LogPipeline>, Timestamp>>,
 }
@@ -92,7 +100,11 @@ impl Ctx {
         recorder: Recorder,
         verifier: Verifier,
     ) -> Self {
+        let (caches, writers) = Caches::new();
         Self {
+            caches,
+            writers: Mutex::new(Some(writers)),
+            deleting: Mutex::new(HashMap::new()),
             client,
             agent_image,
             agent_cluster_role,
@@ -101,6 +113,31 @@ impl Ctx {
             verifier,
             failures: Mutex::new(HashMap::new()),
             gate_asked: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Names of `pods` this operator deleted that the cache does not show terminating yet
+    /// (forgets those it does show terminating, and those gone).
+    fn still_deleting(&self, lp: &LogPipeline, pods: &[Arc<Pod>]) -> HashSet<String> {
+        let Ok(mut map) = self.deleting.lock() else {
+            return HashSet::new();
+        };
+        let Some(names) = map.get_mut(&ObjectRef::from(lp)) else {
+            return HashSet::new();
+        };
+        names.retain(|name| {
+            pods.iter().any(|p| {
+                p.metadata.name.as_ref() == Some(name) && p.metadata.deletion_timestamp.is_none()
+            })
+        });
+        names.clone()
+    }
+
+    fn deleted(&self, lp: &LogPipeline, names: &[String]) {
+        if let Ok(mut map) = self.deleting.lock() {
+            map.entry(ObjectRef::from(lp))
+                .or_default()
+                .extend(names.iter().cloned());
         }
     }
 
@@ -122,6 +159,10 @@ pub async fn reconcile(lp: Arc<LogPipeline>, ctx: Arc<Ctx>) -> Result<Action, Er
     let Some(namespace) = lp.namespace() else {
         return Ok(Action::await_change());
     };
+    if !ctx.caches.ready() {
+        // Acting on a half-listed cache could move nodes it does not know of.
+        return Ok(Action::requeue(CACHE_WAIT));
+    }
     let api: Api<LogPipeline> = Api::namespaced(ctx.client.clone(), &namespace);
     let result = finalizer(&api, FINALIZER, lp, |event| async {
         match event {
@@ -142,7 +183,7 @@ pub async fn reconcile(lp: Arc<LogPipeline>, ctx: Arc<Ctx>) -> Result<Action, Er
 
 async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     let key = Key::of(lp)?;
-    let sm_crd = apply::service_monitor_crd_exists(&ctx.client).await?;
+    let sm_crd = ctx.caches.service_monitor_crd();
     let dctx = desired::Context {
         agent_image: ctx.agent_image.clone(),
         service_monitor_crd: sm_crd,
@@ -159,10 +200,22 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     };
     let spec = &lp.spec.rollout;
     let old = lp.status.as_ref();
-    let stable = apply::read_stable(&ctx.client, &key).await?;
-    let existing = apply::get_daemon_set(&ctx.client, &key).await?;
-    let pods = apply::list_pods(&ctx.client, &key).await?;
-    let views: Vec<PodView> = pods.iter().map(pod_view).collect();
+    let stable = apply::stable_from(
+        ctx.caches
+            .config_map(&key.namespace, &apply::stable_name(&key))
+            .as_deref(),
+    );
+    let existing = ctx.caches.daemon_set(&key);
+    let pods = ctx.caches.pods_of(&key);
+    let deleting = ctx.still_deleting(lp, &pods);
+    let views: Vec<PodView> = pods
+        .iter()
+        .map(|p| {
+            let mut view = pod_view(p);
+            view.terminating |= deleting.contains(&view.name);
+            view
+        })
+        .collect();
     let desired_nodes = existing
         .as_ref()
         .and_then(|ds| ds.status.as_ref())
@@ -178,7 +231,10 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
         .iter()
         .any(|s| s.canary.as_ref().is_some_and(|c| c.node_selector.is_some()));
     let node_labels = if selects_nodes {
-        apply::node_labels(&ctx.client).await?
+        match ctx.caches.node_labels(&ctx.client) {
+            Some(labels) => labels,
+            None => return Ok(Action::requeue(CACHE_WAIT)),
+        }
     } else {
         BTreeMap::new()
     };
@@ -254,7 +310,7 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
             let targets: Vec<verify::Target> = pods
                 .iter()
                 .filter(|p| names.contains(&p.name_any()))
-                .map(verify::Target::of)
+                .map(|p| verify::Target::of(p))
                 .collect();
             let key = verify::BaselineKey {
                 pipeline: lp.uid().unwrap_or_default(),
@@ -278,6 +334,7 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
         let chosen: Vec<&Pod> = pods
             .iter()
             .filter(|p| request.pods.contains(&p.name_any()))
+            .map(|p| p.as_ref())
             .collect();
         let targets: Vec<verify::Target> = chosen
             .iter()
@@ -375,6 +432,7 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
         match action {
             rollout::Action::DeletePods(names) => {
                 tracing::info!(pipeline = %key.name, namespace = %key.namespace, pods = ?names, phase = ?decision.state.phase, revision = %objects.revision, "moving nodes");
+                ctx.deleted(lp, names);
                 apply::delete_pods(&ctx.client, &key, names).await?;
                 ctx.metrics.pod_deletions.inc_by(names.len() as u64);
                 deleted_now.extend(names.iter().cloned());
@@ -392,7 +450,18 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
         }
     }
     let current_cm = objects.config_map.metadata.name.clone().unwrap_or_default();
-    let deleted = apply::gc_config_maps(&ctx.client, &key, &current_cm, &keep, &pods).await?;
+    let mut mounted: Vec<String> = pods
+        .iter()
+        .flat_map(|p| apply::mounted_config_maps(p))
+        .collect();
+    mounted.extend(keep);
+    let unused = apply::unused_config_maps(
+        &key.config_map_prefix(),
+        &ctx.caches.config_map_names(&key),
+        &current_cm,
+        &mounted,
+    );
+    let deleted = apply::delete_config_maps(&ctx.client, &key, &unused).await?;
     if !deleted.is_empty() {
         tracing::info!(pipeline = %key.name, config_maps = ?deleted, "deleted unused agent ConfigMaps");
         ctx.metrics
@@ -679,6 +748,10 @@ pub async fn run(
         }
     }
     let ns = namespace.as_deref();
+    let Some(writers) = ctx.writers.lock().ok().and_then(|mut w| w.take()) else {
+        tracing::error!("the controller runs once per context");
+        return;
+    };
     let pipelines: Api<LogPipeline> = scoped(&client, ns);
     // Spec changes only: our own status writes must not trigger a reconcile.
     let (reader, writer) = reflector::store::<LogPipeline>();
@@ -692,15 +765,29 @@ pub async fn run(
                 .combine(predicates::annotations),
             Default::default(),
         );
-    let managed = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
-    let pods: Api<Pod> = scoped(&client, ns);
+    let to_pipeline = |labels: &BTreeMap<String, String>, namespace: Option<String>| {
+        let name = labels.get(LABEL_INSTANCE)?;
+        Some(ObjectRef::<LogPipeline>::new(name).within(&namespace?))
+    };
     Controller::for_stream(main_stream, reader)
-        .owns(scoped::<DaemonSet>(&client, ns), managed.clone())
-        .watches(pods, managed, |pod: Pod| {
-            let namespace = pod.namespace()?;
-            let name = pod.labels().get(LABEL_INSTANCE)?.clone();
-            Some(ObjectRef::<LogPipeline>::new(&name).within(&namespace))
-        })
+        .owns_stream(cache::daemon_set_stream(
+            scoped(&client, ns),
+            writers.daemon_sets,
+        ))
+        .watches_stream(
+            cache::pod_stream(scoped(&client, ns), writers.pods),
+            move |pod: Pod| to_pipeline(pod.labels(), pod.namespace()),
+        )
+        .watches_stream(
+            cache::config_map_stream(scoped(&client, ns), writers.config_maps),
+            move |cm: k8s_openapi::api::core::v1::ConfigMap| {
+                to_pipeline(cm.labels(), cm.namespace())
+            },
+        )
+        .reconcile_all_on(cache::service_monitor_crd_trigger(
+            client.clone(),
+            writers.crds,
+        ))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

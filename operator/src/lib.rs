@@ -5,6 +5,7 @@
 //! ([`verify`]: agents' metrics and Loki; [`gate`]: another cluster).
 
 pub mod apply;
+pub mod cache;
 pub mod controller;
 pub mod crd;
 pub mod crdgen;
