@@ -175,6 +175,78 @@ pub async fn apply_objects(
     Ok(ds)
 }
 
+/// How long a successful apply of unchanged objects stands before they are applied
+/// again (taking back a field someone else changed on an object not cached here).
+pub const REAPPLY_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// What one [`apply_objects`] call wrote: a digest of every object it applies, and the
+/// DaemonSet's `metadata.generation` it left. A reconcile whose objects have the same
+/// digest, while the cached DaemonSet is still at that generation (nobody changed its
+/// spec), skips the apply: applying unchanged objects is a no-op in the API server, but
+/// still six requests, and a rollout has hundreds of reconciles.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    digest: u64,
+    generation: Option<i64>,
+    at: Option<std::time::Instant>,
+}
+
+impl Applied {
+    pub fn of(
+        objects: &Objects,
+        daemon_set: Option<&DaemonSet>,
+        service_monitor_crd: bool,
+    ) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        let parts = (
+            &objects.service_account,
+            &objects.cluster_role_binding,
+            &objects.config_map,
+            daemon_set,
+            &objects.service,
+            &objects.service_monitor,
+            service_monitor_crd,
+        );
+        // Serialization of our own typed objects does not fail; if it did, the digest of
+        // the error text differs from any real one and the objects are applied.
+        match serde_json::to_string(&parts) {
+            Ok(text) => text.hash(&mut hasher),
+            Err(error) => error.to_string().hash(&mut hasher),
+        }
+        Self {
+            digest: hasher.finish(),
+            generation: None,
+            at: None,
+        }
+    }
+
+    /// This digest, applied at `now`, leaving the DaemonSet `stored`.
+    pub fn stored(self, stored: Option<&DaemonSet>, now: std::time::Instant) -> Self {
+        Self {
+            generation: stored.and_then(|ds| ds.metadata.generation),
+            at: Some(now),
+            ..self
+        }
+    }
+
+    /// Pure: the `last` apply covers these objects, and nothing says otherwise since.
+    pub fn still_holds(
+        &self,
+        last: Option<&Self>,
+        cached: Option<&DaemonSet>,
+        now: std::time::Instant,
+    ) -> bool {
+        let Some(last) = last else { return false };
+        let recent = last
+            .at
+            .is_some_and(|at| now.saturating_duration_since(at) < REAPPLY_AFTER);
+        recent
+            && last.digest == self.digest
+            && last.generation == cached.and_then(|ds| ds.metadata.generation)
+    }
+}
+
 /// Delete a ServiceMonitor we created earlier (and only ours).
 async fn delete_if_ours(api: &Api<DynamicObject>, name: &str) -> Result<(), ApplyError> {
     let existing = api
@@ -494,6 +566,85 @@ mod tests {
             "subjects[0].name: Required value"
         )));
         assert!(!role_ref_changed(&status(403, "roleRef: forbidden")));
+    }
+
+    #[test]
+    fn an_apply_stands_until_the_objects_or_the_daemon_sets_spec_change() {
+        use std::time::{Duration, Instant};
+        let objects = |image: &str| {
+            let text = include_str!("../../examples/ops.yaml");
+            let lp = crate::render::parse_log_pipelines(text).unwrap().remove(0);
+            let ctx = crate::desired::Context {
+                agent_image: "logpipe-agent:bundled".into(),
+                service_monitor_crd: false,
+                agent_cluster_role: crate::rbac::AGENT_CLUSTER_ROLE.into(),
+            };
+            let mut o = crate::desired::desired(&lp, &ctx).unwrap();
+            if let Some(spec) = o.daemon_set.spec.as_mut()
+                && let Some(pod) = spec.template.spec.as_mut()
+            {
+                pod.containers[0].image = Some(image.into());
+            }
+            o
+        };
+        let ds_at = |generation: i64| {
+            let mut ds = DaemonSet::default();
+            ds.metadata.generation = Some(generation);
+            ds
+        };
+        let t0 = Instant::now();
+        let a = objects("agent:1");
+        let first = Applied::of(&a, Some(&a.daemon_set), false);
+        let last = first.clone().stored(Some(&ds_at(3)), t0);
+        let soon = t0 + Duration::from_secs(5);
+        let cases = [
+            ("nothing changed", first.clone(), ds_at(3), soon, true),
+            ("never applied", first.clone(), ds_at(3), soon, true),
+            (
+                "someone changed the DaemonSet's spec",
+                first.clone(),
+                ds_at(4),
+                soon,
+                false,
+            ),
+            (
+                "a new image",
+                Applied::of(
+                    &objects("agent:2"),
+                    Some(&objects("agent:2").daemon_set),
+                    false,
+                ),
+                ds_at(3),
+                soon,
+                false,
+            ),
+            (
+                "the ServiceMonitor CRD appeared",
+                Applied::of(&a, Some(&a.daemon_set), true),
+                ds_at(3),
+                soon,
+                false,
+            ),
+            (
+                "held: no DaemonSet template",
+                Applied::of(&a, None, false),
+                ds_at(3),
+                soon,
+                false,
+            ),
+            (
+                "time to take back others' changes",
+                first.clone(),
+                ds_at(3),
+                t0 + REAPPLY_AFTER,
+                false,
+            ),
+        ];
+        for (name, now, cached, at, want) in cases {
+            let previous = (name != "never applied").then_some(&last);
+            let want = want && previous.is_some();
+            assert_eq!(now.still_holds(previous, Some(&cached), at), want, "{name}");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod, Secret};
@@ -48,6 +48,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 const SECRET_RETRY: Duration = Duration::from_secs(30);
 /// How soon to look again while a cache has not been listed once.
 const CACHE_WAIT: Duration = Duration::from_secs(1);
+/// At most one reconcile of a LogPipeline acts per this interval: a rollout's thousand pod
+/// events become one reconcile (and at most one status write) a second, not a thousand.
+pub const PACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -85,6 +88,10 @@ pub struct Ctx {
     pub caches: Caches,
     /// Taken by [`run`], which drives the watches that fill `caches`.
     writers: Mutex<Option<Writers>>,
+    /// When each LogPipeline's last reconcile started acting (see [`PACE`]).
+    acted: Mutex<HashMap<ObjectRef<LogPipeline>, Instant>>,
+    /// What was last applied for each LogPipeline (see `apply::Applied`).
+    applied: Mutex<HashMap<ObjectRef<LogPipeline>, apply::Applied>>,
     /// Pods this operator deleted that the pod cache may not show terminating yet.
     deleting: Mutex<HashMap<ObjectRef<LogPipeline>, HashSet<String>>>,
     /// When each LogPipeline's gate was last asked (see `gate::reuse`).
@@ -105,6 +112,8 @@ impl Ctx {
             caches,
             writers: Mutex::new(Some(writers)),
             deleting: Mutex::new(HashMap::new()),
+            applied: Mutex::new(HashMap::new()),
+            acted: Mutex::new(HashMap::new()),
             client,
             agent_image,
             agent_cluster_role,
@@ -141,11 +150,48 @@ impl Ctx {
         }
     }
 
+    /// `Some(wait)`: this LogPipeline was reconciled less than [`PACE`] ago; else it may
+    /// act now (and `now` is remembered).
+    fn paced(&self, lp: &LogPipeline, now: Instant) -> Option<Duration> {
+        let mut map = self.acted.lock().ok()?;
+        let object = ObjectRef::from(lp);
+        if let Some(wait) = map.get(&object).and_then(|last| pace_wait(*last, now)) {
+            return Some(wait);
+        }
+        map.insert(object, now);
+        None
+    }
+
+    fn last_applied(&self, lp: &LogPipeline) -> Option<apply::Applied> {
+        self.applied
+            .lock()
+            .ok()
+            .and_then(|map| map.get(&ObjectRef::from(lp)).cloned())
+    }
+
+    fn remember_applied(&self, lp: &LogPipeline, applied: apply::Applied) {
+        if let Ok(mut map) = self.applied.lock() {
+            map.insert(ObjectRef::from(lp), applied);
+        }
+    }
+
+    fn forget_applied(&self, lp: &LogPipeline) {
+        if let Ok(mut map) = self.applied.lock() {
+            map.remove(&ObjectRef::from(lp));
+        }
+    }
+
     fn reset_failures(&self, lp: &LogPipeline) {
         if let Ok(mut map) = self.failures.lock() {
             map.remove(&ObjectRef::from(lp));
         }
     }
+}
+
+/// Pure: how long until a LogPipeline last reconciled at `last` may act again.
+fn pace_wait(last: Instant, now: Instant) -> Option<Duration> {
+    let since = now.saturating_duration_since(last);
+    (since < PACE).then(|| PACE - since)
 }
 
 /// Exponential backoff: 1 s, 2 s, 4 s ... capped at 5 min.
@@ -162,6 +208,9 @@ pub async fn reconcile(lp: Arc<LogPipeline>, ctx: Arc<Ctx>) -> Result<Action, Er
     if !ctx.caches.ready() {
         // Acting on a half-listed cache could move nodes it does not know of.
         return Ok(Action::requeue(CACHE_WAIT));
+    }
+    if let Some(wait) = ctx.paced(&lp, Instant::now()) {
+        return Ok(Action::requeue(wait));
     }
     let api: Api<LogPipeline> = Api::namespaced(ctx.client.clone(), &namespace);
     let result = finalizer(&api, FINALIZER, lp, |event| async {
@@ -417,13 +466,21 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
         // Held before its first stable revision: leave whatever runs alone.
         (Template::None, _) => None,
     };
-    let ds = match apply::apply_objects(&ctx.client, &key, &objects, daemon_set.as_ref(), sm_crd)
-        .await
-    {
-        Ok(ds) => ds,
-        Err(e) => {
-            report_failure(lp, ctx, &Failure::of_apply(&e)).await;
-            return Err(e.into());
+    let applied = apply::Applied::of(&objects, daemon_set.as_ref(), sm_crd);
+    let last = ctx.last_applied(lp);
+    let ds = if applied.still_holds(last.as_ref(), existing.as_deref(), Instant::now()) {
+        existing.as_deref().cloned()
+    } else {
+        match apply::apply_objects(&ctx.client, &key, &objects, daemon_set.as_ref(), sm_crd).await {
+            Ok(ds) => {
+                ctx.remember_applied(lp, applied.stored(ds.as_ref(), Instant::now()));
+                ds
+            }
+            Err(e) => {
+                ctx.forget_applied(lp);
+                report_failure(lp, ctx, &Failure::of_apply(&e)).await;
+                return Err(e.into());
+            }
         }
     };
     let mut deleted_now: Vec<String> = Vec::new();
@@ -645,6 +702,7 @@ async fn cleanup(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     if let Ok(mut asked) = ctx.gate_asked.lock() {
         asked.remove(&ObjectRef::from(lp));
     }
+    ctx.forget_applied(lp);
     tracing::info!(pipeline = %key.name, namespace = %key.namespace, "deleted cluster-scoped objects");
     Ok(Action::await_change())
 }
@@ -802,6 +860,21 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pace_table() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let cases = [
+            ("at once", t0, Some(PACE)),
+            ("a moment later", t0 + ms(300), Some(ms(700))),
+            ("a pace later", t0 + PACE, None),
+            ("long after", t0 + ms(60_000), None),
+        ];
+        for (name, now, want) in cases {
+            assert_eq!(pace_wait(t0, now), want, "{name}");
+        }
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {
