@@ -39,7 +39,8 @@ use crate::desired::{self, ANNOTATION_REVISION, DesiredError, Key, LABEL_INSTANC
 use crate::events;
 use crate::gate;
 use crate::metrics::Metrics;
-use crate::rollout::{self, PodView, Template};
+use crate::plan;
+use crate::rollout::{self, PodView};
 use crate::status::{self, Failure, FailureReason, Observed};
 use crate::verify::{self, Verifier};
 
@@ -460,18 +461,21 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     if let Some(why) = &gate_stop {
         explain_gate_stop(&mut decision, &state, why, promote || abort);
     }
-    let daemon_set = match (decision.template, &stable) {
-        (Template::Target, _) | (Template::Stable, None) => Some(objects.daemon_set.clone()),
-        (Template::Stable, Some(snapshot)) => Some(snapshot.apply_to(&objects.daemon_set)),
-        // Held before its first stable revision: leave whatever runs alone.
-        (Template::None, _) => None,
-    };
-    let applied = apply::Applied::of(&objects, daemon_set.as_ref(), sm_crd);
+    let writes = plan::writes(
+        &key,
+        &objects,
+        stable.as_ref(),
+        &decision,
+        &pods,
+        &ctx.caches.config_map_names(&key),
+    );
+    let daemon_set = writes.daemon_set.as_ref();
+    let applied = apply::Applied::of(&objects, daemon_set, sm_crd);
     let last = ctx.last_applied(lp);
     let ds = if applied.still_holds(last.as_ref(), existing.as_deref(), Instant::now()) {
         existing.as_deref().cloned()
     } else {
-        match apply::apply_objects(&ctx.client, &key, &objects, daemon_set.as_ref(), sm_crd).await {
+        match apply::apply_objects(&ctx.client, &key, &objects, daemon_set, sm_crd).await {
             Ok(ds) => {
                 ctx.remember_applied(lp, applied.stored(ds.as_ref(), Instant::now()));
                 ds
@@ -483,42 +487,23 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
             }
         }
     };
-    let mut deleted_now: Vec<String> = Vec::new();
-    let mut keep: Vec<String> = stable.iter().map(|s| s.config_map.clone()).collect();
-    for action in &decision.actions {
-        match action {
-            rollout::Action::DeletePods(names) => {
-                tracing::info!(pipeline = %key.name, namespace = %key.namespace, pods = ?names, phase = ?decision.state.phase, revision = %objects.revision, "moving nodes");
-                ctx.deleted(lp, names);
-                apply::delete_pods(&ctx.client, &key, names).await?;
-                ctx.metrics.pod_deletions.inc_by(names.len() as u64);
-                deleted_now.extend(names.iter().cloned());
-            }
-            rollout::Action::SaveStable => {
-                if let Some(snapshot) = apply::StableSnapshot::of(&objects) {
-                    apply::save_stable(&ctx.client, lp, &key, &snapshot).await?;
-                    tracing::info!(pipeline = %key.name, namespace = %key.namespace, revision = %snapshot.revision, "saved the stable revision");
-                    keep = vec![snapshot.config_map];
-                }
-            }
-            rollout::Action::ClearAnnotations => {
-                apply::clear_annotations(&ctx.client, &key).await?
-            }
-        }
+    let deleted_now = writes.delete_pods.clone();
+    if !writes.delete_pods.is_empty() {
+        let names = &writes.delete_pods;
+        tracing::info!(pipeline = %key.name, namespace = %key.namespace, pods = ?names, phase = ?decision.state.phase, revision = %objects.revision, "moving nodes");
+        ctx.deleted(lp, names);
+        apply::delete_pods(&ctx.client, &key, names).await?;
+        ctx.metrics.pod_deletions.inc_by(names.len() as u64);
+    }
+    if let Some(snapshot) = &writes.save_stable {
+        apply::save_stable(&ctx.client, lp, &key, snapshot).await?;
+        tracing::info!(pipeline = %key.name, namespace = %key.namespace, revision = %snapshot.revision, "saved the stable revision");
+    }
+    if writes.clear_annotations {
+        apply::clear_annotations(&ctx.client, &key).await?;
     }
     let current_cm = objects.config_map.metadata.name.clone().unwrap_or_default();
-    let mut mounted: Vec<String> = pods
-        .iter()
-        .flat_map(|p| apply::mounted_config_maps(p))
-        .collect();
-    mounted.extend(keep);
-    let unused = apply::unused_config_maps(
-        &key.config_map_prefix(),
-        &ctx.caches.config_map_names(&key),
-        &current_cm,
-        &mounted,
-    );
-    let deleted = apply::delete_config_maps(&ctx.client, &key, &unused).await?;
+    let deleted = apply::delete_config_maps(&ctx.client, &key, &writes.delete_config_maps).await?;
     if !deleted.is_empty() {
         tracing::info!(pipeline = %key.name, config_maps = ?deleted, "deleted unused agent ConfigMaps");
         ctx.metrics
