@@ -10,14 +10,17 @@
 //! 2. Delete the agent pods the rollout decision chose (OnDelete DaemonSet); save the
 //!    stable snapshot when a revision becomes stable; remove the promote/abort annotations
 //!    once acted on.
+//!    Pod deletes go out [`DELETES_IN_FLIGHT`] at a time.
 //! 3. Delete this LogPipeline's hashed ConfigMaps that neither the current config, the
-//!    stable snapshot, nor any existing pod uses.
+//!    stable snapshot, nor any existing pod uses (the caller finds them in its cache).
 //! 4. Server-side apply of the status, only when it differs from the stored one.
 //!
 //! On deletion, the finalizer `logpipe.io/cluster-scoped` deletes the ClusterRoleBinding
 //! (and, when allowed, the per-LogPipeline ClusterRole an earlier operator created), then
 //! lets the LogPipeline go; the API server's garbage collector removes the namespaced
 //! objects through their owner references.
+//!
+//! Nothing here reads state: the reconcile reads it from `cache`.
 //!
 //! Every call here needs a rule in [`crate::rbac`], which the chart grants (a test checks).
 //!
@@ -44,11 +47,11 @@
 
 use std::collections::BTreeMap;
 
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, PodTemplateSpec, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodTemplateSpec, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::Status;
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -57,8 +60,7 @@ use serde_json::json;
 
 use crate::crd::{LogPipeline, LogPipelineStatus};
 use crate::desired::service_monitor_resource;
-use crate::desired::{Key, MANAGER, Objects, common_labels, owned_meta, selector_labels};
-use crate::rbac::SERVICE_MONITOR_CRD;
+use crate::desired::{Key, MANAGER, Objects, owned_meta};
 use crate::rollout::{ANNOTATION_ABORT, ANNOTATION_PROMOTE};
 
 pub const FINALIZER: &str = "logpipe.io/cluster-scoped";
@@ -109,26 +111,9 @@ where
         .map_err(|source| ApplyError::Apply { kind, name, source })
 }
 
-/// Does the ServiceMonitor CRD exist (prometheus-operator installed)?
-pub async fn service_monitor_crd_exists(client: &Client) -> Result<bool, ApplyError> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.get_opt(SERVICE_MONITOR_CRD)
-        .await
-        .map(|crd| crd.is_some())
-        .map_err(|source| api_error("read the ServiceMonitor CRD", source))
-}
-
 /// An API call that failed, with what the operator was doing.
 fn api_error(action: &'static str, source: kube::Error) -> ApplyError {
     ApplyError::Api { action, source }
-}
-
-/// The DaemonSet as stored (its status counts the nodes), if any.
-pub async fn get_daemon_set(client: &Client, key: &Key) -> Result<Option<DaemonSet>, ApplyError> {
-    Api::<DaemonSet>::namespaced(client.clone(), &key.namespace)
-        .get_opt(&key.name)
-        .await
-        .map_err(|e| api_error("read the DaemonSet", e))
 }
 
 /// Step 1: apply every object, with `daemon_set` (the template the rollout chose; `None`:
@@ -190,6 +175,78 @@ pub async fn apply_objects(
     Ok(ds)
 }
 
+/// How long a successful apply of unchanged objects stands before they are applied
+/// again (taking back a field someone else changed on an object not cached here).
+pub const REAPPLY_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// What one [`apply_objects`] call wrote: a digest of every object it applies, and the
+/// DaemonSet's `metadata.generation` it left. A reconcile whose objects have the same
+/// digest, while the cached DaemonSet is still at that generation (nobody changed its
+/// spec), skips the apply: applying unchanged objects is a no-op in the API server, but
+/// still six requests, and a rollout has hundreds of reconciles.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    digest: u64,
+    generation: Option<i64>,
+    at: Option<std::time::Instant>,
+}
+
+impl Applied {
+    pub fn of(
+        objects: &Objects,
+        daemon_set: Option<&DaemonSet>,
+        service_monitor_crd: bool,
+    ) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        let parts = (
+            &objects.service_account,
+            &objects.cluster_role_binding,
+            &objects.config_map,
+            daemon_set,
+            &objects.service,
+            &objects.service_monitor,
+            service_monitor_crd,
+        );
+        // Serialization of our own typed objects does not fail; if it did, the digest of
+        // the error text differs from any real one and the objects are applied.
+        match serde_json::to_string(&parts) {
+            Ok(text) => text.hash(&mut hasher),
+            Err(error) => error.to_string().hash(&mut hasher),
+        }
+        Self {
+            digest: hasher.finish(),
+            generation: None,
+            at: None,
+        }
+    }
+
+    /// This digest, applied at `now`, leaving the DaemonSet `stored`.
+    pub fn stored(self, stored: Option<&DaemonSet>, now: std::time::Instant) -> Self {
+        Self {
+            generation: stored.and_then(|ds| ds.metadata.generation),
+            at: Some(now),
+            ..self
+        }
+    }
+
+    /// Pure: the `last` apply covers these objects, and nothing says otherwise since.
+    pub fn still_holds(
+        &self,
+        last: Option<&Self>,
+        cached: Option<&DaemonSet>,
+        now: std::time::Instant,
+    ) -> bool {
+        let Some(last) = last else { return false };
+        let recent = last
+            .at
+            .is_some_and(|at| now.saturating_duration_since(at) < REAPPLY_AFTER);
+        recent
+            && last.digest == self.digest
+            && last.generation == cached.and_then(|ds| ds.metadata.generation)
+    }
+}
+
 /// Delete a ServiceMonitor we created earlier (and only ours).
 async fn delete_if_ours(api: &Api<DynamicObject>, name: &str) -> Result<(), ApplyError> {
     let existing = api
@@ -209,70 +266,51 @@ async fn delete_if_ours(api: &Api<DynamicObject>, name: &str) -> Result<(), Appl
     Ok(())
 }
 
-/// The agent pods of a LogPipeline.
-pub async fn list_pods(client: &Client, key: &Key) -> Result<Vec<Pod>, ApplyError> {
-    let selector = selector_labels(key)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    Api::<Pod>::namespaced(client.clone(), &key.namespace)
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map(|list| list.items)
-        .map_err(|e| api_error("list agent pods", e))
-}
-
 /// Step 2: delete the chosen pods (the DaemonSet controller recreates them from the new
-/// template). A pod already gone is not an error.
+/// template), [`DELETES_IN_FLIGHT`] at a time. A pod already gone is not an error; the
+/// first other error is returned once every delete has been answered.
 pub async fn delete_pods(client: &Client, key: &Key, names: &[String]) -> Result<(), ApplyError> {
     let api = Api::<Pod>::namespaced(client.clone(), &key.namespace);
-    for name in names {
-        match api.delete(name, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(e) => return Err(api_error("delete an old-revision agent pod", e)),
-        }
-    }
-    Ok(())
+    let answers: Vec<Result<(), ApplyError>> = futures::stream::iter(names.to_vec())
+        .map(|name: String| {
+            let api = api.clone();
+            async move {
+                match api.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+                    Err(e) => Err(api_error("delete an old-revision agent pod", e)),
+                }
+            }
+        })
+        .buffer_unordered(DELETES_IN_FLIGHT)
+        .collect()
+        .await;
+    answers.into_iter().collect()
 }
 
-/// Step 3: delete unused hashed ConfigMaps (never `keep`); returns their names.
-pub async fn gc_config_maps(
+/// Pod deletes of one batch in flight at once: a batch of 100 takes a few round trips,
+/// not a hundred, and the API server is not flooded.
+pub const DELETES_IN_FLIGHT: usize = 16;
+
+/// Step 3: delete unused hashed ConfigMaps (see [`unused_config_maps`]); returns their names.
+pub async fn delete_config_maps(
     client: &Client,
     key: &Key,
-    current: &str,
-    keep: &[String],
-    pods: &[Pod],
+    unused: &[String],
 ) -> Result<Vec<String>, ApplyError> {
     let api = Api::<ConfigMap>::namespaced(client.clone(), &key.namespace);
-    let selector = common_labels(key)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let existing: Vec<String> = api
-        .list_metadata(&ListParams::default().labels(&selector))
-        .await
-        .map_err(|e| api_error("list agent ConfigMaps", e))?
-        .items
-        .into_iter()
-        .map(|cm| cm.name_any())
-        .collect();
-    let mut mounted: Vec<String> = pods.iter().flat_map(mounted_config_maps).collect();
-    mounted.extend(keep.iter().cloned());
-    let unused = unused_config_maps(&key.config_map_prefix(), &existing, current, &mounted);
-    for name in &unused {
+    for name in unused {
         match api.delete(name, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(e) => return Err(api_error("delete an unused agent ConfigMap", e)),
         }
     }
-    Ok(unused)
+    Ok(unused.to_vec())
 }
 
-fn mounted_config_maps(pod: &Pod) -> Vec<String> {
+/// The ConfigMaps a pod mounts.
+pub fn mounted_config_maps(pod: &Pod) -> Vec<String> {
     pod.spec
         .iter()
         .flat_map(|s| s.volumes.iter().flatten())
@@ -363,22 +401,16 @@ impl StableSnapshot {
     }
 }
 
-pub async fn read_stable(client: &Client, key: &Key) -> Result<Option<StableSnapshot>, ApplyError> {
-    let name = stable_name(key);
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), &key.namespace)
-        .get_opt(&name)
-        .await
-        .map_err(|e| api_error("read the stable snapshot", e))?;
-    match cm {
-        None => Ok(None),
-        Some(cm) => match StableSnapshot::from_config_map(&cm) {
-            Ok(snapshot) => Ok(Some(snapshot)),
-            Err(message) => {
-                // A damaged snapshot is as good as none: no rollback, said in the log.
-                tracing::warn!(snapshot = %name, %message, "ignoring an unreadable stable snapshot");
-                Ok(None)
-            }
-        },
+/// The stable snapshot in its ConfigMap (from the cache), if any and readable.
+pub fn stable_from(cm: Option<&ConfigMap>) -> Option<StableSnapshot> {
+    let cm = cm?;
+    match StableSnapshot::from_config_map(cm) {
+        Ok(snapshot) => Some(snapshot),
+        Err(message) => {
+            // A damaged snapshot is as good as none: no rollback, said in the log.
+            tracing::warn!(snapshot = %cm.name_any(), %message, "ignoring an unreadable stable snapshot");
+            None
+        }
     }
 }
 
@@ -412,24 +444,6 @@ pub async fn clear_annotations(client: &Client, key: &Key) -> Result<(), ApplyEr
         .await
         .map(|_| ())
         .map_err(|e| api_error("remove the promote/abort annotations", e))
-}
-
-/// Labels of every node (only for canary steps that select nodes by labels).
-pub async fn node_labels(
-    client: &Client,
-) -> Result<BTreeMap<String, BTreeMap<String, String>>, ApplyError> {
-    let nodes = Api::<Node>::all(client.clone())
-        .list_metadata(&ListParams::default())
-        .await
-        .map_err(|e| api_error("list nodes", e))?;
-    Ok(nodes
-        .items
-        .into_iter()
-        .map(|n| {
-            let name = n.name_any();
-            (name, n.metadata.labels.unwrap_or_default())
-        })
-        .collect())
 }
 
 /// Step 4: write the status if it changed; returns whether it wrote.
@@ -552,6 +566,85 @@ mod tests {
             "subjects[0].name: Required value"
         )));
         assert!(!role_ref_changed(&status(403, "roleRef: forbidden")));
+    }
+
+    #[test]
+    fn an_apply_stands_until_the_objects_or_the_daemon_sets_spec_change() {
+        use std::time::{Duration, Instant};
+        let objects = |image: &str| {
+            let text = include_str!("../../examples/ops.yaml");
+            let lp = crate::render::parse_log_pipelines(text).unwrap().remove(0);
+            let ctx = crate::desired::Context {
+                agent_image: "logpipe-agent:bundled".into(),
+                service_monitor_crd: false,
+                agent_cluster_role: crate::rbac::AGENT_CLUSTER_ROLE.into(),
+            };
+            let mut o = crate::desired::desired(&lp, &ctx).unwrap();
+            if let Some(spec) = o.daemon_set.spec.as_mut()
+                && let Some(pod) = spec.template.spec.as_mut()
+            {
+                pod.containers[0].image = Some(image.into());
+            }
+            o
+        };
+        let ds_at = |generation: i64| {
+            let mut ds = DaemonSet::default();
+            ds.metadata.generation = Some(generation);
+            ds
+        };
+        let t0 = Instant::now();
+        let a = objects("agent:1");
+        let first = Applied::of(&a, Some(&a.daemon_set), false);
+        let last = first.clone().stored(Some(&ds_at(3)), t0);
+        let soon = t0 + Duration::from_secs(5);
+        let cases = [
+            ("nothing changed", first.clone(), ds_at(3), soon, true),
+            ("never applied", first.clone(), ds_at(3), soon, true),
+            (
+                "someone changed the DaemonSet's spec",
+                first.clone(),
+                ds_at(4),
+                soon,
+                false,
+            ),
+            (
+                "a new image",
+                Applied::of(
+                    &objects("agent:2"),
+                    Some(&objects("agent:2").daemon_set),
+                    false,
+                ),
+                ds_at(3),
+                soon,
+                false,
+            ),
+            (
+                "the ServiceMonitor CRD appeared",
+                Applied::of(&a, Some(&a.daemon_set), true),
+                ds_at(3),
+                soon,
+                false,
+            ),
+            (
+                "held: no DaemonSet template",
+                Applied::of(&a, None, false),
+                ds_at(3),
+                soon,
+                false,
+            ),
+            (
+                "time to take back others' changes",
+                first.clone(),
+                ds_at(3),
+                t0 + REAPPLY_AFTER,
+                false,
+            ),
+        ];
+        for (name, now, cached, at, want) in cases {
+            let previous = (name != "never applied").then_some(&last);
+            let want = want && previous.is_some();
+            assert_eq!(now.still_holds(previous, Some(&cached), at), want, "{name}");
+        }
     }
 
     #[test]

@@ -1,23 +1,24 @@
-//! The controller: watches LogPipelines (spec changes only: generation predicate), their
-//! DaemonSets and agent pods, and reconciles one LogPipeline at a time per object.
+//! The controller: watches LogPipelines (spec changes only: generation predicate), and
+//! through `cache` their DaemonSets, agent pods, ConfigMaps and the ServiceMonitor CRD,
+//! and reconciles one LogPipeline at a time per object.
 //!
-//! Reconcile = desired (pure) -> read the rollout state (status), stable snapshot, pods ->
-//! the Secrets the pods (and the gate) need -> gate (when a new release waits, or moves
-//! under it: a stop pauses or aborts the rollout) -> verification (when due) -> rollout
-//! decision (pure)
-//! -> apply with the chosen template -> delete pods / save stable / clear annotations ->
-//! ConfigMap GC -> status (pure) -> status write if changed -> Events on transitions.
+//! Reconcile = (wait for the caches' first list) -> desired (pure) -> read the rollout
+//! state (status), stable snapshot, pods, DaemonSet from the caches -> the Secrets the pods
+//! (and the gate) need -> gate (when a new release waits, or moves under it: a stop pauses
+//! or aborts the rollout) -> verification (when due) -> rollout decision (pure)
+//! -> apply with the chosen template -> delete pods (concurrently, bounded) / save stable /
+//! clear annotations -> ConfigMap GC -> status (pure) -> status write if changed -> Events
+//! on transitions. Nothing waits for the pods: their events wake the next reconcile.
 //! Errors requeue with exponential backoff per object (1 s doubling to 5 min, reset on
 //! success); a spec the agent would refuse is reported in status, not retried fast.
 //! Failures (`status::Failure`: invalid spec, refused apply, missing Secret) are written
 //! to the status by [`report_failure`], with one Event when they appear or change.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -31,21 +32,26 @@ use kube::runtime::{WatchStreamExt, predicates, utils::Predicate};
 use kube::{Client, ResourceExt};
 
 use crate::apply::{self, ApplyError, FINALIZER};
+use crate::cache::{self, Caches, Writers};
 use crate::crd::{GateFailureAction, GateSpec, GateStatus, LogPipeline, Phase};
 use crate::desired::daemonset::CONTAINER;
-use crate::desired::{
-    self, ANNOTATION_REVISION, DesiredError, Key, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGER,
-};
+use crate::desired::{self, ANNOTATION_REVISION, DesiredError, Key, LABEL_INSTANCE};
 use crate::events;
 use crate::gate;
 use crate::metrics::Metrics;
-use crate::rollout::{self, PodView, Template};
+use crate::plan;
+use crate::rollout::{self, PodView};
 use crate::status::{self, Failure, FailureReason, Observed};
 use crate::verify::{self, Verifier};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Longest wait before looking again for a missing Secret.
 const SECRET_RETRY: Duration = Duration::from_secs(30);
+/// How soon to look again while a cache has not been listed once.
+const CACHE_WAIT: Duration = Duration::from_secs(1);
+/// At most one reconcile of a LogPipeline acts per this interval: a rollout's thousand pod
+/// events become one reconcile (and at most one status write) a second, not a thousand.
+pub const PACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -79,6 +85,16 @@ pub struct Ctx {
     pub recorder: Recorder,
     pub verifier: Verifier,
     failures: Mutex<HashMap<ObjectRef<LogPipeline>, u32>>,
+    /// What the reconcile reads of the cluster (see `cache`).
+    pub caches: Caches,
+    /// Taken by [`run`], which drives the watches that fill `caches`.
+    writers: Mutex<Option<Writers>>,
+    /// When each LogPipeline's last reconcile started acting (see [`PACE`]).
+    acted: Mutex<HashMap<ObjectRef<LogPipeline>, Instant>>,
+    /// What was last applied for each LogPipeline (see `apply::Applied`).
+    applied: Mutex<HashMap<ObjectRef<LogPipeline>, apply::Applied>>,
+    /// Pods this operator deleted that the pod cache may not show terminating yet.
+    deleting: Mutex<HashMap<ObjectRef<LogPipeline>, HashSet<String>>>,
     /// When each LogPipeline's gate was last asked (see `gate::reuse`).
     gate_asked: Mutex<HashMap<ObjectRef<LogPipeline>, Timestamp>>,
 }
@@ -92,7 +108,13 @@ impl Ctx {
         recorder: Recorder,
         verifier: Verifier,
     ) -> Self {
+        let (caches, writers) = Caches::new();
         Self {
+            caches,
+            writers: Mutex::new(Some(writers)),
+            deleting: Mutex::new(HashMap::new()),
+            applied: Mutex::new(HashMap::new()),
+            acted: Mutex::new(HashMap::new()),
             client,
             agent_image,
             agent_cluster_role,
@@ -104,11 +126,73 @@ impl Ctx {
         }
     }
 
+    /// Names of `pods` this operator deleted that the cache does not show terminating yet
+    /// (forgets those it does show terminating, and those gone).
+    fn still_deleting(&self, lp: &LogPipeline, pods: &[Arc<Pod>]) -> HashSet<String> {
+        let Ok(mut map) = self.deleting.lock() else {
+            return HashSet::new();
+        };
+        let Some(names) = map.get_mut(&ObjectRef::from(lp)) else {
+            return HashSet::new();
+        };
+        names.retain(|name| {
+            pods.iter().any(|p| {
+                p.metadata.name.as_ref() == Some(name) && p.metadata.deletion_timestamp.is_none()
+            })
+        });
+        names.clone()
+    }
+
+    fn deleted(&self, lp: &LogPipeline, names: &[String]) {
+        if let Ok(mut map) = self.deleting.lock() {
+            map.entry(ObjectRef::from(lp))
+                .or_default()
+                .extend(names.iter().cloned());
+        }
+    }
+
+    /// `Some(wait)`: this LogPipeline was reconciled less than [`PACE`] ago; else it may
+    /// act now (and `now` is remembered).
+    fn paced(&self, lp: &LogPipeline, now: Instant) -> Option<Duration> {
+        let mut map = self.acted.lock().ok()?;
+        let object = ObjectRef::from(lp);
+        if let Some(wait) = map.get(&object).and_then(|last| pace_wait(*last, now)) {
+            return Some(wait);
+        }
+        map.insert(object, now);
+        None
+    }
+
+    fn last_applied(&self, lp: &LogPipeline) -> Option<apply::Applied> {
+        self.applied
+            .lock()
+            .ok()
+            .and_then(|map| map.get(&ObjectRef::from(lp)).cloned())
+    }
+
+    fn remember_applied(&self, lp: &LogPipeline, applied: apply::Applied) {
+        if let Ok(mut map) = self.applied.lock() {
+            map.insert(ObjectRef::from(lp), applied);
+        }
+    }
+
+    fn forget_applied(&self, lp: &LogPipeline) {
+        if let Ok(mut map) = self.applied.lock() {
+            map.remove(&ObjectRef::from(lp));
+        }
+    }
+
     fn reset_failures(&self, lp: &LogPipeline) {
         if let Ok(mut map) = self.failures.lock() {
             map.remove(&ObjectRef::from(lp));
         }
     }
+}
+
+/// Pure: how long until a LogPipeline last reconciled at `last` may act again.
+fn pace_wait(last: Instant, now: Instant) -> Option<Duration> {
+    let since = now.saturating_duration_since(last);
+    (since < PACE).then(|| PACE - since)
 }
 
 /// Exponential backoff: 1 s, 2 s, 4 s ... capped at 5 min.
@@ -122,6 +206,13 @@ pub async fn reconcile(lp: Arc<LogPipeline>, ctx: Arc<Ctx>) -> Result<Action, Er
     let Some(namespace) = lp.namespace() else {
         return Ok(Action::await_change());
     };
+    if !ctx.caches.ready() {
+        // Acting on a half-listed cache could move nodes it does not know of.
+        return Ok(Action::requeue(CACHE_WAIT));
+    }
+    if let Some(wait) = ctx.paced(&lp, Instant::now()) {
+        return Ok(Action::requeue(wait));
+    }
     let api: Api<LogPipeline> = Api::namespaced(ctx.client.clone(), &namespace);
     let result = finalizer(&api, FINALIZER, lp, |event| async {
         match event {
@@ -142,7 +233,7 @@ pub async fn reconcile(lp: Arc<LogPipeline>, ctx: Arc<Ctx>) -> Result<Action, Er
 
 async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     let key = Key::of(lp)?;
-    let sm_crd = apply::service_monitor_crd_exists(&ctx.client).await?;
+    let sm_crd = ctx.caches.service_monitor_crd();
     let dctx = desired::Context {
         agent_image: ctx.agent_image.clone(),
         service_monitor_crd: sm_crd,
@@ -159,10 +250,22 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     };
     let spec = &lp.spec.rollout;
     let old = lp.status.as_ref();
-    let stable = apply::read_stable(&ctx.client, &key).await?;
-    let existing = apply::get_daemon_set(&ctx.client, &key).await?;
-    let pods = apply::list_pods(&ctx.client, &key).await?;
-    let views: Vec<PodView> = pods.iter().map(pod_view).collect();
+    let stable = apply::stable_from(
+        ctx.caches
+            .config_map(&key.namespace, &apply::stable_name(&key))
+            .as_deref(),
+    );
+    let existing = ctx.caches.daemon_set(&key);
+    let pods = ctx.caches.pods_of(&key);
+    let deleting = ctx.still_deleting(lp, &pods);
+    let views: Vec<PodView> = pods
+        .iter()
+        .map(|p| {
+            let mut view = pod_view(p);
+            view.terminating |= deleting.contains(&view.name);
+            view
+        })
+        .collect();
     let desired_nodes = existing
         .as_ref()
         .and_then(|ds| ds.status.as_ref())
@@ -178,7 +281,10 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
         .iter()
         .any(|s| s.canary.as_ref().is_some_and(|c| c.node_selector.is_some()));
     let node_labels = if selects_nodes {
-        apply::node_labels(&ctx.client).await?
+        match ctx.caches.node_labels(&ctx.client) {
+            Some(labels) => labels,
+            None => return Ok(Action::requeue(CACHE_WAIT)),
+        }
     } else {
         BTreeMap::new()
     };
@@ -254,7 +360,7 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
             let targets: Vec<verify::Target> = pods
                 .iter()
                 .filter(|p| names.contains(&p.name_any()))
-                .map(verify::Target::of)
+                .map(|p| verify::Target::of(p))
                 .collect();
             let key = verify::BaselineKey {
                 pipeline: lp.uid().unwrap_or_default(),
@@ -278,6 +384,7 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
         let chosen: Vec<&Pod> = pods
             .iter()
             .filter(|p| request.pods.contains(&p.name_any()))
+            .map(|p| p.as_ref())
             .collect();
         let targets: Vec<verify::Target> = chosen
             .iter()
@@ -354,45 +461,49 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     if let Some(why) = &gate_stop {
         explain_gate_stop(&mut decision, &state, why, promote || abort);
     }
-    let daemon_set = match (decision.template, &stable) {
-        (Template::Target, _) | (Template::Stable, None) => Some(objects.daemon_set.clone()),
-        (Template::Stable, Some(snapshot)) => Some(snapshot.apply_to(&objects.daemon_set)),
-        // Held before its first stable revision: leave whatever runs alone.
-        (Template::None, _) => None,
-    };
-    let ds = match apply::apply_objects(&ctx.client, &key, &objects, daemon_set.as_ref(), sm_crd)
-        .await
-    {
-        Ok(ds) => ds,
-        Err(e) => {
-            report_failure(lp, ctx, &Failure::of_apply(&e)).await;
-            return Err(e.into());
-        }
-    };
-    let mut deleted_now: Vec<String> = Vec::new();
-    let mut keep: Vec<String> = stable.iter().map(|s| s.config_map.clone()).collect();
-    for action in &decision.actions {
-        match action {
-            rollout::Action::DeletePods(names) => {
-                tracing::info!(pipeline = %key.name, namespace = %key.namespace, pods = ?names, phase = ?decision.state.phase, revision = %objects.revision, "moving nodes");
-                apply::delete_pods(&ctx.client, &key, names).await?;
-                ctx.metrics.pod_deletions.inc_by(names.len() as u64);
-                deleted_now.extend(names.iter().cloned());
+    let writes = plan::writes(
+        &key,
+        &objects,
+        stable.as_ref(),
+        &decision,
+        &pods,
+        &ctx.caches.config_map_names(&key),
+    );
+    let daemon_set = writes.daemon_set.as_ref();
+    let applied = apply::Applied::of(&objects, daemon_set, sm_crd);
+    let last = ctx.last_applied(lp);
+    let ds = if applied.still_holds(last.as_ref(), existing.as_deref(), Instant::now()) {
+        existing.as_deref().cloned()
+    } else {
+        match apply::apply_objects(&ctx.client, &key, &objects, daemon_set, sm_crd).await {
+            Ok(ds) => {
+                ctx.remember_applied(lp, applied.stored(ds.as_ref(), Instant::now()));
+                ds
             }
-            rollout::Action::SaveStable => {
-                if let Some(snapshot) = apply::StableSnapshot::of(&objects) {
-                    apply::save_stable(&ctx.client, lp, &key, &snapshot).await?;
-                    tracing::info!(pipeline = %key.name, namespace = %key.namespace, revision = %snapshot.revision, "saved the stable revision");
-                    keep = vec![snapshot.config_map];
-                }
-            }
-            rollout::Action::ClearAnnotations => {
-                apply::clear_annotations(&ctx.client, &key).await?
+            Err(e) => {
+                ctx.forget_applied(lp);
+                report_failure(lp, ctx, &Failure::of_apply(&e)).await;
+                return Err(e.into());
             }
         }
+    };
+    let deleted_now = writes.delete_pods.clone();
+    if !writes.delete_pods.is_empty() {
+        let names = &writes.delete_pods;
+        tracing::info!(pipeline = %key.name, namespace = %key.namespace, pods = ?names, phase = ?decision.state.phase, revision = %objects.revision, "moving nodes");
+        ctx.deleted(lp, names);
+        apply::delete_pods(&ctx.client, &key, names).await?;
+        ctx.metrics.pod_deletions.inc_by(names.len() as u64);
+    }
+    if let Some(snapshot) = &writes.save_stable {
+        apply::save_stable(&ctx.client, lp, &key, snapshot).await?;
+        tracing::info!(pipeline = %key.name, namespace = %key.namespace, revision = %snapshot.revision, "saved the stable revision");
+    }
+    if writes.clear_annotations {
+        apply::clear_annotations(&ctx.client, &key).await?;
     }
     let current_cm = objects.config_map.metadata.name.clone().unwrap_or_default();
-    let deleted = apply::gc_config_maps(&ctx.client, &key, &current_cm, &keep, &pods).await?;
+    let deleted = apply::delete_config_maps(&ctx.client, &key, &writes.delete_config_maps).await?;
     if !deleted.is_empty() {
         tracing::info!(pipeline = %key.name, config_maps = ?deleted, "deleted unused agent ConfigMaps");
         ctx.metrics
@@ -576,6 +687,7 @@ async fn cleanup(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     if let Ok(mut asked) = ctx.gate_asked.lock() {
         asked.remove(&ObjectRef::from(lp));
     }
+    ctx.forget_applied(lp);
     tracing::info!(pipeline = %key.name, namespace = %key.namespace, "deleted cluster-scoped objects");
     Ok(Action::await_change())
 }
@@ -679,6 +791,10 @@ pub async fn run(
         }
     }
     let ns = namespace.as_deref();
+    let Some(writers) = ctx.writers.lock().ok().and_then(|mut w| w.take()) else {
+        tracing::error!("the controller runs once per context");
+        return;
+    };
     let pipelines: Api<LogPipeline> = scoped(&client, ns);
     // Spec changes only: our own status writes must not trigger a reconcile.
     let (reader, writer) = reflector::store::<LogPipeline>();
@@ -692,15 +808,29 @@ pub async fn run(
                 .combine(predicates::annotations),
             Default::default(),
         );
-    let managed = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
-    let pods: Api<Pod> = scoped(&client, ns);
+    let to_pipeline = |labels: &BTreeMap<String, String>, namespace: Option<String>| {
+        let name = labels.get(LABEL_INSTANCE)?;
+        Some(ObjectRef::<LogPipeline>::new(name).within(&namespace?))
+    };
     Controller::for_stream(main_stream, reader)
-        .owns(scoped::<DaemonSet>(&client, ns), managed.clone())
-        .watches(pods, managed, |pod: Pod| {
-            let namespace = pod.namespace()?;
-            let name = pod.labels().get(LABEL_INSTANCE)?.clone();
-            Some(ObjectRef::<LogPipeline>::new(&name).within(&namespace))
-        })
+        .owns_stream(cache::daemon_set_stream(
+            scoped(&client, ns),
+            writers.daemon_sets,
+        ))
+        .watches_stream(
+            cache::pod_stream(scoped(&client, ns), writers.pods),
+            move |pod: Pod| to_pipeline(pod.labels(), pod.namespace()),
+        )
+        .watches_stream(
+            cache::config_map_stream(scoped(&client, ns), writers.config_maps),
+            move |cm: k8s_openapi::api::core::v1::ConfigMap| {
+                to_pipeline(cm.labels(), cm.namespace())
+            },
+        )
+        .reconcile_all_on(cache::service_monitor_crd_trigger(
+            client.clone(),
+            writers.crds,
+        ))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -715,6 +845,21 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pace_table() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let cases = [
+            ("at once", t0, Some(PACE)),
+            ("a moment later", t0 + ms(300), Some(ms(700))),
+            ("a pace later", t0 + PACE, None),
+            ("long after", t0 + ms(60_000), None),
+        ];
+        for (name, now, want) in cases {
+            assert_eq!(pace_wait(t0, now), want, "{name}");
+        }
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -5,6 +5,7 @@
 //! ([`verify`]: agents' metrics and Loki; [`gate`]: another cluster).
 
 pub mod apply;
+pub mod cache;
 pub mod controller;
 pub mod crd;
 pub mod crdgen;
@@ -14,6 +15,7 @@ pub mod gate;
 pub mod kube_requests;
 pub mod leader;
 pub mod metrics;
+pub mod plan;
 pub mod rbac;
 pub mod render;
 pub mod rollout;

@@ -18,7 +18,7 @@ pub const AGENT_CLUSTER_ROLE: &str = "logpipe-agent";
 /// The Lease the replicas elect their leader on (`--lease-name`).
 pub const LEASE_NAME: &str = "logpipe-operator";
 
-/// The CRD whose presence turns ServiceMonitors on (`apply::service_monitor_crd_exists`).
+/// The CRD whose presence turns ServiceMonitors on (`cache::service_monitor_crd_trigger`).
 pub const SERVICE_MONITOR_CRD: &str = "servicemonitors.monitoring.coreos.com";
 
 /// One RBAC rule: an API group, its resources, verbs and (optionally) the only names.
@@ -77,26 +77,26 @@ pub const OPERATOR_CLUSTER_RULES: &[Rule] = &[
     rule(
         "apps",
         &["daemonsets"],
-        &["get", "list", "watch", "create", "patch"],
-        "controller::run owns them (list, watch); apply::get_daemon_set (get); apply::apply_objects (server-side apply: patch, create)",
+        &["list", "watch", "create", "patch"],
+        "cache::daemon_set_stream (list, watch); apply::apply_objects (server-side apply: patch, create)",
     ),
     rule(
         "",
         &["pods"],
         &["list", "watch", "delete"],
-        "controller::run watches agent pods; apply::list_pods (list); apply::delete_pods moves a node (delete)",
+        "cache::pod_stream, the agent pod cache (list, watch); apply::delete_pods moves a node (delete)",
     ),
     rule(
         "",
         &["nodes"],
-        &["list"],
-        "apply::node_labels (canary steps that select nodes by labels)",
+        &["list", "watch"],
+        "cache::Caches::node_labels (canary steps that select nodes by labels)",
     ),
     rule(
         "",
         &["configmaps"],
-        &["get", "list", "create", "patch", "delete"],
-        "apply::read_stable (get); apply::gc_config_maps (list, delete); apply::apply_objects, apply::save_stable (patch, create)",
+        &["list", "watch", "create", "patch", "delete"],
+        "cache::config_map_stream (list, watch); apply::delete_config_maps (delete); apply::apply_objects, apply::save_stable (patch, create)",
     ),
     rule(
         "",
@@ -138,9 +138,9 @@ pub const OPERATOR_CLUSTER_RULES: &[Rule] = &[
     Rule {
         group: "apiextensions.k8s.io",
         resources: &["customresourcedefinitions"],
-        verbs: &["get"],
+        verbs: &["list", "watch"],
         names: &[SERVICE_MONITOR_CRD],
-        used_by: "apply::service_monitor_crd_exists",
+        used_by: "cache::service_monitor_crd_trigger (a watch by metadata.name)",
     },
 ];
 
