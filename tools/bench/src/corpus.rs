@@ -387,13 +387,7 @@ impl LineMaker {
                     self.rng.range(1, 999_999),
                     self.rng.range(0, 999),
                 );
-                let head = if full.len() <= len {
-                    full
-                } else {
-                    String::new()
-                };
-                out.push_str(&head);
-                self.filler(len.saturating_sub(head.len()), out);
+                self.headed(full, len, out);
             }
             Format::Klog => {
                 let full = format!(
@@ -409,18 +403,23 @@ impl LineMaker {
                     self.rng.pick(NAMESPACES),
                     self.rng.pick(APPS),
                 );
-                let head = if full.len() <= len {
-                    full
-                } else {
-                    String::new()
-                };
-                out.push_str(&head);
-                self.filler(len.saturating_sub(head.len()), out);
+                self.headed(full, len, out);
             }
         }
     }
 
     /// Exactly `n` bytes of words (no quote or backslash, so JSON stays valid).
+    /// `head` then filler up to `len` bytes; filler alone when `head` is longer than that.
+    fn headed(&mut self, head: String, len: usize, out: &mut String) {
+        let head = if head.len() <= len {
+            head
+        } else {
+            String::new()
+        };
+        out.push_str(&head);
+        self.filler(len.saturating_sub(head.len()), out);
+    }
+
     fn filler(&mut self, n: usize, out: &mut String) {
         let start = out.len();
         while out.len() - start < n {

@@ -712,24 +712,7 @@ pub fn results_md(outcome: &Outcome, options: &Options, results: &Value) -> Stri
                     fmt(r["peak_rss_bytes"].as_f64(), 3),
                 ));
             }
-            md.push_str("\n| target (issue 16) | goal | measured | met |\n|---|---|---|---|\n");
-            if let Some(targets) = short["targets"].as_array() {
-                for t in targets {
-                    md.push_str(&format!(
-                        "| {} | {} | {} | {} |\n",
-                        t["name"].as_str().unwrap_or(""),
-                        t["target"].as_str().unwrap_or(""),
-                        t["measured"]
-                            .as_f64()
-                            .map_or("—".into(), |v| format!("{v:.3}")),
-                        match t["met"].as_bool() {
-                            Some(true) => "yes",
-                            Some(false) => "no",
-                            None => "—",
-                        }
-                    ));
-                }
-            }
+            md.push_str(&target_table("target (issue 16)", &short["targets"]));
         }
     }
     md.push_str("\n## Steady state (null receiver, short lines)\n\n");
@@ -790,24 +773,7 @@ pub fn results_md(outcome: &Outcome, options: &Options, results: &Value) -> Stri
             fmt(r.steady_rss.get(i).and_then(|x| x.1), 3)
         });
     }
-    md.push_str("\n| target | goal | measured | met |\n|---|---|---|---|\n");
-    if let Some(targets) = results["targets"].as_array() {
-        for t in targets {
-            md.push_str(&format!(
-                "| {} | {} | {} | {} |\n",
-                t["name"].as_str().unwrap_or(""),
-                t["target"].as_str().unwrap_or(""),
-                t["measured"]
-                    .as_f64()
-                    .map_or("—".into(), |v| format!("{v:.3}")),
-                match t["met"].as_bool() {
-                    Some(true) => "yes",
-                    Some(false) => "no",
-                    None => "—",
-                }
-            ));
-        }
-    }
+    md.push_str(&target_table("target", &results["targets"]));
     md.push_str("\nLabels per stream (null runs) —");
     for subject in Subject::ALL {
         md.push_str(&format!(
@@ -1073,6 +1039,27 @@ pub fn headline(results: &Value) -> Vec<String> {
         ));
     }
     lines
+}
+
+/// A Markdown table of `targets` (`[{name, target, measured, met}]`), headed `heading`.
+fn target_table(heading: &str, targets: &serde_json::Value) -> String {
+    let mut md = format!("\n| {heading} | goal | measured | met |\n|---|---|---|---|\n");
+    for t in targets.as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            t["name"].as_str().unwrap_or(""),
+            t["target"].as_str().unwrap_or(""),
+            t["measured"]
+                .as_f64()
+                .map_or("—".into(), |v| format!("{v:.3}")),
+            match t["met"].as_bool() {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "—",
+            }
+        ));
+    }
+    md
 }
 
 #[cfg(test)]
