@@ -45,8 +45,15 @@ pub fn render_agent_config(lp: &LogPipeline) -> Result<String, AgentConfigError>
     let yaml = config
         .to_yaml()
         .map_err(|e| AgentConfigError::Write(e.to_string()))?;
-    // Round trip through the loader the agent runs: what we ship, it accepts.
-    AgentConfig::from_yaml(&yaml).map_err(|e| AgentConfigError::Refused(e.to_string()))?;
+    // What we ship reads back as what we validated (the agent's loader validates again;
+    // compiling every regex a second time here, at each reconcile, would add nothing).
+    let read_back: AgentConfig =
+        serde_yaml::from_str(&yaml).map_err(|e| AgentConfigError::Refused(e.to_string()))?;
+    if read_back != config {
+        return Err(AgentConfigError::Refused(
+            "the rendered config does not read back as it was built".into(),
+        ));
+    }
     Ok(yaml)
 }
 
