@@ -9,7 +9,7 @@ CARGO ?= cargo
 # The end-to-end targets of tests/ are built only with the `e2e` feature (see tests/Cargo.toml).
 E2E := $(CARGO) test -p logpipe-e2e --features e2e --test
 
-.PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent e2e-argocd e2e-nodesim e2e-rollout e2e-examples \
+.PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent e2e-teams e2e-argocd e2e-nodesim e2e-rollout e2e-examples \
         chart-test testbed-build testbed-up testbed-down testbed-wipe crds demo bench bench-operator \
         images images-test
 
@@ -62,7 +62,7 @@ fmt:
 unit:
 	$(CARGO) test --workspace
 
-e2e: build e2e-testbed e2e-nodesim chart-test e2e-argocd e2e-examples e2e-operator e2e-agent e2e-rollout
+e2e: build e2e-testbed e2e-nodesim chart-test e2e-argocd e2e-examples e2e-operator e2e-agent e2e-teams e2e-rollout
 
 e2e-testbed: testbed-up
 	$(E2E) e2e_testbed
@@ -73,6 +73,11 @@ e2e-operator: build testbed-up
 e2e-agent: build testbed-up
 	$(E2E) e2e_agent
 	$(E2E) e2e_agent_outage
+
+# Selection, overlap-free partition and keyed limits: agents with pod discovery on the
+# ops cluster (one bed, both tests well under a minute each).
+e2e-teams: build testbed-up
+	$(E2E) e2e_teams
 
 # Phased rollouts with real agents on ROLLOUT_NODES nodes in each of ops, dev and prod
 # (a running test bed with fewer nodes gets the missing ones added).

@@ -17,6 +17,7 @@ pub mod podlogs;
 pub mod positions;
 pub use logpipe_api::relabel;
 pub mod runtime;
+pub mod selection;
 pub mod server;
 pub mod stages;
 pub mod tail;

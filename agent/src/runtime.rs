@@ -28,6 +28,7 @@ use crate::loki::{self, Shipper, ShipperConfig};
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::positions::{self, FileFacts, Fingerprint, PositionsDoc, PositionsError, PositionsFile};
 use crate::relabel::{self, RelabelError, Relabeler};
+use crate::selection::{self, NamespaceIndex, Verdict};
 use crate::server::{self, Health, ServerError};
 use crate::stages::{Pipeline, PipelineStats, StageError, StreamState};
 use crate::tail::ack::Ledger;
@@ -58,6 +59,8 @@ pub enum RuntimeError {
     Thread(std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signal(std::io::Error),
+    #[error("invalid config: selector needs pod discovery (run in a cluster or pass --kubeconfig)")]
+    SelectorWithoutDiscovery,
 }
 
 /// Settings that come from flags, not from the config document.
@@ -77,11 +80,19 @@ pub struct FileStream {
     seen_version: u64,
 }
 
+/// Which pods are shipped: the config's selector and, for a namespace selector, the
+/// namespaces' labels.
+pub struct Selection {
+    pub selector: logpipe_api::selector::PodSelection,
+    pub namespaces: Option<Arc<NamespaceIndex>>,
+}
+
 /// The tailer's handler: labels from discovery (or the path), then the pipeline.
 pub struct PipelineHandler {
     pipeline: Arc<Pipeline>,
     relabeler: Arc<Relabeler>,
     index: Arc<PodIndex>,
+    selection: Selection,
     node: String,
     stats: PipelineStats,
     metrics: Arc<Metrics>,
@@ -92,6 +103,7 @@ impl PipelineHandler {
         pipeline: Arc<Pipeline>,
         relabeler: Arc<Relabeler>,
         index: Arc<PodIndex>,
+        selection: Selection,
         node: String,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -99,14 +111,34 @@ impl PipelineHandler {
             pipeline,
             relabeler,
             index,
+            selection,
             node,
             stats: PipelineStats::default(),
             metrics,
         }
     }
 
+    /// Moves whenever a pod or a namespace changed (both counters only grow).
+    fn version(&self) -> u64 {
+        let namespaces = self.selection.namespaces.as_ref().map_or(0, |n| n.version());
+        self.index.version().wrapping_add(namespaces)
+    }
+
+    fn verdict(&self, uid: &str) -> Verdict {
+        let pod = self.index.get(uid);
+        selection::decide(
+            &self.selection.selector,
+            pod.as_ref(),
+            self.selection.namespaces.as_deref(),
+        )
+    }
+
+    /// `None`: the file's lines are skipped (pod not selected, or dropped by relabeling).
     fn labels(&self, file: &FileInfo) -> Option<LabelSet> {
         let pod = file.pod.as_ref()?;
+        if self.verdict(&pod.uid) != Verdict::Ship {
+            return None;
+        }
         let known = self.index.get(&pod.uid);
         let empty = BTreeMap::new();
         let meta = match &known {
@@ -171,6 +203,10 @@ impl LineHandler for PipelineHandler {
 
     fn open(&mut self, file: &FileInfo) -> Option<FileStream> {
         let pod = file.pod.as_ref()?;
+        // A selector never ships on a guess: the file waits until the pod is known.
+        if self.verdict(&pod.uid) == Verdict::Wait {
+            return None;
+        }
         if self.index.is_enabled() && self.index.get(&pod.uid).is_none() {
             let waited = file.first_seen.elapsed();
             let limit = if self.index.is_synced() {
@@ -186,12 +222,12 @@ impl LineHandler for PipelineHandler {
         Some(FileStream {
             state: self.pipeline.stream(),
             labels: self.labels(file),
-            seen_version: self.index.version(),
+            seen_version: self.version(),
         })
     }
 
     fn refresh(&mut self, file: &FileInfo, stream: &mut FileStream) {
-        let version = self.index.version();
+        let version = self.version();
         if version != stream.seen_version {
             stream.seen_version = version;
             stream.labels = self.labels(file);
@@ -352,6 +388,11 @@ pub async fn run(config: AgentConfig, options: Options) -> Result<(), RuntimeErr
         Some(_) => PodIndex::enabled(),
         None => PodIndex::disabled(),
     });
+    if !config.selector.is_empty() && !index.is_enabled() {
+        return Err(RuntimeError::SelectorWithoutDiscovery);
+    }
+    let namespaces = (!config.selector.namespace_selector.is_empty())
+        .then(|| Arc::new(NamespaceIndex::default()));
     let health = Arc::new(Health::new(index.is_enabled()));
     metrics.discovery_synced.set(i64::from(!index.is_enabled()));
     let client = LokiClient::new(&config.loki, metrics.clone(), health.clone())?;
@@ -369,6 +410,9 @@ pub async fn run(config: AgentConfig, options: Options) -> Result<(), RuntimeErr
         health.clone(),
         cancel.clone(),
     ));
+    let namespace_task = kube.clone().zip(namespaces.clone()).map(|(client, ns)| {
+        tokio::spawn(selection::run_namespace_watch(client, ns, cancel.clone()))
+    });
     let discovery_task = kube.map(|client| {
         tokio::spawn(discovery::run(
             client,
@@ -417,6 +461,10 @@ pub async fn run(config: AgentConfig, options: Options) -> Result<(), RuntimeErr
         pipeline,
         relabeler,
         index.clone(),
+        Selection {
+            selector: config.selector.clone(),
+            namespaces,
+        },
         options.node_name.clone(),
         metrics.clone(),
     );
@@ -467,7 +515,7 @@ pub async fn run(config: AgentConfig, options: Options) -> Result<(), RuntimeErr
     let _ = writer_task.await;
     save_positions(&positions_file, &ledger, &metrics).await;
     cancel.cancel();
-    if let Some(task) = discovery_task {
+    for task in discovery_task.into_iter().chain(namespace_task) {
         let _ = task.await;
     }
     match server_task.await {

@@ -14,6 +14,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::process;
+use crate::selector::PodSelection;
 
 /// Everything one agent process needs. Rendered by the operator; flags override a few
 /// fields for runs outside a cluster (see `main.rs`).
@@ -38,6 +39,10 @@ pub struct AgentConfig {
     /// Ordered processing stages.
     #[serde(default)]
     pub pipeline: Vec<Stage>,
+    /// The pods whose logs are shipped (namespace and pod label selectors). Empty: every
+    /// pod of the node.
+    #[serde(default, skip_serializing_if = "PodSelection::is_empty")]
+    pub selector: PodSelection,
     /// Size and memory limits.
     #[serde(default)]
     pub limits: Limits,
@@ -399,6 +404,21 @@ pub struct LimitStage {
     /// Drop entries over the limit (true) or wait, which slows reading (false).
     #[serde(default)]
     pub drop: bool,
+    /// One bucket per combination of these labels' values (e.g. `[namespace, app]`),
+    /// shared by every stream with those values. Unset: one bucket per stream (file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 8), extend("items" = {"type": "string", "maxLength": 256}, "x-kubernetes-validations" = [{"rule": LABEL_NAMES_RULE, "message": "limit.byLabels: each entry must be a label name: letters, digits and _, not starting with a digit"}]))]
+    pub by_labels: Option<Vec<String>>,
+    /// Most keys (label value combinations) with a bucket of their own; entries of
+    /// further keys share one overflow bucket (their drops are counted as
+    /// `rate_limited_overflow`). Default 1000.
+    #[serde(default = "default_limit_max_keys")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_keys: u32,
+}
+
+fn default_limit_max_keys() -> u32 {
+    1000
 }
 
 /// A duration written as Go and Prometheus write them: `500ms`, `10s`, `5m`, `1h30m`.

@@ -88,6 +88,9 @@ pub fn config(config: &AgentConfig) -> Vec<Problem> {
         };
         report(field, self::stage(index, stage));
     }
+    for (field, message) in crate::selector::problems(&config.selector) {
+        report(format!("selector.{field}"), Err(message));
+    }
     problems
 }
 
@@ -164,6 +167,15 @@ fn rate_limit(limit: &LimitStage) -> Result<(), String> {
     }
     if limit.burst == 0 {
         return Err("burst must be at least 1".into());
+    }
+    if let Some(names) = &limit.by_labels {
+        if names.is_empty() {
+            return Err("byLabels must name at least one label (or be left out)".into());
+        }
+        names.iter().try_for_each(|name| label_name(name))?;
+    }
+    if limit.max_keys == 0 {
+        return Err("maxKeys must be at least 1".into());
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod gate;
 pub mod kube_requests;
 pub mod leader;
 pub mod metrics;
+pub mod overlap;
 pub mod plan;
 pub mod rbac;
 pub mod render;

@@ -172,12 +172,20 @@ pub const OPERATOR_LEASE_RULES: &[Rule] = &[
 ];
 
 /// The agents' ClusterRole (the chart's `files/agent-clusterrole.yaml`).
-pub const AGENT_RULES: &[Rule] = &[rule(
-    "",
-    &["pods"],
-    &["list", "watch"],
-    "agent/src/discovery.rs: watches the pods of its own node (fieldSelector spec.nodeName)",
-)];
+pub const AGENT_RULES: &[Rule] = &[
+    rule(
+        "",
+        &["pods"],
+        &["list", "watch"],
+        "agent/src/discovery.rs: watches the pods of its own node (fieldSelector spec.nodeName)",
+    ),
+    rule(
+        "",
+        &["namespaces"],
+        &["get", "list", "watch"],
+        "agent/src/selection.rs: namespace labels, for a LogPipeline's spec.selector.namespaceSelector",
+    ),
+];
 
 /// Every (group, resource, verb, name) a set of rules grants; `name` empty: any.
 pub fn grants(rules: &[Rule]) -> std::collections::BTreeSet<(String, String, String, String)> {

@@ -47,9 +47,10 @@ pub(super) enum Compiled {
         slot: usize,
     },
     Limit {
-        rate: f64,
-        burst: f64,
-        drop: bool,
+        rate: super::limit::Rate,
+        /// `byLabels`: buckets shared by streams with the same label values.
+        keyed: Option<super::limit::Keyed>,
+        /// The per-stream bucket's slot, when not keyed.
         slot: usize,
     },
 }
@@ -195,9 +196,15 @@ impl Pipeline {
             let slot = self.limits;
             self.limits += 1;
             Compiled::Limit {
-                rate: limit.rate,
-                burst: f64::from(limit.burst),
-                drop: limit.drop,
+                rate: super::limit::Rate {
+                    rate: limit.rate,
+                    burst: f64::from(limit.burst),
+                    drop: limit.drop,
+                },
+                keyed: limit
+                    .by_labels
+                    .clone()
+                    .map(|labels| super::limit::Keyed::new(labels, limit.max_keys)),
                 slot,
             }
         } else {

@@ -40,12 +40,14 @@
 //! condition holds; `multiline` starts a block with the first line of a stream even if
 //! it does not match `firstLine`. Deviations: partial lines are joined with nothing
 //! between them (they are pieces of one line), the joined entry has its first piece's
-//! time; a `limit` stage's bucket is per stream, not shared by all streams.
+//! time; a `limit` stage's bucket is per stream, not shared by all streams, unless it
+//! is keyed by labels (`byLabels`, see `limit.rs`).
 
 mod actions;
 mod compile;
 mod fields;
 mod labels;
+mod limit;
 mod timestamp;
 
 #[cfg(test)]
@@ -116,8 +118,7 @@ pub struct PushOutcome {
 
 /// Drop reason of lines the parser could not read, under `malformedLines: drop`.
 pub const MALFORMED_REASON: &str = "malformed";
-/// Drop reason of the `limit` stage in drop mode.
-pub const RATE_LIMITED_REASON: &str = "rate_limited";
+pub use self::limit::{RATE_LIMITED_OVERFLOW_REASON, RATE_LIMITED_REASON};
 /// Drop reason of a `drop` stage without `dropCounterReason`.
 pub const DROP_STAGE_REASON: &str = "drop_stage";
 
@@ -162,7 +163,7 @@ pub struct StreamState {
     stream_labels: [Option<(LabelSet, LabelSet)>; 2],
     label_memos: Vec<LabelMemo>,
     multiline: Vec<Option<Pending>>,
-    buckets: Vec<Option<Bucket>>,
+    buckets: Vec<Option<limit::Bucket>>,
 }
 
 #[derive(Debug, Default)]
@@ -185,12 +186,6 @@ struct Pending {
     fields: Fields,
     lines: u32,
     last_push_ns: i64,
-}
-
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    last_ns: i64,
 }
 
 /// The entry being built.
@@ -690,32 +685,27 @@ impl Pipeline {
                     }
                     return;
                 }
-                Compiled::Limit {
-                    rate,
-                    burst,
-                    drop,
-                    slot,
-                } => {
-                    let Some(bucket) = state.buckets.get_mut(*slot) else {
-                        continue;
+                Compiled::Limit { rate, keyed, slot } => {
+                    let (take, reason) = match keyed {
+                        Some(keyed) => keyed.take(rate, &work.labels, ctx.now_ns),
+                        None => {
+                            let Some(bucket) = state.buckets.get_mut(*slot) else {
+                                continue;
+                            };
+                            let bucket = bucket.get_or_insert(rate.full(ctx.now_ns));
+                            (rate.take(bucket, ctx.now_ns), RATE_LIMITED_REASON)
+                        }
                     };
-                    let bucket = bucket.get_or_insert(Bucket {
-                        tokens: *burst,
-                        last_ns: ctx.now_ns,
-                    });
-                    let elapsed_ns = ctx.now_ns.saturating_sub(bucket.last_ns).max(0);
-                    bucket.tokens = (bucket.tokens + elapsed_ns as f64 * rate / 1e9).min(*burst);
-                    bucket.last_ns = bucket.last_ns.max(ctx.now_ns);
-                    if bucket.tokens >= 1.0 {
-                        bucket.tokens -= 1.0;
-                    } else if *drop {
-                        ctx.stats.count_drop(RATE_LIMITED_REASON);
-                        ctx.decide(work.end_offset);
-                        return;
-                    } else {
-                        let wait = Duration::from_secs_f64(((1.0 - bucket.tokens) / rate).max(0.0));
-                        bucket.tokens -= 1.0;
-                        ctx.wait = Some(ctx.wait.map_or(wait, |w| w.max(wait)));
+                    match take {
+                        limit::Take::Pass => {}
+                        limit::Take::Drop => {
+                            ctx.stats.count_drop(reason);
+                            ctx.decide(work.end_offset);
+                            return;
+                        }
+                        limit::Take::Wait(wait) => {
+                            ctx.wait = Some(ctx.wait.map_or(wait, |w| w.max(wait)));
+                        }
                     }
                 }
             }

@@ -18,7 +18,9 @@ fn a_good_config_has_no_problem() {
         "relabel:\n- {sourceLabels: [__meta_kubernetes_namespace], targetLabel: namespace}\n\
          pipeline:\n- cri: {}\n- timestamp: {source: time, format: RFC3339}\n\
          - regex: {expression: '^(?P<level>\\w+)'}\n- labels: {level: ''}\n\
-         - multiline: {firstLine: '^\\S'}\n- limit: {rate: 10, burst: 20}\n",
+         - multiline: {firstLine: '^\\S'}\n- limit: {rate: 10, burst: 20}\n\
+         - limit: {rate: 10, burst: 20, byLabels: [namespace, app], maxKeys: 50}\n\
+         selector: {namespaceSelector: {matchLabels: {team: shop}}, podSelector: {matchExpressions: [{key: app, operator: Exists}]}}\n",
     );
     assert_eq!(found, []);
 }
@@ -137,6 +139,31 @@ fn every_mistake_is_named_by_its_field() {
             "pipeline:\n- structuredMetadata: {'': trace}\n",
             "pipeline[0].structuredMetadata",
             "must not be empty",
+        ),
+        (
+            "pipeline:\n- limit: {rate: 5, burst: 5, byLabels: [app-name]}\n",
+            "pipeline[0].limit",
+            "not a valid label name",
+        ),
+        (
+            "pipeline:\n- limit: {rate: 5, burst: 5, byLabels: []}\n",
+            "pipeline[0].limit",
+            "at least one label",
+        ),
+        (
+            "pipeline:\n- limit: {rate: 5, burst: 5, byLabels: [app], maxKeys: 0}\n",
+            "pipeline[0].limit",
+            "maxKeys",
+        ),
+        (
+            "selector: {podSelector: {matchExpressions: [{key: app, operator: In}]}}\n",
+            "selector.podSelector.matchExpressions[0]",
+            "needs values",
+        ),
+        (
+            "selector: {namespaceSelector: {matchLabels: {team: 'a b'}}}\n",
+            "selector.namespaceSelector.matchLabels.team",
+            "not a label value",
         ),
         (
             "limits: {maxLineBytes: 0}\n",

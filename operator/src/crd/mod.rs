@@ -21,6 +21,7 @@ use k8s_openapi::api::core::v1::{Affinity, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{CustomResource, KubeSchema};
 use logpipe_api::config::{HumanDuration, RelabelRule, Stage};
+use logpipe_api::selector::PodSelection;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -96,6 +97,13 @@ pub struct LogPipelineSpec {
     #[x_kube(validation = Rule::new(STAGE_ONE_KIND_RULE)
         .message("each pipeline stage must name exactly one kind: cri, docker, timestamp, labelDrop, labelKeep, staticLabels, json, regex, labels, structuredMetadata, drop, multiline or limit"))]
     pub pipeline: Vec<Stage>,
+
+    /// Which pods this pipeline ships: `namespaceSelector` and `podSelector`, Kubernetes
+    /// label selectors (a namespace by name: `kubernetes.io/metadata.name`). Empty: every
+    /// pod. Pods selected by two LogPipelines are shipped by both, and counted in both
+    /// statuses (`overlappingPods`, condition `Overlap`).
+    #[serde(default, skip_serializing_if = "PodSelection::is_empty")]
+    pub selector: PodSelection,
 
     /// Metrics of the agents: port and Prometheus ServiceMonitor.
     #[serde(default)]

@@ -73,6 +73,7 @@ fn spec_field(agent_field: &str) -> String {
         ("pipeline", "spec.pipeline"),
         ("loki.url", "spec.endpoint"),
         ("loki.tenant", "spec.tenant"),
+        ("selector", "spec.selector"),
     ];
     renamed
         .iter()
@@ -127,6 +128,7 @@ pub fn agent_config(lp: &LogPipeline) -> Result<AgentConfig, AgentConfigError> {
         "listen": format!("0.0.0.0:{}", spec.monitoring.port),
         "relabel": spec.labels,
         "pipeline": spec.pipeline,
+        "selector": spec.selector,
         "shutdownTimeout": format!("{shutdown}s"),
     });
     serde_json::from_value(document).map_err(|e| AgentConfigError::Refused(e.to_string()))

@@ -1,0 +1,174 @@
+//! Overlap between LogPipelines: pods that two (or more) pipelines' `spec.selector`
+//! select are shipped by each of them, so every line is stored twice. Nobody should pay
+//! for that unknowingly: each pipeline's status says how many of the pods it ships are
+//! also shipped by others, and by which.
+//!
+//! Flow: observe (every LogPipeline's selector, every pod's namespace and labels, every
+//! namespace's labels, from the caches) → [`decide`] (pure, table-tested) → the status of
+//! each pipeline carries its [`Overlap`].
+//!
+//! Guarantees: a pipeline is compared with pipelines of every namespace (agents of all
+//! pipelines run on every node); a pod is counted once per pipeline however many others
+//! select it; `with` is sorted, so an unchanged cluster gives an identical status.
+//!
+//! Caveats: the counts are those of the observed pods (the caches may be an event
+//! behind); a pod whose namespace is not observed is judged by its namespace name label.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use logpipe_api::selector::{NAMESPACE_NAME_LABEL, PodSelection};
+
+/// A pipeline, as `namespace/name`, and what it selects.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pipeline<'a> {
+    pub key: String,
+    pub selector: &'a PodSelection,
+}
+
+/// A pod's namespace and labels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodLabels<'a> {
+    pub namespace: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+/// What one pipeline shares with others.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Overlap {
+    /// Pods this pipeline ships that another pipeline ships too.
+    pub pods: usize,
+    /// The other pipelines (`namespace/name`), sorted.
+    pub with: BTreeSet<String>,
+}
+
+/// Each pipeline's overlap with the others; pipelines without overlap are absent.
+pub fn decide(
+    pipelines: &[Pipeline<'_>],
+    pods: &[PodLabels<'_>],
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+) -> BTreeMap<String, Overlap> {
+    let mut out: BTreeMap<String, Overlap> = BTreeMap::new();
+    if pipelines.len() < 2 {
+        return out;
+    }
+    for pod in pods {
+        let fallback;
+        let ns_labels = match namespaces.get(pod.namespace) {
+            Some(labels) => labels,
+            None => {
+                fallback = BTreeMap::from([(
+                    NAMESPACE_NAME_LABEL.to_string(),
+                    pod.namespace.to_string(),
+                )]);
+                &fallback
+            }
+        };
+        let shippers: Vec<&str> = pipelines
+            .iter()
+            .filter(|p| p.selector.selects(ns_labels, pod.labels))
+            .map(|p| p.key.as_str())
+            .collect();
+        if shippers.len() < 2 {
+            continue;
+        }
+        for me in &shippers {
+            let entry = out.entry((*me).to_string()).or_default();
+            entry.pods += 1;
+            entry.with.extend(
+                shippers
+                    .iter()
+                    .filter(|other| *other != me)
+                    .map(|o| o.to_string()),
+            );
+        }
+    }
+    out
+}
+
+/// The status message of an overlap: `12 pods are also shipped by logging/teams`.
+pub fn message(overlap: &Overlap) -> String {
+    let with: Vec<&str> = overlap.with.iter().map(String::as_str).collect();
+    format!(
+        "{} pods are also shipped by {} (each of their lines is stored once per pipeline)",
+        overlap.pods,
+        with.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sel(yaml: &str) -> PodSelection {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn overlap_table() {
+        let everything = PodSelection::default();
+        let ops = sel(
+            "namespaceSelector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: In, values: [kube-system, logging]}]}",
+        );
+        let teams = sel(
+            "namespaceSelector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: NotIn, values: [kube-system, logging]}]}",
+        );
+        let web = sel("podSelector: {matchLabels: {app: web}}");
+        let namespaces = BTreeMap::from([
+            ("shop".to_string(), labels(&[(NAMESPACE_NAME_LABEL, "shop")])),
+            ("logging".to_string(), labels(&[(NAMESPACE_NAME_LABEL, "logging")])),
+        ]);
+        let (a, b, c) = (labels(&[("app", "web")]), labels(&[("app", "api")]), labels(&[]));
+        let pods = [
+            PodLabels { namespace: "shop", labels: &a },
+            PodLabels { namespace: "shop", labels: &b },
+            PodLabels { namespace: "logging", labels: &c },
+            // Not in the namespace cache: judged by its name.
+            PodLabels { namespace: "kube-system", labels: &a },
+        ];
+        let p = |key: &str, selector| Pipeline { key: key.into(), selector };
+        let o = |pods: usize, with: &[&str]| Overlap {
+            pods,
+            with: with.iter().map(|w| w.to_string()).collect(),
+        };
+        let cases: Vec<(&str, Vec<Pipeline>, Vec<(&str, Overlap)>)> = vec![
+            ("one pipeline never overlaps", vec![p("a/all", &everything)], vec![]),
+            ("a partition has none", vec![p("x/ops", &ops), p("x/teams", &teams)], vec![]),
+            (
+                "everything overlaps a partition half",
+                vec![p("x/ops", &ops), p("x/all", &everything)],
+                vec![("x/all", o(2, &["x/ops"])), ("x/ops", o(2, &["x/all"]))],
+            ),
+            (
+                "three pipelines on one pod",
+                vec![p("x/teams", &teams), p("x/web", &web), p("y/all", &everything)],
+                vec![
+                    ("x/teams", o(2, &["x/web", "y/all"])),
+                    ("x/web", o(2, &["x/teams", "y/all"])),
+                    ("y/all", o(3, &["x/teams", "x/web"])),
+                ],
+            ),
+        ];
+        for (name, pipelines, want) in cases {
+            let got = decide(&pipelines, &pods, &namespaces);
+            let want: BTreeMap<String, Overlap> =
+                want.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_message_names_the_others() {
+        let overlap = Overlap {
+            pods: 3,
+            with: BTreeSet::from(["logging/teams".to_string()]),
+        };
+        assert!(message(&overlap).starts_with("3 pods are also shipped by logging/teams"));
+    }
+}
