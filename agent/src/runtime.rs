@@ -120,7 +120,11 @@ impl PipelineHandler {
 
     /// Moves whenever a pod or a namespace changed (both counters only grow).
     fn version(&self) -> u64 {
-        let namespaces = self.selection.namespaces.as_ref().map_or(0, |n| n.version());
+        let namespaces = self
+            .selection
+            .namespaces
+            .as_ref()
+            .map_or(0, |n| n.version());
         self.index.version().wrapping_add(namespaces)
     }
 

@@ -184,16 +184,58 @@ mod tests {
         let web = pod("shop", "web");
         let sys = pod("kube-system", "dns");
         use Verdict::*;
-        let cases: &[(&str, &PodSelection, Option<&PodMeta>, Option<&NamespaceIndex>, Verdict)] = &[
-            ("empty ships even unknown pods", &PodSelection::default(), None, None, Ship),
+        let cases: &[(
+            &str,
+            &PodSelection,
+            Option<&PodMeta>,
+            Option<&NamespaceIndex>,
+            Verdict,
+        )] = &[
+            (
+                "empty ships even unknown pods",
+                &PodSelection::default(),
+                None,
+                None,
+                Ship,
+            ),
             ("unknown pod waits", &by_app, None, Some(&synced), Wait),
-            ("pod selector needs no namespaces", &by_app, Some(&web), None, Ship),
+            (
+                "pod selector needs no namespaces",
+                &by_app,
+                Some(&web),
+                None,
+                Ship,
+            ),
             ("pod selector skips", &by_app, Some(&sys), None, Skip),
-            ("namespace labels", &by_team, Some(&web), Some(&synced), Ship),
-            ("namespace not listed yet", &by_team, Some(&web), Some(&unsynced), Wait),
+            (
+                "namespace labels",
+                &by_team,
+                Some(&web),
+                Some(&synced),
+                Ship,
+            ),
+            (
+                "namespace not listed yet",
+                &by_team,
+                Some(&web),
+                Some(&unsynced),
+                Wait,
+            ),
             ("no namespace watch", &by_team, Some(&web), None, Wait),
-            ("unknown namespace by name", &by_name, Some(&sys), Some(&synced), Ship),
-            ("unknown namespace, no team", &by_team, Some(&sys), Some(&synced), Skip),
+            (
+                "unknown namespace by name",
+                &by_name,
+                Some(&sys),
+                Some(&synced),
+                Ship,
+            ),
+            (
+                "unknown namespace, no team",
+                &by_team,
+                Some(&sys),
+                Some(&synced),
+                Skip,
+            ),
         ];
         for (name, sel, p, ns, want) in cases {
             assert_eq!(decide(sel, *p, *ns), *want, "{name}");

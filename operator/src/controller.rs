@@ -97,6 +97,8 @@ pub struct Ctx {
     deleting: Mutex<HashMap<ObjectRef<LogPipeline>, HashSet<String>>>,
     /// When each LogPipeline's gate was last asked (see `gate::reuse`).
     gate_asked: Mutex<HashMap<ObjectRef<LogPipeline>, Timestamp>>,
+    /// Pods selected by more than one LogPipeline (see `overlap`).
+    pub overlap: crate::overlap::Observer,
 }
 
 impl Ctx {
@@ -123,6 +125,7 @@ impl Ctx {
             verifier,
             failures: Mutex::new(HashMap::new()),
             gate_asked: Mutex::new(HashMap::new()),
+            overlap: Default::default(),
         }
     }
 
@@ -541,7 +544,9 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
         verification,
         gate: gate_status,
     };
-    let new_status = status::compute(old, &observed_status, Some(&record), &now());
+    let mut new_status = status::compute(old, &observed_status, Some(&record), &now());
+    let overlap = ctx.overlap.of(&ctx.client, lp);
+    crate::overlap::annotate(&mut new_status, overlap, old);
     write_status(lp, ctx, &new_status).await?;
     ctx.reset_failures(lp);
     Ok(Action::requeue(decision.requeue))
@@ -798,6 +803,7 @@ pub async fn run(
     let pipelines: Api<LogPipeline> = scoped(&client, ns);
     // Spec changes only: our own status writes must not trigger a reconcile.
     let (reader, writer) = reflector::store::<LogPipeline>();
+    ctx.overlap.set_pipelines(reader.clone());
     let main_stream = reflector(writer, watcher(pipelines, watcher::Config::default()))
         .default_backoff()
         .touched_objects()

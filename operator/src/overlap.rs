@@ -15,8 +15,17 @@
 //! behind); a pod whose namespace is not observed is judged by its namespace name label.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
 
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, PartialObjectMeta};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
 use logpipe_api::selector::{NAMESPACE_NAME_LABEL, PodSelection};
+
+use crate::crd::{LogPipeline, LogPipelineStatus};
 
 /// A pipeline, as `namespace/name`, and what it selects.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,10 +65,8 @@ pub fn decide(
         let ns_labels = match namespaces.get(pod.namespace) {
             Some(labels) => labels,
             None => {
-                fallback = BTreeMap::from([(
-                    NAMESPACE_NAME_LABEL.to_string(),
-                    pod.namespace.to_string(),
-                )]);
+                fallback =
+                    BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), pod.namespace.to_string())]);
                 &fallback
             }
         };
@@ -83,6 +90,113 @@ pub fn decide(
         }
     }
     out
+}
+
+/// The observe layer: the controller's LogPipeline store, and metadata watches of every
+/// pod and namespace, started by the first reconcile that sees two LogPipelines (a
+/// cluster with one pipeline never pays for them).
+#[derive(Default)]
+pub struct Observer {
+    pipelines: OnceLock<Store<LogPipeline>>,
+    watches: OnceLock<(
+        Store<PartialObjectMeta<Pod>>,
+        Store<PartialObjectMeta<Namespace>>,
+    )>,
+}
+
+fn metadata_store<K>(client: &Client) -> Store<PartialObjectMeta<K>>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let api: Api<PartialObjectMeta<K>> = Api::all(client.clone());
+    let stream = watcher(api, watcher::Config::default())
+        .modify(|o: &mut PartialObjectMeta<K>| o.metadata.managed_fields = None)
+        .default_backoff()
+        .reflect(writer);
+    tokio::spawn(stream.for_each(|_| std::future::ready(())));
+    reader
+}
+
+impl Observer {
+    /// The controller's store of every LogPipeline it watches (set once by `run`).
+    pub fn set_pipelines(&self, store: Store<LogPipeline>) {
+        let _ = self.pipelines.set(store);
+    }
+
+    /// `lp`'s overlap; `None` while not known yet (the watches have not listed once).
+    pub fn of(&self, client: &Client, lp: &LogPipeline) -> Option<Overlap> {
+        let all = self.pipelines.get()?.state();
+        if all.len() < 2 {
+            return Some(Overlap::default());
+        }
+        let (pods, namespaces) = self.watches.get_or_init(|| {
+            tracing::info!("watching pod and namespace labels: two LogPipelines may overlap");
+            (
+                metadata_store::<Pod>(client),
+                metadata_store::<Namespace>(client),
+            )
+        });
+        let ready = |ready: Option<Result<(), _>>| matches!(ready, Some(Ok(())));
+        use futures::FutureExt;
+        if !ready(pods.wait_until_ready().now_or_never())
+            || !ready(namespaces.wait_until_ready().now_or_never())
+        {
+            return None;
+        }
+        let key =
+            |p: &LogPipeline| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+        let pipelines: Vec<Pipeline> = all
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| Pipeline {
+                key: key(p),
+                selector: &p.spec.selector,
+            })
+            .collect();
+        let pod_state = pods.state();
+        let pod_labels: Vec<PodLabels> = pod_state
+            .iter()
+            .filter_map(|p| {
+                Some(PodLabels {
+                    namespace: p.metadata.namespace.as_deref()?,
+                    labels: p.metadata.labels.as_ref()?,
+                })
+            })
+            .collect();
+        let namespace_labels = namespaces
+            .state()
+            .iter()
+            .map(|n| (n.name_any(), n.labels().clone()))
+            .collect();
+        let mut overlaps = decide(&pipelines, &pod_labels, &namespace_labels);
+        Some(overlaps.remove(&key(lp)).unwrap_or_default())
+    }
+}
+
+/// Write `overlap` into `status`; when unknown, keep what `old` said.
+pub fn annotate(
+    status: &mut LogPipelineStatus,
+    overlap: Option<Overlap>,
+    old: Option<&LogPipelineStatus>,
+) {
+    match overlap {
+        Some(o) => {
+            status.overlapping_pods =
+                (o.pods > 0).then(|| i32::try_from(o.pods).unwrap_or(i32::MAX));
+            status.overlaps_with = o.with.into_iter().collect();
+        }
+        None => {
+            status.overlapping_pods = old.and_then(|s| s.overlapping_pods);
+            status.overlaps_with = old.map(|s| s.overlaps_with.clone()).unwrap_or_default();
+        }
+    }
 }
 
 /// The status message of an overlap: `12 pods are also shipped by logging/teams`.
@@ -121,25 +235,58 @@ mod tests {
         );
         let web = sel("podSelector: {matchLabels: {app: web}}");
         let namespaces = BTreeMap::from([
-            ("shop".to_string(), labels(&[(NAMESPACE_NAME_LABEL, "shop")])),
-            ("logging".to_string(), labels(&[(NAMESPACE_NAME_LABEL, "logging")])),
+            (
+                "shop".to_string(),
+                labels(&[(NAMESPACE_NAME_LABEL, "shop")]),
+            ),
+            (
+                "logging".to_string(),
+                labels(&[(NAMESPACE_NAME_LABEL, "logging")]),
+            ),
         ]);
-        let (a, b, c) = (labels(&[("app", "web")]), labels(&[("app", "api")]), labels(&[]));
+        let (a, b, c) = (
+            labels(&[("app", "web")]),
+            labels(&[("app", "api")]),
+            labels(&[]),
+        );
         let pods = [
-            PodLabels { namespace: "shop", labels: &a },
-            PodLabels { namespace: "shop", labels: &b },
-            PodLabels { namespace: "logging", labels: &c },
+            PodLabels {
+                namespace: "shop",
+                labels: &a,
+            },
+            PodLabels {
+                namespace: "shop",
+                labels: &b,
+            },
+            PodLabels {
+                namespace: "logging",
+                labels: &c,
+            },
             // Not in the namespace cache: judged by its name.
-            PodLabels { namespace: "kube-system", labels: &a },
+            PodLabels {
+                namespace: "kube-system",
+                labels: &a,
+            },
         ];
-        let p = |key: &str, selector| Pipeline { key: key.into(), selector };
+        let p = |key: &str, selector| Pipeline {
+            key: key.into(),
+            selector,
+        };
         let o = |pods: usize, with: &[&str]| Overlap {
             pods,
             with: with.iter().map(|w| w.to_string()).collect(),
         };
         let cases: Vec<(&str, Vec<Pipeline>, Vec<(&str, Overlap)>)> = vec![
-            ("one pipeline never overlaps", vec![p("a/all", &everything)], vec![]),
-            ("a partition has none", vec![p("x/ops", &ops), p("x/teams", &teams)], vec![]),
+            (
+                "one pipeline never overlaps",
+                vec![p("a/all", &everything)],
+                vec![],
+            ),
+            (
+                "a partition has none",
+                vec![p("x/ops", &ops), p("x/teams", &teams)],
+                vec![],
+            ),
             (
                 "everything overlaps a partition half",
                 vec![p("x/ops", &ops), p("x/all", &everything)],
@@ -147,7 +294,11 @@ mod tests {
             ),
             (
                 "three pipelines on one pod",
-                vec![p("x/teams", &teams), p("x/web", &web), p("y/all", &everything)],
+                vec![
+                    p("x/teams", &teams),
+                    p("x/web", &web),
+                    p("y/all", &everything),
+                ],
                 vec![
                     ("x/teams", o(2, &["x/web", "y/all"])),
                     ("x/web", o(2, &["x/teams", "y/all"])),

@@ -94,6 +94,12 @@ pub const OPERATOR_CLUSTER_RULES: &[Rule] = &[
     ),
     rule(
         "",
+        &["namespaces"],
+        &["list", "watch"],
+        "overlap::Observer (namespace labels, once two LogPipelines exist; pods: the rule above)",
+    ),
+    rule(
+        "",
         &["configmaps"],
         &["list", "watch", "create", "patch", "delete"],
         "cache::config_map_stream (list, watch); apply::delete_config_maps (delete); apply::apply_objects, apply::save_stable (patch, create)",

@@ -431,6 +431,9 @@ pub fn compute(
         },
         last_verification: verification,
         stream_baseline: state.stream_baseline.clone(),
+        // Set by the caller from `overlap` (a cluster-wide observation, not this rollout's).
+        overlapping_pods: old.and_then(|s| s.overlapping_pods),
+        overlaps_with: old.map(|s| s.overlaps_with.clone()).unwrap_or_default(),
         message: Some(message),
     }
 }

@@ -17,13 +17,13 @@ mod teams {
     use std::collections::BTreeMap;
     use std::fs;
     use std::io::Write;
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
     use std::process::{Child, Command, Stdio};
     use std::time::Duration;
 
     use k8s_openapi::api::core::v1::{Namespace, Pod};
     use kube::api::{Api, DeleteParams, PostParams};
-    use logpipe_api::metrics::PIPELINE_DROPPED_LINES_TOTAL;
+    use logpipe_agent::metrics::names::PIPELINE_DROPPED_LINES_TOTAL;
     use logpipe_e2e::loggen::{Clock, rfc3339_nano};
     use logpipe_e2e::store::{self, Stream};
     use logpipe_e2e::{Testbed, unique_suffix, workspace_binary};
@@ -181,17 +181,22 @@ mod teams {
             Self { child, listen }
         }
 
-        /// Sum of the samples of `name` with `label` (e.g. `reason="rate_limited"`).
+        /// Sum of the samples of `name` with `label` (e.g. `reason="rate_limited"`); waits
+        /// for the metrics server of an agent just started.
         async fn counter(&self, name: &str, label: &str) -> f64 {
-            let text = logpipe_e2e::http_client()
-                .get(format!("http://{}/metrics", self.listen))
-                .timeout(Duration::from_secs(5))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let url = format!("http://{}/metrics", self.listen);
+            let get = || async {
+                let response = logpipe_e2e::http_client()
+                    .get(&url)
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await?;
+                response.text().await
+            };
+            let text = logpipe_e2e::wait_for("agent metrics", Duration::from_secs(10), || async {
+                get().await.map_err(|e| e.to_string())
+            })
+            .await;
             text.lines()
                 .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -262,10 +267,20 @@ mod teams {
         );
         let mut want_ops = Vec::new();
         let mut want_teams = Vec::new();
-        for (ns, pod) in [(&sys, "dns"), (&shop, "cart"), (&shop, "pay"), (&web, "front")] {
+        for (ns, pod) in [
+            (&sys, "dns"),
+            (&shop, "cart"),
+            (&shop, "pay"),
+            (&web, "front"),
+        ] {
             let uid = cluster.pod(ns, pod, &[("app", pod)]).await;
             let lines = write_lines(&root, ns, pod, &uid, 300);
-            if *ns == sys { &mut want_ops } else { &mut want_teams }.extend(lines);
+            if *ns == sys {
+                &mut want_ops
+            } else {
+                &mut want_teams
+            }
+            .extend(lines);
         }
         for (tenant, want) in [(&ops_tenant, &want_ops), (&teams_tenant, &want_teams)] {
             let streams = store::wait_for(
@@ -280,9 +295,16 @@ mod teams {
             .unwrap();
             // Let a duplicate, if any, arrive before judging.
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let streams = store::wait_for(&testbed.store_url, tenant, "*", start_ns, Duration::ZERO, |_| true)
-                .await
-                .unwrap_or(streams);
+            let streams = store::wait_for(
+                &testbed.store_url,
+                tenant,
+                "*",
+                start_ns,
+                Duration::ZERO,
+                |_| true,
+            )
+            .await
+            .unwrap_or(streams);
             assert_exactly(want, &streams, tenant);
         }
     }
@@ -307,17 +329,33 @@ mod teams {
         );
         let mut quiet = Vec::new();
         let mut noisy = Vec::new();
-        for (pod, app, n) in [("noisy-1", "noisy", 500), ("noisy-2", "noisy", 500), ("quiet-1", "quiet", 40)] {
+        for (pod, app, n) in [
+            ("noisy-1", "noisy", 500),
+            ("noisy-2", "noisy", 500),
+            ("quiet-1", "quiet", 40),
+        ] {
             let uid = cluster.pod(&ns, pod, &[("app", app)]).await;
             let lines = write_lines(&root, &ns, pod, &uid, n);
-            if app == "quiet" { &mut quiet } else { &mut noisy }.extend(lines);
+            if app == "quiet" {
+                &mut quiet
+            } else {
+                &mut noisy
+            }
+            .extend(lines);
         }
         let reason = "reason=\"rate_limited\"";
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let streams = loop {
-            let streams = store::wait_for(&testbed.store_url, &tenant, "*", start_ns, Duration::ZERO, |_| true)
-                .await
-                .unwrap();
+            let streams = store::wait_for(
+                &testbed.store_url,
+                &tenant,
+                "*",
+                start_ns,
+                Duration::ZERO,
+                |_| true,
+            )
+            .await
+            .unwrap();
             let dropped = agent.counter(PIPELINE_DROPPED_LINES_TOTAL, reason).await as usize;
             let accounted = store::count(&streams) + dropped;
             if accounted >= quiet.len() + noisy.len() || tokio::time::Instant::now() > deadline {
@@ -326,11 +364,27 @@ mod teams {
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
         let got = stored(&streams);
-        let quiet_stored: Vec<String> = quiet.iter().filter(|l| got.contains_key(*l)).cloned().collect();
-        assert_eq!(quiet_stored.len(), quiet.len(), "the quiet app loses nothing");
+        let quiet_stored: Vec<String> = quiet
+            .iter()
+            .filter(|l| got.contains_key(*l))
+            .cloned()
+            .collect();
+        assert_eq!(
+            quiet_stored.len(),
+            quiet.len(),
+            "the quiet app loses nothing"
+        );
         let noisy_stored = noisy.iter().filter(|l| got.contains_key(*l)).count();
         let dropped = agent.counter(PIPELINE_DROPPED_LINES_TOTAL, reason).await as usize;
-        assert_eq!(noisy_stored + dropped, noisy.len(), "every noisy line is stored or counted");
+        println!(
+            "noisy app: {noisy_stored} stored, {dropped} dropped of {}",
+            noisy.len()
+        );
+        assert_eq!(
+            noisy_stored + dropped,
+            noisy.len(),
+            "every noisy line is stored or counted"
+        );
         // One bucket for both noisy pods: the burst of 50 plus a few seconds at 5/s (the
         // files are read in well under a second); a bucket per pod would pass 100 at once.
         assert!(

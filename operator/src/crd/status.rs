@@ -76,6 +76,13 @@ pub struct LogPipelineStatus {
     /// and lines read and dropped by pipeline stages (check `pipelineDrops`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_baseline: Option<StreamBaseline>,
+    /// Pods this pipeline ships that another LogPipeline's `selector` selects too: each
+    /// of their lines is stored once per pipeline. Absent: no overlap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlapping_pods: Option<i32>,
+    /// The LogPipelines (`namespace/name`) that ship those pods too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlaps_with: Vec<String>,
     /// One line a person can act on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
