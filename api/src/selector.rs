@@ -35,9 +35,11 @@ pub struct PodSelection {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LabelSelector {
+    /// Labels that must be present with exactly these values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
     pub match_labels: BTreeMap<String, String>,
+    /// Requirements that must all hold.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub match_expressions: Vec<LabelSelectorRequirement>,
@@ -53,9 +55,12 @@ pub struct LabelSelector {
     }
 ]))]
 pub struct LabelSelectorRequirement {
+    /// The label key, e.g. `app` or `logpipe.io/team`.
     #[schemars(length(min = 1, max = 317))]
     pub key: String,
+    /// `In` and `NotIn` compare with `values`; `Exists` and `DoesNotExist` test the key.
     pub operator: SelectorOperator,
+    /// For `In` and `NotIn`, at least one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub values: Vec<String>,

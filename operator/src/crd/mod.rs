@@ -101,7 +101,7 @@ pub struct LogPipelineSpec {
     /// Which pods this pipeline ships: `namespaceSelector` and `podSelector`, Kubernetes
     /// label selectors (a namespace by name: `kubernetes.io/metadata.name`). Empty: every
     /// pod. Pods selected by two LogPipelines are shipped by both, and counted in both
-    /// statuses (`overlappingPods`, condition `Overlap`).
+    /// statuses (`status.overlappingPods`, `status.overlapsWith`).
     #[serde(default, skip_serializing_if = "PodSelection::is_empty")]
     pub selector: PodSelection,
 
