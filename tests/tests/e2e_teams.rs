@@ -9,7 +9,10 @@
 //!   `logentry_dropped_lines_total{reason="rate_limited"}`, and stored + dropped = written)
 //!   while a quiet app of the same namespace loses nothing.
 //!
-//! Needs `cargo build -p logpipe-agent` first (`make e2e-teams` does it). One test bed
+//! - An overlapping pair (one pipeline ships everything, the other one app): the operator
+//!   reports the shared pod in both statuses (`overlappingPods`, `overlapsWith`).
+//!
+//! Needs `cargo build -p logpipe-agent -p logpipe-operator` first (`make e2e-teams` does it). One test bed
 //! (cluster `ops`) for both tests; each test takes well under a minute.
 
 #[cfg(test)]
@@ -22,11 +25,12 @@ mod teams {
     use std::time::Duration;
 
     use k8s_openapi::api::core::v1::{Namespace, Pod};
-    use kube::api::{Api, DeleteParams, PostParams};
+    use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
     use logpipe_agent::metrics::names::PIPELINE_DROPPED_LINES_TOTAL;
     use logpipe_e2e::loggen::{Clock, rfc3339_nano};
+    use logpipe_e2e::operator::Operator;
     use logpipe_e2e::store::{self, Stream};
-    use logpipe_e2e::{Testbed, unique_suffix, workspace_binary};
+    use logpipe_e2e::{Testbed, unique_suffix, wait_for, workspace_binary};
 
     const CLUSTER: &str = "ops";
 
@@ -392,5 +396,55 @@ mod teams {
             "noisy lines stored: {noisy_stored}, dropped: {dropped}"
         );
         assert!(got.values().all(|(_, n)| *n == 1), "nothing stored twice");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_overlapping_pair_reports_the_shared_pod_in_both_statuses() {
+        let testbed = testbed().await;
+        let mut cluster = Cluster::new(&testbed).await;
+        let ns = format!("overlap-{}", unique_suffix());
+        logpipe_e2e::cluster::install_crd(&cluster.client)
+            .await
+            .unwrap();
+        cluster.namespace(&ns, &[]).await;
+        let app = format!("shop-{}", unique_suffix());
+        cluster.pod(&ns, "shared", &[("app", &app)]).await;
+        let mut operator = Operator::start(&testbed, CLUSTER, &ns, "overlap").await;
+        let api = logpipe_e2e::cluster::logpipelines(&cluster.client, &ns);
+        let base = logpipe_e2e::cluster::ops_example_on_kwok(&ns, &testbed.push_url());
+        let mut shop = base.clone();
+        shop["metadata"]["name"] = serde_json::json!("shop");
+        shop["spec"]["selector"] =
+            serde_json::json!({"podSelector": {"matchLabels": {"app": app}}});
+        for lp in [&base, &shop] {
+            let name = lp["metadata"]["name"].as_str().unwrap();
+            api.patch(
+                name,
+                &PatchParams::apply("e2e-teams").force(),
+                &Patch::Apply(lp),
+            )
+            .await
+            .unwrap();
+        }
+        let everything = base["metadata"]["name"].as_str().unwrap().to_string();
+        for (name, other) in [
+            (&everything, "shop"),
+            (&"shop".to_string(), everything.as_str()),
+        ] {
+            let status = wait_for("overlap in status", Duration::from_secs(90), || async {
+                let lp = api.get(name).await.map_err(|e| e.to_string())?;
+                let s = lp.data["status"].clone();
+                (s["overlappingPods"] == 1)
+                    .then_some(s.clone())
+                    .ok_or(s.to_string())
+            })
+            .await;
+            assert_eq!(
+                status["overlapsWith"],
+                serde_json::json!([format!("{ns}/{other}")]),
+                "{name}"
+            );
+        }
+        operator.kill().await;
     }
 }
