@@ -164,6 +164,15 @@ mod tests {
         }
     }
 
+    /// Name, selector, pod, namespaces, expected verdict.
+    type Case<'a> = (
+        &'a str,
+        &'a PodSelection,
+        Option<&'a PodMeta>,
+        Option<&'a NamespaceIndex>,
+        Verdict,
+    );
+
     fn selection(yaml: &str) -> PodSelection {
         serde_yaml::from_str(yaml).unwrap()
     }
@@ -184,13 +193,7 @@ mod tests {
         let web = pod("shop", "web");
         let sys = pod("kube-system", "dns");
         use Verdict::*;
-        let cases: &[(
-            &str,
-            &PodSelection,
-            Option<&PodMeta>,
-            Option<&NamespaceIndex>,
-            Verdict,
-        )] = &[
+        let cases: &[Case] = &[
             (
                 "empty ships even unknown pods",
                 &PodSelection::default(),

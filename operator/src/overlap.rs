@@ -92,16 +92,19 @@ pub fn decide(
     out
 }
 
+/// Every pod's and every namespace's metadata.
+type Watches = (
+    Store<PartialObjectMeta<Pod>>,
+    Store<PartialObjectMeta<Namespace>>,
+);
+
 /// The observe layer: the controller's LogPipeline store, and metadata watches of every
 /// pod and namespace, started by the first reconcile that sees two LogPipelines (a
 /// cluster with one pipeline never pays for them).
 #[derive(Default)]
 pub struct Observer {
     pipelines: OnceLock<Store<LogPipeline>>,
-    watches: OnceLock<(
-        Store<PartialObjectMeta<Pod>>,
-        Store<PartialObjectMeta<Namespace>>,
-    )>,
+    watches: OnceLock<Watches>,
 }
 
 fn metadata_store<K>(client: &Client) -> Store<PartialObjectMeta<K>>
@@ -213,6 +216,9 @@ pub fn message(overlap: &Overlap) -> String {
 mod tests {
     use super::*;
 
+    /// Name, pipelines, expected overlap of each.
+    type Case<'a> = (&'a str, Vec<Pipeline<'a>>, Vec<(&'a str, Overlap)>);
+
     fn sel(yaml: &str) -> PodSelection {
         serde_yaml::from_str(yaml).unwrap()
     }
@@ -276,7 +282,7 @@ mod tests {
             pods,
             with: with.iter().map(|w| w.to_string()).collect(),
         };
-        let cases: Vec<(&str, Vec<Pipeline>, Vec<(&str, Overlap)>)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "one pipeline never overlaps",
                 vec![p("a/all", &everything)],
