@@ -157,15 +157,8 @@ impl Caches {
     /// that watch has listed the nodes once (the caller looks again soon).
     pub fn node_labels(&self, client: &Client) -> Option<NodeLabels> {
         let store = self.nodes.get_or_init(|| {
-            let (reader, writer) = reflector::store();
-            let nodes: Api<PartialObjectMeta<Node>> = Api::all(client.clone());
-            let stream = watcher(nodes, watcher::Config::default())
-                .modify(|n: &mut PartialObjectMeta<Node>| n.metadata.managed_fields = None)
-                .default_backoff()
-                .reflect(writer);
-            tokio::spawn(stream.for_each(|_| std::future::ready(())));
             tracing::info!("watching nodes: a canary step selects nodes by labels");
-            reader
+            watch_metadata::<Node>(client)
         });
         if !listed(store) {
             return None;
@@ -178,6 +171,28 @@ impl Caches {
                 .collect(),
         )
     }
+}
+
+/// A store of every `K`'s metadata (managed fields dropped), kept by a watch spawned now
+/// for the life of the process.
+pub fn watch_metadata<K>(client: &Client) -> Store<PartialObjectMeta<K>>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let api: Api<PartialObjectMeta<K>> = Api::all(client.clone());
+    let stream = watcher(api, watcher::Config::default())
+        .modify(|o: &mut PartialObjectMeta<K>| o.metadata.managed_fields = None)
+        .default_backoff()
+        .reflect(writer);
+    tokio::spawn(stream.for_each(|_| std::future::ready(())));
+    reader
 }
 
 fn managed() -> watcher::Config {

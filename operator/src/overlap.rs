@@ -17,11 +17,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Api, PartialObjectMeta};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::api::PartialObjectMeta;
+use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 use logpipe_api::selector::{NAMESPACE_NAME_LABEL, PodSelection};
 
@@ -107,26 +105,6 @@ pub struct Observer {
     watches: OnceLock<Watches>,
 }
 
-fn metadata_store<K>(client: &Client) -> Store<PartialObjectMeta<K>>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let api: Api<PartialObjectMeta<K>> = Api::all(client.clone());
-    let stream = watcher(api, watcher::Config::default())
-        .modify(|o: &mut PartialObjectMeta<K>| o.metadata.managed_fields = None)
-        .default_backoff()
-        .reflect(writer);
-    tokio::spawn(stream.for_each(|_| std::future::ready(())));
-    reader
-}
-
 impl Observer {
     /// The controller's store of every LogPipeline it watches (set once by `run`).
     pub fn set_pipelines(&self, store: Store<LogPipeline>) {
@@ -142,8 +120,8 @@ impl Observer {
         let (pods, namespaces) = self.watches.get_or_init(|| {
             tracing::info!("watching pod and namespace labels: two LogPipelines may overlap");
             (
-                metadata_store::<Pod>(client),
-                metadata_store::<Namespace>(client),
+                crate::cache::watch_metadata::<Pod>(client),
+                crate::cache::watch_metadata::<Namespace>(client),
             )
         });
         let ready = |ready: Option<Result<(), _>>| matches!(ready, Some(Ok(())));

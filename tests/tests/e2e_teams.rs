@@ -227,6 +227,14 @@ mod teams {
         out
     }
 
+    /// Everything `tenant` holds since `start_ns`, now.
+    async fn everything(testbed: &Testbed, tenant: &str, start_ns: i64) -> Vec<Stream> {
+        let now = store::now_ns() + 1_000_000_000;
+        store::query_range(&testbed.store_url, tenant, "*", start_ns, now)
+            .await
+            .unwrap()
+    }
+
     fn assert_exactly(want: &[String], streams: &[Stream], tenant: &str) {
         let got = stored(streams);
         let missing = want.iter().filter(|l| !got.contains_key(*l)).count();
@@ -287,29 +295,20 @@ mod teams {
             .extend(lines);
         }
         for (tenant, want) in [(&ops_tenant, &want_ops), (&teams_tenant, &want_teams)] {
-            let streams = store::wait_for(
+            let arrived = |s: &[Stream]| store::count(s) >= want.len();
+            store::wait_for(
                 &testbed.store_url,
                 tenant,
                 "*",
                 start_ns,
                 Duration::from_secs(60),
-                |s| store::count(s) >= want.len(),
+                arrived,
             )
             .await
             .unwrap();
             // Let a duplicate, if any, arrive before judging.
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let streams = store::wait_for(
-                &testbed.store_url,
-                tenant,
-                "*",
-                start_ns,
-                Duration::ZERO,
-                |_| true,
-            )
-            .await
-            .unwrap_or(streams);
-            assert_exactly(want, &streams, tenant);
+            assert_exactly(want, &everything(&testbed, tenant, start_ns).await, tenant);
         }
     }
 
@@ -350,16 +349,7 @@ mod teams {
         let reason = "reason=\"rate_limited\"";
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let streams = loop {
-            let streams = store::wait_for(
-                &testbed.store_url,
-                &tenant,
-                "*",
-                start_ns,
-                Duration::ZERO,
-                |_| true,
-            )
-            .await
-            .unwrap();
+            let streams = everything(&testbed, &tenant, start_ns).await;
             let dropped = agent.counter(PIPELINE_DROPPED_LINES_TOTAL, reason).await as usize;
             let accounted = store::count(&streams) + dropped;
             if accounted >= quiet.len() + noisy.len() || tokio::time::Instant::now() > deadline {
