@@ -1,10 +1,11 @@
 //! Many teams, one cluster: real agents with pod discovery against the test bed's
-//! kube-apiserver (namespaces and pods created there, on a node name of their own), log
+//! kube-apiserver (namespaces and pods created there, on node names of their own), log
 //! files written where the kubelet writes them, and the real store (VictoriaLogs, one
 //! fresh numeric tenant per pipeline).
 //!
-//! - Two pipelines partition the namespaces by label (`spec.selector.namespaceSelector`):
-//!   every line is in the store exactly once, in its pipeline's tenant.
+//! - Two pipelines partition the namespaces of a 5-node cluster by label
+//!   (`spec.selector.namespaceSelector`), each with an agent per node (10 agents): every
+//!   line is in the store exactly once, in its pipeline's tenant.
 //! - A `limit` stage keyed by `app` drops a noisy app's excess (counted in
 //!   `logentry_dropped_lines_total{reason="rate_limited"}`, and stored + dropped = written)
 //!   while a quiet app of the same namespace loses nothing.
@@ -33,6 +34,8 @@ mod teams {
     use logpipe_e2e::{Testbed, unique_suffix, wait_for, workspace_binary};
 
     const CLUSTER: &str = "ops";
+    /// Nodes of the partition test, each with one agent per pipeline.
+    const NODES: usize = 5;
 
     async fn testbed() -> Testbed {
         match Testbed::ensure(&[CLUSTER]).await {
@@ -44,7 +47,8 @@ mod teams {
     /// Namespaces and pods made for one test, deleted when it ends.
     struct Cluster {
         client: kube::Client,
-        node: String,
+        /// Node names of this test (no Node objects: only pods' `spec.nodeName`).
+        nodes: Vec<String>,
         namespaces: Vec<String>,
     }
 
@@ -52,7 +56,9 @@ mod teams {
         async fn new(testbed: &Testbed) -> Self {
             Self {
                 client: testbed.client(CLUSTER).await.unwrap(),
-                node: format!("teams-node-{}", unique_suffix()),
+                nodes: (0..NODES)
+                    .map(|i| format!("teams-node-{i}-{}", unique_suffix()))
+                    .collect(),
                 namespaces: Vec::new(),
             }
         }
@@ -69,11 +75,11 @@ mod teams {
             self.namespaces.push(name.to_string());
         }
 
-        /// A pod bound to this test's node; its uid (the log directory needs it).
-        async fn pod(&self, ns: &str, name: &str, labels: &[(&str, &str)]) -> String {
+        /// A pod bound to this test's node `node`; its uid (the log directory needs it).
+        async fn pod(&self, ns: &str, name: &str, node: usize, labels: &[(&str, &str)]) -> String {
             let pod: Pod = serde_json::from_value(serde_json::json!({
                 "metadata": {"name": name, "labels": to_map(labels)},
-                "spec": {"nodeName": self.node, "containers": [{"name": "app", "image": "app:1"}]}
+                "spec": {"nodeName": self.nodes[node], "containers": [{"name": "app", "image": "app:1"}]}
             }))
             .unwrap();
             let created = Api::<Pod>::namespaced(self.client.clone(), ns)
@@ -134,7 +140,7 @@ mod teams {
         lines
     }
 
-    /// One agent process (one LogPipeline's agent on the test's node).
+    /// One agent process (one LogPipeline's agent on one of the test's nodes).
     struct Agent {
         child: Child,
         listen: String,
@@ -144,7 +150,7 @@ mod teams {
         /// `extra`: more top-level config (selector, pipeline stages after `cri`).
         fn start(
             testbed: &Testbed,
-            cluster: &Cluster,
+            node: &str,
             name: &str,
             root: &Path,
             tenant: &str,
@@ -174,7 +180,7 @@ mod teams {
                 .arg("--listen")
                 .arg(&listen)
                 .arg("--node-name")
-                .arg(&cluster.node)
+                .arg(node)
                 .arg("--kubeconfig")
                 .arg(testbed.kubeconfig(CLUSTER))
                 .env_remove("KUBERNETES_SERVICE_HOST")
@@ -256,43 +262,49 @@ mod teams {
         cluster.namespace(&sys, &[("tier", "platform")]).await;
         cluster.namespace(&shop, &[("team", "shop")]).await;
         cluster.namespace(&web, &[("team", "web")]).await;
-        let root = testbed.scratch_dir("teams-partition-pods").unwrap();
         let (ops_tenant, teams_tenant) = (store::unique_tenant(), store::unique_tenant());
         let start_ns = store::now_ns() - 5_000_000_000;
-        let _ops = Agent::start(
-            &testbed,
-            &cluster,
-            "teams-partition-ops",
-            &root,
-            &ops_tenant,
-            "",
-            "{namespaceSelector: {matchLabels: {tier: platform}}}",
-        );
-        let _teams = Agent::start(
-            &testbed,
-            &cluster,
-            "teams-partition-teams",
-            &root,
-            &teams_tenant,
-            "",
-            "{namespaceSelector: {matchExpressions: [{key: team, operator: Exists}]}}",
-        );
+        let mut agents = Vec::new();
         let mut want_ops = Vec::new();
         let mut want_teams = Vec::new();
-        for (ns, pod) in [
-            (&sys, "dns"),
-            (&shop, "cart"),
-            (&shop, "pay"),
-            (&web, "front"),
-        ] {
-            let uid = cluster.pod(ns, pod, &[("app", pod)]).await;
-            let lines = write_lines(&root, ns, pod, &uid, 300);
-            if *ns == sys {
-                &mut want_ops
-            } else {
-                &mut want_teams
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let root = testbed
+                .scratch_dir(&format!("teams-partition-pods-{i}"))
+                .unwrap();
+            agents.push(Agent::start(
+                &testbed,
+                node,
+                &format!("teams-partition-ops-{i}"),
+                &root,
+                &ops_tenant,
+                "",
+                "{namespaceSelector: {matchLabels: {tier: platform}}}",
+            ));
+            agents.push(Agent::start(
+                &testbed,
+                node,
+                &format!("teams-partition-teams-{i}"),
+                &root,
+                &teams_tenant,
+                "",
+                "{namespaceSelector: {matchExpressions: [{key: team, operator: Exists}]}}",
+            ));
+            for (ns, app) in [
+                (&sys, "dns"),
+                (&shop, "cart"),
+                (&shop, "pay"),
+                (&web, "front"),
+            ] {
+                let pod = format!("{app}-{i}");
+                let uid = cluster.pod(ns, &pod, i, &[("app", app)]).await;
+                let lines = write_lines(&root, ns, &pod, &uid, 100);
+                if *ns == sys {
+                    &mut want_ops
+                } else {
+                    &mut want_teams
+                }
+                .extend(lines);
             }
-            .extend(lines);
         }
         for (tenant, want) in [(&ops_tenant, &want_ops), (&teams_tenant, &want_teams)] {
             let arrived = |s: &[Stream]| store::count(s) >= want.len();
@@ -323,7 +335,7 @@ mod teams {
         let start_ns = store::now_ns() - 5_000_000_000;
         let agent = Agent::start(
             &testbed,
-            &cluster,
+            &cluster.nodes[0],
             "teams-limit",
             &root,
             &tenant,
@@ -337,7 +349,7 @@ mod teams {
             ("noisy-2", "noisy", 500),
             ("quiet-1", "quiet", 40),
         ] {
-            let uid = cluster.pod(&ns, pod, &[("app", app)]).await;
+            let uid = cluster.pod(&ns, pod, 0, &[("app", app)]).await;
             let lines = write_lines(&root, &ns, pod, &uid, n);
             if app == "quiet" {
                 &mut quiet
@@ -398,7 +410,7 @@ mod teams {
             .unwrap();
         cluster.namespace(&ns, &[]).await;
         let app = format!("shop-{}", unique_suffix());
-        cluster.pod(&ns, "shared", &[("app", &app)]).await;
+        cluster.pod(&ns, "shared", 0, &[("app", &app)]).await;
         let mut operator = Operator::start(&testbed, CLUSTER, &ns, "overlap").await;
         let api = logpipe_e2e::cluster::logpipelines(&cluster.client, &ns);
         let base = logpipe_e2e::cluster::ops_example_on_kwok(&ns, &testbed.push_url());
