@@ -205,6 +205,38 @@ fn rendered_agent_config_is_accepted_by_the_agent() {
     assert_eq!(objects.config_map.immutable, Some(true));
 }
 
+/// The multi-team example: each pipeline's selector reaches its agents as written, and a
+/// selector the agent would refuse is named by the LogPipeline's field.
+#[test]
+fn selector_and_keyed_limit_reach_the_agent_config() {
+    let text = include_str!("../../../examples/multi-team.yaml");
+    let pipelines = parse_log_pipelines(text).unwrap();
+    assert_eq!(pipelines.len(), 2);
+    for lp in &pipelines {
+        let objects = desired(lp, &ctx()).unwrap();
+        let yaml = &objects.config_map.data.as_ref().unwrap()["config.yaml"];
+        let config = AgentConfig::from_yaml(yaml).unwrap();
+        assert_eq!(config.selector, lp.spec.selector);
+        assert!(!config.selector.is_empty());
+    }
+    let limit = pipelines[1].spec.pipeline[2].limit.as_ref().unwrap();
+    assert_eq!(
+        limit.by_labels.as_deref(),
+        Some(&["namespace".to_string(), "app".to_string()][..])
+    );
+    let mut bad = pipelines[0].clone();
+    bad.spec
+        .selector
+        .pod_selector
+        .match_labels
+        .insert("app".into(), "not ok!".into());
+    let err = desired(&bad, &ctx()).unwrap_err().to_string();
+    assert!(
+        err.contains("spec.selector.podSelector.matchLabels.app"),
+        "{err}"
+    );
+}
+
 #[test]
 fn binds_the_charts_agent_role_and_names_are_per_namespace() {
     let objects = desired(&ops(), &ctx()).unwrap();
