@@ -188,7 +188,12 @@ where
     let (reader, writer) = reflector::store();
     let api: Api<PartialObjectMeta<K>> = Api::all(client.clone());
     let stream = watcher(api, watcher::Config::default())
-        .modify(|o: &mut PartialObjectMeta<K>| o.metadata.managed_fields = None)
+        // Only labels are read: annotations (last-applied configurations among them) would
+        // be most of the store's memory on a cluster of many pods.
+        .modify(|o: &mut PartialObjectMeta<K>| {
+            o.metadata.managed_fields = None;
+            o.metadata.annotations = None;
+        })
         .default_backoff()
         .reflect(writer);
     tokio::spawn(stream.for_each(|_| std::future::ready(())));
