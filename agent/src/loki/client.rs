@@ -13,8 +13,9 @@
 //!   reading (the batch's bytes stay counted in the ledger), so the agent does not grow.
 //! - `Delivered` means Loki answered 2xx to this exact body.
 //!
-//! Assumptions: Loki deduplicates nothing for us, so one batch is in flight at a time and
-//! a batch is re-sent only when its previous attempt failed.
+//! Assumptions: Loki deduplicates nothing for us, so a batch is re-sent only when its
+//! previous attempt failed. Several batches may be in flight at once (see
+//! [`super::inflight`]); each push retries on its own.
 //!
 //! Caveats: a permanent refusal (e.g. 400 for a line over Loki's limit) loses that batch's
 //! entries, as Promtail does; the count is in `promtail_dropped_entries_total`.
