@@ -5,7 +5,8 @@
 //! Today there is one key (the client's tenant); per-tenant batching gives each tenant a
 //! key of its own, so a tenant Loki throttles cannot hold the others' pushes.
 //!
-//! Guarantees: at most [`push_limit`] pushes per key. Bytes are bounded elsewhere: every
+//! Guarantees: at most [`push_limit`] pushes per key, and no new one while a push of
+//! that key is being retried (a 429 storm meets one push, not several). Bytes are bounded elsewhere: every
 //! entry in a batch or a push is registered in the ledger until acknowledged, and the
 //! tailer stops reading above `maxBufferedBytes`, so more pushes in flight never means
 //! more memory than that limit (plus the compressed bodies, smaller than their lines).
@@ -46,8 +47,12 @@ impl<K: Eq + Hash + Clone> Budget<K> {
         }
     }
 
-    pub fn has_room(&self, key: &K) -> bool {
-        self.in_flight.get(key).copied().unwrap_or(0) < self.limit
+    /// Whether another push for `key` may start. While one of its pushes is being
+    /// retried (Loki throttling or failing), only one at a time: the others wait rather
+    /// than meet the same answer.
+    pub fn has_room(&self, key: &K, retrying: bool) -> bool {
+        let limit = if retrying { 1 } else { self.limit };
+        self.in_flight.get(key).copied().unwrap_or(0) < limit
     }
 
     pub fn start(&mut self, key: K) {
@@ -92,15 +97,20 @@ mod tests {
     fn budgets_are_per_key() {
         let mut budget = Budget::new(2);
         let (a, b) = ("tenant-a".to_string(), "tenant-b".to_string());
+        assert!(
+            budget.has_room(&a, true),
+            "nothing in flight: one may start"
+        );
         budget.start(a.clone());
-        assert!(budget.has_room(&a));
+        assert!(budget.has_room(&a, false));
+        assert!(!budget.has_room(&a, true), "one is being retried: no other");
         budget.start(a.clone());
-        assert!(!budget.has_room(&a), "a is at its limit");
-        assert!(budget.has_room(&b), "b's budget is its own");
+        assert!(!budget.has_room(&a, false), "a is at its limit");
+        assert!(budget.has_room(&b, false), "b's budget is its own");
         budget.start(b.clone());
         assert_eq!(budget.total(), 3);
         budget.finish(&a);
-        assert!(budget.has_room(&a));
+        assert!(budget.has_room(&a, false));
         budget.finish(&a);
         budget.finish(&a);
         assert_eq!(

@@ -8,7 +8,8 @@
 //! accepts it — or refuses it for good — its tokens are acknowledged in the ledger, which
 //! is what lets positions move. Up to [`inflight::push_limit`] pushes are in flight at
 //! once ([`inflight::Budget`], keyed by tenant), so a backlog drains at the speed of the
-//! store and both cores rather than one push's round trip at a time.
+//! store and both cores rather than one push's round trip at a time. While a push is
+//! being retried, no other starts.
 //!
 //! Guarantees: a token is acknowledged only after Loki's answer for the batch holding it;
 //! positions advance only past entries whose predecessors in their file are all answered
@@ -29,6 +30,7 @@ pub mod streams;
 pub use self::streams::ACTIVE_STREAMS_WINDOW;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -149,6 +151,8 @@ struct Pushes {
     budget: Budget<String>,
     tasks: JoinSet<bool>,
     active: Arc<Mutex<ActiveStreams>>,
+    /// Pushes of this key being retried.
+    retrying: Arc<AtomicUsize>,
     cancel: CancellationToken,
 }
 
@@ -160,13 +164,17 @@ impl Pushes {
             shipper: Arc::new(shipper),
             tasks: JoinSet::new(),
             active: Arc::new(Mutex::new(ActiveStreams::default())),
+            retrying: Arc::new(AtomicUsize::new(0)),
             cancel,
         }
     }
 
     /// Start pushing `batch`, first waiting for room in the budget; `false` when cancelled.
     async fn dispatch(&mut self, batch: Batch) -> bool {
-        while !self.budget.has_room(&self.key) {
+        while !self
+            .budget
+            .has_room(&self.key, self.retrying.load(Ordering::Relaxed) > 0)
+        {
             match self.tasks.join_next().await {
                 Some(done) => {
                     if !self.finished(done) {
@@ -180,6 +188,7 @@ impl Pushes {
         self.tasks.spawn(push(
             self.shipper.clone(),
             self.active.clone(),
+            self.retrying.clone(),
             batch,
             self.cancel.clone(),
         ));
@@ -211,6 +220,7 @@ impl Pushes {
 async fn push(
     shipper: Arc<Shipper>,
     active: Arc<Mutex<ActiveStreams>>,
+    retrying: Arc<AtomicUsize>,
     batch: Batch,
     cancel: CancellationToken,
 ) -> bool {
@@ -228,7 +238,7 @@ async fn push(
     shipper.metrics.active_streams.set(count as i64);
     let outcome = shipper
         .client
-        .push(encoded.body.clone(), encoded.entries, &cancel)
+        .push(encoded.body.clone(), encoded.entries, &cancel, &retrying)
         .await;
     match outcome {
         Outcome::Cancelled => return false,
