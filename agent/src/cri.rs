@@ -242,21 +242,15 @@ fn fast_rfc3339(b: &[u8]) -> Option<i64> {
         }
         Some(value)
     };
-    if b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+    if b[16] != b':' {
         return None;
     }
-    let (year, month, day) = (digits(0, 4)?, digits(5, 2)?, digits(8, 2)?);
-    let (hour, minute, second) = (digits(11, 2)?, digits(14, 2)?, digits(17, 2)?);
+    let second = digits(17, 2)?;
     // Leap seconds (60) are left to chrono.
-    if !(1..=12).contains(&month)
-        || day < 1
-        || day > days_in_month(year, month)
-        || hour > 23
-        || minute > 59
-        || second > 59
-    {
+    if second > 59 {
         return None;
     }
+    let minute_start = minute_start(b)?;
     let mut at = 19;
     let mut nanos = 0i64;
     if b[at] == b'.' {
@@ -284,9 +278,52 @@ fn fast_rfc3339(b: &[u8]) -> Option<i64> {
         }
         _ => return None,
     };
-    let days = days_from_civil(year, month, day);
-    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_seconds;
+    let seconds = minute_start + second - offset_seconds;
     seconds.checked_mul(1_000_000_000)?.checked_add(nanos)
+}
+
+thread_local! {
+    /// The last `YYYY-MM-DDTHH:MM` parsed (as 16 little-endian bytes) and its seconds.
+    static LAST_MINUTE: std::cell::Cell<(u128, i64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Seconds since the epoch of `b`'s `YYYY-MM-DDTHH:MM` (its first 16 bytes, before any
+/// zone offset). Lines come in runs of one minute: the last one is remembered per thread,
+/// and comparing 16 bytes costs less than validating a date and counting its days.
+fn minute_start(b: &[u8]) -> Option<i64> {
+    let prefix: [u8; 16] = b.get(..16)?.try_into().ok()?;
+    let key = u128::from_le_bytes(prefix);
+    let (last_key, last_seconds) = LAST_MINUTE.get();
+    // The key 0 (sixteen NUL bytes) is never a valid prefix, so the empty cache never hits.
+    if key == last_key {
+        return Some(last_seconds);
+    }
+    let digits = |from: usize, len: usize| -> Option<i64> {
+        let mut value = 0i64;
+        for &c in &prefix[from..from + len] {
+            if !c.is_ascii_digit() {
+                return None;
+            }
+            value = value * 10 + i64::from(c - b'0');
+        }
+        Some(value)
+    };
+    if prefix[4] != b'-' || prefix[7] != b'-' || prefix[10] != b'T' || prefix[13] != b':' {
+        return None;
+    }
+    let (year, month, day) = (digits(0, 4)?, digits(5, 2)?, digits(8, 2)?);
+    let (hour, minute) = (digits(11, 2)?, digits(14, 2)?);
+    if !(1..=12).contains(&month)
+        || day < 1
+        || day > days_in_month(year, month)
+        || hour > 23
+        || minute > 59
+    {
+        return None;
+    }
+    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60;
+    LAST_MINUTE.set((key, seconds));
+    Some(seconds)
 }
 
 fn two_digits(a: u8, b: u8) -> Option<i64> {
@@ -621,6 +658,32 @@ mod tests {
         }
         // Past the i64 range: both refuse rather than wrap.
         assert_eq!(parse_rfc3339_nanos(b"2262-04-11T23:47:16.854775808Z"), None);
+    }
+
+    /// The remembered minute answers only for the same 16 bytes: lines of one minute,
+    /// another minute, a bad date after a good one, and back.
+    #[test]
+    fn remembered_minute_agrees_with_chrono() {
+        let samples = [
+            ("2024-01-15T10:20:30.1Z", true),
+            ("2024-01-15T10:20:59+01:00", true),
+            ("2024-01-15T10:20:31Z", true),
+            ("2024-01-15T10:21:00Z", true),
+            ("2024-02-30T10:21:00Z", false),
+            ("2024-01-15T10:21:0xZ", false),
+            ("2024-01-15T10:20:30.1Z", true),
+            ("2024-01-15T10:20:61Z", false),
+        ];
+        for _ in 0..2 {
+            for (sample, valid) in samples {
+                let fast = fast_rfc3339(sample.as_bytes());
+                let slow = chrono::DateTime::parse_from_rfc3339(sample)
+                    .ok()
+                    .and_then(|t| t.timestamp_nanos_opt());
+                assert_eq!(fast.is_some(), valid, "{sample}");
+                assert_eq!(fast, slow, "{sample}");
+            }
+        }
     }
 
     #[test]

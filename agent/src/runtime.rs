@@ -437,6 +437,10 @@ pub async fn run(config: AgentConfig, options: Options) -> Result<(), RuntimeErr
                 batch_wait: config.loki.batch_wait.0,
                 batch_bytes: config.loki.batch_bytes,
                 external_labels: config.loki.external_labels.clone(),
+                max_pushes: loki::inflight::push_limit(
+                    config.limits.max_buffered_bytes,
+                    config.loki.batch_bytes,
+                ),
             },
             client,
             ledger: ledger.clone(),

@@ -170,20 +170,28 @@ impl Batch {
             .into_iter()
             .map(|(labels, entries)| stream(labels, entries))
             .collect();
-        let raw_len: usize = streams
+        // Each entry's length is measured once here, not again for its stream's length
+        // and again when it is written (prost's `encoded_len` per level did that).
+        let lengths: Vec<Vec<usize>> = streams
             .iter()
-            .map(|s| encoding::message::encoded_len(1, s))
-            .sum();
+            .map(|s| s.entries.iter().map(entry_len).collect())
+            .collect();
+        let stream_lens: Vec<usize> = streams
+            .iter()
+            .zip(&lengths)
+            .map(|(s, lens)| stream_len(&s.labels, lens))
+            .collect();
+        let raw_len: usize = stream_lens.iter().map(|&n| field_len(1, n)).sum();
         let mut out = BlockWriter::new(raw_len);
-        for stream in streams {
+        for ((stream, lens), len) in streams.into_iter().zip(lengths).zip(stream_lens) {
             // `PushRequest.streams` (1), written field by field so each entry can go.
             encoding::encode_key(1, WireType::LengthDelimited, &mut out.staging);
-            encoding::encode_varint(stream.encoded_len() as u64, &mut out.staging);
+            encoding::encode_varint(len as u64, &mut out.staging);
             if !stream.labels.is_empty() {
                 encoding::string::encode(1, &stream.labels, &mut out.staging);
             }
-            for entry in stream.entries {
-                encoding::message::encode(2, &entry, &mut out.staging);
+            for (entry, len) in stream.entries.into_iter().zip(lens) {
+                write_entry(&entry, len, &mut out.staging);
                 out.compress_full_blocks()?;
             }
             // `hash` (3) is 0, which proto3 leaves out.
@@ -272,6 +280,58 @@ impl BlockWriter {
     }
 }
 
+/// Bytes of a length-delimited field `tag` holding `len` bytes.
+fn field_len(tag: u32, len: usize) -> usize {
+    encoding::key_len(tag) + encoding::encoded_len_varint(len as u64) + len
+}
+
+/// `StreamAdapter`'s length: its labels and its entries of lengths `entries`.
+fn stream_len(labels: &str, entries: &[usize]) -> usize {
+    let labels = if labels.is_empty() {
+        0
+    } else {
+        field_len(1, labels.len())
+    };
+    labels + entries.iter().map(|&n| field_len(2, n)).sum::<usize>()
+}
+
+/// `EntryAdapter`'s length (what prost's `encoded_len` gives).
+fn entry_len(entry: &EntryAdapter) -> usize {
+    let timestamp = entry
+        .timestamp
+        .as_ref()
+        .map_or(0, |t| field_len(1, t.encoded_len()));
+    let line = if entry.line.is_empty() {
+        0
+    } else {
+        field_len(2, entry.line.len())
+    };
+    let metadata: usize = entry
+        .structured_metadata
+        .iter()
+        .map(|pair| field_len(3, pair.encoded_len()))
+        .sum();
+    timestamp + line + metadata
+}
+
+/// `EntryAdapter` as field 2 of its stream, its length `len` already measured: the bytes
+/// prost's `message::encode` writes.
+fn write_entry(entry: &EntryAdapter, len: usize, buf: &mut Vec<u8>) {
+    encoding::encode_key(2, WireType::LengthDelimited, buf);
+    encoding::encode_varint(len as u64, buf);
+    if let Some(timestamp) = &entry.timestamp {
+        encoding::message::encode(1, timestamp, buf);
+    }
+    if !entry.line.is_empty() {
+        encoding::encode_key(2, WireType::LengthDelimited, buf);
+        encoding::encode_varint(entry.line.len() as u64, buf);
+        buf.extend_from_slice(entry.line.as_bytes());
+    }
+    for pair in &entry.structured_metadata {
+        encoding::message::encode(3, pair, buf);
+    }
+}
+
 /// One stream of a push: its entries in time order, as Loki wants them.
 fn stream(labels: String, mut entries: Vec<EntryAdapter>) -> StreamAdapter {
     let key = |e: &EntryAdapter| e.timestamp.map(|t| (t.seconds, t.nanos));
@@ -357,6 +417,43 @@ mod tests {
             req.streams[0].entries[0].structured_metadata[0].name,
             "trace"
         );
+    }
+
+    /// Entries written with their measured length are prost's bytes, edge cases included
+    /// (empty line, no metadata, no timestamp, negative and zero times).
+    #[test]
+    fn written_entries_are_prosts_bytes() {
+        let pair = |n: &str, v: &str| LabelPairAdapter {
+            name: n.into(),
+            value: v.into(),
+        };
+        let entries = [
+            (Some(Timestamp::from_unix_nanos(0)), "", vec![]),
+            (
+                Some(Timestamp::from_unix_nanos(-1)),
+                "x",
+                vec![pair("", "")],
+            ),
+            (None, "no time", vec![pair("k", "v"), pair("trace", "t")]),
+            (
+                Some(Timestamp::from_unix_nanos(i64::MAX)),
+                &"y".repeat(300),
+                vec![],
+            ),
+        ];
+        for (timestamp, line, structured_metadata) in entries {
+            let entry = EntryAdapter {
+                timestamp,
+                line: line.to_string(),
+                structured_metadata,
+            };
+            assert_eq!(entry_len(&entry), entry.encoded_len(), "{entry:?}");
+            let mut ours = Vec::new();
+            write_entry(&entry, entry_len(&entry), &mut ours);
+            let mut theirs = Vec::new();
+            encoding::message::encode(2, &entry, &mut theirs);
+            assert_eq!(ours, theirs, "{entry:?}");
+        }
     }
 
     /// The piecewise encoder gives exactly the body of encoding the whole request and

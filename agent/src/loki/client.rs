@@ -13,13 +13,15 @@
 //!   reading (the batch's bytes stay counted in the ledger), so the agent does not grow.
 //! - `Delivered` means Loki answered 2xx to this exact body.
 //!
-//! Assumptions: Loki deduplicates nothing for us, so one batch is in flight at a time and
-//! a batch is re-sent only when its previous attempt failed.
+//! Assumptions: Loki deduplicates nothing for us, so a batch is re-sent only when its
+//! previous attempt failed. Several batches may be in flight at once (see
+//! [`super::inflight`]); each push retries on its own.
 //!
 //! Caveats: a permanent refusal (e.g. 400 for a line over Loki's limit) loses that batch's
 //! entries, as Promtail does; the count is in `promtail_dropped_entries_total`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -331,13 +333,20 @@ impl LokiClient {
         (status, retry_after, first_line)
     }
 
-    /// Push until Loki accepts or refuses for good, or `cancel` fires.
+    /// Push until Loki accepts or refuses for good, or `cancel` fires. From its first
+    /// retry until it ends, the push counts in `retrying` (the shipper starts no other
+    /// push meanwhile, so a throttled Loki is not pressed by several at once).
     pub async fn push(
         &self,
         body: bytes::Bytes,
         entries: u64,
         cancel: &CancellationToken,
+        retrying: &AtomicUsize,
     ) -> Outcome {
+        let mut counted = RetryCount {
+            retrying,
+            counted: false,
+        };
         let encoded = body.len() as u64;
         self.metrics
             .encoded_bytes
@@ -393,6 +402,7 @@ impl LokiClient {
                     let delay = retry_after.map_or(delay, |r| r.max(delay));
                     tracing::warn!(status, error = %text, attempt, delay_ms = delay.as_millis() as u64, "push failed, will retry");
                     attempt = attempt.saturating_add(1);
+                    counted.start();
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = cancel.cancelled() => return Outcome::Cancelled,
@@ -410,6 +420,29 @@ impl LokiClient {
         };
         let (status, _, _) = self.attempt(bytes::Bytes::from(body)).await;
         (200..300).contains(&status) || status == StatusCode::UNPROCESSABLE_ENTITY.as_u16()
+    }
+}
+
+/// A push's place in the retrying count, given back however the push ends.
+struct RetryCount<'a> {
+    retrying: &'a AtomicUsize,
+    counted: bool,
+}
+
+impl RetryCount<'_> {
+    fn start(&mut self) {
+        if !self.counted {
+            self.counted = true;
+            self.retrying.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for RetryCount<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.retrying.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

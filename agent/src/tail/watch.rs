@@ -19,7 +19,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use notify::event::{EventKind, ModifyKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
@@ -88,6 +88,49 @@ impl Shared {
     }
 }
 
+/// After the first write event of a wake, notify's thread pauses this long, so a
+/// container writing a line a millisecond costs one wake per pause, not one per line.
+pub const WRITE_PAUSE: Duration = Duration::from_millis(50);
+/// Callbacks closer than this to the previous one's return are of the same read (notify
+/// calls back for each event of a buffer in turn): no pause there.
+const SAME_READ: Duration = Duration::from_micros(200);
+/// A read this large means events come faster than pauses let them through: no pause
+/// until a read is small again, so the kernel's queue (16,384 events) does not overflow.
+const BUSY_READ: u32 = 64;
+
+/// Whether notify's thread pauses after an event: a pure decision over times.
+#[derive(Debug, Default)]
+struct Pacer {
+    last_return: Option<Instant>,
+    /// Events of the current read so far.
+    in_read: u32,
+    /// The previous read was large.
+    busy: bool,
+}
+
+impl Pacer {
+    fn after_event(&mut self, written: bool, now: Instant) -> Option<Duration> {
+        let same_read = self
+            .last_return
+            .is_some_and(|t| now.saturating_duration_since(t) < SAME_READ);
+        if same_read {
+            self.in_read += 1;
+            if self.in_read >= BUSY_READ {
+                self.busy = true;
+            }
+            return None;
+        }
+        // A fresh wake: the previous read is over.
+        self.busy = self.in_read >= BUSY_READ;
+        self.in_read = 1;
+        (written && !self.busy).then_some(WRITE_PAUSE)
+    }
+
+    fn returned(&mut self, now: Instant) {
+        self.last_return = Some(now);
+    }
+}
+
 /// An inotify watch of the log root.
 pub struct Watch {
     shared: Arc<Shared>,
@@ -99,7 +142,21 @@ impl Watch {
     pub fn start(root: &Path) -> notify::Result<Self> {
         let shared = Arc::new(Shared::default());
         let sink = shared.clone();
-        let mut watcher = notify::recommended_watcher(move |result| sink.record(result))?;
+        let mut pacer = Pacer::default();
+        let mut watcher =
+            notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
+                let written = matches!(&result, Ok(e) if matches!(
+                    e.kind,
+                    EventKind::Modify(ModifyKind::Data(_)) | EventKind::Modify(ModifyKind::Any)
+                ));
+                sink.record(result);
+                // On notify's thread: while it sleeps, the kernel queues the events, and the
+                // next read takes them all at once.
+                if let Some(pause) = pacer.after_event(written, Instant::now()) {
+                    std::thread::sleep(pause);
+                }
+                pacer.returned(Instant::now());
+            })?;
         watcher.watch(root, RecursiveMode::Recursive)?;
         Ok(Self {
             shared,
@@ -126,7 +183,6 @@ impl Watch {
 #[cfg(test)]
 mod tests {
     use std::io::Write;
-    use std::time::Instant;
 
     use super::*;
 
@@ -144,6 +200,34 @@ mod tests {
             }
         }
         panic!("no such event: {all:?}");
+    }
+
+    #[test]
+    fn pauses_once_per_wake_and_not_when_behind() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut pacer = Pacer::default();
+        // A fresh write wakes the thread: pause.
+        assert_eq!(pacer.after_event(true, ms(0)), Some(WRITE_PAUSE));
+        pacer.returned(ms(50));
+        // The events queued meanwhile come back to back: no pause among them.
+        for _ in 0..10 {
+            assert_eq!(pacer.after_event(true, ms(50)), None);
+            pacer.returned(ms(50));
+        }
+        // A later wake pauses again; one for a structure change does not.
+        assert_eq!(pacer.after_event(false, ms(80)), None);
+        pacer.returned(ms(80));
+        assert_eq!(pacer.after_event(true, ms(90)), Some(WRITE_PAUSE));
+        pacer.returned(ms(140));
+        // A read of many events: the next wake does not pause, until a read is small.
+        for _ in 0..BUSY_READ {
+            assert_eq!(pacer.after_event(true, ms(140)), None);
+            pacer.returned(ms(140));
+        }
+        assert_eq!(pacer.after_event(true, ms(150)), None, "behind: no pause");
+        pacer.returned(ms(150));
+        assert_eq!(pacer.after_event(true, ms(160)), Some(WRITE_PAUSE));
     }
 
     #[test]
