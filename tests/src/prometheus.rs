@@ -206,12 +206,12 @@ impl Prometheus {
         Ok(())
     }
 
-    /// The samples of an instant query: each one's labels and value.
-    pub async fn query(&self, promql: &str) -> Result<Vec<(Value, f64)>, TestbedError> {
-        let url = format!("{}/api/v1/query", self.url);
+    /// `data` of a GET on the HTTP API (`/api/v1/...`).
+    async fn api(&self, path: &str, params: &[(&str, &str)]) -> Result<Value, TestbedError> {
+        let url = format!("{}{path}", self.url);
         let body: Value = http_client()
             .get(&url)
-            .query(&[("query", promql)])
+            .query(params)
             .send()
             .await
             .and_then(|r| r.error_for_status())
@@ -222,7 +222,13 @@ impl Prometheus {
             .json()
             .await
             .map_err(|source| TestbedError::Http { url, source })?;
-        Ok(body["data"]["result"]
+        Ok(body["data"].clone())
+    }
+
+    /// The samples of an instant query: each one's labels and value.
+    pub async fn query(&self, promql: &str) -> Result<Vec<(Value, f64)>, TestbedError> {
+        let data = self.api("/api/v1/query", &[("query", promql)]).await?;
+        Ok(data["result"]
             .as_array()
             .into_iter()
             .flatten()
