@@ -65,7 +65,11 @@ up_argocd() {
   cluster_env ops
   local kc=$CDIR/kubeconfig redis=127.0.0.1:$REDIS_PORT repo=127.0.0.1:$ARGOCD_REPO_SERVER_PORT
   local common=(--loglevel info --logformat text)
-  export ARGOCD_FAKE_IN_CLUSTER=true KUBECONFIG=$kc ARGOCD_GPG_ENABLED=false TMPDIR=$dir/tmp
+  # The repo-server runs Argo CD's git-verify-wrapper.sh (from its image) on every
+  # revision, and fails the manifest with "permission denied" without it.
+  mkdir -p "$dir/bin"
+  install -m 0755 "$src/hack/git-verify-wrapper.sh" "$dir/bin/git-verify-wrapper.sh"
+  export ARGOCD_FAKE_IN_CLUSTER=true KUBECONFIG=$kc ARGOCD_GPG_ENABLED=false TMPDIR=$dir/tmp PATH=$dir/bin:$PATH
   require_port argocd-repo-server "$ARGOCD_REPO_SERVER_PORT"
   ARGOCD_BINARY_NAME=argocd-repo-server start argocd-repo-server "$BIN/argocd-$ARGOCD_VERSION" \
     "${common[@]}" --address 127.0.0.1 --port "$ARGOCD_REPO_SERVER_PORT" --disable-tls --client-ca-path "" \
