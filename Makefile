@@ -67,7 +67,7 @@ fmt:
 unit:
 	$(CARGO) test --workspace
 
-e2e: build e2e-testbed e2e-nodesim chart-test e2e-argocd-health e2e-examples e2e-operator e2e-agent e2e-prometheus e2e-rollout e2e-argocd
+e2e: build e2e-testbed e2e-nodesim chart-test e2e-argocd-health e2e-examples e2e-operator e2e-agent e2e-prometheus e2e-argocd e2e-rollout
 
 e2e-testbed: testbed-up
 	$(E2E) e2e_testbed
