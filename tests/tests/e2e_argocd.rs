@@ -12,6 +12,11 @@
 //! the release), then prod; a bad commit stops at ops, `Degraded` after the operator's
 //! rollback, and dev and prod are never synced to it.
 //!
+//! Gate mode, the other way (`rollout.gate` in dev and prod, no RollingSync): Argo CD syncs
+//! each commit to the three clusters at once (automated sync); the operators' gate orders
+//! the rollout, and each Application's health follows its LogPipeline (`Suspended` while
+//! the gate holds it, `Progressing` while it rolls, `Healthy` once verified).
+//!
 //! ```text
 //! cargo build --bins && make testbed-up CLUSTERS="ops dev prod" && tests/testbed/addons.sh argocd
 //! cargo test -p logpipe-e2e --features e2e --test e2e_argocd -- --nocapture --test-threads 1
@@ -106,6 +111,32 @@ fn application_set(testbed: &Testbed, repo: &Path, ns: &str, name: &str) -> Valu
     template["spec"]["source"]["repoURL"] = json!(format!("file://{}", repo.display()));
     template["spec"]["destination"]["namespace"] = json!(ns);
     set
+}
+
+/// [`application_set`] for gate mode: no RollingSync, every Application synced on its own.
+fn automated_set(testbed: &Testbed, repo: &Path, ns: &str, name: &str) -> Value {
+    let mut set = application_set(testbed, repo, ns, name);
+    if let Some(spec) = set["spec"].as_object_mut() {
+        spec.remove("strategy");
+    }
+    set["spec"]["template"]["spec"]["syncPolicy"]["automated"] = json!({});
+    set
+}
+
+/// A Secret in `ns` of `bed`'s cluster with `upstream`'s kubeconfig, for `rollout.gate`.
+async fn gate_secret(testbed: &Testbed, bed: &Bed, upstream: &str) {
+    let kubeconfig = std::fs::read_to_string(testbed.kubeconfig(upstream)).unwrap();
+    let secret = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": format!("cluster-{upstream}"), "namespace": bed.ns},
+        "stringData": {"kubeconfig": kubeconfig}});
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(bed.client.clone(), &bed.ns)
+        .patch(
+            &format!("cluster-{upstream}"),
+            &PatchParams::apply("e2e-argocd").force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .unwrap();
 }
 
 /// One look at an Application: (sync status, synced revision, health, health message).
@@ -358,6 +389,142 @@ async fn rolling_sync_moves_a_commit_ops_then_dev_then_prod_and_stops_a_bad_one_
         "ApplicationSet status.applicationStatus: {}",
         set_status.data["status"]["applicationStatus"]
     );
+
+    let _ = sets.delete(&set_name, &DeleteParams::default()).await;
+    for (_, bed) in beds {
+        bed.down().await;
+    }
+}
+
+#[tokio::test]
+async fn gate_mode_one_commit_synced_everywhere_the_operators_gate_orders_the_clusters() {
+    let testbed = Testbed::ensure(&CLUSTERS)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        testbed.dir.join("argocd-namespace").is_file(),
+        "Argo CD is an add-on of the test bed: run `tests/testbed/addons.sh argocd` (or `make e2e-argocd`)"
+    );
+    let suffix = unique_suffix();
+    let ns = format!("argogate-{suffix}");
+    let mut beds = BTreeMap::new();
+    for cluster in CLUSTERS {
+        beds.insert(cluster, Bed::up(&testbed, cluster, &ns).await);
+    }
+    gate_secret(&testbed, &beds["dev"], "ops").await;
+    gate_secret(&testbed, &beds["prod"], "dev").await;
+    let release1 = publish(&testbed, &format!("e2e-{suffix}-g1"));
+    let release2 = publish(&testbed, &format!("e2e-{suffix}-g2"));
+    let specs = |image: &str| -> BTreeMap<&str, Value> {
+        CLUSTERS
+            .iter()
+            .zip([None, Some("ops"), Some("dev")])
+            .map(|(c, upstream)| {
+                let tenant = logpipe_e2e::store::unique_tenant();
+                let mut lp = pipeline(&ns, &tenant, image, &testbed.store_url, "5s", beds[c].nodes);
+                if let Some(up) = upstream {
+                    lp["spec"]["rollout"]["gate"] = json!({
+                        "clusterSecretRef": {"name": format!("cluster-{up}"), "key": "kubeconfig"},
+                        "namespace": ns, "name": "logpipe", "soak": "5s", "pollInterval": "5s"});
+                }
+                (*c, lp)
+            })
+            .collect()
+    };
+    let repo = testbed.scratch_dir("argocd-gate-git").unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    let rev1 = commit(
+        &repo,
+        &specs(&release1.image),
+        "logpipe: agent release 1, gated",
+    );
+    let ops = testbed.client("ops").await.unwrap();
+    let apps = argo_api(&ops, "Application", "applications");
+    let sets = argo_api(&ops, "ApplicationSet", "applicationsets");
+    let set_name = format!("gate-{suffix}");
+    let set = automated_set(&testbed, &repo, &ns, &set_name);
+    sets.patch(
+        &set_name,
+        &PatchParams::apply("e2e-argocd").force(),
+        &Patch::Apply(&set),
+    )
+    .await
+    .unwrap();
+    println!(
+        "commit {} (release 1), automated sync everywhere, gated by the operators",
+        &rev1[..8]
+    );
+    let all_at = |rev: String| {
+        move |s: &BTreeMap<String, _>| CLUSTERS.iter().all(|c| at(s, c, &rev, "Healthy"))
+    };
+    watch(
+        &apps,
+        &set_name,
+        Duration::from_secs(600),
+        all_at(rev1.clone()),
+    )
+    .await;
+
+    let rev2 = commit(
+        &repo,
+        &specs(&release2.image),
+        "logpipe: agent release 2, gated",
+    );
+    println!("commit {} (release 2, a new agent image)", &rev2[..8]);
+    refresh(&apps, &set_name).await;
+    let t = watch(
+        &apps,
+        &set_name,
+        Duration::from_secs(600),
+        all_at(rev2.clone()),
+    )
+    .await;
+    let synced = |c: &str| t.synced(c, &rev2).unwrap();
+    let healthy = |c: &str| t.first(c, &rev2, "Healthy").unwrap();
+    println!(
+        "release 2: synced ops {:.1}s dev {:.1}s prod {:.1}s; Healthy ops {:.1}s dev {:.1}s prod {:.1}s",
+        synced("ops"),
+        synced("dev"),
+        synced("prod"),
+        healthy("ops"),
+        healthy("dev"),
+        healthy("prod")
+    );
+    assert!(
+        synced("dev") < healthy("ops") && synced("prod") < healthy("ops"),
+        "one commit synced everywhere at once"
+    );
+    assert!(
+        healthy("ops") < healthy("dev"),
+        "the gate holds dev until ops is Healthy"
+    );
+    assert!(
+        healthy("dev") < healthy("prod"),
+        "the gate holds prod until dev is Healthy"
+    );
+    // Synced at release 2 and not yet Healthy: held by the gate, then rolling.
+    let short: String = rev2.chars().take(8).collect();
+    for cluster in ["dev", "prod"] {
+        let before: Vec<&str> = t
+            .seen
+            .iter()
+            .filter(|(time, c, sync, rev, _)| {
+                c == cluster && sync == "Synced" && *rev == short && *time < healthy(cluster)
+            })
+            .map(|(.., health)| health.as_str())
+            .collect();
+        println!("{cluster} at release 2 before Healthy: {before:?}");
+        assert!(
+            !before.is_empty(),
+            "{cluster} was synced before it was Healthy"
+        );
+        assert!(
+            before
+                .iter()
+                .all(|h| ["Suspended", "Progressing"].contains(h)),
+            "{cluster}: {before:?}"
+        );
+    }
 
     let _ = sets.delete(&set_name, &DeleteParams::default()).await;
     for (_, bed) in beds {
