@@ -27,7 +27,7 @@
 mod bed;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,7 @@ use kube::api::{
 use logpipe_e2e::{Testbed, unique_suffix};
 use serde_json::{Value, json};
 
-use bed::{Bed, pipeline, publish};
+use bed::{Bed, Release, pipeline, publish};
 
 const CLUSTERS: [&str; 3] = ["ops", "dev", "prod"];
 
@@ -249,77 +249,153 @@ fn at(
         .is_some_and(|(sync, rev, h, _)| sync == "Synced" && *rev == short && h == health)
 }
 
+type States = BTreeMap<String, (String, String, String, String)>;
+
+/// Every Application Synced and Healthy at `rev`.
+fn all_healthy_at(rev: &str) -> impl Fn(&States) -> bool + use<> {
+    let rev = rev.to_string();
+    move |s| CLUSTERS.iter().all(|c| at(s, c, &rev, "Healthy"))
+}
+
+/// One test's three clusters (operator, real agents, workload logs each) in one namespace,
+/// its git repository, and Argo CD's APIs in ops. Stopped by [`Fleet::down`] (the beds
+/// clean up after a failed test themselves).
+struct Fleet {
+    testbed: Testbed,
+    ns: String,
+    suffix: String,
+    beds: BTreeMap<&'static str, Bed>,
+    repo: PathBuf,
+    apps: Api<DynamicObject>,
+    sets: Api<DynamicObject>,
+    set_name: String,
+    releases: Vec<Release>,
+}
+
+impl Fleet {
+    async fn up(prefix: &str) -> Self {
+        let testbed = Testbed::ensure(&CLUSTERS)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            testbed.dir.join("argocd-namespace").is_file(),
+            "Argo CD is an add-on of the test bed: run `tests/testbed/addons.sh argocd` (or `make e2e-argocd`)"
+        );
+        let suffix = unique_suffix();
+        let ns = format!("{prefix}-{suffix}");
+        let mut beds = BTreeMap::new();
+        for cluster in CLUSTERS {
+            beds.insert(cluster, Bed::up(&testbed, cluster, &ns).await);
+        }
+        let repo = testbed.scratch_dir(&format!("{prefix}-git")).unwrap();
+        git(&repo, &["init", "-q", "-b", "main"]);
+        let ops = testbed.client("ops").await.unwrap();
+        Self {
+            apps: argo_api(&ops, "Application", "applications"),
+            sets: argo_api(&ops, "ApplicationSet", "applicationsets"),
+            set_name: ns.clone(),
+            testbed,
+            ns,
+            suffix,
+            beds,
+            repo,
+            releases: Vec::new(),
+        }
+    }
+
+    /// Publish the built agent under a tag of this run; its image.
+    fn release(&mut self, tag: &str) -> String {
+        let release = publish(&self.testbed, &format!("e2e-{}-{tag}", self.suffix));
+        let image = release.image.clone();
+        self.releases.push(release);
+        image
+    }
+
+    /// Commit `specs`, apply the ApplicationSet `set`, wait until all are Healthy there.
+    async fn install(&self, set: &Value, specs: &BTreeMap<&str, Value>, message: &str) -> String {
+        let rev = commit(&self.repo, specs, message);
+        println!("commit {} ({message})", &rev[..8]);
+        self.sets
+            .patch(
+                &self.set_name,
+                &PatchParams::apply("e2e-argocd").force(),
+                &Patch::Apply(set),
+            )
+            .await
+            .unwrap();
+        watch(
+            &self.apps,
+            &self.set_name,
+            Duration::from_secs(600),
+            all_healthy_at(&rev),
+        )
+        .await;
+        rev
+    }
+
+    /// Commit `specs` and tell Argo CD; the commit's SHA.
+    async fn push(&self, specs: &BTreeMap<&str, Value>, message: &str) -> String {
+        let rev = commit(&self.repo, specs, message);
+        println!("commit {} ({message})", &rev[..8]);
+        refresh(&self.apps, &self.set_name).await;
+        rev
+    }
+
+    /// [`Fleet::push`], then watch until every Application is Healthy at the new commit.
+    async fn roll(&self, specs: &BTreeMap<&str, Value>, message: &str) -> (String, Timeline) {
+        let rev = self.push(specs, message).await;
+        let timeline = watch(
+            &self.apps,
+            &self.set_name,
+            Duration::from_secs(600),
+            all_healthy_at(&rev),
+        )
+        .await;
+        (rev, timeline)
+    }
+
+    async fn down(self) {
+        let _ = self
+            .sets
+            .delete(&self.set_name, &DeleteParams::default())
+            .await;
+        for (_, bed) in self.beds {
+            bed.down().await;
+        }
+        drop(self.releases);
+    }
+}
+
 #[tokio::test]
 async fn rolling_sync_moves_a_commit_ops_then_dev_then_prod_and_stops_a_bad_one_at_ops() {
-    let testbed = Testbed::ensure(&CLUSTERS)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        testbed.dir.join("argocd-namespace").is_file(),
-        "Argo CD is an add-on of the test bed: run `tests/testbed/addons.sh argocd` (or `make e2e-argocd`)"
-    );
-    let suffix = unique_suffix();
-    let ns = format!("argocd-{suffix}");
-    let mut beds = BTreeMap::new();
-    for cluster in CLUSTERS {
-        beds.insert(cluster, Bed::up(&testbed, cluster, &ns).await);
-    }
-    let release1 = publish(&testbed, &format!("e2e-{suffix}-a1"));
-    let release2 = publish(&testbed, &format!("e2e-{suffix}-a2"));
+    let mut fleet = Fleet::up("argocd").await;
+    let image1 = fleet.release("a1");
+    let image2 = fleet.release("a2");
     let specs = |image: &str| -> BTreeMap<&str, Value> {
         CLUSTERS
             .iter()
             .map(|c| {
                 let tenant = logpipe_e2e::store::unique_tenant();
+                let store = &fleet.testbed.store_url;
                 (
                     *c,
-                    pipeline(&ns, &tenant, image, &testbed.store_url, "5s", beds[c].nodes),
+                    pipeline(&fleet.ns, &tenant, image, store, "5s", fleet.beds[c].nodes),
                 )
             })
             .collect()
     };
-    let repo = testbed.scratch_dir("argocd-git").unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    let rev1 = commit(&repo, &specs(&release1.image), "logpipe: agent release 1");
+    let set = application_set(&fleet.testbed, &fleet.repo, &fleet.ns, &fleet.set_name);
+    fleet
+        .install(
+            &set,
+            &specs(&image1),
+            "agent release 1, installed by RollingSync",
+        )
+        .await;
 
-    let ops = testbed.client("ops").await.unwrap();
-    let apps = argo_api(&ops, "Application", "applications");
-    let sets = argo_api(&ops, "ApplicationSet", "applicationsets");
-    let set_name = format!("lp-{suffix}");
-    let set = application_set(&testbed, &repo, &ns, &set_name);
-    sets.patch(
-        &set_name,
-        &PatchParams::apply("e2e-argocd").force(),
-        &Patch::Apply(&set),
-    )
-    .await
-    .unwrap();
-
-    println!(
-        "commit {} (release 1): installed by RollingSync",
-        &rev1[..8]
-    );
-    let all_at = |rev: String| {
-        move |s: &BTreeMap<String, _>| CLUSTERS.iter().all(|c| at(s, c, &rev, "Healthy"))
-    };
-    watch(
-        &apps,
-        &set_name,
-        Duration::from_secs(600),
-        all_at(rev1.clone()),
-    )
-    .await;
-
-    let rev2 = commit(&repo, &specs(&release2.image), "logpipe: agent release 2");
-    println!("commit {} (release 2, a new agent image)", &rev2[..8]);
-    refresh(&apps, &set_name).await;
-    let good = watch(
-        &apps,
-        &set_name,
-        Duration::from_secs(600),
-        all_at(rev2.clone()),
-    )
-    .await;
+    let (rev2, good) = fleet
+        .roll(&specs(&image2), "agent release 2, a new agent image")
+        .await;
     let healthy = |c: &str| good.first(c, &rev2, "Healthy").unwrap();
     let synced = |c: &str| good.synced(c, &rev2).unwrap();
     println!(
@@ -344,28 +420,24 @@ async fn rolling_sync_moves_a_commit_ops_then_dev_then_prod_and_stops_a_bad_one_
         "prod is synced only once dev is Healthy"
     );
 
-    let bad_image = format!("reg.local/logpipe-agent:e2e-{suffix}-never-published");
-    let rev3 = commit(
-        &repo,
-        &specs(&bad_image),
-        "logpipe: a release nobody published",
+    let bad_image = format!(
+        "reg.local/logpipe-agent:e2e-{}-never-published",
+        fleet.suffix
     );
-    println!(
-        "commit {} (an agent image that was never published)",
-        &rev3[..8]
-    );
-    refresh(&apps, &set_name).await;
-    let degraded_at = |rev: String| move |s: &BTreeMap<String, _>| at(s, "ops", &rev, "Degraded");
-    watch(
-        &apps,
-        &set_name,
-        Duration::from_secs(300),
-        degraded_at(rev3.clone()),
-    )
+    let rev3 = fleet
+        .push(
+            &specs(&bad_image),
+            "an agent image that was never published",
+        )
+        .await;
+    let (apps, set_name) = (&fleet.apps, &fleet.set_name);
+    watch(apps, set_name, Duration::from_secs(300), |s: &States| {
+        at(s, "ops", &rev3, "Degraded")
+    })
     .await;
     // Keep watching: RollingSync must not move on to dev or prod.
     let held_since = Instant::now();
-    let after = watch(&apps, &set_name, Duration::from_secs(120), |_| {
+    let after = watch(apps, set_name, Duration::from_secs(120), |_| {
         held_since.elapsed() > Duration::from_secs(60)
     })
     .await;
@@ -384,44 +456,30 @@ async fn rolling_sync_moves_a_commit_ops_then_dev_then_prod_and_stops_a_bad_one_
             "{cluster} waits with the bad commit unsynced"
         );
     }
-    let set_status = sets.get(&set_name).await.unwrap();
+    let set_status = fleet.sets.get(set_name).await.unwrap();
     println!(
         "ApplicationSet status.applicationStatus: {}",
         set_status.data["status"]["applicationStatus"]
     );
-
-    let _ = sets.delete(&set_name, &DeleteParams::default()).await;
-    for (_, bed) in beds {
-        bed.down().await;
-    }
+    fleet.down().await;
 }
 
 #[tokio::test]
 async fn gate_mode_one_commit_synced_everywhere_the_operators_gate_orders_the_clusters() {
-    let testbed = Testbed::ensure(&CLUSTERS)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        testbed.dir.join("argocd-namespace").is_file(),
-        "Argo CD is an add-on of the test bed: run `tests/testbed/addons.sh argocd` (or `make e2e-argocd`)"
-    );
-    let suffix = unique_suffix();
-    let ns = format!("argogate-{suffix}");
-    let mut beds = BTreeMap::new();
-    for cluster in CLUSTERS {
-        beds.insert(cluster, Bed::up(&testbed, cluster, &ns).await);
-    }
-    gate_secret(&testbed, &beds["dev"], "ops").await;
-    gate_secret(&testbed, &beds["prod"], "dev").await;
-    let release1 = publish(&testbed, &format!("e2e-{suffix}-g1"));
-    let release2 = publish(&testbed, &format!("e2e-{suffix}-g2"));
+    let mut fleet = Fleet::up("argogate").await;
+    gate_secret(&fleet.testbed, &fleet.beds["dev"], "ops").await;
+    gate_secret(&fleet.testbed, &fleet.beds["prod"], "dev").await;
+    let image1 = fleet.release("g1");
+    let image2 = fleet.release("g2");
+    let ns = fleet.ns.clone();
     let specs = |image: &str| -> BTreeMap<&str, Value> {
         CLUSTERS
             .iter()
             .zip([None, Some("ops"), Some("dev")])
             .map(|(c, upstream)| {
                 let tenant = logpipe_e2e::store::unique_tenant();
-                let mut lp = pipeline(&ns, &tenant, image, &testbed.store_url, "5s", beds[c].nodes);
+                let store = &fleet.testbed.store_url;
+                let mut lp = pipeline(&ns, &tenant, image, store, "5s", fleet.beds[c].nodes);
                 if let Some(up) = upstream {
                     lp["spec"]["rollout"]["gate"] = json!({
                         "clusterSecretRef": {"name": format!("cluster-{up}"), "key": "kubeconfig"},
@@ -431,54 +489,18 @@ async fn gate_mode_one_commit_synced_everywhere_the_operators_gate_orders_the_cl
             })
             .collect()
     };
-    let repo = testbed.scratch_dir("argocd-gate-git").unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    let rev1 = commit(
-        &repo,
-        &specs(&release1.image),
-        "logpipe: agent release 1, gated",
-    );
-    let ops = testbed.client("ops").await.unwrap();
-    let apps = argo_api(&ops, "Application", "applications");
-    let sets = argo_api(&ops, "ApplicationSet", "applicationsets");
-    let set_name = format!("gate-{suffix}");
-    let set = automated_set(&testbed, &repo, &ns, &set_name);
-    sets.patch(
-        &set_name,
-        &PatchParams::apply("e2e-argocd").force(),
-        &Patch::Apply(&set),
-    )
-    .await
-    .unwrap();
-    println!(
-        "commit {} (release 1), automated sync everywhere, gated by the operators",
-        &rev1[..8]
-    );
-    let all_at = |rev: String| {
-        move |s: &BTreeMap<String, _>| CLUSTERS.iter().all(|c| at(s, c, &rev, "Healthy"))
-    };
-    watch(
-        &apps,
-        &set_name,
-        Duration::from_secs(600),
-        all_at(rev1.clone()),
-    )
-    .await;
+    let set = automated_set(&fleet.testbed, &fleet.repo, &ns, &fleet.set_name);
+    fleet
+        .install(
+            &set,
+            &specs(&image1),
+            "agent release 1, automated sync everywhere, gated",
+        )
+        .await;
 
-    let rev2 = commit(
-        &repo,
-        &specs(&release2.image),
-        "logpipe: agent release 2, gated",
-    );
-    println!("commit {} (release 2, a new agent image)", &rev2[..8]);
-    refresh(&apps, &set_name).await;
-    let t = watch(
-        &apps,
-        &set_name,
-        Duration::from_secs(600),
-        all_at(rev2.clone()),
-    )
-    .await;
+    let (rev2, t) = fleet
+        .roll(&specs(&image2), "agent release 2, a new agent image")
+        .await;
     let synced = |c: &str| t.synced(c, &rev2).unwrap();
     let healthy = |c: &str| t.first(c, &rev2, "Healthy").unwrap();
     println!(
@@ -526,8 +548,5 @@ async fn gate_mode_one_commit_synced_everywhere_the_operators_gate_orders_the_cl
         );
     }
 
-    let _ = sets.delete(&set_name, &DeleteParams::default()).await;
-    for (_, bed) in beds {
-        bed.down().await;
-    }
+    fleet.down().await;
 }
