@@ -9,8 +9,8 @@ CARGO ?= cargo
 # The end-to-end targets of tests/ are built only with the `e2e` feature (see tests/Cargo.toml).
 E2E := $(CARGO) test -p logpipe-e2e --features e2e --test
 
-.PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent e2e-teams e2e-argocd e2e-nodesim e2e-rollout e2e-examples \
-        chart-test testbed-build testbed-up testbed-down testbed-wipe crds demo bench bench-operator \
+.PHONY: all build test unit lint fmt e2e e2e-testbed e2e-operator e2e-agent e2e-teams e2e-argocd e2e-argocd-health e2e-prometheus e2e-nodesim e2e-rollout e2e-examples \
+        chart-test testbed-build testbed-addons testbed-up testbed-down testbed-wipe crds demo bench bench-operator \
         images images-test
 
 all: build
@@ -27,6 +27,11 @@ testbed-up:
 
 testbed-down:
 	tests/testbed/down.sh
+
+# Add-ons beside a running test bed (tests/testbed/addons.sh): ADDONS="prometheus argocd".
+ADDONS ?= prometheus argocd
+testbed-addons:
+	tests/testbed/addons.sh $(ADDONS)
 
 testbed-wipe:
 	tests/testbed/down.sh --wipe
@@ -62,7 +67,7 @@ fmt:
 unit:
 	$(CARGO) test --workspace
 
-e2e: build e2e-testbed e2e-nodesim chart-test e2e-argocd e2e-examples e2e-operator e2e-agent e2e-teams e2e-rollout
+e2e: build e2e-testbed e2e-nodesim chart-test e2e-argocd-health e2e-examples e2e-operator e2e-agent e2e-teams e2e-prometheus e2e-argocd e2e-rollout
 
 e2e-testbed: testbed-up
 	$(E2E) e2e_testbed
@@ -89,8 +94,21 @@ e2e-rollout: build
 e2e-nodesim: build testbed-up
 	$(E2E) e2e_nodesim
 
-e2e-argocd: testbed-up
+e2e-argocd-health: testbed-up
 	$(E2E) e2e_argocd_health
+
+# A real Prometheus (built from its Go module) scrapes the agents through the scrape config
+# the operator's ServiceMonitor renders to (README "Monitoring").
+e2e-prometheus: build testbed-up
+	tests/testbed/addons.sh prometheus
+	$(E2E) e2e_prometheus -- --nocapture
+
+# A real Argo CD (built from its Go module; Go 1.27, see README "Test bed") syncs
+# LogPipelines from a local git repository to ops, dev and prod (README "GitOps").
+e2e-argocd: build
+	$(MAKE) testbed-up CLUSTERS="ops dev prod"
+	tests/testbed/addons.sh argocd
+	$(E2E) e2e_argocd -- --nocapture --test-threads 1
 
 e2e-examples: testbed-up
 	$(E2E) e2e_examples

@@ -12,6 +12,7 @@ pub mod crdref;
 pub mod faultproxy;
 pub mod loggen;
 pub mod operator;
+pub mod prometheus;
 pub mod simulator;
 pub mod store;
 

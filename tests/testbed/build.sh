@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the test bed's Go components from the Go module proxy into the cache (never the repo).
-#   tests/testbed/build.sh [etcd|kube|kwok|victorialogs|otelcol|helm ...]   (default: the core set)
+#   tests/testbed/build.sh [etcd|kube|kwok|victorialogs|otelcol|helm|argocd|prometheus ...]   (default: the core set)
+#   tests/testbed/build.sh servicemonitor-crd   (prints the path of prometheus-operator's ServiceMonitor CRD)
 # A binary already in the cache is reused; each component prints one progress line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -123,6 +124,34 @@ build_otelcol() {
   progress otelcol "built in $((SECONDS - started)) s"
 }
 
+# Argo CD: one binary that runs as each component by ARGOCD_BINARY_NAME. v3 has one relative
+# replace (gitops-engine, published as its own module at the same release) and needs Go 1.27:
+# GOTOOLCHAIN=go1.27.3 is fetched by the go command from the module proxy (README "Test bed").
+build_argocd() {
+  have "argocd-$ARGOCD_VERSION" && { progress argocd "cached"; return; }
+  GOTOOLCHAIN=$ARGOCD_GOTOOLCHAIN GO_VERSION=$(GOTOOLCHAIN=$ARGOCD_GOTOOLCHAIN go env GOVERSION | sed -E 's/^go([0-9]+\.[0-9]+).*/\1/') \
+    wrapper argocd github.com/argoproj/argo-cd/v3 "$ARGOCD_VERSION" "$ARGOCD_VERSION" \
+    "-s -w -X github.com/argoproj/argo-cd/v3/common.version=${ARGOCD_VERSION#v}" \
+    "github.com/argoproj/argo-cd/v3/cmd=argocd-$ARGOCD_VERSION"
+}
+
+# Prometheus with only Kubernetes service discovery (the tags drop the other discoverers
+# and keep the binary small); the web UI's assets are not embedded (the API is enough).
+build_prometheus() {
+  have "prometheus-$PROMETHEUS_VERSION" && { progress prometheus "cached"; return; }
+  GOFLAGS="$GOFLAGS -tags=remove_all_sd,enable_kubernetes_sd" plain_install prometheus \
+    github.com/prometheus/prometheus/cmd/prometheus "$PROMETHEUS_VERSION" "prometheus-$PROMETHEUS_VERSION"
+}
+
+# The ServiceMonitor CRD as prometheus-operator publishes it (example/prometheus-operator-crd/):
+# its module source is downloaded, nothing is built. Prints the CRD file's path.
+prometheus_operator_crd() {
+  local dir
+  dir=$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])') || return 1
+  echo "$dir/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml"
+}
+
 build_helm() {
   have "helm-$HELM_VERSION" && { progress helm "cached"; return; }
   plain_install helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "helm-$HELM_VERSION"
@@ -139,8 +168,9 @@ locked() {
 }
 for c in "${components[@]}"; do
   case $c in
-    etcd|kube|kwok|victorialogs|otelcol|helm) locked "$c" ;;
-    all) for a in etcd kube kwok victorialogs otelcol helm; do locked "$a"; done ;;
-    *) echo "build.sh: unknown component '$c' (etcd kube kwok victorialogs otelcol helm all)" >&2; exit 2 ;;
+    etcd|kube|kwok|victorialogs|otelcol|helm|argocd|prometheus) locked "$c" ;;
+    servicemonitor-crd) prometheus_operator_crd ;;
+    all) for a in etcd kube kwok victorialogs otelcol helm argocd prometheus; do locked "$a"; done ;;
+    *) echo "build.sh: unknown component '$c' (etcd kube kwok victorialogs otelcol helm argocd prometheus servicemonitor-crd all)" >&2; exit 2 ;;
   esac
 done

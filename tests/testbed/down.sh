@@ -3,9 +3,9 @@
 set -uo pipefail
 source "$(cd "$(dirname "$0")" && pwd)/lib.sh"
 [ -d "$PIDS" ] || { echo "[testbed] nothing to stop"; exit 0; }
-# Dependents first: operators, node simulators (and their agents), then KWOK, schedulers,
-# controller-managers, API servers, etcd, the log store.
-order=(operator nodesim kwok kube-scheduler kube-controller-manager kube-apiserver etcd victorialogs)
+# Dependents first: Argo CD and Prometheus (addons.sh), operators, node simulators (and
+# their agents), then KWOK, schedulers, controller-managers, API servers, etcd, the log store.
+order=(argocd prometheus redis operator nodesim kwok kube-scheduler kube-controller-manager kube-apiserver etcd victorialogs)
 for kind in "${order[@]}"; do
   for f in "$PIDS"/*.pid; do
     [ -e "$f" ] || continue

@@ -14,6 +14,16 @@ PIDS=$TESTBED/pids
 PORT_BASE=${LOGPIPE_PORT_BASE:-41000}
 NET_OFFSET=${LOGPIPE_NET_OFFSET:-0}
 STORE_HTTP_PORT=${STORE_HTTP_PORT:-$((PORT_BASE + 2100))}
+# The add-ons (tests/testbed/addons.sh): Prometheus, and Argo CD with its Redis.
+PROMETHEUS_PORT=$((PORT_BASE + 2200))
+REDIS_PORT=$((PORT_BASE + 2300))
+ARGOCD_REPO_SERVER_PORT=$((PORT_BASE + 2301))
+ARGOCD_REPO_SERVER_METRICS_PORT=$((PORT_BASE + 2302))
+ARGOCD_CONTROLLER_METRICS_PORT=$((PORT_BASE + 2303))
+ARGOCD_APPSET_METRICS_PORT=$((PORT_BASE + 2304))
+ARGOCD_APPSET_PROBE_PORT=$((PORT_BASE + 2305))
+ARGOCD_APPSET_WEBHOOK_PORT=$((PORT_BASE + 2306))
+ARGOCD_CONTROLLER_HEALTHZ_PORT=$((PORT_BASE + 2307))
 KUBECTL=$BIN/kubectl-$K8S_VERSION
 
 # The clusters the test bed knows, in a fixed order: the index fixes ports and addresses,
@@ -110,3 +120,30 @@ start() {
     sleep 0.1
   done
 }
+
+# Shared by up.sh and addons.sh.
+say() { printf '[testbed] %s\n' "$*"; }
+fail() { printf '[testbed] ERROR: %s\n' "$*" >&2; exit 1; }
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_for NAME SECONDS CMD...: poll CMD until it succeeds; on timeout show the log.
+wait_for() {
+  local name=$1 limit=$2; shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    # Asked twice, a second apart: one look can fall inside the process's execve.
+    if ! alive "$name" && { sleep 1; ! alive "$name"; }; then
+      tail -25 "$LOGS/$name.log" >&2
+      fail "$name exited (pid, binary: $(cat "$PIDS/$name.pid" 2>/dev/null)); log: $LOGS/$name.log"
+    fi
+    if [ $SECONDS -ge $deadline ]; then tail -25 "$LOGS/$name.log" >&2; fail "$name not healthy after ${limit}s; log: $LOGS/$name.log"; fi
+    sleep 0.5
+  done
+}
+
+require_port() {
+  local name=$1 port=$2
+  alive "$name" && return 0
+  port_free "$port" || fail "port 127.0.0.1:$port for $name is taken by another process (set LOGPIPE ports or stop it)"
+}
+

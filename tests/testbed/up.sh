@@ -8,9 +8,6 @@ CLUSTERS=${CLUSTERS:-ops}
 NODES=${NODES:-5}
 STARTED=$SECONDS
 
-say() { printf '[testbed] %s\n' "$*"; }
-fail() { printf '[testbed] ERROR: %s\n' "$*" >&2; exit 1; }
-
 command -v openssl >/dev/null || fail "openssl is required (apt-get install openssl)"
 command -v curl >/dev/null || fail "curl is required (apt-get install curl)"
 "$here/build.sh" etcd kube kwok
@@ -31,30 +28,6 @@ esac
 say "building the node simulator (cargo build ${profile_flag[*]} --workspace --bin logpipe-nodesim)"
 (cd "$repo" && cargo build -q "${profile_flag[@]}" --workspace --bin logpipe-nodesim) || fail "cannot build logpipe-nodesim"
 NODESIM=${CARGO_TARGET_DIR:-$repo/target}/$NODESIM_PROFILE/logpipe-nodesim
-
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-
-# wait_for NAME SECONDS CMD...: poll CMD until it succeeds; on timeout show the log.
-wait_for() {
-  local name=$1 limit=$2; shift 2
-  local deadline=$((SECONDS + limit))
-  until "$@" >/dev/null 2>&1; do
-    # Asked twice, a second apart: one look can fall inside the process's execve.
-    if ! alive "$name" && { sleep 1; ! alive "$name"; }; then
-      tail -25 "$LOGS/$name.log" >&2
-      fail "$name exited (pid, binary: $(cat "$PIDS/$name.pid" 2>/dev/null)); log: $LOGS/$name.log"
-    fi
-    if [ $SECONDS -ge $deadline ]; then tail -25 "$LOGS/$name.log" >&2; fail "$name not healthy after ${limit}s; log: $LOGS/$name.log"; fi
-    sleep 0.5
-  done
-}
-
-require_port() {
-  local name=$1 port=$2
-  alive "$name" && return 0
-  port_free "$port" || fail "port 127.0.0.1:$port for $name is taken by another process (set LOGPIPE ports or stop it)"
-}
 
 pki() {
   local dir=$CDIR/pki
@@ -250,7 +223,7 @@ up_store() {
 # reserved at once, before the first starts. Needs root; without it, say so and go on.
 reserve_ports() {
   local file=/proc/sys/net/ipv4/ip_local_reserved_ports
-  local want="$PORT_BASE-$((PORT_BASE + ${#KNOWN_CLUSTERS[@]} * 100 - 1)),$STORE_HTTP_PORT"
+  local want="$PORT_BASE-$((PORT_BASE + ${#KNOWN_CLUSTERS[@]} * 100 - 1)),$STORE_HTTP_PORT,$PROMETHEUS_PORT,$REDIS_PORT-$ARGOCD_CONTROLLER_HEALTHZ_PORT"
   local current; current=$(cat "$file" 2>/dev/null) || current=
   case ",$current," in *",$want,"*) return ;; esac
   if ! { [ -w "$file" ] && echo "${current:+$current,}$want" > "$file"; } 2>/dev/null; then
