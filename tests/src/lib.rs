@@ -10,6 +10,7 @@ pub mod argocd;
 pub mod cluster;
 pub mod crdref;
 pub mod faultproxy;
+pub mod listeners;
 pub mod loggen;
 pub mod operator;
 pub mod prometheus;

@@ -71,19 +71,19 @@ up_argocd() {
   install -m 0755 "$src/hack/git-verify-wrapper.sh" "$dir/bin/git-verify-wrapper.sh"
   export ARGOCD_FAKE_IN_CLUSTER=true KUBECONFIG=$kc ARGOCD_GPG_ENABLED=false TMPDIR=$dir/tmp PATH=$dir/bin:$PATH
   require_port argocd-repo-server "$ARGOCD_REPO_SERVER_PORT"
-  ARGOCD_BINARY_NAME=argocd-repo-server start argocd-repo-server "$BIN/argocd-$ARGOCD_VERSION" \
+  ARGOCD_BINARY_NAME=argocd-repo-server start argocd-repo-server "$BIN/$ARGOCD_BINARY" \
     "${common[@]}" --address 127.0.0.1 --port "$ARGOCD_REPO_SERVER_PORT" --disable-tls --client-ca-path "" \
     --metrics-address 127.0.0.1 --metrics-port "$ARGOCD_REPO_SERVER_METRICS_PORT" --redis "$redis"
   wait_for argocd-repo-server 120 curl -fsS "http://127.0.0.1:$ARGOCD_REPO_SERVER_METRICS_PORT/healthz"
-  # Its metrics listener binds 0.0.0.0 (no flag for the address in v3.6.1).
+  # Its metrics listener is on 127.0.0.1 in our build (build.sh: no flag for it in v3.6.1).
   require_port argocd-application-controller "$ARGOCD_CONTROLLER_METRICS_PORT"
-  ARGOCD_BINARY_NAME=argocd-application-controller start argocd-application-controller "$BIN/argocd-$ARGOCD_VERSION" \
+  ARGOCD_BINARY_NAME=argocd-application-controller start argocd-application-controller "$BIN/$ARGOCD_BINARY" \
     "${common[@]}" --kubeconfig "$kc" --namespace argocd --redis "$redis" \
     --repo-server "$repo" --repo-server-plaintext --metrics-port "$ARGOCD_CONTROLLER_METRICS_PORT" \
     --app-resync 30 --status-processors 4 --operation-processors 4
   wait_for argocd-application-controller 120 curl -fsS "http://127.0.0.1:$ARGOCD_CONTROLLER_METRICS_PORT/healthz"
   require_port argocd-applicationset-controller "$ARGOCD_APPSET_PROBE_PORT"
-  ARGOCD_BINARY_NAME=argocd-applicationset-controller start argocd-applicationset-controller "$BIN/argocd-$ARGOCD_VERSION" \
+  ARGOCD_BINARY_NAME=argocd-applicationset-controller start argocd-applicationset-controller "$BIN/$ARGOCD_BINARY" \
     "${common[@]}" --kubeconfig "$kc" --namespace argocd --argocd-repo-server "$repo" --repo-server-plaintext \
     --enable-progressive-syncs --metrics-addr "127.0.0.1:$ARGOCD_APPSET_METRICS_PORT" \
     --probe-addr "127.0.0.1:$ARGOCD_APPSET_PROBE_PORT" --webhook-addr "127.0.0.1:$ARGOCD_APPSET_WEBHOOK_PORT"

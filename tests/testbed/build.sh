@@ -40,6 +40,7 @@ wrapper() {
       echo ")"
     } > tools.go
     go mod tidy || exit 1
+    [ -z "${WRAPPER_PATCH:-}" ] || "$WRAPPER_PATCH" || exit 1
     for spec in "$@"; do
       go build -trimpath -ldflags "$ldflags" -o "$BIN/${spec#*=}.tmp" "${spec%%=*}" || exit 1
       mv "$BIN/${spec#*=}.tmp" "$BIN/${spec#*=}" || exit 1
@@ -128,11 +129,25 @@ build_otelcol() {
 # replace (gitops-engine, published as its own module at the same release) and needs Go 1.27:
 # GOTOOLCHAIN=go1.27.3 is fetched by the go command from the module proxy (README "Test bed").
 build_argocd() {
-  have "argocd-$ARGOCD_VERSION" && { progress argocd "cached"; return; }
+  have "$ARGOCD_BINARY" && { progress argocd "cached"; return; }
   GOTOOLCHAIN=$ARGOCD_GOTOOLCHAIN GO_VERSION=$(GOTOOLCHAIN=$ARGOCD_GOTOOLCHAIN go env GOVERSION | sed -E 's/^go([0-9]+\.[0-9]+).*/\1/') \
+    WRAPPER_PATCH=argocd_metrics_on_loopback \
     wrapper argocd github.com/argoproj/argo-cd/v3 "$ARGOCD_VERSION" "$ARGOCD_VERSION" \
     "-s -w -X github.com/argoproj/argo-cd/v3/common.version=${ARGOCD_VERSION#v}" \
-    "github.com/argoproj/argo-cd/v3/cmd=argocd-$ARGOCD_VERSION"
+    "github.com/argoproj/argo-cd/v3/cmd=$ARGOCD_BINARY"
+}
+
+# The application controller of v3.6.1 binds its metrics listener to 0.0.0.0 and has no flag
+# for the address; the test bed listens on loopback only. So the wrapper builds a copy of the
+# module with that one address changed (run in the wrapper's directory, after `go mod tidy`).
+argocd_metrics_on_loopback() {
+  local src file=argo-cd/controller/appcontroller.go
+  src=$(go list -m -f '{{.Dir}}' github.com/argoproj/argo-cd/v3) || return 1
+  rm -rf argo-cd && cp -r "$src" argo-cd && chmod -R u+w argo-cd || return 1
+  grep -q 'fmt.Sprintf("0.0.0.0:%d", metricsPort)' "$file" \
+    || { echo "argocd: the metrics address is not where build.sh expects it in $file"; return 1; }
+  sed -i 's/fmt.Sprintf("0.0.0.0:%d", metricsPort)/fmt.Sprintf("127.0.0.1:%d", metricsPort)/' "$file" || return 1
+  go mod edit -replace "github.com/argoproj/argo-cd/v3=./argo-cd"
 }
 
 # Prometheus with only Kubernetes service discovery (the tags drop the other discoverers

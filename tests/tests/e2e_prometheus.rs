@@ -219,3 +219,12 @@ async fn prometheus_scrapes_every_agent_through_the_operators_service_monitor() 
     prometheus.unload(&scrape_name).await.unwrap();
     bed.down().await;
 }
+
+/// Prometheus and the clusters it scrapes listen on loopback only.
+#[test]
+fn prometheus_and_the_test_bed_listen_on_loopback_only() {
+    let required = ["prometheus", "ops-kube-apiserver"];
+    let checked =
+        logpipe_e2e::listeners::check_loopback_only(&logpipe_e2e::testbed_dir(), &required);
+    assert_eq!(checked, Ok(()));
+}

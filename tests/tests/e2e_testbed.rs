@@ -282,3 +282,21 @@ async fn fault_proxy_answers_its_faults_and_forwards_the_rest() {
         "only the forwarded pushes land"
     );
 }
+
+/// Every component of the core test bed listens on loopback only (README "Test bed").
+#[tokio::test]
+async fn every_component_listens_on_loopback_only() {
+    let testbed = Testbed::ensure(&["ops"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let required = [
+        "ops-etcd",
+        "ops-kube-apiserver",
+        "ops-kube-controller-manager",
+        "ops-kube-scheduler",
+        "ops-kwok",
+        "victorialogs",
+    ];
+    let checked = logpipe_e2e::listeners::check_loopback_only(&testbed.dir, &required);
+    assert_eq!(checked, Ok(()));
+}
