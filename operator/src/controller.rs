@@ -51,8 +51,11 @@ const SECRET_RECHECK: Duration = Duration::from_secs(300);
 /// How soon to look again while a cache has not been listed once.
 const CACHE_WAIT: Duration = Duration::from_secs(1);
 /// At most one reconcile of a LogPipeline acts per this interval: a rollout's thousand pod
-/// events become one reconcile (and at most one status write) a second, not a thousand.
-pub const PACE: Duration = Duration::from_secs(1);
+/// events become four reconciles a second, not a thousand. Short, because a batch of
+/// nodes moves only when a reconcile sees the last one Ready; a reconcile that changes
+/// nothing makes no request, and progress-only status changes are paced apart
+/// (`plan::STATUS_PACE`).
+pub const PACE: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -96,6 +99,8 @@ pub struct Ctx {
     applied: Mutex<HashMap<ObjectRef<LogPipeline>, apply::Applied>>,
     /// Pods this operator deleted that the pod cache may not show terminating yet.
     deleting: Mutex<HashMap<ObjectRef<LogPipeline>, HashSet<String>>>,
+    /// When each LogPipeline's status was last written (see `plan::status_write`).
+    status_written: Mutex<HashMap<ObjectRef<LogPipeline>, Instant>>,
     /// The Secrets each LogPipeline named when none was missing, and when that was seen.
     secrets_ok: Mutex<HashMap<ObjectRef<LogPipeline>, (Vec<status::SecretRef>, Instant)>>,
     /// When each LogPipeline's gate was last asked (see `gate::reuse`).
@@ -127,6 +132,7 @@ impl Ctx {
             failures: Mutex::new(HashMap::new()),
             gate_asked: Mutex::new(HashMap::new()),
             secrets_ok: Mutex::new(HashMap::new()),
+            status_written: Mutex::new(HashMap::new()),
         }
     }
 
@@ -344,6 +350,11 @@ async fn observe(lp: &Arc<LogPipeline>, ctx: &Ctx, mono: Instant) -> Result<Obse
         daemon_set: ctx.caches.daemon_set(&key),
         config_maps: ctx.caches.config_map_names(&key),
         last_applied: ctx.last_applied(lp),
+        status_written: ctx
+            .status_written
+            .lock()
+            .ok()
+            .and_then(|written| written.get(&object).copied()),
         gate_asked: ctx
             .gate_asked
             .lock()
@@ -444,7 +455,9 @@ pub async fn execute(snap: &plan::Snapshot, plan: &plan::Plan, ctx: &Ctx) -> Res
             .inc_by(deleted.len() as u64);
     }
     remember(snap, plan, ctx);
-    write_status(lp, ctx, &plan.status, &plan.events).await?;
+    if plan.write_status {
+        write_status(lp, ctx, &plan.status, &plan.events).await?;
+    }
     ctx.reset_failures(lp);
     Ok(Action::requeue(plan.requeue))
 }
@@ -474,6 +487,9 @@ async fn write_status(
 ) -> Result<(), Error> {
     if apply::patch_status(&ctx.client, lp, status).await? {
         ctx.metrics.status_writes.inc();
+        if let Ok(mut written) = ctx.status_written.lock() {
+            written.insert(ObjectRef::from(lp), Instant::now());
+        }
         for transition in transitions {
             events::publish(&ctx.recorder, lp, transition).await;
         }
@@ -681,7 +697,7 @@ mod tests {
         let ms = Duration::from_millis;
         let cases = [
             ("at once", t0, Some(PACE)),
-            ("a moment later", t0 + ms(300), Some(ms(700))),
+            ("a moment later", t0 + ms(100), Some(ms(150))),
             ("a pace later", t0 + PACE, None),
             ("long after", t0 + ms(60_000), None),
         ];

@@ -87,6 +87,8 @@ pub struct Snapshot {
     pub config_maps: Vec<String>,
     /// What this operator last applied for it (`apply::Applied`).
     pub last_applied: Option<Applied>,
+    /// When this operator last wrote its status.
+    pub status_written: Option<Instant>,
     /// When this operator last asked the gate's cluster for it.
     pub gate_asked: Option<Timestamp>,
     /// The first Secret the pods (or the gate) need that is missing.
@@ -130,8 +132,10 @@ pub struct Plan {
     /// `Some`: apply the objects (this digest); `None`: the last apply still holds.
     pub apply: Option<Applied>,
     pub writes: Writes,
-    /// Written when it differs from the stored one.
+    /// Written when it differs from the stored one and [`Plan::write_status`].
     pub status: LogPipelineStatus,
+    /// Write the status now (see [`status_write`]); else it waits for a later plan.
+    pub write_status: bool,
     /// Published once the status is written.
     pub events: Vec<Transition>,
     /// The reconcile fails with this (after writing it into the status).
@@ -362,16 +366,70 @@ pub fn plan(snap: &Snapshot, now: Now) -> Plan {
     let apply =
         (!applied.still_holds(snap.last_applied.as_ref(), cached, now.mono)).then_some(applied);
     let status = plan_status(snap, seen, &writes, &decision, verification, gate, now.wall);
+    let (write_status, requeue) = match status_write(old, &status, snap.status_written, now.mono) {
+        StatusWrite::Now => (true, decision.requeue),
+        StatusWrite::After(wait) => (false, decision.requeue.min(wait)),
+    };
     Plan {
         apply,
         events: events::transitions(old, &status),
         status,
+        write_status,
         failure: None,
         judged,
         gate_asked: snap.answers.gate.is_some().then_some(now.wall),
-        requeue: decision.requeue,
+        requeue,
         writes,
     }
+}
+
+/// At most one status write per this interval for a change of progress figures alone
+/// (node counts, the messages that carry them): a 1,000-node rollout is a few dozen status
+/// writes, not one per batch. Any other change is written at once.
+pub const STATUS_PACE: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusWrite {
+    /// Write it now (or nothing changed: the write is skipped as equal).
+    Now,
+    /// Only progress figures changed, and the last write was less than [`STATUS_PACE`]
+    /// ago: plan again after this.
+    After(Duration),
+}
+
+/// Pure: when to write `new` over `old`, the last write having been at `written`.
+pub fn status_write(
+    old: Option<&LogPipelineStatus>,
+    new: &LogPipelineStatus,
+    written: Option<Instant>,
+    now: Instant,
+) -> StatusWrite {
+    let since = written.map(|at| now.saturating_duration_since(at));
+    match (old, since) {
+        (Some(old), Some(since)) if since < STATUS_PACE && progress_only(old, new) => {
+            StatusWrite::After(STATUS_PACE - since)
+        }
+        _ => StatusWrite::Now,
+    }
+}
+
+/// Pure: `new` differs from `old` at most in its progress figures (and differs).
+fn progress_only(old: &LogPipelineStatus, new: &LogPipelineStatus) -> bool {
+    let mut n = new.clone();
+    n.desired_nodes = old.desired_nodes;
+    n.updated_nodes = old.updated_nodes;
+    n.ready_nodes = old.ready_nodes;
+    n.ready.clone_from(&old.ready);
+    n.message.clone_from(&old.message);
+    if n.conditions.len() == old.conditions.len() {
+        for (c, o) in n.conditions.iter_mut().zip(&old.conditions) {
+            if (&c.type_, &c.status, &c.reason) == (&o.type_, &o.status, &o.reason) {
+                c.message.clone_from(&o.message);
+                c.last_transition_time = o.last_transition_time.clone();
+            }
+        }
+    }
+    n == *old && new != old
 }
 
 /// The status after this plan: pods it deletes count as terminating.
@@ -484,6 +542,7 @@ pub fn failed(lp: &LogPipeline, failure: &Failure, now: Timestamp) -> Plan {
         writes: Writes::default(),
         events: events::transitions(old, &status),
         status,
+        write_status: true,
         failure: Some(failure.clone()),
         judged: None,
         gate_asked: None,
@@ -617,6 +676,7 @@ pub(crate) mod fixtures {
             node_labels: NodeLabels::new(),
             config_maps: Vec::new(),
             last_applied: None,
+            status_written: None,
             gate_asked: None,
             missing_secret: None,
             answers: Answers::default(),
@@ -1084,5 +1144,67 @@ mod tests {
             paused.message,
             "paused at step 1 (50%): 3/5 nodes at revision r2 (gate: ops turned Degraded)"
         );
+    }
+
+    #[test]
+    fn status_write_table() {
+        use StatusWrite::{After, Now};
+        let t0 = Instant::now();
+        let s = |phase: Phase, ready: i32, message: &str| LogPipelineStatus {
+            phase: Some(phase),
+            ready_nodes: ready,
+            message: Some(message.into()),
+            ..Default::default()
+        };
+        let step = s(Phase::Step, 3, "step 1: 3/5 Ready");
+        let more = s(Phase::Step, 4, "step 1: 4/5 Ready");
+        let healthy = s(Phase::Healthy, 5, "healthy");
+        let sec = Duration::from_secs;
+        let cases = [
+            ("first write", None, &more, None, t0, Now),
+            (
+                "never written by this process",
+                Some(&step),
+                &more,
+                None,
+                t0,
+                Now,
+            ),
+            (
+                "progress, just written: later",
+                Some(&step),
+                &more,
+                Some(t0),
+                t0 + sec(4),
+                After(sec(6)),
+            ),
+            (
+                "progress, a pace later",
+                Some(&step),
+                &more,
+                Some(t0),
+                t0 + STATUS_PACE,
+                Now,
+            ),
+            (
+                "a phase change: at once",
+                Some(&more),
+                &healthy,
+                Some(t0),
+                t0 + sec(1),
+                Now,
+            ),
+            (
+                "unchanged: nothing to defer",
+                Some(&step),
+                &step,
+                Some(t0),
+                t0,
+                Now,
+            ),
+        ];
+        for (name, old, new, written, now, want) in cases {
+            assert_eq!(status_write(old, new, written, now), want, "{name}");
+        }
     }
 }

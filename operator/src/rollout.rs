@@ -954,7 +954,12 @@ impl Engine<'_, '_> {
             human(window),
             ends_at(Some(started), window)
         );
-        self.decision(st, Template::Target, Vec::new(), message)
+        let mut decision = self.decision(st, Template::Target, Vec::new(), message);
+        // Look again when the window ends, not a fixed interval later: with short windows
+        // the step boundary, not the nodes, set the rollout's pace.
+        let left = window.saturating_sub(elapsed(Some(started), self.now));
+        decision.requeue = decision.requeue.min(left);
+        decision
     }
 
     /// Records what the stable agents said (the baseline) before the step moves any of
