@@ -2,13 +2,19 @@
 //! through `cache` their DaemonSets, agent pods, ConfigMaps and the ServiceMonitor CRD,
 //! and reconciles one LogPipeline at a time per object.
 //!
-//! Reconcile = (wait for the caches' first list) -> desired (pure) -> read the rollout
-//! state (status), stable snapshot, pods, DaemonSet from the caches -> the Secrets the pods
-//! (and the gate) need -> gate (when a new release waits, or moves under it: a stop pauses
-//! or aborts the rollout) -> verification (when due) -> rollout decision (pure)
-//! -> apply with the chosen template -> delete pods (concurrently, bounded) / save stable /
-//! clear annotations -> ConfigMap GC -> status (pure) -> status write if changed -> Events
-//! on transitions. Nothing waits for the pods: their events wake the next reconcile.
+//! Reconcile = observe -> plan -> execute:
+//! - [`observe`]: the caches (pods, DaemonSet, ConfigMaps, the stable snapshot, nodes
+//!   while a canary selects by labels) and the operator's memory into a `plan::Snapshot`,
+//!   after the desired objects (pure); the Secrets the pods need are checked with a get at
+//!   most once per [`SECRET_RECHECK`] while none is missing.
+//! - the gate's cluster, when `plan::ask_gate` says its last answer does not stand, and
+//!   the agents (and the store) for what `plan::asks` names: their answers join the
+//!   snapshot.
+//! - `plan::plan` (pure, table-tested): every decision, the status and its Events.
+//! - [`execute`]: apply (when the digest changed), delete pods (concurrently, bounded),
+//!   save stable, clear annotations, ConfigMap GC, status (when due), Events.
+//!
+//! Nothing waits for the pods: their events wake the next reconcile.
 //! Errors requeue with exponential backoff per object (1 s doubling to 5 min, reset on
 //! success); a spec the agent would refuse is reported in status, not retried fast.
 //! Failures (`status::Failure`: invalid spec, refused apply, missing Secret) are written
