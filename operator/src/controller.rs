@@ -86,6 +86,9 @@ impl Error {
     }
 }
 
+/// The Secrets a LogPipeline named when none was missing, and when that was seen.
+type SecretsSeen = (Vec<status::SecretRef>, Instant);
+
 pub struct Ctx {
     pub client: Client,
     pub agent_image: String,
@@ -108,7 +111,7 @@ pub struct Ctx {
     /// When each LogPipeline's status was last written (see `plan::status_write`).
     status_written: Mutex<HashMap<ObjectRef<LogPipeline>, Instant>>,
     /// The Secrets each LogPipeline named when none was missing, and when that was seen.
-    secrets_ok: Mutex<HashMap<ObjectRef<LogPipeline>, (Vec<status::SecretRef>, Instant)>>,
+    secrets_ok: Mutex<HashMap<ObjectRef<LogPipeline>, SecretsSeen>>,
     /// When each LogPipeline's gate was last asked (see `gate::reuse`).
     gate_asked: Mutex<HashMap<ObjectRef<LogPipeline>, Timestamp>>,
 }
