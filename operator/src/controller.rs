@@ -2,13 +2,19 @@
 //! through `cache` their DaemonSets, agent pods, ConfigMaps and the ServiceMonitor CRD,
 //! and reconciles one LogPipeline at a time per object.
 //!
-//! Reconcile = (wait for the caches' first list) -> desired (pure) -> read the rollout
-//! state (status), stable snapshot, pods, DaemonSet from the caches -> the Secrets the pods
-//! (and the gate) need -> gate (when a new release waits, or moves under it: a stop pauses
-//! or aborts the rollout) -> verification (when due) -> rollout decision (pure)
-//! -> apply with the chosen template -> delete pods (concurrently, bounded) / save stable /
-//! clear annotations -> ConfigMap GC -> status (pure) -> status write if changed -> Events
-//! on transitions. Nothing waits for the pods: their events wake the next reconcile.
+//! Reconcile = observe -> plan -> execute:
+//! - [`observe`]: the caches (pods, DaemonSet, ConfigMaps, the stable snapshot, nodes
+//!   while a canary selects by labels) and the operator's memory into a `plan::Snapshot`,
+//!   after the desired objects (pure); the Secrets the pods need are checked with a get at
+//!   most once per [`SECRET_RECHECK`] while none is missing.
+//! - the gate's cluster, when `plan::ask_gate` says its last answer does not stand, and
+//!   the agents (and the store) for what `plan::asks` names: their answers join the
+//!   snapshot.
+//! - `plan::plan` (pure, table-tested): every decision, the status and its Events.
+//! - [`execute`]: apply (when the digest changed), delete pods (concurrently, bounded),
+//!   save stable, clear annotations, ConfigMap GC, status (when due), Events.
+//!
+//! Nothing waits for the pods: their events wake the next reconcile.
 //! Errors requeue with exponential backoff per object (1 s doubling to 5 min, reset on
 //! success); a spec the agent would refuse is reported in status, not retried fast.
 //! Failures (`status::Failure`: invalid spec, refused apply, missing Secret) are written
@@ -20,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
@@ -33,25 +38,30 @@ use kube::{Client, ResourceExt};
 
 use crate::apply::{self, ApplyError, FINALIZER};
 use crate::cache::{self, Caches, Writers};
-use crate::crd::{GateFailureAction, GateSpec, GateStatus, LogPipeline, Phase};
+use crate::crd::LogPipeline;
 use crate::desired::daemonset::CONTAINER;
 use crate::desired::{self, ANNOTATION_REVISION, DesiredError, Key, LABEL_INSTANCE};
 use crate::events;
 use crate::gate;
 use crate::metrics::Metrics;
 use crate::plan;
-use crate::rollout::{self, PodView};
-use crate::status::{self, Failure, FailureReason, Observed};
+use crate::rollout::PodView;
+use crate::status::{self, Failure, FailureReason};
 use crate::verify::{self, Verifier};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Longest wait before looking again for a missing Secret.
 const SECRET_RETRY: Duration = Duration::from_secs(30);
+/// How long a Secrets check that found nothing missing stands (see `Ctx::secrets_checked`).
+const SECRET_RECHECK: Duration = Duration::from_secs(300);
 /// How soon to look again while a cache has not been listed once.
 const CACHE_WAIT: Duration = Duration::from_secs(1);
 /// At most one reconcile of a LogPipeline acts per this interval: a rollout's thousand pod
-/// events become one reconcile (and at most one status write) a second, not a thousand.
-pub const PACE: Duration = Duration::from_secs(1);
+/// events become four reconciles a second, not a thousand. Short, because a batch of
+/// nodes moves only when a reconcile sees the last one Ready; a reconcile that changes
+/// nothing makes no request, and progress-only status changes are paced apart
+/// (`plan::STATUS_PACE`).
+pub const PACE: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -76,6 +86,9 @@ impl Error {
     }
 }
 
+/// The Secrets a LogPipeline named when none was missing, and when that was seen.
+type SecretsSeen = (Vec<status::SecretRef>, Instant);
+
 pub struct Ctx {
     pub client: Client,
     pub agent_image: String,
@@ -95,6 +108,10 @@ pub struct Ctx {
     applied: Mutex<HashMap<ObjectRef<LogPipeline>, apply::Applied>>,
     /// Pods this operator deleted that the pod cache may not show terminating yet.
     deleting: Mutex<HashMap<ObjectRef<LogPipeline>, HashSet<String>>>,
+    /// When each LogPipeline's status was last written (see `plan::status_write`).
+    status_written: Mutex<HashMap<ObjectRef<LogPipeline>, Instant>>,
+    /// The Secrets each LogPipeline named when none was missing, and when that was seen.
+    secrets_ok: Mutex<HashMap<ObjectRef<LogPipeline>, SecretsSeen>>,
     /// When each LogPipeline's gate was last asked (see `gate::reuse`).
     gate_asked: Mutex<HashMap<ObjectRef<LogPipeline>, Timestamp>>,
     /// Pods selected by more than one LogPipeline (see `overlap`).
@@ -125,6 +142,8 @@ impl Ctx {
             verifier,
             failures: Mutex::new(HashMap::new()),
             gate_asked: Mutex::new(HashMap::new()),
+            secrets_ok: Mutex::new(HashMap::new()),
+            status_written: Mutex::new(HashMap::new()),
             overlap: Default::default(),
         }
     }
@@ -144,6 +163,37 @@ impl Ctx {
             })
         });
         names.clone()
+    }
+
+    /// The Secrets check (see [`missing_secret`]) of this LogPipeline: asked again when the
+    /// Secrets it names change, when the last check found one missing, or after
+    /// [`SECRET_RECHECK`]; else the last answer (none missing). Secrets are not watched
+    /// (a cluster-wide Secret watch would hold every Secret's data in memory): this keeps
+    /// a rollout's reconciles from reading them once a second.
+    async fn secrets_checked(
+        &self,
+        lp: &LogPipeline,
+        gated: bool,
+        now: Instant,
+    ) -> Result<Option<Failure>, Error> {
+        let object = ObjectRef::from(lp);
+        let refs = status::secret_refs(&lp.spec, gated);
+        let fresh = self.secrets_ok.lock().ok().is_some_and(|map| {
+            map.get(&object)
+                .is_some_and(|(seen, at)| *seen == refs && !secret_recheck_due(*at, now))
+        });
+        if fresh || refs.is_empty() {
+            return Ok(None);
+        }
+        let namespace = lp.namespace().unwrap_or_default();
+        let missing = missing_secret(lp, &self.client, &namespace, gated).await?;
+        if let Ok(mut map) = self.secrets_ok.lock() {
+            match missing {
+                None => map.insert(object, (refs, now)),
+                Some(_) => map.remove(&object),
+            };
+        }
+        Ok(missing)
     }
 
     fn deleted(&self, lp: &LogPipeline, names: &[String]) {
@@ -198,6 +248,11 @@ fn pace_wait(last: Instant, now: Instant) -> Option<Duration> {
     (since < PACE).then(|| PACE - since)
 }
 
+/// Pure: is a Secrets check last passed at `at` too old to stand at `now`?
+fn secret_recheck_due(at: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(at) >= SECRET_RECHECK
+}
+
 /// Exponential backoff: 1 s, 2 s, 4 s ... capped at 5 min.
 pub fn backoff(failures: u32) -> Duration {
     let secs = 1u64.checked_shl(failures.min(16)).unwrap_or(u64::MAX);
@@ -219,7 +274,7 @@ pub async fn reconcile(lp: Arc<LogPipeline>, ctx: Arc<Ctx>) -> Result<Action, Er
     let api: Api<LogPipeline> = Api::namespaced(ctx.client.clone(), &namespace);
     let result = finalizer(&api, FINALIZER, lp, |event| async {
         match event {
-            Finalizer::Apply(lp) => reconcile_live(&lp, &ctx).await,
+            Finalizer::Apply(lp) => reconcile_live(lp, &ctx).await,
             Finalizer::Cleanup(lp) => cleanup(&lp, &ctx).await,
         }
     })
@@ -234,7 +289,35 @@ pub async fn reconcile(lp: Arc<LogPipeline>, ctx: Arc<Ctx>) -> Result<Action, Er
     }
 }
 
-async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
+async fn reconcile_live(lp: Arc<LogPipeline>, ctx: &Ctx) -> Result<Action, Error> {
+    let now = plan::Now::current();
+    let mut snap = match observe(&lp, ctx, now.mono).await? {
+        Observation::Seen(snap) => *snap,
+        Observation::Wait(wait) => return Ok(Action::requeue(wait)),
+    };
+    if plan::ask_gate(&snap, now.wall)
+        && let Some(spec) = &lp.spec.rollout.gate
+    {
+        let namespace = snap.key.namespace.clone();
+        let remote = gate::fetch(&ctx.client, &namespace, spec).await;
+        snap.answers.gate = Some(remote.map_err(|e| e.to_string()));
+    }
+    let asks = plan::asks(&snap, now.wall);
+    snap.answers = measure(&snap, &asks, ctx).await;
+    let plan = plan::plan(&snap, now);
+    execute(&snap, &plan, ctx).await
+}
+
+enum Observation {
+    Seen(Box<plan::Snapshot>),
+    /// A store this reconcile needs has not been listed yet: look again after this.
+    Wait(Duration),
+}
+
+/// Read the caches and the operator's own memory into a snapshot (no API request but the
+/// Secrets check, at most once per [`SECRET_RECHECK`]). An invalid spec is a failure,
+/// reported here.
+async fn observe(lp: &Arc<LogPipeline>, ctx: &Ctx, mono: Instant) -> Result<Observation, Error> {
     let key = Key::of(lp)?;
     let sm_crd = ctx.caches.service_monitor_crd();
     let dctx = desired::Context {
@@ -251,237 +334,110 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
             return Err(e.into());
         }
     };
-    let spec = &lp.spec.rollout;
-    let old = lp.status.as_ref();
-    let stable = apply::stable_from(
-        ctx.caches
-            .config_map(&key.namespace, &apply::stable_name(&key))
-            .as_deref(),
-    );
-    let existing = ctx.caches.daemon_set(&key);
-    let pods = ctx.caches.pods_of(&key);
-    let deleting = ctx.still_deleting(lp, &pods);
-    let views: Vec<PodView> = pods
-        .iter()
-        .map(|p| {
-            let mut view = pod_view(p);
-            view.terminating |= deleting.contains(&view.name);
-            view
-        })
-        .collect();
-    let desired_nodes = existing
-        .as_ref()
-        .and_then(|ds| ds.status.as_ref())
-        .map(|s| s.desired_number_scheduled)
-        .unwrap_or(0);
-    // Counted for the DaemonSet's current spec; before that, 0 or a count being made.
-    let desired_known = existing.as_ref().is_some_and(|ds| {
-        let observed = ds.status.as_ref().and_then(|s| s.observed_generation);
-        observed.is_some() && observed >= ds.metadata.generation
-    });
-    let selects_nodes = spec
+    let selects_nodes = lp
+        .spec
+        .rollout
         .steps
         .iter()
         .any(|s| s.canary.as_ref().is_some_and(|c| c.node_selector.is_some()));
     let node_labels = if selects_nodes {
         match ctx.caches.node_labels(&ctx.client) {
             Some(labels) => labels,
-            None => return Ok(Action::requeue(CACHE_WAIT)),
+            None => return Ok(Observation::Wait(CACHE_WAIT)),
         }
     } else {
         BTreeMap::new()
     };
-    let state = status::rollout_state(old);
-    let annotations = lp.annotations();
-    let promote = annotations.contains_key(rollout::ANNOTATION_PROMOTE);
-    let abort = annotations.contains_key(rollout::ANNOTATION_ABORT);
-    let stable_release = old
-        .and_then(|s| s.stable_release.clone())
-        .or_else(|| stable.as_ref().map(|s| s.release.clone()));
-    let gated = spec.gate.is_some() && stable_release.as_deref() != Some(objects.release.as_str());
-    if let Some(failure) = missing_secret(lp, ctx, &key.namespace, gated).await? {
-        report_failure(lp, ctx, &failure).await;
-        return Err(Error::Failed(failure));
-    }
-    let mut observed = rollout::Observed {
-        revision: &objects.revision,
-        pods: &views,
-        desired_nodes: usize::try_from(desired_nodes).unwrap_or(0),
-        desired_known,
-        node_labels: &node_labels,
-        gated,
-        stable_saved: stable
-            .as_ref()
-            .is_some_and(|s| Some(&s.revision) == state.stable.as_ref()),
-        saved_revision: stable.as_ref().map(|s| s.revision.as_str()),
-        paused: spec.paused,
-        promote,
-        abort,
-    };
-    let now_ts = Timestamp::now();
+    let stable_cm = ctx
+        .caches
+        .config_map(&key.namespace, &apply::stable_name(&key));
+    let stable = apply::stable_from(stable_cm.as_deref());
+    let gated = lp.spec.rollout.gate.is_some()
+        && stable.as_ref().map(|s| s.release.as_str()) != Some(objects.release.as_str());
+    let missing_secret = ctx.secrets_checked(lp, gated, mono).await?;
+    let pods = ctx.caches.pods_of(&key);
+    let object = ObjectRef::from(lp.as_ref());
+    Ok(Observation::Seen(Box::new(plan::Snapshot {
+        deleting: ctx.still_deleting(lp, &pods),
+        daemon_set: ctx.caches.daemon_set(&key),
+        config_maps: ctx.caches.config_map_names(&key),
+        last_applied: ctx.last_applied(lp),
+        status_written: ctx
+            .status_written
+            .lock()
+            .ok()
+            .and_then(|written| written.get(&object).copied()),
+        gate_asked: ctx
+            .gate_asked
+            .lock()
+            .ok()
+            .and_then(|asked| asked.get(&object).copied()),
+        lp: lp.clone(),
+        key,
+        objects,
+        service_monitor_crd: sm_crd,
+        stable,
+        pods,
+        node_labels,
+        missing_secret,
+        overlap: ctx.overlap.of(&ctx.client, lp),
+        answers: plan::Answers::default(),
+    })))
+}
 
-    // The gate is asked while a new release waits for it, and watched while it moves.
-    let mut gate_status = old
-        .and_then(|s| s.gate.clone())
-        .filter(|_| spec.gate.is_some());
-    let waiting = state.target.as_deref() != Some(objects.revision.as_str())
-        || state.phase == Some(Phase::Pending);
-    let mut gate_verdict = None;
-    let mut gate_stop = None;
-    if let Some(gate_spec) = &spec.gate
-        && let Some(stage) = gate_stage(gate_spec, gated, waiting, state.phase)
-    {
-        let (verdict, gs) = consult_gate(
-            lp,
-            ctx,
-            gate_spec,
-            &objects.release,
-            stage,
-            gate_status.as_ref(),
-            now_ts,
-        )
-        .await;
-        gate_status = Some(gs);
-        match (stage, verdict) {
-            (gate::Stage::Waiting, verdict) => gate_verdict = Some(verdict.waiting()),
-            (gate::Stage::Moving, gate::Verdict::Stop(why)) => {
-                // The engine's own levers: its pause flag, or the abort path.
-                match gate_spec.on_failure {
-                    GateFailureAction::Pause => observed.paused = true,
-                    GateFailureAction::Rollback => observed.abort = true,
-                }
-                gate_stop = Some(why);
-            }
-            (gate::Stage::Moving, _) => {}
-        }
-    }
-
-    // What the stable agents say (streams, lines read and dropped), before the step moves
-    // them.
-    let baseline = match (rollout::baseline_due(spec, &state, &observed), state.step) {
-        (Some(names), Some(step)) => {
-            let targets: Vec<verify::Target> = pods
-                .iter()
-                .filter(|p| names.contains(&p.name_any()))
-                .map(|p| verify::Target::of(p))
-                .collect();
-            let key = verify::BaselineKey {
-                pipeline: lp.uid().unwrap_or_default(),
-                revision: objects.revision.clone(),
-                step,
-                started: state.step_started.map(|t| t.to_string()),
-            };
-            Some(
-                ctx.verifier
-                    .baseline_once(key, &targets, lp.spec.monitoring.port)
-                    .await,
-            )
-        }
-        _ => None,
-    };
-
-    // Verification of the step's nodes, when due.
-    let mut verification = None;
-    let mut verdict = None;
-    if let Some(request) = rollout::verification_due(spec, &state, &observed, now_ts) {
-        let chosen: Vec<&Pod> = pods
+/// Ask the agents (and the store) what [`plan::asks`] names; the answers join the gate's.
+async fn measure(snap: &plan::Snapshot, asks: &plan::Asks, ctx: &Ctx) -> plan::Answers {
+    let lp = &snap.lp;
+    let port = lp.spec.monitoring.port;
+    let targets = |names: &[String]| -> Vec<verify::Target> {
+        snap.pods
             .iter()
-            .filter(|p| request.pods.contains(&p.name_any()))
-            .map(|p| p.as_ref())
-            .collect();
-        let targets: Vec<verify::Target> = chosen
-            .iter()
-            .map(|p| verify::Target {
-                pod: p.name_any(),
-                uid: p.uid().unwrap_or_default(),
-                node: p
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.node_name.clone())
-                    .unwrap_or_default(),
-                ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
-            })
-            .collect();
-        let store = spec
-            .verify
-            .store()
-            .map(|(kind, endpoint)| verify::StoreQuery {
+            .filter(|p| names.contains(&p.name_any()))
+            .map(|p| verify::Target::of(p))
+            .collect()
+    };
+    let mut answers = snap.answers.clone();
+    if let Some((names, key)) = &asks.baseline {
+        let targets = targets(names);
+        let baseline = ctx.verifier.baseline_once(key.clone(), &targets, port);
+        answers.baseline = Some(baseline.await);
+    }
+    if let Some(request) = &asks.verify {
+        let spec = &lp.spec.rollout.verify;
+        answers.measured = Some(if spec.measures() {
+            let store = spec.store().map(|(kind, endpoint)| verify::StoreQuery {
                 kind,
                 endpoint: endpoint.to_string(),
                 tenant: lp.spec.tenant.clone(),
                 window: request.window,
             });
-        let mut measured = if spec.verify.measures() {
+            let targets = targets(&request.pods);
+            let final_check = request.final_check;
             ctx.verifier
-                .measure(
-                    &targets,
-                    lp.spec.monitoring.port,
-                    store.as_ref(),
-                    request.final_check,
-                )
+                .measure(&targets, port, store.as_ref(), final_check)
                 .await
         } else {
             verify::Measurements::default()
-        };
-        measured.stream_baseline = state.stream_baseline.as_ref().map(|b| b.nodes.clone());
-        measured.drop_baseline = state.stream_baseline.as_ref().map(|b| b.drops.clone());
-        let step_views: Vec<&PodView> = views
-            .iter()
-            .filter(|v| request.pods.contains(&v.name))
-            .collect();
-        let (checks, v) = verify::judge(&spec.verify, &step_views, &measured, request.final_check);
-        ctx.metrics.verification(request.final_check, v.passed);
-        let last = lp
-            .status
-            .as_ref()
-            .and_then(|s| s.last_verification.as_ref());
-        if verify::worth_recording(&v, &objects.revision, request.step, last) {
-            tracing::info!(pipeline = %key.name, namespace = %key.namespace, step = request.step, final_check = request.final_check, passed = v.passed, summary = %v.summary, "verification");
-            verification = Some(verify::record(
-                &objects.revision,
-                request.step,
-                checks,
-                &v,
-                &now_ts.to_string(),
-            ));
-        }
-        verdict = Some(v);
+        });
     }
-    ctx.verifier
-        .retain(&pods.iter().filter_map(|p| p.uid()).collect::<Vec<_>>());
+    answers
+}
 
-    let mut decision = rollout::step(
-        spec,
-        &state,
-        &observed,
-        &rollout::Verdicts {
-            gate: gate_verdict,
-            verification: verdict,
-            baseline,
-        },
-        now_ts,
-    );
-    if let Some(why) = &gate_stop {
-        explain_gate_stop(&mut decision, &state, why, promote || abort);
+/// Carry out `plan` (see `plan`'s module docs for the order). The first write that fails
+/// ends the reconcile with its error (the next one plans again from the caches).
+pub async fn execute(snap: &plan::Snapshot, plan: &plan::Plan, ctx: &Ctx) -> Result<Action, Error> {
+    let (lp, key) = (snap.lp.as_ref(), &snap.key);
+    if let Some(failure) = &plan.failure {
+        write_status(lp, ctx, &plan.status, &plan.events).await?;
+        return Err(Error::Failed(failure.clone()));
     }
-    let writes = plan::writes(
-        &key,
-        &objects,
-        stable.as_ref(),
-        &decision,
-        &pods,
-        &ctx.caches.config_map_names(&key),
-    );
-    let daemon_set = writes.daemon_set.as_ref();
-    let applied = apply::Applied::of(&objects, daemon_set, sm_crd);
-    let last = ctx.last_applied(lp);
-    let ds = if applied.still_holds(last.as_ref(), existing.as_deref(), Instant::now()) {
-        existing.as_deref().cloned()
-    } else {
-        match apply::apply_objects(&ctx.client, &key, &objects, daemon_set, sm_crd).await {
+    let writes = &plan.writes;
+    if let Some(applied) = &plan.apply {
+        let ds = writes.daemon_set.as_ref();
+        let (objects, sm_crd) = (&snap.objects, snap.service_monitor_crd);
+        match apply::apply_objects(&ctx.client, key, objects, ds, sm_crd).await {
             Ok(ds) => {
-                ctx.remember_applied(lp, applied.stored(ds.as_ref(), Instant::now()));
-                ds
+                ctx.remember_applied(lp, applied.clone().stored(ds.as_ref(), Instant::now()));
             }
             Err(e) => {
                 ctx.forget_applied(lp);
@@ -489,102 +445,75 @@ async fn reconcile_live(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
                 return Err(e.into());
             }
         }
-    };
-    let deleted_now = writes.delete_pods.clone();
+    }
     if !writes.delete_pods.is_empty() {
         let names = &writes.delete_pods;
-        tracing::info!(pipeline = %key.name, namespace = %key.namespace, pods = ?names, phase = ?decision.state.phase, revision = %objects.revision, "moving nodes");
+        tracing::info!(pipeline = %key.name, namespace = %key.namespace, pods = ?names, phase = ?plan.status.phase, revision = %snap.objects.revision, "moving nodes");
         ctx.deleted(lp, names);
-        apply::delete_pods(&ctx.client, &key, names).await?;
+        apply::delete_pods(&ctx.client, key, names).await?;
         ctx.metrics.pod_deletions.inc_by(names.len() as u64);
     }
     if let Some(snapshot) = &writes.save_stable {
-        apply::save_stable(&ctx.client, lp, &key, snapshot).await?;
+        apply::save_stable(&ctx.client, lp, key, snapshot).await?;
         tracing::info!(pipeline = %key.name, namespace = %key.namespace, revision = %snapshot.revision, "saved the stable revision");
     }
     if writes.clear_annotations {
-        apply::clear_annotations(&ctx.client, &key).await?;
+        apply::clear_annotations(&ctx.client, key).await?;
     }
-    let current_cm = objects.config_map.metadata.name.clone().unwrap_or_default();
-    let deleted = apply::delete_config_maps(&ctx.client, &key, &writes.delete_config_maps).await?;
+    let deleted = apply::delete_config_maps(&ctx.client, key, &writes.delete_config_maps).await?;
     if !deleted.is_empty() {
         tracing::info!(pipeline = %key.name, config_maps = ?deleted, "deleted unused agent ConfigMaps");
         ctx.metrics
             .config_map_deletions
             .inc_by(deleted.len() as u64);
     }
-    let desired_nodes = ds
-        .as_ref()
-        .and_then(|ds| ds.status.as_ref())
-        .map(|s| s.desired_number_scheduled)
-        .unwrap_or(desired_nodes);
-    let observed_status = Observed {
-        generation: lp.metadata.generation,
-        desired_nodes,
-        // Pods deleted just now are terminating: count them so.
-        pods: views
-            .into_iter()
-            .map(|mut p| {
-                p.terminating |= deleted_now.contains(&p.name);
-                p
-            })
-            .collect(),
-        target_revision: objects.revision.clone(),
-        release: objects.release.clone(),
-        config_map: current_cm,
-        paused: spec.paused,
-        failure: decision
-            .store_unreachable
-            .as_ref()
-            .map(|hold| Failure::new(FailureReason::StoreUnreachable, hold.clone())),
-    };
-    let record = status::Rollout {
-        state: decision.state.clone(),
-        message: decision.message.clone(),
-        verification,
-        gate: gate_status,
-    };
-    let mut new_status = status::compute(old, &observed_status, Some(&record), &now());
-    let overlap = ctx.overlap.of(&ctx.client, lp);
-    crate::overlap::annotate(&mut new_status, overlap, old);
-    write_status(lp, ctx, &new_status).await?;
+    remember(snap, plan, ctx);
+    if plan.write_status {
+        write_status(lp, ctx, &plan.status, &plan.events).await?;
+    }
     ctx.reset_failures(lp);
-    Ok(Action::requeue(decision.requeue))
+    Ok(Action::requeue(plan.requeue))
+}
+
+/// The operator's own memory and telemetry of a plan: its verification, when the gate
+/// was asked, which pods' CPU baselines to keep.
+fn remember(snap: &plan::Snapshot, plan: &plan::Plan, ctx: &Ctx) {
+    let key = &snap.key;
+    if let Some(j) = &plan.judged {
+        ctx.metrics.verification(j.final_check, j.passed);
+        if j.recorded {
+            tracing::info!(pipeline = %key.name, namespace = %key.namespace, step = j.step, final_check = j.final_check, passed = j.passed, summary = %j.summary, "verification");
+        }
+    }
+    if let (Some(at), Ok(mut asked)) = (plan.gate_asked, ctx.gate_asked.lock()) {
+        asked.insert(ObjectRef::from(snap.lp.as_ref()), at);
+    }
+    ctx.verifier
+        .retain(&snap.pods.iter().filter_map(|p| p.uid()).collect::<Vec<_>>());
 }
 
 async fn write_status(
     lp: &LogPipeline,
     ctx: &Ctx,
     status: &crate::crd::LogPipelineStatus,
+    transitions: &[events::Transition],
 ) -> Result<(), Error> {
     if apply::patch_status(&ctx.client, lp, status).await? {
         ctx.metrics.status_writes.inc();
-        for transition in events::transitions(lp.status.as_ref(), status) {
-            events::publish(&ctx.recorder, lp, &transition).await;
+        if let Ok(mut written) = ctx.status_written.lock() {
+            written.insert(ObjectRef::from(lp), Instant::now());
+        }
+        for transition in transitions {
+            events::publish(&ctx.recorder, lp, transition).await;
         }
     }
     Ok(())
 }
 
 /// Best effort: a failure to write the failure is only logged (the error is returned anyway).
-/// Everything but the failure stays as the last successful reconcile left it (see
-/// `status` on failures): the failed spec is not recorded as the target.
 async fn report_failure(lp: &LogPipeline, ctx: &Ctx, failure: &Failure) {
-    let old = lp.status.as_ref();
-    let observed = Observed {
-        generation: lp.metadata.generation,
-        desired_nodes: old.map(|s| s.desired_nodes).unwrap_or(0),
-        pods: Vec::new(),
-        target_revision: old
-            .and_then(|s| s.target_revision.clone())
-            .unwrap_or_default(),
-        release: old.and_then(|s| s.release.clone()).unwrap_or_default(),
-        config_map: old.and_then(|s| s.config_map.clone()).unwrap_or_default(),
-        paused: lp.spec.rollout.paused,
-        failure: Some(failure.clone()),
-    };
-    let status = status::compute(old, &observed, None, &now());
-    if let Err(error) = write_status(lp, ctx, &status).await {
+    let plan = plan::failed(lp, failure, Timestamp::now());
+    if let Err(error) = write_status(lp, ctx, &plan.status, &plan.events).await {
         tracing::warn!(%error, "cannot report the failure in status");
     }
 }
@@ -593,11 +522,11 @@ async fn report_failure(lp: &LogPipeline, ctx: &Ctx, failure: &Failure) {
 /// missing: a new pod would wait in ContainerCreating forever, the gate could not be asked.
 async fn missing_secret(
     lp: &LogPipeline,
-    ctx: &Ctx,
+    client: &Client,
     namespace: &str,
     gated: bool,
 ) -> Result<Option<Failure>, Error> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     for r in status::secret_refs(&lp.spec, gated) {
         let found = api
             .get_opt(&r.name)
@@ -614,78 +543,6 @@ async fn missing_secret(
     Ok(None)
 }
 
-/// Where a gated release stands: waiting for the gate, or moving under its watch. With
-/// `onFailure: pause` the watch ends at the soak (the engine cannot hold a soak).
-fn gate_stage(
-    spec: &GateSpec,
-    gated: bool,
-    waiting: bool,
-    phase: Option<Phase>,
-) -> Option<gate::Stage> {
-    let rollback = spec.on_failure == GateFailureAction::Rollback;
-    match (gated, waiting, phase) {
-        (false, _, _) => None,
-        (true, true, _) => Some(gate::Stage::Waiting),
-        (true, false, Some(Phase::Canary | Phase::Step | Phase::Paused)) => {
-            Some(gate::Stage::Moving)
-        }
-        (true, false, Some(Phase::Soak)) if rollback => Some(gate::Stage::Moving),
-        _ => None,
-    }
-}
-
-/// The gate's answer: its last one while it stands (`gate::reuse`), else a new ask.
-async fn consult_gate(
-    lp: &LogPipeline,
-    ctx: &Ctx,
-    spec: &GateSpec,
-    release: &str,
-    stage: gate::Stage,
-    previous: Option<&GateStatus>,
-    now: Timestamp,
-) -> (gate::Verdict, GateStatus) {
-    let object = ObjectRef::from(lp);
-    let last = ctx
-        .gate_asked
-        .lock()
-        .ok()
-        .and_then(|asked| asked.get(&object).copied());
-    if let Some(answer) = gate::reuse(spec, previous, release, stage, last, now) {
-        return answer;
-    }
-    let namespace = lp.namespace().unwrap_or_default();
-    let remote = gate::fetch(&ctx.client, &namespace, spec)
-        .await
-        .map_err(|e| e.to_string());
-    if let Ok(mut asked) = ctx.gate_asked.lock() {
-        asked.insert(object, now);
-    }
-    gate::decide(remote, spec, release, stage, previous, now)
-}
-
-/// The engine paused or aborted because the gate said stop, not a person: say so in its
-/// message and rollback reason, and leave the annotations alone (none was set).
-fn explain_gate_stop(
-    decision: &mut rollout::Decision,
-    before: &rollout::State,
-    why: &str,
-    annotated: bool,
-) {
-    if !annotated {
-        decision
-            .actions
-            .retain(|a| *a != rollout::Action::ClearAnnotations);
-    }
-    match decision.state.reason.clone() {
-        Some(engine) if decision.state.reason != before.reason => {
-            let ours = format!("aborted by the gate: {why}");
-            decision.message = decision.message.replace(&engine, &ours);
-            decision.state.reason = Some(ours);
-        }
-        _ => decision.message = format!("{} (gate: {why})", decision.message),
-    }
-}
-
 async fn cleanup(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     let key = Key::of(lp)?;
     apply::delete_cluster_scoped(&ctx.client, &key).await?;
@@ -695,10 +552,6 @@ async fn cleanup(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     ctx.forget_applied(lp);
     tracing::info!(pipeline = %key.name, namespace = %key.namespace, "deleted cluster-scoped objects");
     Ok(Action::await_change())
-}
-
-fn now() -> Time {
-    Time(Timestamp::now())
 }
 
 pub fn pod_view(pod: &Pod) -> PodView {
@@ -858,7 +711,7 @@ mod tests {
         let ms = Duration::from_millis;
         let cases = [
             ("at once", t0, Some(PACE)),
-            ("a moment later", t0 + ms(300), Some(ms(700))),
+            ("a moment later", t0 + ms(100), Some(ms(150))),
             ("a pace later", t0 + PACE, None),
             ("long after", t0 + ms(60_000), None),
         ];
@@ -956,139 +809,147 @@ mod tests {
         );
     }
 
-    #[test]
-    fn gate_stage_table() {
-        use gate::Stage::{Moving, Waiting};
-        let pause = GateSpec {
-            on_failure: GateFailureAction::Pause,
-            ..serde_json::from_value(serde_json::json!({
-                "clusterSecretRef": {"name": "ops", "key": "kubeconfig"},
-                "namespace": "logging", "name": "logpipe",
-            }))
-            .unwrap()
-        };
-        let rollback = GateSpec {
-            on_failure: GateFailureAction::Rollback,
-            ..pause.clone()
-        };
-        let cases = [
-            ("not gated", &pause, false, true, Some(Phase::Pending), None),
-            (
-                "a new release",
-                &pause,
-                true,
-                true,
-                Some(Phase::Healthy),
-                Some(Waiting),
-            ),
-            (
-                "held",
-                &pause,
-                true,
-                true,
-                Some(Phase::Pending),
-                Some(Waiting),
-            ),
-            (
-                "canary",
-                &pause,
-                true,
-                false,
-                Some(Phase::Canary),
-                Some(Moving),
-            ),
-            ("step", &pause, true, false, Some(Phase::Step), Some(Moving)),
-            (
-                "paused",
-                &pause,
-                true,
-                false,
-                Some(Phase::Paused),
-                Some(Moving),
-            ),
-            (
-                "soak, pause: not watched",
-                &pause,
-                true,
-                false,
-                Some(Phase::Soak),
-                None,
-            ),
-            (
-                "soak, rollback",
-                &rollback,
-                true,
-                false,
-                Some(Phase::Soak),
-                Some(Moving),
-            ),
-            (
-                "rolling back",
-                &rollback,
-                true,
-                false,
-                Some(Phase::RollingBack),
-                None,
-            ),
-            (
-                "degraded",
-                &rollback,
-                true,
-                false,
-                Some(Phase::Degraded),
-                None,
-            ),
-        ];
-        for (name, spec, gated, waiting, phase, want) in cases {
-            assert_eq!(gate_stage(spec, gated, waiting, phase), want, "{name}");
-        }
-    }
+    /// `execute` against a mocked API server (kube's tower-test pattern): every request
+    /// is answered with success and recorded as `METHOD path`.
+    mod execute {
+        use super::*;
+        use http::{Request, Response};
+        use kube::client::Body;
+        use kube::runtime::events::Reporter;
 
-    #[test]
-    fn a_gate_stop_says_so() {
-        let before = rollout::State {
-            phase: Some(Phase::Step),
-            ..Default::default()
-        };
-        let engine = "aborted at step 1 (50%) (annotation logpipe.io/abort)";
-        let mut aborted = rollout::Decision {
-            state: rollout::State {
-                phase: Some(Phase::RollingBack),
-                reason: Some(engine.into()),
-                ..Default::default()
-            },
-            template: rollout::Template::Stable,
-            actions: vec![rollout::Action::ClearAnnotations],
-            message: format!(
-                "rolling back to revision r1: 2 nodes to move back, 3/5 Ready: {engine}"
-            ),
-            requeue: Duration::from_secs(2),
-            store_unreachable: None,
-        };
-        explain_gate_stop(&mut aborted, &before, "ops turned Degraded", false);
-        assert!(aborted.actions.is_empty(), "no annotation to clear");
-        assert_eq!(
-            aborted.state.reason.as_deref(),
-            Some("aborted by the gate: ops turned Degraded")
-        );
-        assert!(
-            aborted
-                .message
-                .ends_with("3/5 Ready: aborted by the gate: ops turned Degraded"),
-            "{}",
-            aborted.message
-        );
-        let mut paused = rollout::Decision {
-            state: before.clone(),
-            message: "paused at step 1 (50%): 3/5 nodes at revision r2".into(),
-            actions: vec![rollout::Action::ClearAnnotations],
-            ..aborted.clone()
-        };
-        explain_gate_stop(&mut paused, &before, "ops turned Degraded", true);
-        assert_eq!(paused.actions, [rollout::Action::ClearAnnotations]);
-        assert_eq!(
-            paused.message,
-            "paused at step 1 (50%): 3/5 nodes at revision r2 (gate: ops turned Degraded)"
-        );
+        use crate::plan::fixtures::{pipeline, pod, snapshot};
+
+        /// Run `execute(snap, plan)` against the mock; the requests it made, in order, and
+        /// its result.
+        async fn run(snap: &plan::Snapshot, plan: &plan::Plan) -> (Vec<String>, bool) {
+            let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+            let lp_json = serde_json::to_vec(snap.lp.as_ref()).unwrap();
+            let server = tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while let Some((request, reply)) = handle.next_request().await {
+                    let line = format!("{} {}", request.method(), request.uri().path());
+                    let body = request.into_body().collect_bytes().await.unwrap();
+                    let answer = if line.starts_with("DELETE") {
+                        br#"{"apiVersion":"v1","kind":"Status","metadata":{},"status":"Success"}"#
+                            .to_vec()
+                    } else if line.contains("/logpipelines/") {
+                        lp_json.clone()
+                    } else {
+                        body.to_vec()
+                    };
+                    seen.push(line);
+                    reply.send_response(Response::builder().body(Body::from(answer)).unwrap());
+                }
+                seen
+            });
+            let client = Client::new(service, "default");
+            let reporter = Reporter {
+                controller: "logpipe-operator".into(),
+                instance: None,
+            };
+            // As main does: reqwest (the verifier) has no crypto provider of its own.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let ctx = Ctx::new(
+                client.clone(),
+                "logpipe-agent:new".into(),
+                crate::rbac::AGENT_CLUSTER_ROLE.into(),
+                Arc::new(Metrics::default()),
+                Recorder::new(client, reporter),
+                Verifier::new().unwrap(),
+            );
+            let ok = execute(snap, plan, &ctx).await.is_ok();
+            drop(ctx);
+            (server.await.unwrap(), ok)
+        }
+
+        const NS: &str = "/api/v1/namespaces/loki-v3";
+        const APPS: &str = "/apis/apps/v1/namespaces/loki-v3";
+
+        /// A step: objects applied first, then the batch's pods deleted, then the status
+        /// and its Event; nothing else.
+        #[tokio::test]
+        async fn a_step_applies_then_deletes_then_writes_status() {
+            let mut snap = snapshot(pipeline());
+            let old = "r0";
+            snap.pods = vec![
+                pod("a", "n1", old),
+                pod("b", "n2", old),
+                pod("c", "n3", old),
+            ];
+            let mut plan = plan::plan(&snap, plan::Now::current());
+            plan.writes.delete_pods = vec!["a".into(), "b".into()];
+            let (mut seen, ok) = run(&snap, &plan).await;
+            assert!(ok, "{seen:?}");
+            let cm = snap.objects.config_map.metadata.name.clone().unwrap();
+            let want = [
+                format!("PATCH {NS}/serviceaccounts/logpipe"),
+                "PATCH /apis/rbac.authorization.k8s.io/v1/clusterrolebindings/logpipe:loki-v3:logpipe".into(),
+                format!("PATCH {NS}/configmaps/{cm}"),
+                format!("PATCH {APPS}/daemonsets/logpipe"),
+                format!("PATCH {NS}/services/logpipe-metrics"),
+            ];
+            assert_eq!(seen[..5], want, "{seen:?}");
+            // The two deletes go out together: their order is not fixed.
+            seen[5..7].sort();
+            assert_eq!(
+                seen[5..7],
+                [format!("DELETE {NS}/pods/a"), format!("DELETE {NS}/pods/b")]
+            );
+            assert_eq!(
+                seen[7],
+                format!(
+                    "PATCH /apis/logpipe.io/v1alpha1/namespaces/loki-v3/logpipelines/logpipe/status"
+                )
+            );
+            assert!(
+                seen[8..]
+                    .iter()
+                    .all(|l| l.starts_with("POST /apis/events.k8s.io/")),
+                "{seen:?}"
+            );
+            assert!(seen.len() > 8, "the new revision's Event: {seen:?}");
+        }
+
+        /// Nothing changed: no request at all (the quiet window, without a cluster).
+        #[tokio::test]
+        async fn a_quiet_plan_makes_no_request() {
+            let snap = snapshot(pipeline());
+            let first = plan::plan(&snap, plan::Now::current());
+            let mut lp = (*snap.lp).clone();
+            lp.status = Some(first.status.clone());
+            let quiet = plan::Snapshot {
+                lp: Arc::new(lp),
+                last_applied: first.apply.map(|a| a.stored(None, Instant::now())),
+                ..snap
+            };
+            let plan = plan::plan(&quiet, plan::Now::current());
+            let (seen, ok) = run(&quiet, &plan).await;
+            assert!(ok);
+            assert_eq!(seen, Vec::<String>::new());
+        }
+
+        /// A missing Secret: the status says so, and nothing is applied or deleted.
+        #[tokio::test]
+        async fn a_missing_secret_writes_only_the_status() {
+            let mut snap = snapshot(pipeline());
+            snap.pods = vec![pod("a", "n1", "r0")];
+            snap.missing_secret = Some(Failure::new(
+                FailureReason::SecretMissing,
+                "Secret loki-v3/x is missing",
+            ));
+            let plan = plan::plan(&snap, plan::Now::current());
+            let (seen, ok) = run(&snap, &plan).await;
+            assert!(!ok, "the reconcile fails (and is retried)");
+            assert_eq!(
+                seen[0],
+                "PATCH /apis/logpipe.io/v1alpha1/namespaces/loki-v3/logpipelines/logpipe/status"
+            );
+            assert!(
+                seen[1..]
+                    .iter()
+                    .all(|l| l.starts_with("POST /apis/events.k8s.io/")),
+                "{seen:?}"
+            );
+        }
     }
 }

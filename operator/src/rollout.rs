@@ -258,6 +258,8 @@ fn phase_of(steps: &[StepKind], index: usize) -> Phase {
     }
 }
 
+pub use crate::crd::RollbackCause;
+
 /// The rollout's memory, kept in the status (see `status::rollout_state`).
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct State {
@@ -271,6 +273,9 @@ pub struct State {
     pub window_started: Option<Timestamp>,
     pub failed: Option<String>,
     pub reason: Option<String>,
+    /// Why `failed` failed, typed (the `Degraded` condition's reason); `reason` says it
+    /// in words, with the numbers.
+    pub cause: Option<RollbackCause>,
     /// What the stable agents the current step replaced said before they moved (active
     /// streams, lines read and dropped).
     pub stream_baseline: Option<StreamBaseline>,
@@ -635,6 +640,7 @@ pub fn step(
         st.target = Some(target.clone());
         st.failed = None;
         st.reason = None;
+        st.cause = None;
         st.window_started = None;
         st.step_started = Some(now);
         st.stream_baseline = None;
@@ -828,6 +834,7 @@ impl Engine<'_, '_> {
         if self.obs.abort {
             return self.start_rollback(
                 st,
+                RollbackCause::Aborted,
                 format!("aborted at {name} (annotation {ANNOTATION_ABORT})"),
             );
         }
@@ -837,8 +844,11 @@ impl Engine<'_, '_> {
                 // Promoted: on without the store's answer.
                 Some(_) if v.final_check => {}
                 _ => {
-                    return self
-                        .start_rollback(st, format!("{name} failed verification: {}", v.summary));
+                    return self.start_rollback(
+                        st,
+                        RollbackCause::VerificationFailed,
+                        format!("{name} failed verification: {}", v.summary),
+                    );
                 }
             }
         }
@@ -892,6 +902,7 @@ impl Engine<'_, '_> {
             if elapsed(st.step_started, self.now) > deadline {
                 return self.start_rollback(
                     st,
+                    RollbackCause::VerificationFailed,
                     format!(
                         "{name} did not complete: the DaemonSet's status did not count its nodes within {}",
                         human(deadline)
@@ -925,7 +936,11 @@ impl Engine<'_, '_> {
         if !to_move.is_empty() || ready < want {
             st.window_started = None;
             if let Some(why) = self.stalled(&st, &set, want, ready) {
-                return self.start_rollback(st, format!("{name} did not complete: {why}"));
+                return self.start_rollback(
+                    st,
+                    RollbackCause::VerificationFailed,
+                    format!("{name} did not complete: {why}"),
+                );
             }
             if let Some(held) = self.record_baseline(&mut st, index, &set) {
                 return self.decision(st, Template::Target, Vec::new(), held);
@@ -954,7 +969,12 @@ impl Engine<'_, '_> {
             human(window),
             ends_at(Some(started), window)
         );
-        self.decision(st, Template::Target, Vec::new(), message)
+        let mut decision = self.decision(st, Template::Target, Vec::new(), message);
+        // Look again when the window ends, not a fixed interval later: with short windows
+        // the step boundary, not the nodes, set the rollout's pace.
+        let left = window.saturating_sub(elapsed(Some(started), self.now));
+        decision.requeue = decision.requeue.min(left);
+        decision
     }
 
     /// Records what the stable agents said (the baseline) before the step moves any of
@@ -1004,9 +1024,10 @@ impl Engine<'_, '_> {
         decision
     }
 
-    fn start_rollback(&self, mut st: State, reason: String) -> Decision {
+    fn start_rollback(&self, mut st: State, cause: RollbackCause, reason: String) -> Decision {
         st.failed = Some(self.target.to_string());
         st.reason = Some(reason);
+        st.cause = Some(cause);
         st.window_started = None;
         st.step_started = Some(self.now);
         if st.stable.is_none() || !self.obs.stable_saved {
@@ -1082,6 +1103,7 @@ impl Engine<'_, '_> {
         st.phase = Some(Phase::Degraded);
         st.failed = Some(self.target.to_string());
         st.reason = Some(reason.clone());
+        st.cause = Some(RollbackCause::AgentsFailing);
         let message = format!("revision {}: {reason}", self.target);
         Some(self.decision(st, Template::Target, Vec::new(), message))
     }
@@ -1093,6 +1115,7 @@ impl Engine<'_, '_> {
                 st.phase = Some(Phase::Healthy);
                 st.failed = None;
                 st.reason = None;
+                st.cause = None;
                 self.converge(st)
             });
         }
@@ -1100,6 +1123,7 @@ impl Engine<'_, '_> {
             // A person asked to try the failed revision again.
             st.failed = None;
             st.reason = None;
+            st.cause = None;
             self.start_step(&mut st, 0);
             return self.progress(st, None, false);
         }

@@ -34,11 +34,11 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::apply::ApplyError;
 use crate::crd::{GateStatus, LogPipelineSpec, LogPipelineStatus, Phase, Verification};
-use crate::rollout::{PodView, State};
+use crate::rollout::{PodView, RollbackCause, State};
 
 /// The reason of the Ready, Progressing and Degraded conditions while the stable
 /// revision's agents fail where they run (crash loop, image gone): nothing to roll back.
-pub const AGENTS_FAILING: &str = "AgentsFailing";
+pub const AGENTS_FAILING: &str = RollbackCause::AgentsFailing.reason();
 
 /// Why a reconcile failed, as the `reason` of the Ready and Degraded conditions and of
 /// its Event.
@@ -251,6 +251,7 @@ pub fn rollout_state(status: Option<&LogPipelineStatus>) -> State {
         window_started: time(&s.window_started_at),
         failed: s.failed_revision.clone(),
         reason: s.rollback_reason.clone(),
+        cause: s.rollback_cause,
         stream_baseline: s.stream_baseline.clone(),
     }
 }
@@ -368,14 +369,11 @@ pub fn compute(
                 true,
                 if failing {
                     AGENTS_FAILING
-                } else if state
-                    .reason
-                    .as_deref()
-                    .is_some_and(|r| r.starts_with("aborted"))
-                {
-                    "Aborted"
                 } else {
-                    "VerificationFailed"
+                    state
+                        .cause
+                        .unwrap_or(RollbackCause::VerificationFailed)
+                        .reason()
                 },
                 state.reason.as_deref().unwrap_or("rolled back"),
             ),
@@ -424,6 +422,7 @@ pub fn compute(
         window_started_at: rfc3339(state.window_started),
         failed_revision: state.failed.clone(),
         rollback_reason: state.reason.clone(),
+        rollback_cause: state.cause,
         healthy_since,
         gate: match rollout {
             Some(r) => r.gate.clone(),
@@ -627,12 +626,28 @@ mod tests {
         assert_eq!(rollout_state(Some(&s)), r.state);
     }
 
+    /// The rollback's cause is typed: the condition's reason comes from it, whatever the
+    /// words (a gate's abort says "stopped by"), and reads back from the status.
+    #[test]
+    fn the_rollback_cause_is_typed_and_round_trips() {
+        for cause in RollbackCause::ALL {
+            let mut r = rollout(Phase::RollingBack, "r1");
+            r.state.failed = Some("r2".into());
+            r.state.reason = Some("stopped by the gate: ops turned Degraded".into());
+            r.state.cause = Some(cause);
+            let s = compute(None, &observed(vec![], 0), Some(&r), &at(1));
+            assert_eq!(get(&s, "Degraded").reason, cause.reason(), "{cause:?}");
+            assert_eq!(rollout_state(Some(&s)).cause, Some(cause), "{cause:?}");
+        }
+    }
+
     /// Each failure, on top of a pipeline a previous revision left Degraded (the report
     /// that found this: a refused DaemonSet kept showing the old revision's message).
     #[test]
     fn every_failure_is_in_the_status_table() {
         let mut rolled = rollout(Phase::Degraded, "r1");
         rolled.state.reason = Some("canary failed verification: droppedEntries 3".into());
+        rolled.state.cause = Some(RollbackCause::VerificationFailed);
         let before = compute(
             None,
             &observed(vec![pod("a", "r1", true)], 1),

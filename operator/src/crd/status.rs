@@ -62,6 +62,9 @@ pub struct LogPipelineStatus {
     /// Why the last rollback happened, with the numbers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback_reason: Option<String>,
+    /// Why the last rollback happened, as a value (the `Degraded` condition's reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_cause: Option<RollbackCause>,
     /// Healthy without interruption at `release` since (RFC 3339): what a gate in another
     /// cluster compares with its soak time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -115,6 +118,30 @@ pub struct GateStatus {
 }
 
 /// Where the LogPipeline stands. The rollout engine moves through Pending (gate) ->
+/// Why a revision was rolled back (or, with nothing to go back to, left Degraded).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RollbackCause {
+    /// A step failed its checks, or did not complete within its deadline.
+    VerificationFailed,
+    /// A person (`logpipe.io/abort`) or the gate (`onFailure: rollback`) stopped it.
+    Aborted,
+    /// The stable revision's own agents fail where they run (nothing to roll back).
+    AgentsFailing,
+}
+
+impl RollbackCause {
+    pub const ALL: [Self; 3] = [Self::VerificationFailed, Self::Aborted, Self::AgentsFailing];
+
+    /// The `Degraded` condition's reason.
+    pub const fn reason(self) -> &'static str {
+        match self {
+            Self::VerificationFailed => "VerificationFailed",
+            Self::Aborted => "Aborted",
+            Self::AgentsFailing => "AgentsFailing",
+        }
+    }
+}
+
 /// Canary -> Step -> Soak -> Healthy, or RollingBack -> Degraded. `Progressing`: nodes
 /// return to the stable revision with no verification (the spec went back to it), or a
 /// LogPipeline from before the rollout engine. `Paused`: `spec.rollout.paused` mid-rollout.

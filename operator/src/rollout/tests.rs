@@ -77,6 +77,7 @@ fn state(phase: Phase, step: Option<usize>, started: i64) -> State {
         window_started: None,
         failed: None,
         reason: None,
+        cause: None,
         stream_baseline: None,
     }
 }

@@ -38,6 +38,8 @@ use logpipe_e2e::{Wait, poll};
 use serde_json::{Map, Value, json};
 
 use super::BenchError;
+
+pub mod fleet;
 use super::procstat;
 use super::report::{median, put};
 
@@ -516,13 +518,13 @@ pub fn merge_into_results(dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
 async fn start_operator(
     options: &Options,
     kubeconfig: &Path,
-    ns: &str,
+    ns: Option<&str>,
 ) -> Result<Operator, BenchError> {
     std::fs::create_dir_all(&options.out).map_err(BenchError::io(&options.out))?;
     let mut operator = Operator::spawn(&Launch {
         binary: options.operator.clone(),
         kubeconfig: kubeconfig.to_path_buf(),
-        namespace: Some(ns.to_string()),
+        namespace: ns.map(str::to_string),
         identity: "bench".into(),
         log: options.out.join("operator.log"),
         rust_log: "info,kube=warn,kube_lease_manager=warn".into(),
@@ -873,7 +875,7 @@ async fn operator_run(
     nodes: usize,
     run: &mut OperatorRun,
 ) -> Result<(), BenchError> {
-    let mut operator = start_operator(options, kubeconfig, ns).await?;
+    let mut operator = start_operator(options, kubeconfig, Some(ns)).await?;
     say(format!(
         "operator pid {} leading (log {})",
         operator.pid,
@@ -1160,7 +1162,11 @@ async fn native_run(
 
 /// Run everything; returns the `operator` section (also when a part failed: the figures it
 /// could not measure are null with the reason).
-pub async fn run(options: &Options) -> Result<Value, BenchError> {
+/// The bed checked and the CRD installed: the client, the kubeconfig, the nodes (all, Ready)
+/// and the options with maxUnavailable settled (10% of the nodes when unset).
+async fn prepare(
+    options: &Options,
+) -> Result<(kube::Client, PathBuf, usize, usize, Options), BenchError> {
     let kubeconfig = options
         .testbed_dir
         .join(&options.cluster)
@@ -1197,7 +1203,7 @@ pub async fn run(options: &Options) -> Result<Value, BenchError> {
     if nodes == 0 {
         return Err(other("the test bed has no nodes"));
     }
-    let options = &Options {
+    let options = Options {
         max_unavailable: Some(
             options
                 .max_unavailable
@@ -1206,6 +1212,18 @@ pub async fn run(options: &Options) -> Result<Value, BenchError> {
         ..options.clone()
     };
     install_crd(&client).await?;
+    Ok((client, kubeconfig, nodes, ready_nodes, options))
+}
+
+/// `--pipelines N`: see [`fleet`].
+pub async fn run_fleet(options: &Options, pipelines: usize) -> Result<Value, BenchError> {
+    let (client, kubeconfig, nodes, _, options) = prepare(options).await?;
+    fleet::run(&options, &client, &kubeconfig, nodes, pipelines).await
+}
+
+pub async fn run(options: &Options) -> Result<Value, BenchError> {
+    let (client, kubeconfig, nodes, ready_nodes, options) = prepare(options).await?;
+    let options = &options;
     let load_before = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .map(|s| s.trim().to_string());

@@ -38,6 +38,10 @@ struct Args {
     /// Bound on the first install and on each rollout, seconds.
     #[arg(long, default_value_t = 1800)]
     timeout_seconds: u64,
+    /// N LogPipelines in N namespaces on every node, rolled out at once (issue 15): their
+    /// overlap, reconcile p99, RSS; writes operator-fleet.json (no native run).
+    #[arg(long)]
+    pipelines: Option<usize>,
     /// Only merge an existing operator.json into results.json / results.md.
     #[arg(long)]
     merge_only: bool,
@@ -72,6 +76,11 @@ async fn main_async(args: Args) -> Result<(), BenchError> {
                 .map_or_else(|| "<as the bed>".to_string(), |n| n.to_string())
         ),
     };
+    if let Some(pipelines) = args.pipelines {
+        let section = operator::fleet::run_and_write(&options, pipelines, &out).await?;
+        eprintln!("[bench-operator] {}", operator::fleet::headline(&section));
+        return Ok(());
+    }
     let section = operator::run(&options).await?;
     let written = operator::write(&out, &section)?;
     eprintln!("[bench-operator] {}", operator::headline(&section));
