@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
@@ -15,6 +15,25 @@ use serde_json::json;
 use crate::{TestbedError, Wait, poll};
 
 const FIELD_MANAGER: &str = "logpipe-e2e";
+
+/// The label the operator puts on the agent pods it runs.
+pub const AGENT_PODS: &str = "app.kubernetes.io/name=logpipe-agent";
+
+/// The agent pods in `namespace` that are not terminating.
+pub async fn live_agent_pods(
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<Vec<Pod>, TestbedError> {
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels(AGENT_PODS))
+        .await
+        .map_err(TestbedError::kube("list the agent pods"))?;
+    Ok(pods
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect())
+}
 
 /// Apply the committed CRD (what the operator's types generate) and the agents' ClusterRole
 /// the chart ships (the operator only binds it), and wait until the API server serves the CRD.

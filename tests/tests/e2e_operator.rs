@@ -79,13 +79,10 @@ async fn wait_healthy(client: &Client, ns: &str, name: &str, timeout: Duration) 
 }
 
 async fn ready_pods(client: &Client, ns: &str) -> Vec<Pod> {
-    Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels("app.kubernetes.io/name=logpipe-agent"))
+    logpipe_e2e::cluster::live_agent_pods(client, ns)
         .await
         .unwrap()
-        .items
         .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter(|p| {
             p.status
                 .as_ref()

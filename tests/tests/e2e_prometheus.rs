@@ -21,7 +21,7 @@ mod bed;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use logpipe_api::metrics::{DROPPED_ENTRIES_TOTAL, READ_BY_OPERATOR, SENT_ENTRIES_TOTAL};
 use logpipe_e2e::prometheus::{Prometheus, scrape_config};
@@ -40,13 +40,10 @@ fn service_monitors(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
 
 /// (pod, node) of each running agent pod.
 async fn agent_pods(client: &kube::Client, ns: &str) -> BTreeSet<(String, String)> {
-    Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels("app.kubernetes.io/name=logpipe-agent"))
+    logpipe_e2e::cluster::live_agent_pods(client, ns)
         .await
         .unwrap()
-        .items
         .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| Some((p.metadata.name?, p.spec?.node_name?)))
         .collect()
 }

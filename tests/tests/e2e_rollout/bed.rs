@@ -290,13 +290,10 @@ pub fn kubectl(testbed: &Testbed, cluster: &str, args: &[&str]) -> String {
 
 /// Nodes whose live agent pod runs `revision`.
 pub async fn nodes_at(client: &Client, ns: &str, revision: &str) -> BTreeSet<String> {
-    Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels("app.kubernetes.io/name=logpipe-agent"))
+    logpipe_e2e::cluster::live_agent_pods(client, ns)
         .await
         .unwrap()
-        .items
         .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter(|p| {
             p.annotations()
                 .get("logpipe.io/revision")
@@ -437,7 +434,7 @@ pub async fn record_until(
             record.phases.push(seen);
         }
         if let Ok(list) = pods_api
-            .list(&ListParams::default().labels("app.kubernetes.io/name=logpipe-agent"))
+            .list(&ListParams::default().labels(logpipe_e2e::cluster::AGENT_PODS))
             .await
         {
             let mut ready = 0;
