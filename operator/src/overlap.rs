@@ -12,10 +12,13 @@
 //! select it; `with` is sorted, so an unchanged cluster gives an identical status.
 //!
 //! Caveats: the counts are those of the observed pods (the caches may be an event
-//! behind); a pod whose namespace is not observed is judged by its namespace name label.
+//! behind), counted again at most every [`RECOUNT`] unless a pipeline's spec changed, and
+//! written when the pipeline is reconciled; a pod whose namespace is not observed is
+//! judged by its namespace name label.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::PartialObjectMeta;
@@ -103,7 +106,21 @@ type Watches = (
 pub struct Observer {
     pipelines: OnceLock<Store<LogPipeline>>,
     watches: OnceLock<Watches>,
+    /// Every pipeline's overlap, when it was decided and for which pipeline specs: one pass
+    /// over the pods serves every reconcile for [`RECOUNT`] (a rollout wakes hundreds of
+    /// them) unless a pipeline came, went or changed its spec.
+    counted: Mutex<Option<Counted>>,
 }
+
+struct Counted {
+    at: Instant,
+    /// Each pipeline's key and spec generation, sorted.
+    specs: Vec<(String, Option<i64>)>,
+    overlaps: BTreeMap<String, Overlap>,
+}
+
+/// How long an overlap count stands before the pods are counted again.
+pub const RECOUNT: Duration = Duration::from_secs(10);
 
 impl Observer {
     /// The controller's store of every LogPipeline it watches (set once by `run`).
@@ -131,34 +148,60 @@ impl Observer {
         {
             return None;
         }
-        let key =
-            |p: &LogPipeline| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
-        let pipelines: Vec<Pipeline> = all
+        let mut specs: Vec<_> = all
             .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .map(|p| Pipeline {
-                key: key(p),
-                selector: &p.spec.selector,
-            })
+            .map(|p| (key(p), p.metadata.generation))
             .collect();
-        let pod_state = pods.state();
-        let pod_labels: Vec<PodLabels> = pod_state
-            .iter()
-            .filter_map(|p| {
-                Some(PodLabels {
-                    namespace: p.metadata.namespace.as_deref()?,
-                    labels: p.metadata.labels.as_ref()?,
-                })
-            })
-            .collect();
-        let namespace_labels = namespaces
-            .state()
-            .iter()
-            .map(|n| (n.name_any(), n.labels().clone()))
-            .collect();
-        let mut overlaps = decide(&pipelines, &pod_labels, &namespace_labels);
-        Some(overlaps.remove(&key(lp)).unwrap_or_default())
+        specs.sort();
+        let mut counted = self.counted.lock().ok()?;
+        let fresh = |c: &Counted| c.at.elapsed() < RECOUNT && c.specs == specs;
+        if !counted.as_ref().is_some_and(fresh) {
+            let overlaps = count(&all, pods, namespaces);
+            *counted = Some(Counted {
+                at: Instant::now(),
+                specs,
+                overlaps,
+            });
+        }
+        let overlaps = &counted.as_ref()?.overlaps;
+        Some(overlaps.get(&key(lp)).cloned().unwrap_or_default())
     }
+}
+
+fn key(p: &LogPipeline) -> String {
+    format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
+}
+
+/// Every pipeline's overlap from the stores' current state.
+fn count(
+    all: &[std::sync::Arc<LogPipeline>],
+    pods: &Store<PartialObjectMeta<Pod>>,
+    namespaces: &Store<PartialObjectMeta<Namespace>>,
+) -> BTreeMap<String, Overlap> {
+    let pipelines: Vec<Pipeline> = all
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| Pipeline {
+            key: key(p),
+            selector: &p.spec.selector,
+        })
+        .collect();
+    let pod_state = pods.state();
+    let pod_labels: Vec<PodLabels> = pod_state
+        .iter()
+        .filter_map(|p| {
+            Some(PodLabels {
+                namespace: p.metadata.namespace.as_deref()?,
+                labels: p.metadata.labels.as_ref()?,
+            })
+        })
+        .collect();
+    let namespace_labels = namespaces
+        .state()
+        .iter()
+        .map(|n| (n.name_any(), n.labels().clone()))
+        .collect();
+    decide(&pipelines, &pod_labels, &namespace_labels)
 }
 
 /// Write `overlap` into `status`; when unknown, keep what `old` said.
