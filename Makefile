@@ -123,8 +123,17 @@ crds:
 	cp crds/logpipe.io_logpipelines.yaml charts/logpipe/crds/
 	UPDATE_REFERENCE=1 $(CARGO) test -q -p logpipe-e2e --test crd_reference --test metrics_reference
 
-demo: testbed-up
+# DEMO=argocd make demo: the GitOps path instead, with a real Argo CD syncing a commit to
+# ops, dev and prod by RollingSync (README "The GitOps alternative"); prints its timeline.
+demo:
+ifeq ($(DEMO),argocd)
+	$(MAKE) build testbed-up CLUSTERS="ops dev prod"
+	tests/testbed/addons.sh argocd
+	$(E2E) e2e_argocd rolling_sync -- --nocapture --test-threads 1
+else
+	$(MAKE) testbed-up
 	tests/testbed/demo.sh
+endif
 
 bench:
 	$(CARGO) build --release -p logpipe-agent --bin logpipe-agent
