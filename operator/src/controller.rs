@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
@@ -96,7 +97,11 @@ pub struct Ctx {
     pub agent_cluster_role: String,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
-    pub verifier: Verifier,
+    pub verifier: Arc<Verifier>,
+    /// Wakes a LogPipeline's reconcile when what it waited for (a step's baseline) is in.
+    wake: UnboundedSender<ObjectRef<LogPipeline>>,
+    /// Taken by [`run`]: the reconciles `wake` asks for.
+    woken: Mutex<Option<UnboundedReceiver<ObjectRef<LogPipeline>>>>,
     failures: Mutex<HashMap<ObjectRef<LogPipeline>, u32>>,
     /// What the reconcile reads of the cluster (see `cache`).
     pub caches: Caches,
@@ -128,7 +133,10 @@ impl Ctx {
         verifier: Verifier,
     ) -> Self {
         let (caches, writers) = Caches::new();
+        let (wake, woken) = futures::channel::mpsc::unbounded();
         Self {
+            wake,
+            woken: Mutex::new(Some(woken)),
             caches,
             writers: Mutex::new(Some(writers)),
             deleting: Mutex::new(HashMap::new()),
@@ -139,7 +147,7 @@ impl Ctx {
             agent_cluster_role,
             metrics,
             recorder,
-            verifier,
+            verifier: Arc::new(verifier),
             failures: Mutex::new(HashMap::new()),
             gate_asked: Mutex::new(HashMap::new()),
             secrets_ok: Mutex::new(HashMap::new()),
@@ -398,9 +406,15 @@ async fn measure(snap: &plan::Snapshot, asks: &plan::Asks, ctx: &Ctx) -> plan::A
     };
     let mut answers = snap.answers.clone();
     if let Some((names, key)) = &asks.baseline {
-        let targets = targets(names);
-        let baseline = ctx.verifier.baseline_once(key.clone(), &targets, port);
-        answers.baseline = Some(baseline.await);
+        let wake = ctx.wake.clone();
+        let object = ObjectRef::from(lp.as_ref());
+        let done = move || {
+            // A closed channel: the controller is stopping, nothing left to wake.
+            let _ = wake.unbounded_send(object);
+        };
+        answers.baseline = ctx
+            .verifier
+            .baseline_or_start(key.clone(), targets(names), port, done);
     }
     if let Some(request) = &asks.verify {
         let spec = &lp.spec.rollout.verify;
@@ -649,7 +663,9 @@ pub async fn run(
         }
     }
     let ns = namespace.as_deref();
-    let Some(writers) = ctx.writers.lock().ok().and_then(|mut w| w.take()) else {
+    let taken = ctx.writers.lock().ok().and_then(|mut w| w.take());
+    let woken = ctx.woken.lock().ok().and_then(|mut w| w.take());
+    let (Some(writers), Some(woken)) = (taken, woken) else {
         tracing::error!("the controller runs once per context");
         return;
     };
@@ -686,6 +702,7 @@ pub async fn run(
                 to_pipeline(cm.labels(), cm.namespace())
             },
         )
+        .reconcile_on(woken)
         .reconcile_all_on(cache::service_monitor_crd_trigger(
             client.clone(),
             writers.crds,

@@ -86,8 +86,8 @@
 //! - CPU is a rate between two scrapes: the first scrape of a pod is its baseline (kept
 //!   in memory; after an operator restart the final check scrapes twice, 1 s apart).
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -1016,6 +1016,8 @@ pub struct Verifier {
     /// again, after the step moved some of its nodes: measured again, those nodes would
     /// be left out of it (seen in the rollout tests), so the first measurement is reused.
     stable: Mutex<HashMap<String, (BaselineKey, StreamBaseline)>>,
+    /// LogPipeline uids whose step baseline is being measured in the background.
+    measuring: Mutex<HashSet<String>>,
 }
 
 impl Verifier {
@@ -1028,6 +1030,7 @@ impl Verifier {
             http,
             baselines: Mutex::new(HashMap::new()),
             stable: Mutex::new(HashMap::new()),
+            measuring: Mutex::new(HashSet::new()),
         })
     }
 
@@ -1118,27 +1121,44 @@ impl Verifier {
         baseline
     }
 
-    /// [`Self::baseline`] once per step: the baseline already measured for `key`, else
-    /// a new one, remembered (one per LogPipeline; bounded by their number).
-    pub async fn baseline_once(
-        &self,
+    /// The step's baseline ([`Self::baseline`]) when it was measured; else `None`, and it
+    /// is measured in the background (once per LogPipeline at a time), then `done` runs.
+    /// A reconcile never waits for the agents' answers (a step holds until `done` wakes
+    /// it); one measured baseline is kept per LogPipeline (bounded by their number).
+    pub fn baseline_or_start(
+        self: &Arc<Self>,
         key: BaselineKey,
-        targets: &[Target],
+        targets: Vec<Target>,
         port: i32,
-    ) -> StreamBaseline {
+        done: impl FnOnce() + Send + 'static,
+    ) -> Option<StreamBaseline> {
         let known = self.stable.lock().ok().and_then(|map| {
             map.get(&key.pipeline)
                 .filter(|(k, _)| *k == key)
                 .map(|(_, b)| b.clone())
         });
-        if let Some(baseline) = known {
-            return baseline;
+        if known.is_some() {
+            return known;
         }
-        let baseline = self.baseline(key.step, targets, port).await;
-        if let Ok(mut map) = self.stable.lock() {
-            map.insert(key.pipeline.clone(), (key, baseline.clone()));
+        let start = self
+            .measuring
+            .lock()
+            .is_ok_and(|mut measuring| measuring.insert(key.pipeline.clone()));
+        if start {
+            let verifier = Arc::clone(self);
+            tokio::spawn(async move {
+                let baseline = verifier.baseline(key.step, &targets, port).await;
+                let pipeline = key.pipeline.clone();
+                if let Ok(mut map) = verifier.stable.lock() {
+                    map.insert(pipeline.clone(), (key, baseline));
+                }
+                if let Ok(mut measuring) = verifier.measuring.lock() {
+                    measuring.remove(&pipeline);
+                }
+                done();
+            });
         }
-        baseline
+        None
     }
 
     /// Millicores since the first sample of this pod (the average over the step, not

@@ -1220,3 +1220,50 @@ fn verdicts_worth_recording() {
         assert_eq!(worth_recording(&v, "r2", 0, last), recorded, "{case}");
     }
 }
+
+/// A step's baseline is measured in the background: the first ask answers nothing and
+/// starts it, `done` runs once it is in, and then it is the answer for that step only.
+#[tokio::test]
+async fn a_baseline_is_measured_in_the_background_then_kept_for_its_step() {
+    // A port nobody listens on: the agent's answer is a refused connection.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        i32::from(listener.local_addr().unwrap().port())
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let verifier = std::sync::Arc::new(Verifier::new().unwrap());
+    let target = Target {
+        pod: "agent-a".into(),
+        uid: "uid-a".into(),
+        node: "n1".into(),
+        ip: Some("127.0.0.1".into()),
+    };
+    let key = |step: usize| BaselineKey {
+        pipeline: "lp-uid".into(),
+        revision: "r2".into(),
+        step,
+        started: Some("2026-12-06T10:00:00Z".into()),
+    };
+    let ask = |step: usize| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let answer = verifier.baseline_or_start(key(step), vec![target.clone()], port, move || {
+            let _ = tx.send(());
+        });
+        (answer, rx)
+    };
+    let (first, done) = ask(1);
+    assert_eq!(first, None, "nothing is measured yet");
+    tokio::time::timeout(std::time::Duration::from_secs(10), done)
+        .await
+        .expect("the background measurement ends")
+        .expect("and wakes its reconcile");
+    let (kept, _) = ask(1);
+    let kept = kept.expect("the measured baseline is the answer now");
+    assert_eq!(kept.step, 1);
+    assert!(
+        kept.nodes.is_empty(),
+        "a refused agent is left out: {kept:?}"
+    );
+    let (next_step, _) = ask(2);
+    assert_eq!(next_step, None, "another step is measured anew");
+}
