@@ -469,7 +469,13 @@ fn plan_status(
         state: decision.state.clone(),
         message: decision.message.clone(),
         verification,
-        gate: gate.map(|g| g.status),
+        // No stage to watch (the release is not gated, or is past the gate): the gate's
+        // last answer stays, saying how the release got here.
+        gate: gate.map(|g| g.status).or_else(|| {
+            previous_gate(snap)
+                .filter(|_| snap.lp.spec.rollout.gate.is_some())
+                .cloned()
+        }),
     };
     let old = snap.lp.status.as_ref();
     let mut status = status::compute(old, &observed, Some(&record), &Time(now));
@@ -1014,6 +1020,39 @@ mod tests {
         let status = plan(&gone, now).status;
         assert_eq!(status.overlapping_pods, None);
         assert!(status.overlaps_with.is_empty());
+    }
+
+    /// Past the gate (the stable release is the target's: nothing gated, no stage to
+    /// watch), the gate's last answer stays in the status, and the gate is not asked.
+    #[test]
+    fn past_the_gate_its_last_answer_stays() {
+        let now = Now::current();
+        let mut lp = fixtures::pipeline();
+        lp.spec.rollout.gate = Some(gate_spec());
+        let mut snap = fixtures::snapshot(lp);
+        let answered = GateStatus {
+            pipeline: "ops/logging/logpipe".into(),
+            release: snap.objects.release.clone(),
+            open: true,
+            opens_at: None,
+            message: "ops/logging/logpipe is Healthy at this release".into(),
+            checked_at: Some(now.wall.to_string()),
+            stopped: false,
+        };
+        let mut lp = (*snap.lp).clone();
+        lp.status = Some(LogPipelineStatus {
+            gate: Some(answered.clone()),
+            ..Default::default()
+        });
+        snap.lp = Arc::new(lp);
+        snap.stable = Some(StableSnapshot {
+            revision: snap.objects.revision.clone(),
+            release: snap.objects.release.clone(),
+            config_map: snap.objects.config_map.metadata.name.clone().unwrap(),
+            template: snap.objects.daemon_set.spec.clone().unwrap().template,
+        });
+        assert!(!ask_gate(&snap, now.wall));
+        assert_eq!(plan(&snap, now).status.gate, Some(answered));
     }
 
     /// A gated release: the gate's answer in the snapshot is what the plan goes by, and
