@@ -194,7 +194,7 @@ impl Ctx {
             return Ok(None);
         }
         let namespace = lp.namespace().unwrap_or_default();
-        let missing = missing_secret(lp, &self.client, &namespace, gated).await?;
+        let missing = missing_secret(&self.client, &namespace, &refs).await?;
         if let Ok(mut map) = self.secrets_ok.lock() {
             match missing {
                 None => map.insert(object, (refs, now)),
@@ -360,8 +360,7 @@ async fn observe(lp: &Arc<LogPipeline>, ctx: &Ctx, mono: Instant) -> Result<Obse
         .caches
         .config_map(&key.namespace, &apply::stable_name(&key));
     let stable = apply::stable_from(stable_cm.as_deref());
-    let gated = lp.spec.rollout.gate.is_some()
-        && stable.as_ref().map(|s| s.release.as_str()) != Some(objects.release.as_str());
+    let gated = plan::gates(lp, stable.as_ref(), &objects.release);
     let missing_secret = ctx.secrets_checked(lp, gated, mono).await?;
     let pods = ctx.caches.pods_of(&key);
     let object = ObjectRef::from(lp.as_ref());
@@ -535,13 +534,12 @@ async fn report_failure(lp: &LogPipeline, ctx: &Ctx, failure: &Failure) {
 /// The first Secret the agent pods mount (or the gate reads, while it applies) that is
 /// missing: a new pod would wait in ContainerCreating forever, the gate could not be asked.
 async fn missing_secret(
-    lp: &LogPipeline,
     client: &Client,
     namespace: &str,
-    gated: bool,
+    refs: &[status::SecretRef],
 ) -> Result<Option<Failure>, Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    for r in status::secret_refs(&lp.spec, gated) {
+    for r in refs {
         let found = api
             .get_opt(&r.name)
             .await
@@ -550,7 +548,7 @@ async fn missing_secret(
                 source,
             })?;
         let data = found.map(|s| s.data.unwrap_or_default());
-        if let Some(failure) = status::secret_failure(namespace, &r, data.as_ref()) {
+        if let Some(failure) = status::secret_failure(namespace, r, data.as_ref()) {
             return Ok(Some(failure));
         }
     }
@@ -560,8 +558,15 @@ async fn missing_secret(
 async fn cleanup(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     let key = Key::of(lp)?;
     apply::delete_cluster_scoped(&ctx.client, &key).await?;
+    let object = ObjectRef::from(lp);
     if let Ok(mut asked) = ctx.gate_asked.lock() {
-        asked.remove(&ObjectRef::from(lp));
+        asked.remove(&object);
+    }
+    if let Ok(mut written) = ctx.status_written.lock() {
+        written.remove(&object);
+    }
+    if let Ok(mut seen) = ctx.secrets_ok.lock() {
+        seen.remove(&object);
     }
     ctx.forget_applied(lp);
     tracing::info!(pipeline = %key.name, namespace = %key.namespace, "deleted cluster-scoped objects");

@@ -230,10 +230,14 @@ impl Seen {
     }
 }
 
-/// A gate applies: the target's release differs from the stable one (pure).
 fn gated(snap: &Snapshot) -> bool {
-    let stable_release = snap.stable.as_ref().map(|s| s.release.as_str());
-    snap.lp.spec.rollout.gate.is_some() && stable_release != Some(snap.objects.release.as_str())
+    gates(&snap.lp, snap.stable.as_ref(), &snap.objects.release)
+}
+
+/// Pure: a gate applies to `release`: the LogPipeline has one and the stable release
+/// differs (also what decides whether the gate's Secret is needed).
+pub fn gates(lp: &LogPipeline, stable: Option<&StableSnapshot>, release: &str) -> bool {
+    lp.spec.rollout.gate.is_some() && stable.map(|s| s.release.as_str()) != Some(release)
 }
 
 /// The gate's answer for this reconcile.
