@@ -232,16 +232,7 @@ fn fast_rfc3339(b: &[u8]) -> Option<i64> {
     if b.len() < 20 {
         return None;
     }
-    let digits = |from: usize, len: usize| -> Option<i64> {
-        let mut value = 0i64;
-        for &c in b.get(from..from + len)? {
-            if !c.is_ascii_digit() {
-                return None;
-            }
-            value = value * 10 + i64::from(c - b'0');
-        }
-        Some(value)
-    };
+    let digits = |from: usize, len: usize| decimal(b, from, len);
     if b[16] != b':' {
         return None;
     }
@@ -298,16 +289,7 @@ fn minute_start(b: &[u8]) -> Option<i64> {
     if key == last_key {
         return Some(last_seconds);
     }
-    let digits = |from: usize, len: usize| -> Option<i64> {
-        let mut value = 0i64;
-        for &c in &prefix[from..from + len] {
-            if !c.is_ascii_digit() {
-                return None;
-            }
-            value = value * 10 + i64::from(c - b'0');
-        }
-        Some(value)
-    };
+    let digits = |from: usize, len: usize| decimal(&prefix, from, len);
     if prefix[4] != b'-' || prefix[7] != b'-' || prefix[10] != b'T' || prefix[13] != b':' {
         return None;
     }
@@ -324,6 +306,18 @@ fn minute_start(b: &[u8]) -> Option<i64> {
     let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60;
     LAST_MINUTE.set((key, seconds));
     Some(seconds)
+}
+
+/// The decimal number in `b[from..from + len]`; `None` if a byte is not a digit.
+fn decimal(b: &[u8], from: usize, len: usize) -> Option<i64> {
+    let mut value = 0i64;
+    for &c in b.get(from..from + len)? {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        value = value * 10 + i64::from(c - b'0');
+    }
+    Some(value)
 }
 
 fn two_digits(a: u8, b: u8) -> Option<i64> {

@@ -79,8 +79,8 @@ pub async fn run_shipper(
     // Streams also fall out of the window while nothing is pushed.
     let mut expire = tokio::time::interval(Duration::from_secs(15));
     expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let shipper = pushes.shipper.clone();
     loop {
-        let shipper = pushes.shipper.clone();
         let deadline = batch
             .started()
             .map(|t| tokio::time::Instant::from_std(t + shipper.cfg.batch_wait));
