@@ -6,7 +6,7 @@
 //! - Two pipelines partition the namespaces of a 5-node cluster by label
 //!   (`spec.selector.namespaceSelector`), each with an agent per node (10 agents): every
 //!   line is in the store exactly once, in its pipeline's tenant.
-//! - A `limit` stage keyed by `app` drops a noisy app's excess (counted in
+//! - A `limit` stage keyed by `[namespace, app]` drops a noisy app's excess (counted in
 //!   `logentry_dropped_lines_total{reason="rate_limited"}`, and stored + dropped = written)
 //!   while a quiet app of the same namespace loses nothing.
 //!
@@ -14,7 +14,7 @@
 //!   reports the shared pod in both statuses (`overlappingPods`, `overlapsWith`).
 //!
 //! Needs `cargo build -p logpipe-agent -p logpipe-operator` first (`make e2e-teams` does it). One test bed
-//! (cluster `ops`) for both tests; each test takes well under a minute.
+//! (cluster `ops`) for all three tests; each test takes well under a minute.
 
 #[cfg(test)]
 mod teams {
@@ -147,7 +147,7 @@ mod teams {
     }
 
     impl Agent {
-        /// `extra`: more top-level config (selector, pipeline stages after `cri`).
+        /// `stages`: pipeline stages after `cri`; `selector`: the pods it ships.
         fn start(
             testbed: &Testbed,
             node: &str,
