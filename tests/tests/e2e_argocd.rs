@@ -179,17 +179,20 @@ impl Timeline {
     }
 }
 
+/// Per cluster: sync status, revision (8 characters), health, health message.
+type States = BTreeMap<String, (String, String, String, String)>;
+
 /// Poll the Applications every second, print each change as Argo CD reports it, until
 /// `done` holds (or panic after `timeout`).
 async fn watch(
     apps: &Api<DynamicObject>,
     set: &str,
     timeout: Duration,
-    done: impl Fn(&BTreeMap<String, (String, String, String, String)>) -> bool,
+    done: impl Fn(&States) -> bool,
 ) -> Timeline {
     let started = Instant::now();
     let mut timeline = Timeline::default();
-    let mut last: BTreeMap<String, (String, String, String, String)> = BTreeMap::new();
+    let mut last: States = BTreeMap::new();
     loop {
         for cluster in CLUSTERS {
             let Ok(app) = apps.get(&format!("{set}-{cluster}")).await else {
@@ -237,19 +240,12 @@ async fn refresh(apps: &Api<DynamicObject>, set: &str) {
     }
 }
 
-fn at(
-    state: &BTreeMap<String, (String, String, String, String)>,
-    cluster: &str,
-    revision: &str,
-    health: &str,
-) -> bool {
+fn at(state: &States, cluster: &str, revision: &str, health: &str) -> bool {
     let short: String = revision.chars().take(8).collect();
     state
         .get(cluster)
         .is_some_and(|(sync, rev, h, _)| sync == "Synced" && *rev == short && h == health)
 }
-
-type States = BTreeMap<String, (String, String, String, String)>;
 
 /// Every Application Synced and Healthy at `rev`.
 fn all_healthy_at(rev: &str) -> impl Fn(&States) -> bool + use<> {
@@ -362,7 +358,6 @@ impl Fleet {
         for (_, bed) in self.beds {
             bed.down().await;
         }
-        drop(self.releases);
     }
 }
 
