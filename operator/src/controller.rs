@@ -311,7 +311,7 @@ async fn reconcile_live(lp: Arc<LogPipeline>, ctx: &Ctx) -> Result<Action, Error
         snap.answers.gate = Some(remote.map_err(|e| e.to_string()));
     }
     let asks = plan::asks(&snap, now.wall);
-    snap.answers = measure(&snap, &asks, ctx).await;
+    snap.answers = measure(&snap, &asks, ctx);
     let plan = plan::plan(&snap, now);
     execute(&snap, &plan, ctx).await
 }
@@ -393,45 +393,57 @@ async fn observe(lp: &Arc<LogPipeline>, ctx: &Ctx, mono: Instant) -> Result<Obse
 }
 
 /// Ask the agents (and the store) what [`plan::asks`] names; the answers join the gate's.
-async fn measure(snap: &plan::Snapshot, asks: &plan::Asks, ctx: &Ctx) -> plan::Answers {
+/// Both are measured in the background: an answer not in yet is `None`, and its
+/// measurement wakes the LogPipeline's next reconcile when it is.
+fn measure(snap: &plan::Snapshot, asks: &plan::Asks, ctx: &Ctx) -> plan::Answers {
     let lp = &snap.lp;
     let port = lp.spec.monitoring.port;
     let targets = |names: &[String]| -> Vec<verify::Target> {
+        let names: HashSet<&str> = names.iter().map(String::as_str).collect();
         snap.pods
             .iter()
-            .filter(|p| names.contains(&p.name_any()))
+            .filter(|p| {
+                p.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| names.contains(n))
+            })
             .map(|p| verify::Target::of(p))
             .collect()
     };
-    let mut answers = snap.answers.clone();
-    if let Some((names, key)) = &asks.baseline {
+    let wake = || {
         let wake = ctx.wake.clone();
         let object = ObjectRef::from(lp.as_ref());
-        let done = move || {
+        move || {
             // A closed channel: the controller is stopping, nothing left to wake.
             let _ = wake.unbounded_send(object);
-        };
-        answers.baseline = ctx
-            .verifier
-            .baseline_or_start(key.clone(), targets(names), port, done);
+        }
+    };
+    let mut answers = snap.answers.clone();
+    if let Some((names, key)) = &asks.baseline {
+        answers.baseline =
+            ctx.verifier
+                .baseline_or_start(key.clone(), targets(names), port, wake());
     }
-    if let Some(request) = &asks.verify {
+    if let Some((request, key)) = &asks.verify {
         let spec = &lp.spec.rollout.verify;
-        answers.measured = Some(if spec.measures() {
+        answers.measured = if spec.measures() {
             let store = spec.store().map(|(kind, endpoint)| verify::StoreQuery {
                 kind,
                 endpoint: endpoint.to_string(),
                 tenant: lp.spec.tenant.clone(),
                 window: request.window,
             });
-            let targets = targets(&request.pods);
-            let final_check = request.final_check;
+            let request = verify::MeasureRequest {
+                targets: targets(&request.pods),
+                port,
+                store,
+            };
             ctx.verifier
-                .measure(&targets, port, store.as_ref(), final_check)
-                .await
+                .measurements_or_start(key.clone(), request, wake())
         } else {
-            verify::Measurements::default()
-        });
+            Some(verify::Measurements::default())
+        };
     }
     answers
 }
@@ -568,6 +580,7 @@ async fn cleanup(lp: &LogPipeline, ctx: &Ctx) -> Result<Action, Error> {
     if let Ok(mut seen) = ctx.secrets_ok.lock() {
         seen.remove(&object);
     }
+    ctx.verifier.forget(&lp.uid().unwrap_or_default());
     ctx.forget_applied(lp);
     tracing::info!(pipeline = %key.name, namespace = %key.namespace, "deleted cluster-scoped objects");
     Ok(Action::await_change())

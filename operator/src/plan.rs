@@ -27,7 +27,9 @@
 //! # Caveats
 //! - The gate's, the agents' and the store's answers are I/O: they come into the
 //!   snapshot before [`plan`] runs, asked only when the pure [`ask_gate`] and [`asks`]
-//!   say so.
+//!   say so. The agents and the store are measured in the background
+//!   (`verify::background`): until their answer for the step is in, the step holds and
+//!   the measurement wakes the next reconcile.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -113,8 +115,9 @@ pub struct Answers {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Asks {
     /// The stable pods to take the step's baseline from, and which step it is for.
-    pub baseline: Option<(Vec<String>, verify::BaselineKey)>,
-    pub verify: Option<rollout::VerifyRequest>,
+    pub baseline: Option<(Vec<String>, verify::StepKey)>,
+    /// The verification due, and which answer of the agents it needs.
+    pub verify: Option<(rollout::VerifyRequest, verify::MeasureKey)>,
 }
 
 /// A verification that was judged, for the log and the metrics.
@@ -307,22 +310,24 @@ pub fn asks(snap: &Snapshot, now: Timestamp) -> Asks {
     seen.with_gate(gate.as_ref());
     let observed = seen.observed(snap);
     let state = &seen.state;
+    let step_key = |step: usize| verify::StepKey {
+        pipeline: snap.lp.uid().unwrap_or_default(),
+        revision: snap.objects.revision.clone(),
+        step,
+        started: state.step_started.map(|t| t.to_string()),
+    };
     let baseline = match (rollout::baseline_due(spec, state, &observed), state.step) {
-        (Some(names), Some(step)) => Some((
-            names,
-            verify::BaselineKey {
-                pipeline: snap.lp.uid().unwrap_or_default(),
-                revision: snap.objects.revision.clone(),
-                step,
-                started: state.step_started.map(|t| t.to_string()),
-            },
-        )),
+        (Some(names), Some(step)) => Some((names, step_key(step))),
         _ => None,
     };
-    Asks {
-        baseline,
-        verify: rollout::verification_due(spec, state, &observed, now),
-    }
+    let verify = rollout::verification_due(spec, state, &observed, now).map(|request| {
+        let key = verify::MeasureKey {
+            step: step_key(request.step),
+            final_check: request.final_check,
+        };
+        (request, key)
+    });
+    Asks { baseline, verify }
 }
 
 /// Pure: everything one reconcile does (see the module docs).
@@ -354,6 +359,11 @@ pub fn plan(snap: &Snapshot, now: Now) -> Plan {
     );
     if let Some(why) = &gate_stop {
         explain_gate_stop(&mut decision, &seen.state, why, seen.promote || seen.abort);
+    }
+    if request.is_some() && snap.answers.measured.is_none() {
+        // The agents' answer is measured in the background and wakes the next reconcile
+        // when it is in: looking sooner would only find it missing.
+        decision.requeue = decision.requeue.max(verify::WINDOW_CHECK_SPACING);
     }
     let writes = writes(
         &snap.key,
@@ -1061,6 +1071,48 @@ mod tests {
 
     /// A gated release: the gate's answer in the snapshot is what the plan goes by, and
     /// the ask is remembered; once remembered, the gate is not asked again.
+    /// The final check of a step whose window ended: asked of the agents, judged only
+    /// once their answer is in; until then the step holds and nothing looks again before
+    /// the background measurement could be in.
+    #[test]
+    fn a_final_check_is_judged_only_with_its_answer() {
+        use fixtures::{daemon_set, pipeline, pod, snapshot};
+        let now = Now::current();
+        let ago = |minutes: i64| {
+            let t = now.wall - k8s_openapi::jiff::SignedDuration::from_mins(minutes);
+            Timestamp::from_second(t.as_second()).unwrap().to_string()
+        };
+        let mut snap = snapshot(pipeline());
+        let target = snap.objects.revision.clone();
+        let mut lp = (*snap.lp).clone();
+        lp.status = Some(LogPipelineStatus {
+            phase: Some(Phase::Canary),
+            target_revision: Some(target.clone()),
+            stable_revision: Some("stable".into()),
+            current_step: Some(0),
+            step_started_at: Some(ago(5)),
+            // The window (2m) ended a minute ago.
+            window_started_at: Some(ago(3)),
+            ..Default::default()
+        });
+        snap.lp = Arc::new(lp);
+        snap.daemon_set = Some(daemon_set(1));
+        snap.pods = vec![pod("a", "n1", &target)];
+
+        let (request, key) = asks(&snap, now.wall).verify.expect("a verification is due");
+        assert!(request.final_check && key.final_check);
+        assert_eq!(request.pods, vec!["a".to_string()]);
+
+        let waiting = plan(&snap, now);
+        assert_eq!(waiting.judged, None, "no answer: nothing judged");
+        assert_eq!(waiting.status.current_step, Some(0), "the step holds");
+        assert!(waiting.requeue >= verify::WINDOW_CHECK_SPACING);
+
+        snap.answers.measured = Some(verify::Measurements::default());
+        let judged = plan(&snap, now).judged.expect("its answer is judged");
+        assert!(judged.final_check);
+    }
+
     #[test]
     fn the_gate_is_asked_once_per_poll() {
         let mut lp = fixtures::pipeline();

@@ -62,9 +62,10 @@
 //! - `spec.rollout.paused: true`: nothing moves (pods already moved stay) until false.
 //!
 //! # Guarantees
-//! - Never more than `maxUnavailable` agent pods unavailable because of the operator: pods
-//!   not Ready, terminating or missing all count against the budget; a pod that is not
-//!   Ready anyway is replaced for free.
+//! - Never more than `maxUnavailable` nodes without a Ready agent because of the operator:
+//!   a node whose pod is not Ready, terminating or missing counts against the budget, once
+//!   (as the DaemonSet controller counts); a pod that is not Ready anyway is replaced for
+//!   free.
 //! - Every decision depends only on the status, the spec and the cluster: an operator
 //!   restarted at any moment resumes at the same step (timers are timestamps in status).
 //! - A new revision arriving mid-rollout starts over at the canary (or the gate); pods of
@@ -493,22 +494,36 @@ fn step_set<'a>(
 /// Pods to delete now among `candidates`, within the unavailability budget. Not-Ready
 /// candidates cost nothing (they are down anyway); by name for a reviewable order.
 fn budgeted(candidates: &[&PodView], obs: &Observed, max_unavailable: i32) -> Vec<String> {
-    let live_count = live(obs.pods).count();
-    let missing = obs.desired_nodes.saturating_sub(live_count);
-    let unavailable = live(obs.pods).filter(|p| !p.ready).count()
-        + obs.pods.iter().filter(|p| p.terminating).count()
-        + missing;
     let budget = usize::try_from(max_unavailable.max(1)).unwrap_or(1);
     let mut not_ready: Vec<&&PodView> = candidates.iter().filter(|p| !p.ready).collect();
     let mut ready: Vec<&&PodView> = candidates.iter().filter(|p| p.ready).collect();
     not_ready.sort_by(|a, b| a.name.cmp(&b.name));
     ready.sort_by(|a, b| a.name.cmp(&b.name));
-    let room = budget.saturating_sub(unavailable);
+    let room = budget.saturating_sub(unavailable_nodes(obs));
     not_ready
         .iter()
         .map(|p| p.name.clone())
         .chain(ready.iter().take(room).map(|p| p.name.clone()))
         .collect()
+}
+
+/// Nodes with no live Ready agent: its pod is not Ready, terminating or missing. A node
+/// counts once, as the DaemonSet controller counts it: a pod terminating while its node
+/// has no replacement yet is one node down, not two (counted twice, the budget was half
+/// used by nodes in transition, and a 1,000-node rollout moved half as fast).
+fn unavailable_nodes(obs: &Observed) -> usize {
+    let available: std::collections::BTreeSet<&str> = live(obs.pods)
+        .filter(|p| p.ready)
+        .map(PodView::node_name)
+        .collect();
+    let nodes = obs.desired_nodes.max(
+        obs.pods
+            .iter()
+            .map(PodView::node_name)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+    );
+    nodes.saturating_sub(available.len())
 }
 
 /// The pods a verification looks at: those of the step moved during the step (created

@@ -7,7 +7,8 @@
 //!    window and their newest entry, for the LogPipeline's tenant: LogQL for Loki
 //!    ([`loki`]), LogsQL for VictoriaLogs ([`victorialogs`]). The requests are built and
 //!    the answers read by pure functions; this module only sends them. Every call has a
-//!    timeout; scrapes run concurrently (bounded).
+//!    timeout; scrapes run concurrently (bounded). A reconcile never waits for them:
+//!    [`background`] measures off the reconcile and wakes it when the answer is in.
 //! 2. [`judge`] (pure): each check with its measured value and its limit, recorded in
 //!    `status.lastVerification.checks`.
 //!
@@ -86,8 +87,8 @@
 //! - CPU is a rate between two scrapes: the first scrape of a pod is its baseline (kept
 //!   in memory; after an operator restart the final check scrapes twice, 1 s apart).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -97,10 +98,12 @@ use crate::crd::{CheckResult, LineCounts, StreamBaseline, Verification, VerifySp
 use crate::rollout::{PodView, Verdict, few};
 use logpipe_api::metrics as names;
 
+mod background;
 pub mod loki;
 mod store;
 pub mod victorialogs;
 
+pub use background::{MeasureKey, MeasureRequest, StepKey, WINDOW_CHECK_SPACING};
 pub use store::{StoreAnswer, StoreError, StoreQuery, StoreRequest, answer, without_credentials};
 
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -993,31 +996,18 @@ impl Target {
     }
 }
 
-/// Which step's stable agents a baseline describes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BaselineKey {
-    /// The LogPipeline's uid.
-    pub pipeline: String,
-    /// The revision moving in.
-    pub revision: String,
-    pub step: usize,
-    /// When the step started (`status.stepStartedAt`): a step tried again after a
-    /// rollback is measured again.
-    pub started: Option<String>,
-}
-
 /// The I/O half: HTTP client, the CPU baselines (pod uid -> time, cpu seconds) and the
 /// last stable baseline measured per LogPipeline.
 pub struct Verifier {
     http: reqwest::Client,
     baselines: Mutex<HashMap<String, (Instant, f64)>>,
-    /// LogPipeline uid -> the last step baseline measured for it. A reconcile that starts
-    /// before the status carrying a baseline is back in the cache sees none and asks
-    /// again, after the step moved some of its nodes: measured again, those nodes would
-    /// be left out of it (seen in the rollout tests), so the first measurement is reused.
-    stable: Mutex<HashMap<String, (BaselineKey, StreamBaseline)>>,
-    /// LogPipeline uids whose step baseline is being measured in the background.
-    measuring: Mutex<HashSet<String>>,
+    /// The last step baseline measured per LogPipeline. A reconcile that starts before
+    /// the status carrying a baseline is back in the cache sees none and asks again,
+    /// after the step moved some of its nodes: measured again, those nodes would be left
+    /// out of it (seen in the rollout tests), so the first measurement is reused.
+    step_baselines: Mutex<background::Jobs<StepKey, StreamBaseline>>,
+    /// The last verification made per LogPipeline, until a reconcile judges it.
+    verifications: Mutex<background::Jobs<MeasureKey, Measurements>>,
 }
 
 impl Verifier {
@@ -1029,8 +1019,8 @@ impl Verifier {
         Ok(Self {
             http,
             baselines: Mutex::new(HashMap::new()),
-            stable: Mutex::new(HashMap::new()),
-            measuring: Mutex::new(HashSet::new()),
+            step_baselines: Mutex::default(),
+            verifications: Mutex::default(),
         })
     }
 
@@ -1119,46 +1109,6 @@ impl Verifier {
             }
         }
         baseline
-    }
-
-    /// The step's baseline ([`Self::baseline`]) when it was measured; else `None`, and it
-    /// is measured in the background (once per LogPipeline at a time), then `done` runs.
-    /// A reconcile never waits for the agents' answers (a step holds until `done` wakes
-    /// it); one measured baseline is kept per LogPipeline (bounded by their number).
-    pub fn baseline_or_start(
-        self: &Arc<Self>,
-        key: BaselineKey,
-        targets: Vec<Target>,
-        port: i32,
-        done: impl FnOnce() + Send + 'static,
-    ) -> Option<StreamBaseline> {
-        let known = self.stable.lock().ok().and_then(|map| {
-            map.get(&key.pipeline)
-                .filter(|(k, _)| *k == key)
-                .map(|(_, b)| b.clone())
-        });
-        if known.is_some() {
-            return known;
-        }
-        let start = self
-            .measuring
-            .lock()
-            .is_ok_and(|mut measuring| measuring.insert(key.pipeline.clone()));
-        if start {
-            let verifier = Arc::clone(self);
-            tokio::spawn(async move {
-                let baseline = verifier.baseline(key.step, &targets, port).await;
-                let pipeline = key.pipeline.clone();
-                if let Ok(mut map) = verifier.stable.lock() {
-                    map.insert(pipeline.clone(), (key, baseline));
-                }
-                if let Ok(mut measuring) = verifier.measuring.lock() {
-                    measuring.remove(&pipeline);
-                }
-                done();
-            });
-        }
-        None
     }
 
     /// Millicores since the first sample of this pod (the average over the step, not

@@ -777,6 +777,55 @@ fn budget_counts_unavailable_pods_elsewhere() {
     assert!(deleted(&d).is_empty());
 }
 
+/// A node in transition (its old pod terminating, the new one not there yet, then not
+/// Ready yet) is one node down, not two: with a budget of 2 another node may move.
+#[test]
+fn a_node_being_replaced_counts_once_against_the_budget() {
+    let mut two = spec();
+    two.max_unavailable = 2;
+    let step = state(Phase::Step, Some(1), 100);
+    let mut terminating = pod("n1", "r1", true);
+    terminating.terminating = true;
+    let replaced = |new_pod: Option<PodView>| {
+        let mut pods: Vec<PodView> = fleet("r1")
+            .into_iter()
+            .filter(|p| p.node.as_deref() != Some("n1"))
+            .collect();
+        pods.push(terminating.clone());
+        pods.extend(new_pod);
+        run(
+            &two,
+            &step,
+            "r2",
+            &pods,
+            Verdicts::default(),
+            101,
+            Flags::default(),
+        )
+    };
+    assert_eq!(deleted(&replaced(None)), vec!["agent-n2".to_string()]);
+    let mut starting = pod("n1", "r2", false);
+    starting.name = "agent-n1-new".into();
+    assert_eq!(
+        deleted(&replaced(Some(starting))),
+        vec!["agent-n2".to_string()]
+    );
+    // Two nodes down (n1 in transition, n4 not Ready): n2 may not move.
+    let mut pods = with(fleet("r1"), "n4", "r1", false, 0);
+    pods.retain(|p| p.node.as_deref() != Some("n1"));
+    pods.push(terminating.clone());
+    let d = run(
+        &two,
+        &step,
+        "r2",
+        &pods,
+        Verdicts::default(),
+        101,
+        Flags::default(),
+    );
+    assert!(deleted(&d).is_empty(), "no room: {:?}", deleted(&d));
+}
+
 #[test]
 fn first_install_is_one_verified_step_and_a_failure_is_degraded() {
     let d = run(

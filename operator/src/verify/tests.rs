@@ -1238,7 +1238,7 @@ async fn a_baseline_is_measured_in_the_background_then_kept_for_its_step() {
         node: "n1".into(),
         ip: Some("127.0.0.1".into()),
     };
-    let key = |step: usize| BaselineKey {
+    let key = |step: usize| StepKey {
         pipeline: "lp-uid".into(),
         revision: "r2".into(),
         step,
