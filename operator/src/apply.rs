@@ -268,24 +268,28 @@ async fn delete_if_ours(api: &Api<DynamicObject>, name: &str) -> Result<(), Appl
 
 /// Step 2: delete the chosen pods (the DaemonSet controller recreates them from the new
 /// template), [`DELETES_IN_FLIGHT`] at a time. A pod already gone is not an error; the
-/// first other error is returned once every delete has been answered.
-pub async fn delete_pods(client: &Client, key: &Key, names: &[String]) -> Result<(), ApplyError> {
+/// pods whose delete failed are returned with why, once every delete has been answered.
+pub async fn delete_pods(
+    client: &Client,
+    key: &Key,
+    names: &[String],
+) -> Vec<(String, ApplyError)> {
     let api = Api::<Pod>::namespaced(client.clone(), &key.namespace);
-    let answers: Vec<Result<(), ApplyError>> = futures::stream::iter(names.to_vec())
+    futures::stream::iter(names.to_vec())
         .map(|name: String| {
             let api = api.clone();
             async move {
                 match api.delete(&name, &DeleteParams::default()).await {
-                    Ok(_) => Ok(()),
-                    Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-                    Err(e) => Err(api_error("delete an old-revision agent pod", e)),
+                    Ok(_) => None,
+                    Err(kube::Error::Api(status)) if status.code == 404 => None,
+                    Err(e) => Some((name, api_error("delete an old-revision agent pod", e))),
                 }
             }
         })
         .buffer_unordered(DELETES_IN_FLIGHT)
+        .filter_map(std::future::ready)
         .collect()
-        .await;
-    answers.into_iter().collect()
+        .await
 }
 
 /// Pod deletes of one batch in flight at once: a batch of 100 takes a few round trips,

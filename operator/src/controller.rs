@@ -8,13 +8,14 @@
 //!   after the desired objects (pure); the Secrets the pods need are checked with a get at
 //!   most once per [`SECRET_RECHECK`] while none is missing.
 //! - the gate's cluster, when `plan::ask_gate` says its last answer does not stand, and
-//!   the agents (and the store) for what `plan::asks` names: their answers join the
-//!   snapshot.
+//!   the agents (and the store) for what `plan::asks` names, measured in the background
+//!   (`verify::background`): the answers in so far join the snapshot.
 //! - `plan::plan` (pure, table-tested): every decision, the status and its Events.
-//! - [`execute`]: apply (when the digest changed), delete pods (concurrently, bounded),
-//!   save stable, clear annotations, ConfigMap GC, status (when due), Events.
+//! - [`execute`]: apply (when the digest changed), delete pods (off the reconcile,
+//!   concurrently, bounded: [`delete_off_reconcile`]), save stable, clear annotations, ConfigMap GC, status (when due), Events.
 //!
-//! Nothing waits for the pods: their events wake the next reconcile.
+//! Nothing waits for the pods, the agents or the store: their events, or the end of a
+//! background measurement, wake the next reconcile.
 //! Errors requeue with exponential backoff per object (1 s doubling to 5 min, reset on
 //! success); a spec the agent would refuse is reported in status, not retried fast.
 //! Failures (`status::Failure`: invalid spec, refused apply, missing Secret) are written
@@ -87,6 +88,9 @@ impl Error {
     }
 }
 
+/// Per LogPipeline, the names of the pods this operator deleted (see [`Ctx::deleted`]).
+type Deleting = Mutex<HashMap<ObjectRef<LogPipeline>, HashSet<String>>>;
+
 /// The Secrets a LogPipeline named when none was missing, and when that was seen.
 type SecretsSeen = (Vec<status::SecretRef>, Instant);
 
@@ -111,8 +115,9 @@ pub struct Ctx {
     acted: Mutex<HashMap<ObjectRef<LogPipeline>, Instant>>,
     /// What was last applied for each LogPipeline (see `apply::Applied`).
     applied: Mutex<HashMap<ObjectRef<LogPipeline>, apply::Applied>>,
-    /// Pods this operator deleted that the pod cache may not show terminating yet.
-    deleting: Mutex<HashMap<ObjectRef<LogPipeline>, HashSet<String>>>,
+    /// Pods this operator deleted (or is deleting) that the pod cache may not show
+    /// terminating yet; shared with the deletes in flight, which forget those that fail.
+    deleting: Arc<Deleting>,
     /// When each LogPipeline's status was last written (see `plan::status_write`).
     status_written: Mutex<HashMap<ObjectRef<LogPipeline>, Instant>>,
     /// The Secrets each LogPipeline named when none was missing, and when that was seen.
@@ -139,7 +144,7 @@ impl Ctx {
             woken: Mutex::new(Some(woken)),
             caches,
             writers: Mutex::new(Some(writers)),
-            deleting: Mutex::new(HashMap::new()),
+            deleting: Arc::default(),
             applied: Mutex::new(HashMap::new()),
             acted: Mutex::new(HashMap::new()),
             client,
@@ -475,8 +480,8 @@ pub async fn execute(snap: &plan::Snapshot, plan: &plan::Plan, ctx: &Ctx) -> Res
         let names = &writes.delete_pods;
         tracing::info!(pipeline = %key.name, namespace = %key.namespace, pods = ?names, phase = ?plan.status.phase, revision = %snap.objects.revision, "moving nodes");
         ctx.deleted(lp, names);
-        apply::delete_pods(&ctx.client, key, names).await?;
         ctx.metrics.pod_deletions.inc_by(names.len() as u64);
+        tokio::spawn(delete_off_reconcile(ctx, lp, key, names.clone()));
     }
     if let Some(snapshot) = &writes.save_stable {
         apply::save_stable(&ctx.client, lp, key, snapshot).await?;
@@ -498,6 +503,43 @@ pub async fn execute(snap: &plan::Snapshot, plan: &plan::Plan, ctx: &Ctx) -> Res
     }
     ctx.reset_failures(lp);
     Ok(Action::requeue(plan.requeue))
+}
+
+/// A batch's pod deletes, sent off the reconcile (bounded concurrency, see
+/// `apply::delete_pods`): at 1,000 nodes a batch is 100 deletes, and the reconcile that
+/// decided them does not wait for their answers; the pods' events wake the next one. A
+/// pod whose delete failed is forgotten by `deleting` (it does not count as terminating),
+/// so the next plan picks it again, and that reconcile is woken now.
+fn delete_off_reconcile(
+    ctx: &Ctx,
+    lp: &LogPipeline,
+    key: &Key,
+    names: Vec<String>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let (client, key) = (ctx.client.clone(), key.clone());
+    let (deleting, metrics, wake) = (
+        Arc::clone(&ctx.deleting),
+        Arc::clone(&ctx.metrics),
+        ctx.wake.clone(),
+    );
+    let object = ObjectRef::from(lp);
+    async move {
+        let failed = apply::delete_pods(&client, &key, &names).await;
+        let Some((_, first)) = failed.first() else {
+            return;
+        };
+        metrics.error(first.reason());
+        tracing::warn!(pipeline = %key.name, namespace = %key.namespace, pods = failed.len(), error = %first, "deleting old-revision agent pods failed: they will be picked again");
+        if let Ok(mut map) = deleting.lock()
+            && let Some(names) = map.get_mut(&object)
+        {
+            for (name, _) in &failed {
+                names.remove(name);
+            }
+        }
+        // A closed channel: the controller is stopping, nothing left to wake.
+        let _ = wake.unbounded_send(object);
+    }
 }
 
 /// The operator's own memory and telemetry of a plan: its verification, when the gate
@@ -913,7 +955,7 @@ mod tests {
             ];
             let mut plan = plan::plan(&snap, plan::Now::current());
             plan.writes.delete_pods = vec!["a".into(), "b".into()];
-            let (mut seen, ok) = run(&snap, &plan).await;
+            let (seen, ok) = run(&snap, &plan).await;
             assert!(ok, "{seen:?}");
             let cm = snap.objects.config_map.metadata.name.clone().unwrap();
             let want = [
@@ -924,25 +966,74 @@ mod tests {
                 format!("PATCH {NS}/services/logpipe-metrics"),
             ];
             assert_eq!(seen[..5], want, "{seen:?}");
-            // The two deletes go out together: their order is not fixed.
-            seen[5..7].sort();
+            // The deletes go out off the reconcile, together: their order, and where they
+            // fall among the status and its Event, is not fixed.
+            let (mut deletes, rest): (Vec<String>, Vec<String>) = seen[5..]
+                .iter()
+                .cloned()
+                .partition(|l| l.starts_with("DELETE"));
+            deletes.sort();
             assert_eq!(
-                seen[5..7],
+                deletes,
                 [format!("DELETE {NS}/pods/a"), format!("DELETE {NS}/pods/b")]
             );
             assert_eq!(
-                seen[7],
-                format!(
-                    "PATCH /apis/logpipe.io/v1alpha1/namespaces/loki-v3/logpipelines/logpipe/status"
-                )
+                rest[0],
+                "PATCH /apis/logpipe.io/v1alpha1/namespaces/loki-v3/logpipelines/logpipe/status"
             );
             assert!(
-                seen[8..]
+                rest[1..]
                     .iter()
                     .all(|l| l.starts_with("POST /apis/events.k8s.io/")),
                 "{seen:?}"
             );
-            assert!(seen.len() > 8, "the new revision's Event: {seen:?}");
+            assert!(rest.len() > 1, "the new revision's Event: {seen:?}");
+        }
+
+        /// A delete the API refuses: the pod is not remembered as terminating (the next
+        /// plan picks it again) and the LogPipeline's reconcile is woken to do so.
+        #[tokio::test]
+        async fn a_failed_delete_is_forgotten_and_wakes_the_reconcile() {
+            let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+            let server = tokio::spawn(async move {
+                while let Some((_, reply)) = handle.next_request().await {
+                    let refused = br#"{"apiVersion":"v1","kind":"Status","metadata":{},"status":"Failure","message":"pods is forbidden","reason":"Forbidden","code":403}"#;
+                    let response = Response::builder()
+                        .status(403)
+                        .body(Body::from(refused.to_vec()))
+                        .unwrap();
+                    reply.send_response(response);
+                }
+            });
+            let client = Client::new(service, "default");
+            let reporter = Reporter {
+                controller: "logpipe-operator".into(),
+                instance: None,
+            };
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let ctx = Ctx::new(
+                client.clone(),
+                "logpipe-agent:new".into(),
+                crate::rbac::AGENT_CLUSTER_ROLE.into(),
+                Arc::new(Metrics::default()),
+                Recorder::new(client, reporter),
+                Verifier::new().unwrap(),
+            );
+            let mut woken = ctx.woken.lock().unwrap().take().unwrap();
+            let snap = snapshot(pipeline());
+            let pods = vec![pod("a", "n1", "r0")];
+            let names = vec!["a".to_string()];
+            ctx.deleted(&snap.lp, &names);
+            assert_eq!(ctx.still_deleting(&snap.lp, &pods).len(), 1);
+            delete_off_reconcile(&ctx, &snap.lp, &snap.key, names).await;
+            assert!(
+                ctx.still_deleting(&snap.lp, &pods).is_empty(),
+                "a refused delete is not a terminating pod"
+            );
+            let object = woken.next().await.expect("its reconcile is woken");
+            assert_eq!(object.name, "logpipe");
+            drop(ctx);
+            server.abort();
         }
 
         /// Nothing changed: no request at all (the quiet window, without a cluster).

@@ -10,7 +10,7 @@
 //! `gate::decide`, `verify::judge`, `rollout::step`, [`writes`] and `status::compute`.
 //! `controller::execute` carries the [`Plan`] out in this order: apply (with
 //! [`Writes::daemon_set`], only when [`Plan::apply`] says so), delete
-//! [`Writes::delete_pods`] (bounded concurrency), save [`Writes::save_stable`], clear the
+//! [`Writes::delete_pods`] (sent off the reconcile, bounded concurrency), save [`Writes::save_stable`], clear the
 //! annotations, delete [`Writes::delete_config_maps`], write the status, publish the
 //! Events.
 //!
