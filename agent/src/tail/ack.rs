@@ -616,6 +616,49 @@ mod tests {
         assert_eq!(ledger.buffered_bytes(), 0);
     }
 
+    /// With `tenantFrom: {field: ...}` one file's entries go to several tenants, each
+    /// pushed on its own: tenant B's later entry acknowledged first (A is throttled) must
+    /// not move the position past A's earlier entry.
+    #[test]
+    fn another_tenants_acknowledgement_does_not_pass_an_earlier_entry() {
+        let ledger = Ledger::default();
+        let key = ledger.open("/f".into(), identity(0));
+        let entry = |end: u64, tenant: &str| Entry {
+            timestamp_ns: 0,
+            line: format!("{tenant} {end}"),
+            labels: Default::default(),
+            structured_metadata: Vec::new(),
+            end_offset: end,
+            tenant: Some(tenant.into()),
+        };
+        let parcel = ledger.register_all(
+            key,
+            [
+                entry(10, "a"),
+                entry(20, "b"),
+                entry(30, "a"),
+                entry(40, "b"),
+            ]
+            .into_iter(),
+            |_| 10,
+        );
+        ledger.progress(key, 40, None);
+        let tokens = |tenant: &str| -> Vec<AckToken> {
+            parcel
+                .iter()
+                .filter(|p| p.entry.tenant.as_deref() == Some(tenant))
+                .map(|p| p.token)
+                .collect()
+        };
+        ledger.ack(&tokens("b"));
+        assert_eq!(ledger.committed(key), Some(0), "a's first entry holds it");
+        assert_eq!(ledger.buffered_bytes(), 20, "b's entries are released");
+        ledger.ack(&tokens("a")[..1]);
+        assert_eq!(ledger.committed(key), Some(20), "up to a's next entry");
+        ledger.ack(&tokens("a")[1..]);
+        assert_eq!(ledger.committed(key), Some(40));
+    }
+
     #[test]
     fn dropped_lines_do_not_hold_positions_back_but_held_lines_do() {
         let ledger = Ledger::default();

@@ -53,6 +53,7 @@ impl LineHandler for Lines {
                 labels: Arc::new(BTreeMap::new()),
                 structured_metadata: Vec::new(),
                 end_offset: end,
+                tenant: None,
             });
         }
         LineOutcome::DONE
@@ -65,6 +66,7 @@ impl LineHandler for Lines {
                 labels: Arc::new(BTreeMap::new()),
                 structured_metadata: Vec::new(),
                 end_offset: 0,
+                tenant: None,
             });
         }
     }
