@@ -544,6 +544,10 @@ pub async fn run(config: AgentConfig, options: Options) -> Result<(), RuntimeErr
         config.limits.max_line_bytes,
     );
     tail_cfg.baseline_ms = baseline_ms;
+    if config.loki.tenant_from.is_some() {
+        // A throttled tenant may fill half the buffer; the other half stays for the rest.
+        tail_cfg.tenant_buffered_bytes = Some(config.limits.max_buffered_bytes / 2);
+    }
     let handler = PipelineHandler::new(
         pipeline,
         relabeler,
