@@ -13,7 +13,7 @@
 //! - A value that is not a valid tenant ID (Loki's rules, see
 //!   [`logpipe_api::validate::tenant`]) also means the default tenant, counted per entry in
 //!   `logpipe_tenant_fallback_entries_total`; it never stops the agent.
-//! - With a pod or namespace source, a file waits until its pod (and the namespaces) are
+//! - With a pod or namespace source, a file waits until its pod (and its namespace) are
 //!   known, as a selector does: its lines are never sent to the default tenant on a guess.
 //!
 //! Memory: each distinct value is checked and allocated once, in a memo of at most
@@ -136,9 +136,13 @@ impl TenantResolver {
         let Some(pod) = pod else {
             return FileTenant::Wait;
         };
+        // A namespace the watch has not seen yet (created just before its pod) waits too.
         let namespace_labels = match (source, namespaces) {
             (Source::NamespaceLabel(_), Some(index)) if index.is_synced() => {
-                index.labels(&pod.namespace)
+                match index.get(&pod.namespace) {
+                    Some(labels) => labels,
+                    None => return FileTenant::Wait,
+                }
             }
             (Source::NamespaceLabel(_), _) => return FileTenant::Wait,
             _ => BTreeMap::new(),
@@ -283,6 +287,13 @@ mod tests {
         assert_eq!(
             resolver.for_pod(Some(&pod(&[], &[])), Some(&unsynced)),
             FileTenant::Wait
+        );
+        let other = NamespaceIndex::default();
+        other.replace_all(HashMap::from([("web".to_string(), BTreeMap::new())]));
+        assert_eq!(
+            resolver.for_pod(Some(&pod(&[], &[])), Some(&other)),
+            FileTenant::Wait,
+            "its namespace not seen yet"
         );
         let mut plain = TenantResolver::new(None);
         assert_eq!(plain.for_pod(None, None), FileTenant::DEFAULT);
