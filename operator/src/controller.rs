@@ -52,6 +52,8 @@ use crate::verify::{self, Verifier};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Longest wait before looking again for a missing Secret.
+/// `storeEntries` of a LogPipeline with `tenantFrom` (see `answers`).
+const TENANT_FROM_SKIPS_STORE: &str = "not asked: tenantFrom spreads the entries over tenants; the agents' acknowledgements (lag) judge delivery";
 const SECRET_RETRY: Duration = Duration::from_secs(30);
 /// How long a Secrets check that found nothing missing stands (see `Ctx::secrets_checked`).
 const SECRET_RECHECK: Duration = Duration::from_secs(300);
@@ -418,17 +420,29 @@ async fn measure(snap: &plan::Snapshot, asks: &plan::Asks, ctx: &Ctx) -> plan::A
     if let Some(request) = &asks.verify {
         let spec = &lp.spec.rollout.verify;
         answers.measured = Some(if spec.measures() {
-            let store = spec.store().map(|(kind, endpoint)| verify::StoreQuery {
-                kind,
-                endpoint: endpoint.to_string(),
-                tenant: lp.spec.tenant.clone(),
-                window: request.window,
-            });
+            // With tenantFrom the step's entries are spread over tenants the operator does
+            // not know: asking spec.tenant alone would fail nodes whose pods all go
+            // elsewhere. The agents' own acknowledgements (`lag`) still judge delivery.
+            let by_tenant = lp.spec.tenant_from.is_some();
+            let store =
+                spec.store()
+                    .filter(|_| !by_tenant)
+                    .map(|(kind, endpoint)| verify::StoreQuery {
+                        kind,
+                        endpoint: endpoint.to_string(),
+                        tenant: lp.spec.tenant.clone(),
+                        window: request.window,
+                    });
             let targets = targets(&request.pods);
             let final_check = request.final_check;
-            ctx.verifier
+            let mut measured = ctx
+                .verifier
                 .measure(&targets, port, store.as_ref(), final_check)
-                .await
+                .await;
+            if by_tenant && spec.store().is_some() {
+                measured.store_skipped = Some(TENANT_FROM_SKIPS_STORE.into());
+            }
+            measured
         } else {
             verify::Measurements::default()
         });

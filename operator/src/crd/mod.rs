@@ -69,7 +69,8 @@ pub struct LogPipelineSpec {
     /// `logpipe.io/tenant` on each team's namespace), `podLabel`, `podAnnotation`, or
     /// `field` (extracted by a json or regex stage). Where the source is missing, or its
     /// value is not a valid tenant (counted in `logpipe_tenant_fallback_entries_total`),
-    /// `tenant` is used. The agent batches, pushes and retries per tenant.
+    /// `tenant` is used. The agent batches, pushes and retries per tenant. Rollout
+    /// verification then does not ask the store (`storeEntries` is skipped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_from: Option<TenantFrom>,
 
