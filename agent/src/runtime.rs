@@ -618,3 +618,58 @@ pub async fn run(config: AgentConfig, options: Options) -> Result<(), RuntimeErr
     tracing::info!("positions saved, bye");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::podlogs;
+
+    fn handler(source: tenant::Source) -> PipelineHandler {
+        let stages = serde_yaml::from_str::<Vec<crate::config::Stage>>(
+            "- cri: {}\n- regex: {expression: '^(?P<tenant>\\S*) '}\n",
+        )
+        .unwrap();
+        let pipeline =
+            Pipeline::with_tenant_field(&stages, &Default::default(), source.field()).unwrap();
+        PipelineHandler::new(
+            Arc::new(pipeline),
+            Arc::new(Relabeler::new(&[]).unwrap()),
+            Arc::new(PodIndex::disabled()),
+            Selection {
+                selector: Default::default(),
+                namespaces: None,
+                tenants: TenantResolver::new(Some(source)),
+            },
+            "node-1".into(),
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    /// A `field` source: a valid value is the entry's tenant, a missing one the default
+    /// (not counted), an invalid one the default, counted.
+    #[test]
+    fn field_tenants_are_checked_and_fallbacks_counted() {
+        let mut handler = handler(tenant::Source::Field("tenant".into()));
+        let root = Path::new("/var/log/pods");
+        let path = root.join("shop_web-0_uid-1/main/0.log");
+        let file = FileInfo {
+            pod: podlogs::parse(root, &path),
+            path,
+            first_seen: Instant::now(),
+        };
+        let mut stream = handler.open(&file).expect("no discovery: opened at once");
+        let mut out = Vec::new();
+        let time = "2026-12-01T00:00:00.000000000Z";
+        for (i, content) in ["12 ok", "a|b bad", " none", "12 again"].iter().enumerate() {
+            let raw = format!("{time} stdout F {content}");
+            let at = i as u64 * 100;
+            handler.line(&mut stream, raw.as_bytes(), at, at + 100, &mut out);
+        }
+        let tenants: Vec<Option<&str>> = out.iter().map(|e| e.tenant.as_deref()).collect();
+        assert_eq!(tenants, [Some("12"), None, None, Some("12")]);
+        assert_eq!(handler.metrics.tenant_fallback_entries.get(), 1);
+    }
+}
