@@ -15,9 +15,11 @@
 //! - `tenantFrom` a namespace label: three namespaces land in three tenants; while the fault
 //!   proxy answers 429 to one tenant for 60 s, the other two keep receiving lines, and
 //!   afterwards every line of all three is stored exactly once.
+//! - A namespace relabelled with another tenant sends the lines written after the change
+//!   there, and the earlier ones stay in the old tenant.
 //!
 //! Needs `cargo build -p logpipe-agent -p logpipe-operator` first (`make e2e-teams` does it). One test bed
-//! (cluster `ops`) for all four tests; each takes well under a minute but the 429 one
+//! (cluster `ops`) for all five tests; each takes well under a minute but the 429 one
 //! (about 80 s: its fault window is a minute).
 
 #[cfg(test)]
@@ -613,6 +615,68 @@ mod teams {
             "nothing fell back to the default tenant"
         );
         drop(agents);
+    }
+
+    /// A namespace relabelled with another tenant: lines written after the change go to
+    /// the new tenant, those before stay in the old one, each exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_relabelled_namespace_sends_new_lines_to_its_new_tenant() {
+        const KEY: &str = "logpipe.io/tenant";
+        let testbed = testbed().await;
+        let mut cluster = Cluster::new(&testbed).await;
+        let ns = format!("relabel-{}", unique_suffix());
+        let (old, new, default) = (
+            store::unique_tenant(),
+            store::unique_tenant(),
+            store::unique_tenant(),
+        );
+        cluster.namespace(&ns, &[(KEY, &old)]).await;
+        let root = testbed.scratch_dir("teams-relabel-pods").unwrap();
+        let config = format!(
+            "loki:\n  url: {}\n  tenant: \"{default}\"\n  tenantFrom: {{namespaceLabel: {KEY}}}\n  \
+             batchWait: 200ms\npipeline:\n- cri: {{}}\n",
+            testbed.push_url()
+        );
+        let _agent =
+            Agent::with_config(&testbed, &cluster.nodes[0], "teams-relabel", &root, &config);
+        let start_ns = store::now_ns() - 5_000_000_000;
+        let uid = cluster.pod(&ns, "app-0", 0, &[("app", "app")]).await;
+        let before = write_lines(&root, &ns, "app-0", &uid, 20);
+        let arrived = |n: usize| move |s: &[Stream]| store::count(s) >= n;
+        store::wait_for(
+            &testbed.store_url,
+            &old,
+            "*",
+            start_ns,
+            Duration::from_secs(60),
+            arrived(20),
+        )
+        .await
+        .unwrap();
+        let patch = serde_json::json!({"metadata": {"labels": {KEY: new}}});
+        Api::<Namespace>::all(cluster.client.clone())
+            .patch(&ns, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        // The agent's namespace watch sees the change within milliseconds; lines written
+        // before it arrives would rightly still go to the old tenant.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = append_lines(&root, &ns, "app-0", &uid, 20, 20);
+        store::wait_for(
+            &testbed.store_url,
+            &new,
+            "*",
+            start_ns,
+            Duration::from_secs(60),
+            arrived(20),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_exactly(&before, &everything(&testbed, &old, start_ns).await, &old);
+        assert_exactly(&after, &everything(&testbed, &new, start_ns).await, &new);
+        let fallback = everything(&testbed, &default, start_ns).await;
+        assert_eq!(store::count(&fallback), 0, "nothing in the default tenant");
     }
 
     /// Entries stored in each tenant since `start_ns`.
