@@ -51,7 +51,7 @@ use self::inflight::Budget;
 use self::streams::ActiveStreams;
 use crate::entry::Tenant;
 use crate::metrics::Metrics;
-use crate::tail::ack::{Ledger, Parcel, Pending};
+use crate::tail::ack::{Ledger, Parcel};
 
 /// Batching limits.
 #[derive(Clone, Debug)]
@@ -104,9 +104,7 @@ pub async fn run_shipper(
                         newest_ns = newest;
                         shipper.metrics.newest_entry.set(newest_ns as f64 / 1e9);
                     }
-                    for pending in parcel {
-                        pushes.add(&mut open, pending);
-                    }
+                    pushes.add(&mut open, parcel);
                 }
                 None => {
                     for (tenant, batch) in open.drain() {
@@ -194,21 +192,26 @@ impl Pushes {
         }
     }
 
-    /// Add an entry to its tenant's open batch, dispatching the batch first when the
-    /// entry would overfill it.
-    fn add(&mut self, open: &mut HashMap<Tenant, Batch>, pending: Pending) {
-        let tenant = pending
-            .entry
-            .tenant
-            .clone()
-            .unwrap_or_else(|| self.default.clone());
-        let size = pending.entry.line.len() as u64;
-        let batch = open.entry(tenant.clone()).or_default();
-        if !batch.is_empty() && batch.bytes() + size > self.shipper.cfg.batch_bytes {
-            let full = std::mem::take(batch);
-            self.dispatch(tenant.clone(), full);
+    /// Add each entry to its tenant's open batch, dispatching a batch first when the entry
+    /// would overfill it. A parcel is one file's entries, mostly of one tenant: the batch
+    /// is looked up once per run of one tenant, not per entry.
+    fn add(&mut self, open: &mut HashMap<Tenant, Batch>, parcel: Parcel) {
+        let mut entries = parcel.into_iter().peekable();
+        while let Some(first) = entries.next() {
+            let run_tenant = first.entry.tenant.clone();
+            let tenant = run_tenant.clone().unwrap_or_else(|| self.default.clone());
+            let mut batch = open.remove(&tenant).unwrap_or_default();
+            let mut next = Some(first);
+            while let Some(pending) = next {
+                let size = pending.entry.line.len() as u64;
+                if !batch.is_empty() && batch.bytes() + size > self.shipper.cfg.batch_bytes {
+                    self.dispatch(tenant.clone(), std::mem::take(&mut batch));
+                }
+                batch.push(pending);
+                next = entries.next_if(|p| p.entry.tenant == run_tenant);
+            }
+            open.insert(tenant, batch);
         }
-        open.entry(tenant).or_default().push(pending);
     }
 
     /// Queue `batch` for its tenant and start what the tenant's budget allows.
