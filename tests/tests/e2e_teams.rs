@@ -17,9 +17,11 @@
 //!   afterwards every line of all three is stored exactly once.
 //! - A namespace relabelled with another tenant sends the lines written after the change
 //!   there, and the earlier ones stay in the old tenant.
+//! - `tenantFrom` a field extracted per line: each line in the tenant it names, lines
+//!   without one or with an invalid one in the default tenant (the invalid ones counted).
 //!
 //! Needs `cargo build -p logpipe-agent -p logpipe-operator` first (`make e2e-teams` does it). One test bed
-//! (cluster `ops`) for all five tests; each takes well under a minute but the 429 one
+//! (cluster `ops`) for all six tests; each takes well under a minute but the 429 one
 //! (about 80 s: its fault window is a minute).
 
 #[cfg(test)]
@@ -214,7 +216,8 @@ mod teams {
             Self { child, listen }
         }
 
-        /// Sum of the samples of `name` with `label` (e.g. `reason="rate_limited"`); waits
+        /// Sum of the samples of `name` with `label` (e.g. `reason="rate_limited"`; empty: the
+        /// sample of a metric without labels); waits
         /// for the metrics server of an agent just started.
         async fn counter(&self, name: &str, label: &str) -> f64 {
             let url = format!("http://{}/metrics", self.listen);
@@ -231,7 +234,10 @@ mod teams {
             })
             .await;
             text.lines()
-                .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+                .filter(|l| {
+                    let labelled = l.starts_with(&format!("{name}{{")) && l.contains(label);
+                    labelled || label.is_empty() && l.starts_with(&format!("{name} "))
+                })
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum()
         }
@@ -677,6 +683,84 @@ mod teams {
         assert_exactly(&after, &everything(&testbed, &new, start_ns).await, &new);
         let fallback = everything(&testbed, &default, start_ns).await;
         assert_eq!(store::count(&fallback), 0, "nothing in the default tenant");
+    }
+
+    /// `tenantFrom: {field: tenant}` (Promtail's `tenant` stage): each line names its
+    /// tenant; a line without one, or with a value that is not a tenant ID, goes to the
+    /// default tenant, and only the invalid ones are counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tenant_from_a_field_places_each_line() {
+        let testbed = testbed().await;
+        let mut cluster = Cluster::new(&testbed).await;
+        let ns = format!("field-{}", unique_suffix());
+        cluster.namespace(&ns, &[]).await;
+        let (a, b, default) = (
+            store::unique_tenant(),
+            store::unique_tenant(),
+            store::unique_tenant(),
+        );
+        let root = testbed.scratch_dir("teams-field-pods").unwrap();
+        let config = format!(
+            "loki:\n  url: {}\n  tenant: \"{default}\"\n  tenantFrom: {{field: tenant}}\n  batchWait: 200ms\n\
+             pipeline:\n- cri: {{}}\n- regex: {{expression: '^tenant=(?P<tenant>\\S*) '}}\n",
+            testbed.push_url()
+        );
+        let agent = Agent::with_config(&testbed, &cluster.nodes[0], "teams-field", &root, &config);
+        let start_ns = store::now_ns() - 5_000_000_000;
+        let uid = cluster.pod(&ns, "app-0", 0, &[("app", "app")]).await;
+        let lines: Vec<String> = (0..40)
+            .map(|i| match i % 4 {
+                0 => format!("tenant={a} line {i}"),
+                1 => format!("tenant={b} line {i}"),
+                2 => format!("tenant=not|valid line {i}"),
+                _ => format!("no tenant line {i}"),
+            })
+            .collect();
+        let path = root
+            .join(format!("{ns}_app-0_{uid}"))
+            .join("app")
+            .join("0.log");
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let clock = Clock::new();
+        let text: String = lines
+            .iter()
+            .map(|l| format!("{} stdout F {l}\n", rfc3339_nano(clock.next())))
+            .collect();
+        fs::write(&path, text).unwrap();
+        let want = |k: usize| -> Vec<String> {
+            lines
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| k == 2 && i % 4 >= 2 || k < 2 && i % 4 == k)
+                .map(|(_, l)| l.clone())
+                .collect()
+        };
+        for (k, tenant) in [(0, &a), (1, &b), (2, &default)] {
+            let want = want(k);
+            let arrived = |s: &[Stream]| store::count(s) >= want.len();
+            store::wait_for(
+                &testbed.store_url,
+                tenant,
+                "*",
+                start_ns,
+                Duration::from_secs(60),
+                arrived,
+            )
+            .await
+            .unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for (k, tenant) in [(0, &a), (1, &b), (2, &default)] {
+            assert_exactly(
+                &want(k),
+                &everything(&testbed, tenant, start_ns).await,
+                tenant,
+            );
+        }
+        let fallbacks = agent
+            .counter("logpipe_tenant_fallback_entries_total", "")
+            .await;
+        assert_eq!(fallbacks, 10.0, "the invalid values, not the missing ones");
     }
 
     /// Entries stored in each tenant since `start_ns`.
