@@ -323,7 +323,12 @@ impl LokiClient {
             || status == StatusCode::TOO_MANY_REQUESTS.as_u16()
             || status == StatusCode::BAD_REQUEST.as_u16()
             || status == StatusCode::UNPROCESSABLE_ENTITY.as_u16();
-        self.health.set_loki_ready(reachable);
+        // Another tenant's refusal (401, 403: a gateway that does not let this agent write
+        // that tenant) says nothing about Loki: readiness would flap with every push of
+        // that tenant. No answer, a 5xx, or any answer for the default tenant does.
+        if reachable || tenant == self.tenant || status == 0 || status >= 500 {
+            self.health.set_loki_ready(reachable);
+        }
         let first_line: String = text
             .lines()
             .next()

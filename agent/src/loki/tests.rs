@@ -23,6 +23,8 @@ use crate::server::Health;
 #[derive(Default)]
 struct FakeLoki {
     throttled: Mutex<Option<String>>,
+    /// Answered 403, as a gateway answers a tenant this agent may not write.
+    forbidden: Mutex<Option<String>>,
     answers: Mutex<BTreeMap<(String, u16), u32>>,
 }
 
@@ -41,8 +43,11 @@ async fn answer(
         .unwrap_or("")
         .to_string();
     let throttled = loki.throttled.lock().unwrap().as_deref() == Some(tenant.as_str());
+    let forbidden = loki.forbidden.lock().unwrap().as_deref() == Some(tenant.as_str());
     let status = if throttled {
         StatusCode::TOO_MANY_REQUESTS
+    } else if forbidden {
+        StatusCode::FORBIDDEN
     } else {
         StatusCode::NO_CONTENT
     };
@@ -175,4 +180,40 @@ async fn a_throttled_tenant_does_not_hold_the_others() {
         .await
         .expect("the shipper ends when its input closes")
         .unwrap();
+}
+
+/// Readiness says whether Loki answers: another tenant's 403 does not flip it, the
+/// default tenant's does.
+#[tokio::test]
+async fn another_tenants_refusal_does_not_make_the_agent_unready() {
+    let loki = Arc::new(FakeLoki::default());
+    let url = fake_loki(loki.clone()).await;
+    let cfg: LokiClientConfig =
+        serde_yaml::from_str(&format!("{{url: '{url}', tenant: default}}")).unwrap();
+    let health = Arc::new(Health::new(false));
+    let client = LokiClient::new(&cfg, Arc::new(Metrics::new()), health.clone()).unwrap();
+    let push = |tenant: &'static str| {
+        let client = client.clone();
+        async move {
+            let retrying = std::sync::atomic::AtomicUsize::new(0);
+            let body = bytes::Bytes::from_static(b"not empty");
+            client
+                .push(tenant, body, 1, &CancellationToken::new(), &retrying)
+                .await
+        }
+    };
+    assert_eq!(push("default").await, client::Outcome::Delivered);
+    assert!(health.ready().is_ok());
+    *loki.forbidden.lock().unwrap() = Some("other".into());
+    assert!(matches!(
+        push("other").await,
+        client::Outcome::Dropped { status: 403, .. }
+    ));
+    assert!(health.ready().is_ok(), "another tenant's 403");
+    *loki.forbidden.lock().unwrap() = Some("default".into());
+    assert!(matches!(
+        push("default").await,
+        client::Outcome::Dropped { status: 403, .. }
+    ));
+    assert!(health.ready().is_err(), "the default tenant's 403");
 }
