@@ -173,6 +173,7 @@ fn batch_entries() -> Vec<Pending> {
                 labels: streams[seq as usize % streams.len()].clone(),
                 structured_metadata: Vec::new(),
                 end_offset: seq,
+                tenant: None,
             },
             token: AckToken {
                 file: seq % 40,

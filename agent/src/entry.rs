@@ -7,6 +7,9 @@ use std::sync::Arc;
 /// Shared by every entry of a stream; a stage that changes labels per line copies it.
 pub type LabelSet = Arc<BTreeMap<String, String>>;
 
+/// A tenant ID (`X-Scope-OrgID`), shared by every entry of a file or a field value.
+pub type Tenant = Arc<str>;
+
 /// One log entry ready for Loki.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Entry {
@@ -19,6 +22,8 @@ pub struct Entry {
     /// Byte offset in the source file just past the last raw line this entry was built
     /// from: once Loki acknowledged the entry, reading may resume here.
     pub end_offset: u64,
+    /// Its tenant when `tenantFrom` placed it; `None`: the pipeline's `tenant`.
+    pub tenant: Option<Tenant>,
 }
 
 /// Render labels in Loki's stream selector form: `{a="x", b="y"}`, escaping `"` and `\`.

@@ -21,4 +21,5 @@ pub mod selection;
 pub mod server;
 pub mod stages;
 pub mod tail;
+pub mod tenant;
 pub mod termination;

@@ -11,6 +11,11 @@
 //! | `promtail_dropped_entries_total`, `promtail_dropped_bytes_total` | host, tenant, reason | refused by Loki (non-retryable 4xx) |
 //! | `promtail_request_duration_seconds` | status_code, host | push requests |
 //! | `promtail_batch_retries_total` | host, tenant | retried pushes |
+//!
+//! `tenant` is the push's tenant: `loki.tenant`, or with `tenantFrom` the entries' own.
+//! Its values are bounded by what the source can name: the namespaces of the cluster (or
+//! the values of the pod label or annotation); a `field` source takes them from log lines,
+//! so pick a field with a small set of values.
 //! | `promtail_stream_lag_seconds` (gauge) | | now minus the newest acknowledged entry's time |
 //! | `logentry_dropped_lines_total` | reason | dropped by pipeline stages (Promtail's drop stage name) |
 //!
@@ -116,6 +121,7 @@ pub struct Metrics {
     pub split_lines: Counter,
     pub invalid_utf8_lines: Counter,
     pub pipeline_dropped: Family<ReasonLabel, Counter>,
+    pub tenant_fallback_entries: Counter,
     // Buffering and backpressure.
     pub buffered_bytes: Gauge,
     pub buffered_bytes_limit: Gauge,
@@ -237,6 +243,13 @@ impl Metrics {
             names::PIPELINE_DROPPED_LINES,
             "Lines dropped by pipeline stages",
             pipeline_dropped.clone(),
+        );
+
+        let tenant_fallback_entries = Counter::default();
+        r.register(
+            "logpipe_tenant_fallback_entries",
+            "Entries sent to loki.tenant because their tenantFrom value is not a valid tenant ID",
+            tenant_fallback_entries.clone(),
         );
 
         let buffered_bytes = Gauge::default();
@@ -420,6 +433,7 @@ impl Metrics {
             split_lines,
             invalid_utf8_lines,
             pipeline_dropped,
+            tenant_fallback_entries,
             buffered_bytes,
             buffered_bytes_limit,
             backpressure_passes,

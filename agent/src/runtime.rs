@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, ConfigError};
 use crate::discovery::{self, DiscoveryError, PodIndex};
-use crate::entry::{Entry, LabelSet};
+use crate::entry::{Entry, LabelSet, Tenant};
 use crate::loki::client::{LokiClient, LokiError};
 use crate::loki::{self, Shipper, ShipperConfig};
 use crate::metrics::{Metrics, ReasonLabel};
@@ -33,6 +33,7 @@ use crate::server::{self, Health, ServerError};
 use crate::stages::{Pipeline, PipelineStats, StageError, StreamState};
 use crate::tail::ack::Ledger;
 use crate::tail::{FileInfo, LineHandler, LineOutcome, TailConfig, Tailer, now_ms};
+use crate::tenant::{self, FileTenant, TenantResolver};
 
 /// Longest wait for discovery's first list before files are read with path labels.
 pub const WAIT_FOR_SYNC: Duration = Duration::from_secs(30);
@@ -61,6 +62,12 @@ pub enum RuntimeError {
     Signal(std::io::Error),
     #[error("invalid config: selector needs pod discovery (run in a cluster or pass --kubeconfig)")]
     SelectorWithoutDiscovery,
+    #[error("invalid config: loki.tenantFrom: {0}")]
+    TenantFrom(String),
+    #[error(
+        "invalid config: loki.tenantFrom from a pod or namespace needs pod discovery (run in a cluster or pass --kubeconfig)"
+    )]
+    TenantFromWithoutDiscovery,
 }
 
 /// Settings that come from flags, not from the config document.
@@ -77,14 +84,19 @@ pub struct FileStream {
     state: StreamState,
     /// `None`: a relabel keep/drop rule dropped this target; its lines are skipped.
     labels: Option<LabelSet>,
+    /// Tenant of the file's entries (`None`: `loki.tenant`) and whether that is a fallback
+    /// from an invalid value.
+    tenant: Option<Tenant>,
+    tenant_fallback: bool,
     seen_version: u64,
 }
 
-/// Which pods are shipped: the config's selector and, for a namespace selector, the
-/// namespaces' labels.
+/// Which pods are shipped, and to which tenant: the config's selector and `tenantFrom`,
+/// and, for a namespace selector or a namespace label tenant, the namespaces' labels.
 pub struct Selection {
     pub selector: logpipe_api::selector::PodSelection,
     pub namespaces: Option<Arc<NamespaceIndex>>,
+    pub tenants: TenantResolver,
 }
 
 /// The tailer's handler: labels from discovery (or the path), then the pipeline.
@@ -126,6 +138,34 @@ impl PipelineHandler {
             .as_ref()
             .map_or(0, |n| n.version());
         self.index.version().wrapping_add(namespaces)
+    }
+
+    fn file_tenant(&mut self, uid: &str) -> FileTenant {
+        let pod = self.index.get(uid);
+        let selection = &mut self.selection;
+        selection
+            .tenants
+            .for_pod(pod.as_ref(), selection.namespaces.as_deref())
+    }
+
+    /// Give each entry of `out` its tenant: a `field` value (checked), else the file's.
+    fn assign_tenants(&mut self, stream: &FileStream, out: &mut [Entry]) {
+        let mut fallbacks = 0;
+        for entry in out {
+            match entry.tenant.take() {
+                Some(value) => {
+                    entry.tenant = self.selection.tenants.checked(&value);
+                    fallbacks += u64::from(entry.tenant.is_none());
+                }
+                None => {
+                    entry.tenant = stream.tenant.clone();
+                    fallbacks += u64::from(stream.tenant_fallback);
+                }
+            }
+        }
+        if fallbacks > 0 {
+            self.metrics.tenant_fallback_entries.inc_by(fallbacks);
+        }
     }
 
     fn verdict(&self, uid: &str) -> Verdict {
@@ -211,6 +251,14 @@ impl LineHandler for PipelineHandler {
         if self.verdict(&pod.uid) == Verdict::Wait {
             return None;
         }
+        // Nor to the default tenant on a guess.
+        let FileTenant::Known {
+            tenant,
+            fallback: tenant_fallback,
+        } = self.file_tenant(&pod.uid)
+        else {
+            return None;
+        };
         if self.index.is_enabled() && self.index.get(&pod.uid).is_none() {
             let waited = file.first_seen.elapsed();
             let limit = if self.index.is_synced() {
@@ -226,6 +274,8 @@ impl LineHandler for PipelineHandler {
         Some(FileStream {
             state: self.pipeline.stream(),
             labels: self.labels(file),
+            tenant,
+            tenant_fallback,
             seen_version: self.version(),
         })
     }
@@ -235,6 +285,14 @@ impl LineHandler for PipelineHandler {
         if version != stream.seen_version {
             stream.seen_version = version;
             stream.labels = self.labels(file);
+            // A namespace or pod relabelled: new entries go to its new tenant. While the
+            // pod is unknown again (deleted), its remaining lines keep the last one.
+            if let Some(pod) = file.pod.as_ref()
+                && let FileTenant::Known { tenant, fallback } = self.file_tenant(&pod.uid)
+            {
+                stream.tenant = tenant;
+                stream.tenant_fallback = fallback;
+            }
         }
     }
 
@@ -250,6 +308,7 @@ impl LineHandler for PipelineHandler {
         let Some(labels) = stream.labels.as_ref() else {
             return LineOutcome::DONE;
         };
+        let before = out.len();
         let outcome = self.pipeline.push(
             &mut stream.state,
             raw,
@@ -260,6 +319,9 @@ impl LineHandler for PipelineHandler {
             out,
             &mut self.stats,
         );
+        if let Some(new) = out.get_mut(before..) {
+            self.assign_tenants(stream, new);
+        }
         LineOutcome {
             wait: outcome.wait,
             decided: outcome.decided,
@@ -267,8 +329,12 @@ impl LineHandler for PipelineHandler {
     }
 
     fn flush(&mut self, stream: &mut FileStream, force: bool, out: &mut Vec<Entry>) {
+        let before = out.len();
         self.pipeline
             .flush(&mut stream.state, now_ns(), force, out, &mut self.stats);
+        if let Some(new) = out.get_mut(before..) {
+            self.assign_tenants(stream, new);
+        }
         self.publish_stats();
     }
 
@@ -383,7 +449,13 @@ async fn wait_for_signal() -> Result<&'static str, RuntimeError> {
 pub async fn run(config: AgentConfig, options: Options) -> Result<(), RuntimeError> {
     config.validate()?;
     let metrics = Arc::new(Metrics::new());
-    let pipeline = Arc::new(Pipeline::new(&config.pipeline, &config.limits)?);
+    let tenant_source = tenant::Source::from_config(config.loki.tenant_from.as_ref())
+        .map_err(RuntimeError::TenantFrom)?;
+    let pipeline = Arc::new(Pipeline::with_tenant_field(
+        &config.pipeline,
+        &config.limits,
+        tenant_source.as_ref().and_then(tenant::Source::field),
+    )?);
     let relabeler = Arc::new(Relabeler::new(&config.relabel)?);
     let listen = server::parse_listen(&config.listen)?;
 
@@ -395,7 +467,14 @@ pub async fn run(config: AgentConfig, options: Options) -> Result<(), RuntimeErr
     if !config.selector.is_empty() && !index.is_enabled() {
         return Err(RuntimeError::SelectorWithoutDiscovery);
     }
-    let namespaces = (!config.selector.namespace_selector.is_empty())
+    let by_pod = tenant_source
+        .as_ref()
+        .is_some_and(tenant::Source::needs_pods);
+    if by_pod && !index.is_enabled() {
+        return Err(RuntimeError::TenantFromWithoutDiscovery);
+    }
+    let by_namespace = matches!(tenant_source, Some(tenant::Source::NamespaceLabel(_)));
+    let namespaces = (!config.selector.namespace_selector.is_empty() || by_namespace)
         .then(|| Arc::new(NamespaceIndex::default()));
     let health = Arc::new(Health::new(index.is_enabled()));
     metrics.discovery_synced.set(i64::from(!index.is_enabled()));
@@ -465,6 +544,10 @@ pub async fn run(config: AgentConfig, options: Options) -> Result<(), RuntimeErr
         config.limits.max_line_bytes,
     );
     tail_cfg.baseline_ms = baseline_ms;
+    if config.loki.tenant_from.is_some() {
+        // A throttled tenant may fill half the buffer; the other half stays for the rest.
+        tail_cfg.tenant_buffered_bytes = Some(config.limits.max_buffered_bytes / 2);
+    }
     let handler = PipelineHandler::new(
         pipeline,
         relabeler,
@@ -472,6 +555,7 @@ pub async fn run(config: AgentConfig, options: Options) -> Result<(), RuntimeErr
         Selection {
             selector: config.selector.clone(),
             namespaces,
+            tenants: TenantResolver::new(tenant_source),
         },
         options.node_name.clone(),
         metrics.clone(),
@@ -533,4 +617,59 @@ pub async fn run(config: AgentConfig, options: Options) -> Result<(), RuntimeErr
     }
     tracing::info!("positions saved, bye");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::podlogs;
+
+    fn handler(source: tenant::Source) -> PipelineHandler {
+        let stages = serde_yaml::from_str::<Vec<crate::config::Stage>>(
+            "- cri: {}\n- regex: {expression: '^(?P<tenant>\\S*) '}\n",
+        )
+        .unwrap();
+        let pipeline =
+            Pipeline::with_tenant_field(&stages, &Default::default(), source.field()).unwrap();
+        PipelineHandler::new(
+            Arc::new(pipeline),
+            Arc::new(Relabeler::new(&[]).unwrap()),
+            Arc::new(PodIndex::disabled()),
+            Selection {
+                selector: Default::default(),
+                namespaces: None,
+                tenants: TenantResolver::new(Some(source)),
+            },
+            "node-1".into(),
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    /// A `field` source: a valid value is the entry's tenant, a missing one the default
+    /// (not counted), an invalid one the default, counted.
+    #[test]
+    fn field_tenants_are_checked_and_fallbacks_counted() {
+        let mut handler = handler(tenant::Source::Field("tenant".into()));
+        let root = Path::new("/var/log/pods");
+        let path = root.join("shop_web-0_uid-1/main/0.log");
+        let file = FileInfo {
+            pod: podlogs::parse(root, &path),
+            path,
+            first_seen: Instant::now(),
+        };
+        let mut stream = handler.open(&file).expect("no discovery: opened at once");
+        let mut out = Vec::new();
+        let time = "2026-12-01T00:00:00.000000000Z";
+        for (i, content) in ["12 ok", "a|b bad", " none", "12 again"].iter().enumerate() {
+            let raw = format!("{time} stdout F {content}");
+            let at = i as u64 * 100;
+            handler.line(&mut stream, raw.as_bytes(), at, at + 100, &mut out);
+        }
+        let tenants: Vec<Option<&str>> = out.iter().map(|e| e.tenant.as_deref()).collect();
+        assert_eq!(tenants, [Some("12"), None, None, Some("12")]);
+        assert_eq!(handler.metrics.tenant_fallback_entries.get(), 1);
+    }
 }

@@ -94,6 +94,12 @@ impl NamespaceIndex {
         })
     }
 
+    /// The namespace's labels, `None` while the watch has not seen it.
+    pub fn get(&self, name: &str) -> Option<BTreeMap<String, String>> {
+        let map = self.labels.read().unwrap_or_else(|p| p.into_inner());
+        map.get(name).cloned()
+    }
+
     pub fn apply(&self, name: String, labels: BTreeMap<String, String>) {
         let mut map = self.labels.write().unwrap_or_else(|p| p.into_inner());
         if map.get(&name) != Some(&labels) {

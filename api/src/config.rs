@@ -73,8 +73,12 @@ fn default_shutdown_timeout() -> HumanDuration {
 pub struct LokiClientConfig {
     /// Push URL, e.g. `http://loki:3100/loki/api/v1/push`.
     pub url: String,
-    /// Sent as `X-Scope-OrgID`.
+    /// Sent as `X-Scope-OrgID`; the tenant of every entry `tenantFrom` does not place.
     pub tenant: String,
+    /// Where each entry's tenant comes from (a namespace label, a pod label or annotation,
+    /// an extracted field). Missing or invalid there: `tenant`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_from: Option<TenantFrom>,
     /// Authentication; secrets are read from files (mounted from Secrets in a cluster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthConfig>,
@@ -100,6 +104,67 @@ pub struct LokiClientConfig {
     /// Labels added to every stream.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub external_labels: BTreeMap<String, String>,
+}
+
+/// The source of an entry's tenant: exactly one field is set (a CEL rule in the CRD, and
+/// [`crate::validate`]). Per file for the pod and namespace sources, per line for `field`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "[has(self.namespaceLabel), has(self.podLabel), has(self.podAnnotation), has(self.field)].filter(x, x).size() == 1",
+    "message": "tenantFrom must set exactly one of namespaceLabel, podLabel, podAnnotation or field"
+}]))]
+pub struct TenantFrom {
+    /// A label of the pod's namespace, e.g. `logpipe.io/tenant`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 317))]
+    pub namespace_label: Option<String>,
+    /// A label of the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 317))]
+    pub pod_label: Option<String>,
+    /// An annotation of the pod, e.g. `logpipe.io/tenant`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 317))]
+    pub pod_annotation: Option<String>,
+    /// A field a `json` or `regex` stage extracted from the line (Promtail's `tenant`
+    /// stage with `source`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub field: Option<String>,
+}
+
+/// The one source a [`TenantFrom`] names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TenantSource<'a> {
+    NamespaceLabel(&'a str),
+    PodLabel(&'a str),
+    PodAnnotation(&'a str),
+    Field(&'a str),
+}
+
+impl TenantFrom {
+    /// The source, or why there is not exactly one.
+    pub fn source(&self) -> Result<TenantSource<'_>, String> {
+        let set: Vec<TenantSource<'_>> = [
+            self.namespace_label
+                .as_deref()
+                .map(TenantSource::NamespaceLabel),
+            self.pod_label.as_deref().map(TenantSource::PodLabel),
+            self.pod_annotation
+                .as_deref()
+                .map(TenantSource::PodAnnotation),
+            self.field.as_deref().map(TenantSource::Field),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match set.as_slice() {
+            [one] => Ok(*one),
+            [] => Err("set one of namespaceLabel, podLabel, podAnnotation or field".into()),
+            _ => Err("set only one of namespaceLabel, podLabel, podAnnotation or field".into()),
+        }
+    }
 }
 
 fn default_batch_wait() -> HumanDuration {

@@ -149,7 +149,7 @@ fn requirement(r: &LabelSelectorRequirement) -> Result<(), String> {
 
 /// A Kubernetes label key: `[prefix/]name`, name at most 63 characters of
 /// alphanumerics, `-`, `_`, `.`, starting and ending alphanumeric.
-fn label_key(key: &str) -> Result<(), String> {
+pub fn label_key(key: &str) -> Result<(), String> {
     let (prefix, name) = match key.rsplit_once('/') {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),

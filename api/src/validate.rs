@@ -20,7 +20,7 @@ use std::fmt;
 
 use regex::Regex;
 
-use crate::config::{AgentConfig, LimitStage, Stage};
+use crate::config::{AgentConfig, LimitStage, Stage, TenantFrom, TenantSource};
 use crate::relabel::{self, is_valid_label_name};
 use crate::timeformat::TimeFormat;
 
@@ -48,6 +48,9 @@ pub fn config(config: &AgentConfig) -> Vec<Problem> {
     let loki = &config.loki;
     report("loki.url".into(), push_url(&loki.url));
     report("loki.tenant".into(), tenant(&loki.tenant));
+    if let Some(from) = &loki.tenant_from {
+        report("loki.tenantFrom".into(), tenant_from(from));
+    }
     report("loki.batchBytes".into(), at_least_one(loki.batch_bytes));
     report("loki.timeout".into(), positive(loki.timeout.0));
     report("loki.minBackoff".into(), positive(loki.min_backoff.0));
@@ -223,6 +226,17 @@ pub fn tenant(tenant: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// One source, named as Kubernetes names label and annotation keys (or a field name).
+pub fn tenant_from(from: &TenantFrom) -> Result<(), String> {
+    match from.source()? {
+        TenantSource::NamespaceLabel(key)
+        | TenantSource::PodLabel(key)
+        | TenantSource::PodAnnotation(key) => crate::selector::label_key(key),
+        TenantSource::Field("") => Err("field must not be empty".into()),
+        TenantSource::Field(_) => Ok(()),
+    }
 }
 
 /// An `http://` or `https://` URL with a host.

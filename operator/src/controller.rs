@@ -52,6 +52,8 @@ use crate::status::{self, Failure, FailureReason};
 use crate::verify::{self, Verifier};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// `storeEntries` of a LogPipeline with `tenantFrom` (see [`measure`]).
+const TENANT_FROM_SKIPS_STORE: &str = "not asked: tenantFrom spreads the entries over tenants; the agents' acknowledgements (lag) judge delivery";
 /// Longest wait before looking again for a missing Secret.
 const SECRET_RETRY: Duration = Duration::from_secs(30);
 /// How long a Secrets check that found nothing missing stands (see `Ctx::secrets_checked`).
@@ -433,12 +435,20 @@ fn measure(snap: &plan::Snapshot, asks: &plan::Asks, ctx: &Ctx) -> plan::Answers
     if let Some((request, key)) = &asks.verify {
         let spec = &lp.spec.rollout.verify;
         answers.measured = if spec.measures() {
-            let store = spec.store().map(|(kind, endpoint)| verify::StoreQuery {
-                kind,
-                endpoint: endpoint.to_string(),
-                tenant: lp.spec.tenant.clone(),
-                window: request.window,
-            });
+            // With tenantFrom the step's entries are spread over tenants the operator does
+            // not know: asking spec.tenant alone would fail nodes whose pods all go
+            // elsewhere. The agents' own acknowledgements (`lag`) still judge delivery.
+            let by_tenant = lp.spec.tenant_from.is_some();
+            let skipped = (by_tenant && spec.store().is_some()).then_some(TENANT_FROM_SKIPS_STORE);
+            let store =
+                spec.store()
+                    .filter(|_| !by_tenant)
+                    .map(|(kind, endpoint)| verify::StoreQuery {
+                        kind,
+                        endpoint: endpoint.to_string(),
+                        tenant: lp.spec.tenant.clone(),
+                        window: request.window,
+                    });
             let request = verify::MeasureRequest {
                 targets: targets(&request.pods),
                 port,
@@ -446,6 +456,10 @@ fn measure(snap: &plan::Snapshot, asks: &plan::Asks, ctx: &Ctx) -> plan::Answers
             };
             ctx.verifier
                 .measurements_or_start(key.clone(), request, wake())
+                .map(|mut measured| {
+                    measured.store_skipped = skipped.map(String::from);
+                    measured
+                })
         } else {
             Some(verify::Measurements::default())
         };

@@ -189,7 +189,7 @@ pub const AGENT_RULES: &[Rule] = &[
         "",
         &["namespaces"],
         &["get", "list", "watch"],
-        "agent/src/selection.rs: namespace labels, for a LogPipeline's spec.selector.namespaceSelector",
+        "agent/src/selection.rs: namespace labels, for a LogPipeline's spec.selector.namespaceSelector and spec.tenantFrom.namespaceLabel",
     ),
 ];
 

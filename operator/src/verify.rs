@@ -271,8 +271,12 @@ pub struct Measurements {
     pub samples: BTreeMap<String, Result<Sample, String>>,
     /// Per pod: CPU in millicores since the previous scrape.
     pub cpu_millis: BTreeMap<String, f64>,
-    /// Per node: entries in the store over the window; `None`: no store set.
+    /// Per node: entries in the store over the window; `None`: no store set, or not
+    /// asked (see `store_skipped`).
     pub store: Option<Result<BTreeMap<String, f64>, StoreError>>,
+    /// Why the store was not asked although one is set (`tenantFrom`: the step's entries
+    /// are spread over tenants, and only `spec.tenant` is known).
+    pub store_skipped: Option<String>,
     /// Per node (the step's nodes, or a sample of them, at the end of the window): time of
     /// the newest entry the store returns, asked right after the scrape (Unix seconds).
     pub newest_queryable: BTreeMap<String, f64>,
@@ -478,7 +482,11 @@ pub fn judge(
                 passed: true,
                 value: Some("skipped".into()),
                 limit: None,
-                message: Some("rollout.verify.query is not set".into()),
+                message: Some(
+                    m.store_skipped
+                        .clone()
+                        .unwrap_or_else(|| "rollout.verify.query is not set".into()),
+                ),
             },
             false,
         ),

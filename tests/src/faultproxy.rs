@@ -6,7 +6,8 @@
 //! ```
 //!
 //! Flow: every request to the Loki push path takes the first injected fault that has
-//! budget left; a fault answers in the store's place (or delays, then forwards). Every
+//! budget left and applies to its tenant (a fault injected with [`FaultProxy::inject_for`]
+//! meets only pushes whose `X-Scope-OrgID` is that tenant); a fault answers in the store's place (or delays, then forwards). Every
 //! other request, and every push with no fault left, is forwarded unchanged, so what is
 //! accepted lands in the real store and tests count it there.
 //!
@@ -90,12 +91,18 @@ pub enum Budget {
 struct Injected {
     fault: Fault,
     budget: Budget,
+    /// Only pushes of this tenant (`X-Scope-OrgID`); `None`: every push.
+    tenant: Option<String>,
     started: Instant,
     seen: u32,
     used: u32,
 }
 
 impl Injected {
+    fn applies_to(&self, tenant: Option<&str>) -> bool {
+        self.tenant.is_none() || self.tenant.as_deref() == tenant
+    }
+
     /// Whether this push meets the fault; counts it when it does.
     fn take(&mut self, now: Instant) -> bool {
         self.seen += 1;
@@ -138,11 +145,14 @@ struct State {
 }
 
 impl State {
-    fn next_fault(&mut self, now: Instant) -> Option<Fault> {
+    /// The fault a push of `tenant` meets; a tenant's fault neither sees nor counts
+    /// another tenant's pushes.
+    fn next_fault(&mut self, now: Instant, tenant: Option<&str>) -> Option<Fault> {
         self.faults.retain(|f| !f.spent(now));
         let fault = self
             .faults
             .iter_mut()
+            .filter(|f| f.applies_to(tenant))
             .find_map(|f| f.take(now).then(|| f.fault.clone()))?;
         *self.stats.0.entry(fault.kind()).or_default() += 1;
         Some(fault)
@@ -205,10 +215,20 @@ impl FaultProxy {
 
     /// Add a fault; faults added earlier are met first.
     pub fn inject(&self, fault: Fault, budget: Budget) {
+        self.add(fault, budget, None);
+    }
+
+    /// Add a fault that only pushes of `tenant` (their `X-Scope-OrgID`) meet.
+    pub fn inject_for(&self, tenant: &str, fault: Fault, budget: Budget) {
+        self.add(fault, budget, Some(tenant.to_string()));
+    }
+
+    fn add(&self, fault: Fault, budget: Budget, tenant: Option<String>) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.faults.push(Injected {
             fault,
             budget,
+            tenant,
             started: Instant::now(),
             seen: 0,
             used: 0,
@@ -251,8 +271,12 @@ impl Upstream {
     async fn answer(&self, request: Request<Incoming>) -> Result<Answer, ProxyError> {
         let is_push = request.uri().path() == PUSH_PATH;
         let fault = if is_push {
+            let tenant = request
+                .headers()
+                .get("x-scope-orgid")
+                .and_then(|v| v.to_str().ok());
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.next_fault(Instant::now())
+            state.next_fault(Instant::now(), tenant)
         } else {
             None
         };
@@ -335,6 +359,7 @@ mod tests {
         Injected {
             fault,
             budget,
+            tenant: None,
             started: Instant::now(),
             seen: 0,
             used: 0,
@@ -348,7 +373,7 @@ mod tests {
             .faults
             .push(injected(Fault::ServerError, Budget::Requests(2)));
         let now = Instant::now();
-        let got: Vec<_> = (0..4).map(|_| state.next_fault(now)).collect();
+        let got: Vec<_> = (0..4).map(|_| state.next_fault(now, None)).collect();
         assert_eq!(
             got,
             [
@@ -369,7 +394,9 @@ mod tests {
             Budget::Share { every: 3, total: 2 },
         ));
         let now = Instant::now();
-        let hits: Vec<bool> = (0..9).map(|_| state.next_fault(now).is_some()).collect();
+        let hits: Vec<bool> = (0..9)
+            .map(|_| state.next_fault(now, None).is_some())
+            .collect();
         assert_eq!(
             hits,
             [true, false, false, true, false, false, false, false, false]
@@ -385,13 +412,59 @@ mod tests {
             },
             Budget::For(Duration::from_millis(50)),
         ));
-        assert!(state.next_fault(Instant::now()).is_some());
+        assert!(state.next_fault(Instant::now(), None).is_some());
         assert!(
             state
-                .next_fault(Instant::now() + Duration::from_millis(60))
+                .next_fault(Instant::now() + Duration::from_millis(60), None)
                 .is_none()
         );
         assert!(state.faults.is_empty(), "a spent fault is forgotten");
+    }
+
+    #[test]
+    fn a_tenants_fault_meets_only_that_tenants_pushes() {
+        let mut state = State::default();
+        state.faults.push(Injected {
+            tenant: Some("12".into()),
+            ..injected(
+                Fault::RateLimited {
+                    retry_after: Duration::from_secs(1),
+                },
+                Budget::Requests(2),
+            )
+        });
+        let now = Instant::now();
+        let met = |state: &mut State, tenant| state.next_fault(now, tenant).is_some();
+        assert!(!met(&mut state, Some("13")), "another tenant passes");
+        assert!(!met(&mut state, None), "a push with no tenant passes");
+        assert!(met(&mut state, Some("12")));
+        assert!(
+            !met(&mut state, Some("13")),
+            "and does not use up its budget"
+        );
+        assert!(met(&mut state, Some("12")));
+        assert!(!met(&mut state, Some("12")), "budget spent");
+        assert_eq!(state.stats.get("429"), 2);
+    }
+
+    #[test]
+    fn a_tenants_time_budget_lets_other_tenants_through_meanwhile() {
+        let mut state = State::default();
+        state.faults.push(Injected {
+            tenant: Some("12".into()),
+            ..injected(Fault::ServerError, Budget::For(Duration::from_secs(60)))
+        });
+        let now = Instant::now();
+        for tenant in ["13", "14", "13"] {
+            assert_eq!(state.next_fault(now, Some(tenant)), None, "{tenant}");
+        }
+        assert_eq!(state.next_fault(now, Some("12")), Some(Fault::ServerError));
+        let later = now + Duration::from_secs(61);
+        assert_eq!(
+            state.next_fault(later, Some("12")),
+            None,
+            "the window ended"
+        );
     }
 
     #[test]
@@ -405,9 +478,9 @@ mod tests {
             Budget::Requests(1),
         ));
         let now = Instant::now();
-        assert_eq!(state.next_fault(now), Some(Fault::ServerError));
+        assert_eq!(state.next_fault(now, None), Some(Fault::ServerError));
         assert_eq!(
-            state.next_fault(now),
+            state.next_fault(now, None),
             Some(Fault::Rejected(Rejection::LineTooLong))
         );
         assert!(Rejection::LineTooLong.text().contains("line too long"));

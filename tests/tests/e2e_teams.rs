@@ -12,9 +12,17 @@
 //!
 //! - An overlapping pair (one pipeline ships everything, the other one app): the operator
 //!   reports the shared pod in both statuses (`overlappingPods`, `overlapsWith`).
+//! - `tenantFrom` a namespace label: three namespaces land in three tenants; while the fault
+//!   proxy answers 429 to one tenant for 60 s, the other two keep receiving lines, and
+//!   afterwards every line of all three is stored exactly once.
+//! - A namespace relabelled with another tenant sends the lines written after the change
+//!   there, and the earlier ones stay in the old tenant.
+//! - `tenantFrom` a field extracted per line: each line in the tenant it names, lines
+//!   without one or with an invalid one in the default tenant (the invalid ones counted).
 //!
 //! Needs `cargo build -p logpipe-agent -p logpipe-operator` first (`make e2e-teams` does it). One test bed
-//! (cluster `ops`) for all three tests; each test takes well under a minute.
+//! (cluster `ops`) for all six tests; each takes well under a minute but the 429 one
+//! (about 80 s: its fault window is a minute).
 
 #[cfg(test)]
 mod teams {
@@ -28,6 +36,7 @@ mod teams {
     use k8s_openapi::api::core::v1::{Namespace, Pod};
     use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
     use logpipe_agent::metrics::names::PIPELINE_DROPPED_LINES_TOTAL;
+    use logpipe_e2e::faultproxy::{Budget, Fault, FaultProxy};
     use logpipe_e2e::loggen::{Clock, rfc3339_nano};
     use logpipe_e2e::operator::Operator;
     use logpipe_e2e::store::{self, Stream};
@@ -120,6 +129,18 @@ mod teams {
 
     /// Write `n` unique CRI lines into the pod's container log, as the kubelet would.
     fn write_lines(root: &Path, ns: &str, pod: &str, uid: &str, n: usize) -> Vec<String> {
+        append_lines(root, ns, pod, uid, 0, n)
+    }
+
+    /// Append lines `from..from + n` (numbered, so each is unique) to the pod's log.
+    fn append_lines(
+        root: &Path,
+        ns: &str,
+        pod: &str,
+        uid: &str,
+        from: usize,
+        n: usize,
+    ) -> Vec<String> {
         let path = root
             .join(format!("{ns}_{pod}_{uid}"))
             .join("app")
@@ -127,7 +148,9 @@ mod teams {
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         let clock = Clock::new();
         let mut text = String::new();
-        let lines: Vec<String> = (0..n).map(|i| format!("{ns}/{pod} line {i:05}")).collect();
+        let lines: Vec<String> = (from..from + n)
+            .map(|i| format!("{ns}/{pod} line {i:05}"))
+            .collect();
         for line in &lines {
             text.push_str(&format!("{} stdout F {line}\n", rfc3339_nano(clock.next())));
         }
@@ -157,17 +180,19 @@ mod teams {
             stages: &str,
             selector: &str,
         ) -> Self {
+            let config = format!(
+                "loki:\n  url: {}\n  tenant: \"{tenant}\"\n  batchWait: 200ms\n  minBackoff: 100ms\n  maxBackoff: 2s\n\
+                 pipeline:\n- cri: {{}}\n- labelDrop: [filename]\n{stages}selector: {selector}\n",
+                testbed.push_url()
+            );
+            Self::with_config(testbed, node, name, root, &config)
+        }
+
+        /// An agent with its whole config document given.
+        fn with_config(testbed: &Testbed, node: &str, name: &str, root: &Path, text: &str) -> Self {
             let dir = testbed.scratch_dir(name).unwrap();
             let config = dir.join("agent.yaml");
-            fs::write(
-                &config,
-                format!(
-                    "loki:\n  url: {}\n  tenant: \"{tenant}\"\n  batchWait: 200ms\n  minBackoff: 100ms\n  maxBackoff: 2s\n\
-                     pipeline:\n- cri: {{}}\n- labelDrop: [filename]\n{stages}selector: {selector}\n",
-                    testbed.push_url()
-                ),
-            )
-            .unwrap();
+            fs::write(&config, text).unwrap();
             let listen = format!("127.0.0.1:{}", logpipe_e2e::free_port().unwrap());
             let log = fs::File::create(dir.join("agent.log")).unwrap();
             let child = Command::new(workspace_binary("logpipe-agent"))
@@ -191,7 +216,8 @@ mod teams {
             Self { child, listen }
         }
 
-        /// Sum of the samples of `name` with `label` (e.g. `reason="rate_limited"`); waits
+        /// Sum of the samples of `name` with `label` (e.g. `reason="rate_limited"`; empty: the
+        /// sample of a metric without labels); waits
         /// for the metrics server of an agent just started.
         async fn counter(&self, name: &str, label: &str) -> f64 {
             let url = format!("http://{}/metrics", self.listen);
@@ -208,7 +234,10 @@ mod teams {
             })
             .await;
             text.lines()
-                .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+                .filter(|l| {
+                    let labelled = l.starts_with(&format!("{name}{{")) && l.contains(label);
+                    labelled || label.is_empty() && l.starts_with(&format!("{name} "))
+                })
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum()
         }
@@ -447,5 +476,299 @@ mod teams {
             );
         }
         operator.kill().await;
+    }
+
+    /// `tenantFrom: {namespaceLabel: logpipe.io/tenant}`: three namespaces, three tenants,
+    /// on 2 nodes (an agent each, both pushing through the fault proxy). Each namespace's
+    /// lines land in its own tenant; then the first tenant's store answers 429 for
+    /// [`FAULT`] while lines keep being written to all three: the other two tenants
+    /// receive new lines during the window, the throttled one none; after it, every line
+    /// of all three is in its tenant exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tenant_from_a_namespace_label_keeps_the_others_flowing_while_one_gets_429() {
+        const FAULT: Duration = Duration::from_secs(60);
+        const KEY: &str = "logpipe.io/tenant";
+        let testbed = testbed().await;
+        let mut cluster = Cluster::new(&testbed).await;
+        let s = unique_suffix();
+        let tenants = [
+            store::unique_tenant(),
+            store::unique_tenant(),
+            store::unique_tenant(),
+        ];
+        let default_tenant = store::unique_tenant();
+        let namespaces = [
+            format!("red-{s}"),
+            format!("green-{s}"),
+            format!("blue-{s}"),
+        ];
+        for (ns, tenant) in namespaces.iter().zip(&tenants) {
+            cluster.namespace(ns, &[(KEY, tenant)]).await;
+        }
+        let proxy = FaultProxy::start(&testbed.store_url).await.unwrap();
+        let start_ns = store::now_ns() - 5_000_000_000;
+        let mut agents = Vec::new();
+        // (tenant index, node root, namespace, pod, uid)
+        let mut pods = Vec::new();
+        for (i, node) in cluster.nodes.iter().take(2).enumerate() {
+            let root = testbed
+                .scratch_dir(&format!("teams-tenants-pods-{i}"))
+                .unwrap();
+            let config = format!(
+                "loki:\n  url: {}\n  tenant: \"{default_tenant}\"\n  tenantFrom: {{namespaceLabel: {KEY}}}\n  \
+                 batchWait: 200ms\n  minBackoff: 100ms\n  maxBackoff: 2s\npipeline:\n- cri: {{}}\n",
+                proxy.push_url()
+            );
+            let name = format!("teams-tenants-{i}");
+            agents.push(Agent::with_config(&testbed, node, &name, &root, &config));
+            for (t, ns) in namespaces.iter().enumerate() {
+                let pod = format!("app-{i}");
+                let uid = cluster.pod(ns, &pod, i, &[("app", "app")]).await;
+                pods.push((t, root.clone(), ns.clone(), pod, uid));
+            }
+        }
+        let mut want: [Vec<String>; 3] = Default::default();
+        for (t, root, ns, pod, uid) in &pods {
+            want[*t].extend(write_lines(root, ns, pod, uid, 50));
+        }
+        for (tenant, lines) in tenants.iter().zip(&want) {
+            let arrived = |s: &[Stream]| store::count(s) >= lines.len();
+            let streams = store::wait_for(
+                &testbed.store_url,
+                tenant,
+                "*",
+                start_ns,
+                Duration::from_secs(60),
+                arrived,
+            )
+            .await
+            .unwrap();
+            assert_exactly(lines, &streams, tenant);
+        }
+
+        // The first tenant's store refuses every push for a minute; lines keep coming.
+        let fault_started = tokio::time::Instant::now();
+        proxy.inject_for(
+            &tenants[0],
+            Fault::RateLimited {
+                retry_after: Duration::from_secs(1),
+            },
+            Budget::For(FAULT),
+        );
+        let before: Vec<usize> = counts(&testbed, &tenants, start_ns).await;
+        let mut written = 50;
+        let mut during = Vec::new();
+        while fault_started.elapsed() < FAULT - Duration::from_secs(5) {
+            for (t, root, ns, pod, uid) in &pods {
+                want[*t].extend(append_lines(root, ns, pod, uid, written, 5));
+            }
+            written += 5;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if during.is_empty() && fault_started.elapsed() > Duration::from_secs(30) {
+                during = counts(&testbed, &tenants, start_ns).await;
+            }
+        }
+        let late = counts(&testbed, &tenants, start_ns).await;
+        let in_window = fault_started.elapsed();
+        println!(
+            "in the 429 window ({in_window:?}): stored per tenant at its start {before:?}, \
+             after 30 s {during:?}, near its end {late:?}; written per tenant {}; proxy {:?}",
+            want[0].len(),
+            proxy.stats()
+        );
+        assert!(in_window < FAULT, "still inside the fault window");
+        assert!(proxy.stats().get("429") > 0, "the fault was met");
+        assert_eq!(
+            late[0], before[0],
+            "the throttled tenant got nothing meanwhile"
+        );
+        for t in 1..3 {
+            assert!(
+                during[t] > before[t] && late[t] > during[t],
+                "tenant {t} kept flowing during the window: {before:?} {during:?} {late:?}"
+            );
+        }
+
+        // After the window: everything, exactly once, in its own tenant.
+        let drained = tokio::time::Instant::now();
+        for (tenant, lines) in tenants.iter().zip(&want) {
+            let arrived = |s: &[Stream]| store::count(s) >= lines.len();
+            store::wait_for(
+                &testbed.store_url,
+                tenant,
+                "*",
+                start_ns,
+                FAULT + Duration::from_secs(60),
+                arrived,
+            )
+            .await
+            .unwrap();
+        }
+        println!(
+            "all {} lines stored {:?} after the last write ({:?} after the fault began)",
+            want.iter().map(Vec::len).sum::<usize>(),
+            drained.elapsed(),
+            fault_started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for (tenant, lines) in tenants.iter().zip(&want) {
+            assert_exactly(lines, &everything(&testbed, tenant, start_ns).await, tenant);
+        }
+        let default = everything(&testbed, &default_tenant, start_ns).await;
+        assert_eq!(
+            store::count(&default),
+            0,
+            "nothing fell back to the default tenant"
+        );
+        drop(agents);
+    }
+
+    /// A namespace relabelled with another tenant: lines written after the change go to
+    /// the new tenant, those before stay in the old one, each exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_relabelled_namespace_sends_new_lines_to_its_new_tenant() {
+        const KEY: &str = "logpipe.io/tenant";
+        let testbed = testbed().await;
+        let mut cluster = Cluster::new(&testbed).await;
+        let ns = format!("relabel-{}", unique_suffix());
+        let (old, new, default) = (
+            store::unique_tenant(),
+            store::unique_tenant(),
+            store::unique_tenant(),
+        );
+        cluster.namespace(&ns, &[(KEY, &old)]).await;
+        let root = testbed.scratch_dir("teams-relabel-pods").unwrap();
+        let config = format!(
+            "loki:\n  url: {}\n  tenant: \"{default}\"\n  tenantFrom: {{namespaceLabel: {KEY}}}\n  \
+             batchWait: 200ms\npipeline:\n- cri: {{}}\n",
+            testbed.push_url()
+        );
+        let _agent =
+            Agent::with_config(&testbed, &cluster.nodes[0], "teams-relabel", &root, &config);
+        let start_ns = store::now_ns() - 5_000_000_000;
+        let uid = cluster.pod(&ns, "app-0", 0, &[("app", "app")]).await;
+        let before = write_lines(&root, &ns, "app-0", &uid, 20);
+        let arrived = |n: usize| move |s: &[Stream]| store::count(s) >= n;
+        store::wait_for(
+            &testbed.store_url,
+            &old,
+            "*",
+            start_ns,
+            Duration::from_secs(60),
+            arrived(20),
+        )
+        .await
+        .unwrap();
+        let patch = serde_json::json!({"metadata": {"labels": {KEY: new}}});
+        Api::<Namespace>::all(cluster.client.clone())
+            .patch(&ns, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        // The agent's namespace watch sees the change within milliseconds; lines written
+        // before it arrives would rightly still go to the old tenant.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = append_lines(&root, &ns, "app-0", &uid, 20, 20);
+        store::wait_for(
+            &testbed.store_url,
+            &new,
+            "*",
+            start_ns,
+            Duration::from_secs(60),
+            arrived(20),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_exactly(&before, &everything(&testbed, &old, start_ns).await, &old);
+        assert_exactly(&after, &everything(&testbed, &new, start_ns).await, &new);
+        let fallback = everything(&testbed, &default, start_ns).await;
+        assert_eq!(store::count(&fallback), 0, "nothing in the default tenant");
+    }
+
+    /// `tenantFrom: {field: tenant}` (Promtail's `tenant` stage): each line names its
+    /// tenant; a line without one, or with a value that is not a tenant ID, goes to the
+    /// default tenant, and only the invalid ones are counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tenant_from_a_field_places_each_line() {
+        let testbed = testbed().await;
+        let mut cluster = Cluster::new(&testbed).await;
+        let ns = format!("field-{}", unique_suffix());
+        cluster.namespace(&ns, &[]).await;
+        let (a, b, default) = (
+            store::unique_tenant(),
+            store::unique_tenant(),
+            store::unique_tenant(),
+        );
+        let root = testbed.scratch_dir("teams-field-pods").unwrap();
+        let config = format!(
+            "loki:\n  url: {}\n  tenant: \"{default}\"\n  tenantFrom: {{field: tenant}}\n  batchWait: 200ms\n\
+             pipeline:\n- cri: {{}}\n- regex: {{expression: '^tenant=(?P<tenant>\\S*) '}}\n",
+            testbed.push_url()
+        );
+        let agent = Agent::with_config(&testbed, &cluster.nodes[0], "teams-field", &root, &config);
+        let start_ns = store::now_ns() - 5_000_000_000;
+        let uid = cluster.pod(&ns, "app-0", 0, &[("app", "app")]).await;
+        let lines: Vec<String> = (0..40)
+            .map(|i| match i % 4 {
+                0 => format!("tenant={a} line {i}"),
+                1 => format!("tenant={b} line {i}"),
+                2 => format!("tenant=not|valid line {i}"),
+                _ => format!("no tenant line {i}"),
+            })
+            .collect();
+        let path = root
+            .join(format!("{ns}_app-0_{uid}"))
+            .join("app")
+            .join("0.log");
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let clock = Clock::new();
+        let text: String = lines
+            .iter()
+            .map(|l| format!("{} stdout F {l}\n", rfc3339_nano(clock.next())))
+            .collect();
+        fs::write(&path, text).unwrap();
+        let want = |k: usize| -> Vec<String> {
+            lines
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| k == 2 && i % 4 >= 2 || k < 2 && i % 4 == k)
+                .map(|(_, l)| l.clone())
+                .collect()
+        };
+        for (k, tenant) in [(0, &a), (1, &b), (2, &default)] {
+            let want = want(k);
+            let arrived = |s: &[Stream]| store::count(s) >= want.len();
+            store::wait_for(
+                &testbed.store_url,
+                tenant,
+                "*",
+                start_ns,
+                Duration::from_secs(60),
+                arrived,
+            )
+            .await
+            .unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for (k, tenant) in [(0, &a), (1, &b), (2, &default)] {
+            assert_exactly(
+                &want(k),
+                &everything(&testbed, tenant, start_ns).await,
+                tenant,
+            );
+        }
+        let fallbacks = agent
+            .counter("logpipe_tenant_fallback_entries_total", "")
+            .await;
+        assert_eq!(fallbacks, 10.0, "the invalid values, not the missing ones");
+    }
+
+    /// Entries stored in each tenant since `start_ns`.
+    async fn counts(testbed: &Testbed, tenants: &[String], start_ns: i64) -> Vec<usize> {
+        let mut out = Vec::new();
+        for tenant in tenants {
+            out.push(store::count(&everything(testbed, tenant, start_ns).await));
+        }
+        out
     }
 }

@@ -361,6 +361,7 @@ mod tests {
                 labels: labels.clone(),
                 structured_metadata: vec![("trace".into(), "t1".into())],
                 end_offset: seq,
+                tenant: None,
             },
             token: AckToken { file: 1, seq },
             bytes: 0,

@@ -1,7 +1,7 @@
 //! The Loki push client: one encoded batch, delivered or given up on for a stated reason.
 //!
 //! Flow: [`LokiClient::push`] POSTs the body (`Content-Type: application/x-protobuf`,
-//! `Content-Encoding: snappy`, `X-Scope-OrgID: <tenant>`, auth read from its file at each
+//! `Content-Encoding: snappy`, `X-Scope-OrgID: <the push's tenant>`, auth read from its file at each
 //! attempt so rotated tokens are picked up) and classifies the answer:
 //! 2xx delivered; 429, 5xx and connection errors or timeouts retried with exponential
 //! backoff between `minBackoff` and `maxBackoff`, with jitter, honouring `Retry-After`;
@@ -219,6 +219,7 @@ impl LokiClient {
         &self.host
     }
 
+    /// The default tenant (`loki.tenant`).
     pub fn tenant(&self) -> &str {
         &self.tenant
     }
@@ -254,15 +255,15 @@ impl LokiClient {
             .map_err(|e| LokiError::Build(format!("auth header: {e}")))
     }
 
-    fn headers(&self) -> Result<HeaderMap, LokiError> {
+    fn headers(&self, tenant: &str) -> Result<HeaderMap, LokiError> {
         let mut headers = HeaderMap::new();
         headers.insert(
             CONTENT_TYPE,
             HeaderValue::from_static("application/x-protobuf"),
         );
         headers.insert(CONTENT_ENCODING, HeaderValue::from_static("snappy"));
-        let tenant = HeaderValue::from_str(&self.tenant)
-            .map_err(|e| LokiError::Build(format!("loki.tenant: {e}")))?;
+        let tenant = HeaderValue::from_str(tenant)
+            .map_err(|e| LokiError::Build(format!("tenant {tenant:?}: {e}")))?;
         headers.insert("X-Scope-OrgID", tenant);
         if let Some(auth) = self.auth_header()? {
             headers.insert(reqwest::header::AUTHORIZATION, auth);
@@ -271,8 +272,8 @@ impl LokiClient {
     }
 
     /// One attempt: (status, Retry-After, first line of the body). Status 0: no answer.
-    async fn attempt(&self, body: bytes::Bytes) -> (u16, Option<String>, String) {
-        let headers = match self.headers() {
+    async fn attempt(&self, tenant: &str, body: bytes::Bytes) -> (u16, Option<String>, String) {
+        let headers = match self.headers(tenant) {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot build the push request");
@@ -322,7 +323,12 @@ impl LokiClient {
             || status == StatusCode::TOO_MANY_REQUESTS.as_u16()
             || status == StatusCode::BAD_REQUEST.as_u16()
             || status == StatusCode::UNPROCESSABLE_ENTITY.as_u16();
-        self.health.set_loki_ready(reachable);
+        // Another tenant's refusal (401, 403: a gateway that does not let this agent write
+        // that tenant) says nothing about Loki: readiness would flap with every push of
+        // that tenant. No answer, a 5xx, or any answer for the default tenant does.
+        if reachable || tenant == self.tenant || status == 0 || status >= 500 {
+            self.health.set_loki_ready(reachable);
+        }
         let first_line: String = text
             .lines()
             .next()
@@ -333,11 +339,13 @@ impl LokiClient {
         (status, retry_after, first_line)
     }
 
-    /// Push until Loki accepts or refuses for good, or `cancel` fires. From its first
-    /// retry until it ends, the push counts in `retrying` (the shipper starts no other
-    /// push meanwhile, so a throttled Loki is not pressed by several at once).
+    /// Push for `tenant` until Loki accepts or refuses for good, or `cancel` fires. From
+    /// its first retry until it ends, the push counts in `retrying`, the tenant's count
+    /// (the shipper starts no other push of that tenant meanwhile, so a throttled tenant
+    /// is not pressed by several at once; other tenants go on).
     pub async fn push(
         &self,
+        tenant: &str,
         body: bytes::Bytes,
         entries: u64,
         cancel: &CancellationToken,
@@ -357,7 +365,7 @@ impl LokiClient {
         let mut attempt = 0u32;
         loop {
             let (status, retry_after, text) = tokio::select! {
-                r = self.attempt(body.clone()) => r,
+                r = self.attempt(tenant, body.clone()) => r,
                 _ = cancel.cancelled() => return Outcome::Cancelled,
             };
             match classify(status, retry_after.as_deref(), &text) {
@@ -373,10 +381,10 @@ impl LokiClient {
                     return Outcome::Delivered;
                 }
                 Verdict::Drop { reason } => {
-                    tracing::error!(status, reason, body = %text, entries, "Loki refused the batch, dropping it");
+                    tracing::error!(status, reason, tenant, body = %text, entries, "Loki refused the batch, dropping it");
                     let labels = DropLabels {
                         host: self.host.clone(),
-                        tenant: self.tenant.clone(),
+                        tenant: tenant.to_string(),
                         reason: reason.to_string(),
                     };
                     self.metrics
@@ -394,13 +402,13 @@ impl LokiClient {
                         .batch_retries
                         .get_or_create(&HostTenantLabels {
                             host: self.host.clone(),
-                            tenant: self.tenant.clone(),
+                            tenant: tenant.to_string(),
                         })
                         .inc();
                     let jitter = rand::rng().random::<f64>();
                     let delay = backoff(self.min_backoff, self.max_backoff, attempt, jitter);
                     let delay = retry_after.map_or(delay, |r| r.max(delay));
-                    tracing::warn!(status, error = %text, attempt, delay_ms = delay.as_millis() as u64, "push failed, will retry");
+                    tracing::warn!(status, tenant, error = %text, attempt, delay_ms = delay.as_millis() as u64, "push failed, will retry");
                     attempt = attempt.saturating_add(1);
                     counted.start();
                     tokio::select! {
@@ -412,13 +420,13 @@ impl LokiClient {
         }
     }
 
-    /// A push of no streams: tells whether Loki answers for this tenant.
+    /// A push of no streams: tells whether Loki answers for the default tenant.
     pub async fn probe(&self) -> bool {
         let raw = prost::Message::encode_to_vec(&super::proto::PushRequest { streams: vec![] });
         let Ok(body) = snap::raw::Encoder::new().compress_vec(&raw) else {
             return false;
         };
-        let (status, _, _) = self.attempt(bytes::Bytes::from(body)).await;
+        let (status, _, _) = self.attempt(&self.tenant, bytes::Bytes::from(body)).await;
         (200..300).contains(&status) || status == StatusCode::UNPROCESSABLE_ENTITY.as_u16()
     }
 }

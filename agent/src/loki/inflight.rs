@@ -2,8 +2,8 @@
 //!
 //! Flow: the shipper asks [`Budget::has_room`] before it starts a push for a key, calls
 //! [`Budget::start`] when it does and [`Budget::finish`] when the push's answer is in.
-//! Today there is one key (the client's tenant); per-tenant batching gives each tenant a
-//! key of its own, so a tenant Loki throttles cannot hold the others' pushes.
+//! The key is the push's tenant (one key without `tenantFrom`), so a tenant Loki
+//! throttles cannot hold the others' pushes.
 //!
 //! Guarantees: at most [`push_limit`] pushes per key, and no new one while a push of
 //! that key is being retried (a 429 storm meets one push, not several). Bytes are bounded elsewhere: every
@@ -66,6 +66,11 @@ impl<K: Eq + Hash + Clone> Budget<K> {
                 self.in_flight.remove(key);
             }
         }
+    }
+
+    /// Pushes in flight for `key`.
+    pub fn in_flight(&self, key: &K) -> usize {
+        self.in_flight.get(key).copied().unwrap_or(0)
     }
 
     /// Pushes in flight over all keys.

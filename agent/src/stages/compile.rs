@@ -64,7 +64,11 @@ pub(super) struct DropRule {
     pub(super) reason: String,
 }
 
-pub(super) fn pipeline(stages: &[Stage], limits: &Limits) -> Result<Pipeline, StageError> {
+pub(super) fn pipeline(
+    stages: &[Stage],
+    limits: &Limits,
+    tenant_field: Option<&str>,
+) -> Result<Pipeline, StageError> {
     let mut table = FieldTable::default();
     let mut pipeline = Pipeline {
         parser: Parser::None,
@@ -75,6 +79,7 @@ pub(super) fn pipeline(stages: &[Stage], limits: &Limits) -> Result<Pipeline, St
         malformed: limits.malformed_lines,
         parser_fields: ParserFields::default(),
         multiline_stages: Vec::new(),
+        tenant_field: None,
         label_memos: 0,
         limits: 0,
     };
@@ -92,6 +97,8 @@ pub(super) fn pipeline(stages: &[Stage], limits: &Limits) -> Result<Pipeline, St
         validate::stage(index, stage).map_err(invalid)?;
         pipeline.compile(stage, &mut table).map_err(invalid)?;
     }
+    // Interned before the parser's fields are looked up, so `field: stream` works too.
+    pipeline.tenant_field = tenant_field.map(|name| table.intern(name));
     pipeline.parser_fields = ParserFields {
         time: table.lookup("time"),
         stream: table.lookup("stream"),

@@ -132,6 +132,8 @@ pub struct Pipeline {
     parser_fields: ParserFields,
     /// Stage index of each multiline slot, in stage order.
     multiline_stages: Vec<usize>,
+    /// `tenantFrom.field`: the extracted field that names an entry's tenant.
+    tenant_field: Option<FieldId>,
     label_memos: usize,
     limits: usize,
 }
@@ -242,7 +244,17 @@ fn stream_index(stream: Stream) -> usize {
 
 impl Pipeline {
     pub fn new(stages: &[Stage], limits: &Limits) -> Result<Self, StageError> {
-        compile::pipeline(stages, limits)
+        compile::pipeline(stages, limits, None)
+    }
+
+    /// A pipeline whose entries carry the value of the extracted field `tenant_field`
+    /// (when set and not empty) as their tenant, for the runtime to check.
+    pub fn with_tenant_field(
+        stages: &[Stage],
+        limits: &Limits,
+        tenant_field: Option<&str>,
+    ) -> Result<Self, StageError> {
+        compile::pipeline(stages, limits, tenant_field)
     }
 
     pub fn stream(&self) -> StreamState {
@@ -717,6 +729,12 @@ impl Pipeline {
             labels: work.labels,
             structured_metadata: work.structured_metadata,
             end_offset: work.end_offset,
+            // Taken as written; the runtime checks it once per value (`tenant.rs`).
+            tenant: self
+                .tenant_field
+                .and_then(|id| fields.get(id))
+                .filter(|v| !v.is_empty())
+                .map(Arc::from),
         });
     }
 }

@@ -698,3 +698,42 @@ fn cut_at_respects_characters_and_progress() {
     assert_eq!(cut_at(b"\x80\x80\x80\x80\x80", 4, true), 4);
     assert_eq!(cut_at(b"abc", 10, true), 3);
 }
+
+/// `tenantFrom: {field: ...}`: each entry carries the field's value (not empty) as its
+/// tenant, through a multiline join too; without the field, no tenant (the default).
+#[test]
+fn a_tenant_field_is_carried_on_each_entry() {
+    let yaml = "- cri: {}\n- regex: {expression: '^(?P<tenant>\\w*):'}\n\
+                - multiline: {firstLine: '^\\w*: '}\n";
+    let pipeline =
+        Pipeline::with_tenant_field(&stages(yaml), &Limits::default(), Some("tenant")).unwrap();
+    let mut feeder = Feeder::new(pipeline);
+    for (i, content) in [
+        "shop: one",
+        "web: two",
+        "  web continued",
+        ": empty field",
+        "no-colon-here",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        feeder.push(&cri(i as i64, "stdout", "F", content));
+    }
+    feeder.flush(NOW, true);
+    let tenants: Vec<(&str, Option<&str>)> = feeder
+        .out
+        .iter()
+        .map(|e| (e.line.as_str(), e.tenant.as_deref()))
+        .collect();
+    assert_eq!(
+        tenants,
+        [
+            ("shop: one", Some("shop")),
+            ("web: two\n  web continued", Some("web")),
+            (": empty field\nno-colon-here", None),
+        ]
+    );
+    let plain = Feeder::new(pipeline_with(yaml, Limits::default()));
+    assert!(plain.out.iter().all(|e| e.tenant.is_none()));
+}

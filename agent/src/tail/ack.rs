@@ -13,7 +13,9 @@
 //!   purpose do not hold positions back) — never past the first line the pipeline still
 //!   holds, nor past a line it lost without a decision.
 //! - `buffered_bytes` counts every registered, unacknowledged entry; the tailer stops
-//!   reading above its limit, so memory is bounded by it (plus one read pass).
+//!   reading above its limit, so memory is bounded by it (plus one read pass). It is also
+//!   counted per tenant of the entries, so the tailer can pause only the files of a
+//!   tenant that holds too much of it ([`Ledger::tenant_full`]).
 //!
 //! Assumptions: per file, entries are registered in file order (the pipeline emits them in
 //! the order of their lines).
@@ -46,7 +48,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-use crate::entry::Entry;
+use crate::entry::{Entry, Tenant};
 use crate::positions::{Fingerprint, PositionRecord};
 
 /// A tailed file instance (a truncated file gets a new key).
@@ -97,6 +99,19 @@ pub struct Pending {
     pub bytes: u64,
 }
 
+/// Bytes per consecutive run of one tenant (entries and tokens come in such runs).
+#[derive(Default)]
+struct TenantRuns(Vec<(Option<Tenant>, u64)>);
+
+impl TenantRuns {
+    fn add(&mut self, tenant: &Option<Tenant>, bytes: u64) {
+        match self.0.last_mut() {
+            Some((last, sum)) if last == tenant => *sum += bytes,
+            _ => self.0.push((tenant.clone(), bytes)),
+        }
+    }
+}
+
 /// Entries of one file handed to the shipper at once (one read chunk's worth): one
 /// channel message and one ledger lock for hundreds of short lines, not one each.
 pub type Parcel = Vec<Pending>;
@@ -115,6 +130,8 @@ struct Slot {
     end_offset: u64,
     bytes: u64,
     acked: bool,
+    /// The entry's tenant, whose share of the buffer it counts in.
+    tenant: Option<Tenant>,
 }
 
 #[derive(Debug)]
@@ -135,6 +152,9 @@ struct FileAcks {
     written_end: u64,
     /// (offset, Unix ms): bytes up to `offset` were first seen by then; oldest first.
     marks: VecDeque<(u64, i64)>,
+    /// Tenant of the entry registered last: the one the file's next lines most likely
+    /// feed (see [`Ledger::tenant_full`]).
+    tenant: Option<Tenant>,
 }
 
 impl FileAcks {
@@ -223,6 +243,8 @@ struct Inner {
     files: BTreeMap<FileKey, FileAcks>,
     retired: BTreeMap<String, PositionRecord>,
     buffered: u64,
+    /// `buffered`, per tenant of the entries (`None`: entries with the default tenant).
+    by_tenant: HashMap<Option<Tenant>, u64>,
     generation: u64,
     /// Lag totals of the instances no longer tracked.
     closed_written: u64,
@@ -232,6 +254,22 @@ struct Inner {
 }
 
 impl Inner {
+    /// Count `bytes` more (`released`: fewer) for `tenant`.
+    fn tenant_bytes(&mut self, tenant: Option<Tenant>, bytes: u64, released: bool) {
+        if bytes == 0 {
+            return;
+        }
+        let count = self.by_tenant.entry(tenant).or_default();
+        if released {
+            *count = count.saturating_sub(bytes);
+        } else {
+            *count += bytes;
+        }
+        if *count == 0 {
+            self.by_tenant.retain(|_, n| *n > 0);
+        }
+    }
+
     fn retire_drained(&mut self, key: FileKey) {
         let Some(file) = self.files.get(&key) else {
             return;
@@ -328,6 +366,7 @@ impl Ledger {
                 start,
                 written_end: start,
                 marks: VecDeque::new(),
+                tenant: None,
             },
         );
         inner.generation += 1;
@@ -347,8 +386,10 @@ impl Ledger {
             end_offset,
             bytes,
             acked: false,
+            tenant: None,
         });
         inner.buffered += bytes;
+        inner.tenant_bytes(None, bytes, false);
         Some(AckToken { file: key, seq })
     }
 
@@ -366,6 +407,8 @@ impl Ledger {
             return Vec::new();
         };
         let mut parcel = Vec::with_capacity(entries.size_hint().0);
+        // Bytes per run of one tenant: one map update per run, not per entry.
+        let mut runs = TenantRuns::default();
         for entry in entries {
             if file.pending.is_empty() {
                 // Lines before this entry's were dropped or delivered: count them as done.
@@ -377,13 +420,21 @@ impl Ledger {
                 end_offset: entry.end_offset,
                 bytes,
                 acked: false,
+                tenant: entry.tenant.clone(),
             });
             inner.buffered += bytes;
+            runs.add(&entry.tenant, bytes);
             parcel.push(Pending {
                 entry,
                 token: AckToken { file: key, seq },
                 bytes,
             });
+        }
+        if let Some(last) = parcel.last() {
+            file.tenant = last.entry.tenant.clone();
+        }
+        for (tenant, bytes) in runs.0 {
+            inner.tenant_bytes(tenant, bytes, false);
         }
         parcel
     }
@@ -394,6 +445,7 @@ impl Ledger {
         // Tokens come in runs of one file: a short list, not a hash set.
         let mut touched: Vec<FileKey> = Vec::new();
         let mut released = 0;
+        let mut runs = TenantRuns::default();
         for token in tokens {
             let Some(file) = inner.files.get_mut(&token.file) else {
                 continue;
@@ -406,12 +458,16 @@ impl Ledger {
             {
                 slot.acked = true;
                 released += slot.bytes;
+                runs.add(&slot.tenant, slot.bytes);
                 if touched.last() != Some(&token.file) {
                     touched.push(token.file);
                 }
             }
         }
         inner.buffered = inner.buffered.saturating_sub(released);
+        for (tenant, bytes) in runs.0 {
+            inner.tenant_bytes(tenant, bytes, true);
+        }
         touched.sort_unstable();
         touched.dedup();
         for key in touched {
@@ -541,6 +597,30 @@ impl Ledger {
         self.lock().buffered
     }
 
+    /// Whether the tenant the file's last entry went to holds `limit` bytes or more of
+    /// the buffer: the tailer then pauses that file, not the others (a tenant Loki
+    /// throttles cannot fill the whole buffer and stop every tenant's reading).
+    pub fn tenant_full(&self, key: FileKey, limit: u64) -> bool {
+        let inner = self.lock();
+        let Some(file) = inner.files.get(&key) else {
+            return false;
+        };
+        inner
+            .by_tenant
+            .get(&file.tenant)
+            .is_some_and(|bytes| *bytes >= limit)
+    }
+
+    /// Buffered bytes of entries of `tenant` (`None`: the default tenant's).
+    pub fn tenant_bytes(&self, tenant: Option<&str>) -> u64 {
+        let inner = self.lock();
+        inner
+            .by_tenant
+            .get(&tenant.map(Tenant::from))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Bumped by every change; the positions writer saves when it moved.
     pub fn generation(&self) -> u64 {
         self.lock().generation
@@ -614,6 +694,49 @@ mod tests {
         ledger.ack(&[a]);
         assert_eq!(ledger.committed(key), Some(30));
         assert_eq!(ledger.buffered_bytes(), 0);
+    }
+
+    /// With `tenantFrom: {field: ...}` one file's entries go to several tenants, each
+    /// pushed on its own: tenant B's later entry acknowledged first (A is throttled) must
+    /// not move the position past A's earlier entry.
+    #[test]
+    fn another_tenants_acknowledgement_does_not_pass_an_earlier_entry() {
+        let ledger = Ledger::default();
+        let key = ledger.open("/f".into(), identity(0));
+        let entry = |end: u64, tenant: &str| Entry {
+            timestamp_ns: 0,
+            line: format!("{tenant} {end}"),
+            labels: Default::default(),
+            structured_metadata: Vec::new(),
+            end_offset: end,
+            tenant: Some(tenant.into()),
+        };
+        let parcel = ledger.register_all(
+            key,
+            [
+                entry(10, "a"),
+                entry(20, "b"),
+                entry(30, "a"),
+                entry(40, "b"),
+            ]
+            .into_iter(),
+            |_| 10,
+        );
+        ledger.progress(key, 40, None);
+        let tokens = |tenant: &str| -> Vec<AckToken> {
+            parcel
+                .iter()
+                .filter(|p| p.entry.tenant.as_deref() == Some(tenant))
+                .map(|p| p.token)
+                .collect()
+        };
+        ledger.ack(&tokens("b"));
+        assert_eq!(ledger.committed(key), Some(0), "a's first entry holds it");
+        assert_eq!(ledger.buffered_bytes(), 20, "b's entries are released");
+        ledger.ack(&tokens("a")[..1]);
+        assert_eq!(ledger.committed(key), Some(20), "up to a's next entry");
+        ledger.ack(&tokens("a")[1..]);
+        assert_eq!(ledger.committed(key), Some(40));
     }
 
     #[test]

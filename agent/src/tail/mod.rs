@@ -15,7 +15,8 @@
 //!    fingerprint, or by fingerprint for a `.gz`) or started as described below;
 //! 2. [`Tailer::read_pass`] reads the files written since they were last read to their
 //!    end (and only those: an idle file costs nothing), within a per-file budget, unless the
-//!    bytes read and not yet acknowledged exceed `max_buffered_bytes` (backpressure), splits
+//!    bytes read and not yet acknowledged exceed `max_buffered_bytes` (backpressure), or
+//!    the file's tenant's share of them, `tenant_buffered_bytes` (`tenantFrom`), splits
 //!    lines, feeds the handler, registers each entry in the [`ack::Ledger`] and sends it;
 //!    then reports how far the handler decided every line ([`LineOutcome::decided`]) and
 //!    from where it holds lines, and how far the file extends (the lag accounting of
@@ -150,6 +151,10 @@ pub struct TailConfig {
     /// writing a line a millisecond would otherwise wake the reader for every line.
     pub coalesce: Duration,
     pub max_buffered_bytes: u64,
+    /// With several tenants (`tenantFrom`): a file whose latest entries' tenant holds this
+    /// many buffered bytes is not read until some are acknowledged, while files of other
+    /// tenants are (see [`ack::Ledger::tenant_full`]). `None`: one limit for all.
+    pub tenant_buffered_bytes: Option<u64>,
     /// Bytes read from one file in one pass.
     pub per_file_budget: usize,
     /// A raw line longer than this is cut (counted) so one bad file cannot exhaust memory.
@@ -167,6 +172,7 @@ impl TailConfig {
             watch: true,
             coalesce: Duration::from_millis(50),
             max_buffered_bytes,
+            tenant_buffered_bytes: None,
             per_file_budget: 1024 * 1024,
             max_raw_line_bytes: (2 * max_line_bytes as usize).max(1024 * 1024),
             baseline_ms: now_ms(),
@@ -718,8 +724,15 @@ impl<H: LineHandler> Tailer<H> {
                 paused = true;
                 self.metrics.backpressure_passes.inc();
             }
+            // Its tenant's share full (Loki throttles that tenant): this file waits, the
+            // other tenants' files are read.
+            let tenant_full = !paused
+                && self
+                    .cfg
+                    .tenant_buffered_bytes
+                    .is_some_and(|limit| self.ledger.tenant_full(key, limit));
             // A file only ticking (holding lines, not written) is not read.
-            let read = !paused && self.dirty.contains(&key);
+            let read = !paused && !tenant_full && self.dirty.contains(&key);
             match self.read_file(key, !read) {
                 Ok(visit) => {
                     total += visit.read;

@@ -1,6 +1,7 @@
 //! Tailer scenarios with a trivial handler (one entry per line; `DROP...` lines are
 //! dropped; a `HOLD...` line is held until the next line; a `LOSE...` line vanishes
-//! without a decision, as a bug would lose it).
+//! without a decision, as a bug would lose it; a pod in a namespace `t-<x>` sends its
+//! entries to tenant `<x>`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -14,14 +15,20 @@ use super::*;
 #[derive(Default)]
 struct Held {
     held: Option<(u64, String)>,
+    tenant: Option<crate::entry::Tenant>,
 }
 
 struct Lines;
 
 impl LineHandler for Lines {
     type Stream = Held;
-    fn open(&mut self, _file: &FileInfo) -> Option<Held> {
-        Some(Held::default())
+    fn open(&mut self, file: &FileInfo) -> Option<Held> {
+        let tenant = file
+            .pod
+            .as_ref()
+            .and_then(|p| p.namespace.strip_prefix("t-"))
+            .map(Into::into);
+        Some(Held { held: None, tenant })
     }
     fn line(
         &mut self,
@@ -53,6 +60,7 @@ impl LineHandler for Lines {
                 labels: Arc::new(BTreeMap::new()),
                 structured_metadata: Vec::new(),
                 end_offset: end,
+                tenant: stream.tenant.clone(),
             });
         }
         LineOutcome::DONE
@@ -65,6 +73,7 @@ impl LineHandler for Lines {
                 labels: Arc::new(BTreeMap::new()),
                 structured_metadata: Vec::new(),
                 end_offset: 0,
+                tenant: None,
             });
         }
     }
@@ -87,10 +96,14 @@ impl Bed {
     }
 
     fn with(dir: tempfile::TempDir, ledger: Ledger, max_buffered: u64, baseline_ms: i64) -> Self {
-        let ledger = Arc::new(ledger);
-        let (tx, rx) = unbounded_channel();
         let mut cfg = TailConfig::new(dir.path(), max_buffered, 1024);
         cfg.baseline_ms = baseline_ms;
+        Self::with_config(dir, ledger, cfg)
+    }
+
+    fn with_config(dir: tempfile::TempDir, ledger: Ledger, cfg: TailConfig) -> Self {
+        let ledger = Arc::new(ledger);
+        let (tx, rx) = unbounded_channel();
         let tailer = Tailer::new(cfg, Lines, ledger.clone(), tx, Arc::new(Metrics::new()));
         Self {
             dir,
@@ -140,6 +153,39 @@ impl Bed {
 }
 
 const POD: &str = "ns_pod-a_uid-1/app";
+
+/// A tenant whose entries are not acknowledged (Loki throttles it) fills its share of
+/// the buffer: its file waits, another tenant's file is still read, and the first one
+/// resumes once its entries are acknowledged.
+#[test]
+fn a_tenant_over_its_share_of_the_buffer_pauses_only_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = TailConfig::new(dir.path(), 100_000, 1024);
+    cfg.tenant_buffered_bytes = Some(2_000);
+    cfg.baseline_ms = 0;
+    let mut bed = Bed::with_config(dir, Ledger::default(), cfg);
+    let (throttled, other) = ("t-a_pod_uid-a/app/0.log", "t-b_pod_uid-b/app/0.log");
+    let lines =
+        |prefix: &str, n: usize| -> String { (0..n).map(|i| format!("{prefix}{i}\n")).collect() };
+    // 40 entries of about 66 bytes: tenant a holds over 2,000 bytes.
+    bed.append(throttled, &lines("a", 40));
+    let (got, held) = bed.step();
+    assert_eq!(got.len(), 40);
+    assert!(bed.ledger.tenant_bytes(Some("a")) >= 2_000);
+    bed.append(throttled, &lines("late-a", 5));
+    bed.append(other, &lines("b", 5));
+    let got = bed.step_acked();
+    assert_eq!(
+        got,
+        ["b0", "b1", "b2", "b3", "b4"],
+        "only b's file was read"
+    );
+    bed.ledger.ack(&held);
+    assert_eq!(bed.ledger.tenant_bytes(Some("a")), 0);
+    let got = bed.step_acked();
+    assert_eq!(got.len(), 5, "a's file is read again: {got:?}");
+    assert!(got.iter().all(|l| l.starts_with("late-a")));
+}
 
 #[test]
 fn reads_complete_lines_and_waits_for_the_rest() {

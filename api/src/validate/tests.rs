@@ -231,6 +231,31 @@ fn the_push_client_is_checked() {
             "loki.externalLabels.cluster-name",
             "label name",
         ),
+        (
+            "loki: {url: 'http://x', tenant: a, tenantFrom: {}}",
+            "loki.tenantFrom",
+            "set one of",
+        ),
+        (
+            "loki: {url: 'http://x', tenant: a, tenantFrom: {podLabel: team, field: t}}",
+            "loki.tenantFrom",
+            "only one",
+        ),
+        (
+            "loki: {url: 'http://x', tenant: a, tenantFrom: {namespaceLabel: 'team tenant'}}",
+            "loki.tenantFrom",
+            "not a label key",
+        ),
+        (
+            "loki: {url: 'http://x', tenant: a, tenantFrom: {podAnnotation: '/tenant'}}",
+            "loki.tenantFrom",
+            "not a label key",
+        ),
+        (
+            "loki: {url: 'http://x', tenant: a, tenantFrom: {field: ''}}",
+            "loki.tenantFrom",
+            "must not be empty",
+        ),
     ];
     for (text, field, reason) in cases {
         let config: AgentConfig = serde_yaml::from_str(text).expect("parses");
@@ -241,6 +266,20 @@ fn the_push_client_is_checked() {
                 .any(|p| p.field == *field && p.message.contains(reason)),
             "{text:?}: expected {field}: ...{reason}..., found {found:?}"
         );
+    }
+}
+
+#[test]
+fn each_tenant_source_alone_is_accepted() {
+    for from in [
+        "{namespaceLabel: logpipe.io/tenant}",
+        "{podLabel: team}",
+        "{podAnnotation: logpipe.io/tenant}",
+        "{field: tenant}",
+    ] {
+        let text = format!("loki: {{url: 'http://x', tenant: a, tenantFrom: {from}}}");
+        let config: AgentConfig = serde_yaml::from_str(&text).expect("parses");
+        assert_eq!(config_problems(&config), [], "{from}");
     }
 }
 

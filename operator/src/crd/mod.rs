@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Affinity, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{CustomResource, KubeSchema};
-use logpipe_api::config::{HumanDuration, RelabelRule, Stage};
+use logpipe_api::config::{HumanDuration, RelabelRule, Stage, TenantFrom};
 use logpipe_api::selector::PodSelection;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -64,6 +64,15 @@ pub struct LogPipelineSpec {
     #[x_kube(validation = Rule::new("self.matches(\"^[a-zA-Z0-9!._*'()-]*$\")")
         .message("tenant may only contain letters, digits and ! - _ . * ' ( ) (Loki's tenant ID rules; '|' separates tenants in queries)"))]
     pub tenant: String,
+
+    /// Where each entry's tenant comes from, one of: `namespaceLabel` (e.g.
+    /// `logpipe.io/tenant` on each team's namespace), `podLabel`, `podAnnotation`, or
+    /// `field` (extracted by a json or regex stage). Where the source is missing, or its
+    /// value is not a valid tenant (counted in `logpipe_tenant_fallback_entries_total`),
+    /// `tenant` is used. The agent batches, pushes and retries per tenant. Rollout
+    /// verification then does not ask the store (`storeEntries` is skipped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_from: Option<TenantFrom>,
 
     /// Loki push URL, e.g. `http://loki-distributor.loki.svc:3100/loki/api/v1/push`.
     #[schemars(length(max = 2048))]

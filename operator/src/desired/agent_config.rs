@@ -73,6 +73,7 @@ fn spec_field(agent_field: &str) -> String {
         ("pipeline", "spec.pipeline"),
         ("loki.url", "spec.endpoint"),
         ("loki.tenant", "spec.tenant"),
+        ("loki.tenantFrom", "spec.tenantFrom"),
         ("selector", "spec.selector"),
     ];
     renamed
@@ -93,6 +94,9 @@ pub fn agent_config(lp: &LogPipeline) -> Result<AgentConfig, AgentConfigError> {
     let mut loki = Map::new();
     loki.insert("url".into(), json!(spec.endpoint));
     loki.insert("tenant".into(), json!(spec.tenant));
+    if let Some(from) = &spec.tenant_from {
+        loki.insert("tenantFrom".into(), json!(from));
+    }
     if let Some(auth) = &spec.auth {
         let mut a = Map::new();
         if let Some(basic) = &auth.basic {

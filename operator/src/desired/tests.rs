@@ -205,8 +205,9 @@ fn rendered_agent_config_is_accepted_by_the_agent() {
     assert_eq!(objects.config_map.immutable, Some(true));
 }
 
-/// The multi-team example: each pipeline's selector reaches its agents as written, and a
-/// selector the agent would refuse is named by the LogPipeline's field.
+/// The multi-team example: each pipeline's selector (and the teams' `tenantFrom`) reaches
+/// its agents as written, and a selector or tenant source the agent would refuse is named
+/// by the LogPipeline's field.
 #[test]
 fn selector_and_keyed_limit_reach_the_agent_config() {
     let text = include_str!("../../../examples/multi-team.yaml");
@@ -218,7 +219,16 @@ fn selector_and_keyed_limit_reach_the_agent_config() {
         let config = AgentConfig::from_yaml(yaml).unwrap();
         assert_eq!(config.selector, lp.spec.selector);
         assert!(!config.selector.is_empty());
+        assert_eq!(config.loki.tenant_from, lp.spec.tenant_from);
     }
+    let from = pipelines[1].spec.tenant_from.as_ref().unwrap();
+    assert_eq!(from.namespace_label.as_deref(), Some("logpipe.io/tenant"));
+    let mut two_sources = pipelines[1].clone();
+    if let Some(from) = two_sources.spec.tenant_from.as_mut() {
+        from.pod_label = Some("team".into());
+    }
+    let err = desired(&two_sources, &ctx()).unwrap_err().to_string();
+    assert!(err.contains("spec.tenantFrom: set only one of"), "{err}");
     let limit = pipelines[1].spec.pipeline[2].limit.as_ref().unwrap();
     assert_eq!(
         limit.by_labels.as_deref(),

@@ -368,6 +368,21 @@ fn store_is_recorded_as_skipped_without_a_query() {
     );
 }
 
+/// `tenantFrom`: a store is set but not asked; the check says why.
+#[test]
+fn store_not_asked_says_why() {
+    let m = Measurements {
+        store: None,
+        store_skipped: Some("not asked: tenantFrom".into()),
+        ..measured(good(), 20.0, 0.0)
+    };
+    let (checks, verdict) = judge(&spec(), &[&pod("n1", true)], &m, true);
+    assert!(verdict.passed, "{}", verdict.summary);
+    let store = checks.iter().find(|c| c.name == "storeEntries").unwrap();
+    assert_eq!(store.value.as_deref(), Some("skipped"));
+    assert_eq!(store.message.as_deref(), Some("not asked: tenantFrom"));
+}
+
 #[test]
 fn a_store_error_fails_store_entries_at_the_end_with_its_message() {
     let tenant_error = victorialogs::tenant("ops").unwrap_err();
