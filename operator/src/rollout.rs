@@ -491,52 +491,20 @@ fn step_set<'a>(
     (order, want)
 }
 
-/// Pods to delete now among `candidates` (moving them to revision `toward`), within the
-/// unavailability budget. Not-Ready candidates cost nothing (they are down anyway); by
-/// name for a reviewable order. While nodes are still in transition, Ready candidates
-/// move in batches of at least [`min_batch`] (or all that are left): each delete wakes
-/// the DaemonSet controller, whose every sync weighs every node (0.4 s at 1,000 nodes on
-/// the test bed); moved one or two at a time as the new pods turn Ready, the rollout ran
-/// at one sync per pod, half the native RollingUpdate's pace.
-fn budgeted(
-    candidates: &[&PodView],
-    obs: &Observed,
-    max_unavailable: i32,
-    toward: &str,
-) -> Vec<String> {
+/// Pods to delete now among `candidates`, within the unavailability budget. Not-Ready
+/// candidates cost nothing (they are down anyway); by name for a reviewable order.
+fn budgeted(candidates: &[&PodView], obs: &Observed, max_unavailable: i32) -> Vec<String> {
     let budget = usize::try_from(max_unavailable.max(1)).unwrap_or(1);
     let mut not_ready: Vec<&&PodView> = candidates.iter().filter(|p| !p.ready).collect();
     let mut ready: Vec<&&PodView> = candidates.iter().filter(|p| p.ready).collect();
     not_ready.sort_by(|a, b| a.name.cmp(&b.name));
     ready.sort_by(|a, b| a.name.cmp(&b.name));
     let room = budget.saturating_sub(unavailable_nodes(obs));
-    let batch = min_batch(budget).min(ready.len());
-    let take = if room < batch && in_transition(obs, toward) > 0 {
-        0
-    } else {
-        room
-    };
     not_ready
         .iter()
         .map(|p| p.name.clone())
-        .chain(ready.iter().take(take).map(|p| p.name.clone()))
+        .chain(ready.iter().take(room).map(|p| p.name.clone()))
         .collect()
-}
-
-/// The fewest Ready pods a batch moves while others are in transition: a quarter of the
-/// budget (1 up to a budget of 4, so small clusters move as before).
-pub fn min_batch(budget: usize) -> usize {
-    budget.div_ceil(4).max(1)
-}
-
-/// Nodes on their way to `toward`: a pod terminating, a node without a live pod, or a
-/// live pod at `toward` not Ready yet.
-fn in_transition(obs: &Observed, toward: &str) -> usize {
-    let live_nodes: std::collections::BTreeSet<&str> =
-        live(obs.pods).map(PodView::node_name).collect();
-    let terminating = obs.pods.iter().filter(|p| p.terminating).count();
-    let starting = live(obs.pods).filter(|p| p.at(toward) && !p.ready).count();
-    terminating + obs.desired_nodes.saturating_sub(live_nodes.len()) + starting
 }
 
 /// Nodes with no live Ready agent: its pod is not Ready, terminating or missing. A node
@@ -992,7 +960,7 @@ impl Engine<'_, '_> {
             if let Some(held) = self.record_baseline(&mut st, index, &set) {
                 return self.decision(st, Template::Target, Vec::new(), held);
             }
-            let delete = budgeted(&to_move, self.obs, self.spec.max_unavailable, self.target);
+            let delete = budgeted(&to_move, self.obs, self.spec.max_unavailable);
             let moved = set.iter().filter(|p| p.at(self.target)).count();
             let message = format!(
                 "{name}: {moved}/{want} nodes at revision {} ({ready} Ready), {desired} in all",
@@ -1114,7 +1082,7 @@ impl Engine<'_, '_> {
                 format!("rolled back to revision {stable} ({ready}/{desired} Ready): {reason}");
             return self.decision(st, Template::Stable, Vec::new(), message);
         }
-        let delete = budgeted(&off, self.obs, self.spec.max_unavailable, &stable);
+        let delete = budgeted(&off, self.obs, self.spec.max_unavailable);
         let message = format!(
             "rolling back to revision {stable}: {} nodes to move back, {ready}/{desired} Ready: {reason}",
             off.len()
@@ -1234,7 +1202,7 @@ impl Engine<'_, '_> {
             return self.decision(st, Template::Target, actions, message);
         }
         st.phase = Some(Phase::Progressing);
-        let delete = budgeted(&off, self.obs, self.spec.max_unavailable, self.target);
+        let delete = budgeted(&off, self.obs, self.spec.max_unavailable);
         if !delete.is_empty() {
             actions.push(Action::DeletePods(delete));
         }

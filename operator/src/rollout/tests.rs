@@ -826,52 +826,6 @@ fn a_node_being_replaced_counts_once_against_the_budget() {
     assert!(deleted(&d).is_empty(), "no room: {:?}", deleted(&d));
 }
 
-/// While nodes are in transition, Ready pods move in batches of a quarter of the budget
-/// (each delete costs the DaemonSet controller a sync over every node); with none in
-/// transition, whatever room there is.
-#[test]
-fn ready_pods_move_in_batches_while_others_are_in_transition() {
-    let mut eight = spec();
-    eight.max_unavailable = 8;
-    assert_eq!(min_batch(8), 2);
-    assert_eq!(min_batch(1), 1);
-    let step = state(Phase::Step, Some(2), 100);
-    let flags = || Flags {
-        desired: Some(20),
-        ..Flags::default()
-    };
-    // n1..n20 at r1; the first `starting` at r2 and not Ready yet (in transition), the
-    // next `down` at r1 and not Ready (node trouble, not ours).
-    let fleet20 = |starting: usize, down: usize| -> Vec<PodView> {
-        (1..=20)
-            .map(|i| match i {
-                i if i <= starting => pod(&format!("n{i:02}"), "r2", false),
-                i if i <= starting + down => pod(&format!("n{i:02}"), "r1", false),
-                i => pod(&format!("n{i:02}"), "r1", true),
-            })
-            .collect()
-    };
-    let ready_deleted = |pods: &[PodView]| {
-        let d = run(&eight, &step, "r2", pods, Verdicts::default(), 101, flags());
-        deleted(&d)
-            .into_iter()
-            .filter(|name| pods.iter().any(|p| &p.name == name && p.ready))
-            .count()
-    };
-    assert_eq!(ready_deleted(&fleet20(7, 0)), 0, "room 1 < batch 2: wait");
-    assert_eq!(ready_deleted(&fleet20(6, 0)), 2, "room 2: a batch");
-    assert_eq!(
-        ready_deleted(&fleet20(0, 0)),
-        8,
-        "nothing in transition: the budget"
-    );
-    assert_eq!(
-        ready_deleted(&fleet20(0, 7)),
-        1,
-        "down, not in transition: the room left, no wait for a batch"
-    );
-}
-
 #[test]
 fn first_install_is_one_verified_step_and_a_failure_is_degraded() {
     let d = run(
