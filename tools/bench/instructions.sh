@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Instructions per line of an agent binary on a bench corpus, by callgrind: repeatable
+# whatever else the machine runs (CPU seconds on shared cores are not). Issue 16.
+#
+#   tools/bench/instructions.sh [AGENT] [CORPUS_DIR]
+#
+# AGENT defaults to target/release/logpipe-agent; CORPUS_DIR to target/bench/corpus-short
+# (write it with `target/release/logpipe-bench --corpus-only --size 32 --shapes short`).
+# The agent reads the whole corpus from the start with the reference pipeline
+# (cri -> timestamp -> labelDrop) and pushes to a null receiver (a few lines of Python
+# answering 204) until it has sent every entry; then it gets SIGTERM and exits as in a
+# pod. Start-up and shutdown are counted. Prints instructions, entries and their ratio;
+# the callgrind profile stays in $OUT (target/perline) for callgrind_annotate.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+AGENT=${1:-target/release/logpipe-agent}
+CORPUS=${2:-target/bench/corpus-short}
+OUT=${OUT:-target/perline}
+PORT=${PORT:-24990}
+METRICS_PORT=${METRICS_PORT:-24991}
+mkdir -p "$OUT"
+entries=$(jq .entries "$CORPUS/manifest.json")
+run="$OUT/run.$$"
+mkdir -p "$run"
+python3 - "$PORT" <<'PY' &
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(204); self.send_header("Content-Length", "0"); self.end_headers()
+    do_GET = do_POST
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+PY
+receiver=$!
+agent=
+trap 'kill $receiver $agent 2>/dev/null || true' EXIT
+cat > "$run/agent.yaml" <<YAML
+loki:
+  url: http://127.0.0.1:$PORT/loki/api/v1/push
+  tenant: "1"
+  batchWait: 1s
+  batchBytes: 1048576
+logRoot: $PWD/$CORPUS/var/log/pods
+positionsFile: $PWD/$run/positions.json
+listen: 127.0.0.1:$METRICS_PORT
+pipeline:
+  - cri: {}
+  - timestamp:
+      source: time
+      format: RFC3339
+  - labelDrop:
+      - filename
+YAML
+sleep 0.5
+valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
+  "$AGENT" --config "$run/agent.yaml" --node-name bench-node --log-format text \
+  >"$run/agent.log" 2>&1 &
+agent=$!
+sent=0
+while kill -0 $agent 2>/dev/null; do
+  sleep 1
+  sent=$(curl -s "http://127.0.0.1:$METRICS_PORT/metrics" |
+    awk '/^promtail_sent_entries_total/ {n += $2} END {print n + 0}' || true)
+  [ "$sent" -ge "$entries" ] && break
+done
+kill -TERM $agent
+wait $agent || true
+agent=
+total=$(awk '/^summary:/ {print $2}' "$OUT/callgrind.out")
+echo "entries $entries sent $sent instructions $total per_line $((total / entries))"
+rm -rf "$run"
