@@ -108,6 +108,11 @@ pub struct PipelineHandler {
     node: String,
     stats: PipelineStats,
     metrics: Arc<Metrics>,
+    /// The clock, read once per visit of a file ([`LineHandler::refresh`]) rather than
+    /// per line: a visit reads at most the per-file budget, a few milliseconds of work,
+    /// and the lines a parser could not time, multiline waits and rate limits can take
+    /// the visit's start for "now".
+    now_ns: i64,
 }
 
 impl PipelineHandler {
@@ -127,6 +132,7 @@ impl PipelineHandler {
             node,
             stats: PipelineStats::default(),
             metrics,
+            now_ns: now_ns(),
         }
     }
 
@@ -281,6 +287,7 @@ impl LineHandler for PipelineHandler {
     }
 
     fn refresh(&mut self, file: &FileInfo, stream: &mut FileStream) {
+        self.now_ns = now_ns();
         let version = self.version();
         if version != stream.seen_version {
             stream.seen_version = version;
@@ -315,7 +322,7 @@ impl LineHandler for PipelineHandler {
             start,
             end,
             labels,
-            now_ns(),
+            self.now_ns,
             out,
             &mut self.stats,
         );
