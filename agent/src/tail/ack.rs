@@ -442,26 +442,34 @@ impl Ledger {
     /// Loki accepted (or refused for good) these entries.
     pub fn ack(&self, tokens: &[AckToken]) {
         let mut inner = self.lock();
-        // Tokens come in runs of one file: a short list, not a hash set.
+        // Tokens come in runs of one file: each run's file is looked up once, and the
+        // files touched are a short list, not a hash set.
         let mut touched: Vec<FileKey> = Vec::new();
         let mut released = 0;
         let mut runs = TenantRuns::default();
-        for token in tokens {
-            let Some(file) = inner.files.get_mut(&token.file) else {
+        for run in tokens.chunk_by(|a, b| a.file == b.file) {
+            let Some(key) = run.first().map(|t| t.file) else {
                 continue;
             };
-            let Some(index) = token.seq.checked_sub(file.front_seq) else {
+            let Some(file) = inner.files.get_mut(&key) else {
                 continue;
             };
-            if let Some(slot) = file.pending.get_mut(index as usize)
-                && !slot.acked
-            {
-                slot.acked = true;
-                released += slot.bytes;
-                runs.add(&slot.tenant, slot.bytes);
-                if touched.last() != Some(&token.file) {
-                    touched.push(token.file);
+            let mut acked = false;
+            for token in run {
+                let Some(index) = token.seq.checked_sub(file.front_seq) else {
+                    continue;
+                };
+                if let Some(slot) = file.pending.get_mut(index as usize)
+                    && !slot.acked
+                {
+                    slot.acked = true;
+                    released += slot.bytes;
+                    runs.add(&slot.tenant, slot.bytes);
+                    acked = true;
                 }
+            }
+            if acked {
+                touched.push(key);
             }
         }
         inner.buffered = inner.buffered.saturating_sub(released);
