@@ -295,7 +295,7 @@ pub struct Measurements {
 /// How far what the store can return trails what the agents have read, worst node: for
 /// each node the store was asked about, the newest entry its agent read minus the newest
 /// entry the store returns for it (0 when it has caught up: a quiet node is not late).
-/// The agent reads within a poll interval (250 ms) of the write, so this is
+/// The agent reads within about half a second of the write, so this is
 /// written -> queryable.
 /// `None` when no node could be compared.
 fn queryable_lag(pods: &[&PodView], m: &Measurements) -> Option<f64> {
