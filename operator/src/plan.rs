@@ -173,8 +173,12 @@ impl Seen {
             let observed = ds.status.as_ref().and_then(|s| s.observed_generation);
             observed.is_some() && observed >= ds.metadata.generation
         });
+        let mut state = status::rollout_state(lp.status.as_ref());
+        // The stable revision is the saved snapshot's: its ConfigMap is the one place it is
+        // kept; `status.stableRevision` shows it and is never read back.
+        state.stable = snap.stable.as_ref().map(|s| s.revision.clone());
         Self {
-            state: status::rollout_state(lp.status.as_ref()),
+            state,
             views: snap
                 .pods
                 .iter()
@@ -205,7 +209,7 @@ impl Seen {
             desired_known: self.desired_known,
             node_labels: &snap.node_labels,
             gated: self.gated,
-            stable_saved: stable.is_some_and(|s| Some(&s.revision) == self.state.stable.as_ref()),
+            stable_saved: stable.is_some(),
             saved_revision: stable.map(|s| s.revision.as_str()),
             paused: self.paused,
             promote: self.promote,
@@ -1111,6 +1115,41 @@ mod tests {
         snap.answers.measured = Some(verify::Measurements::default());
         let judged = plan(&snap, now).judged.expect("its answer is judged");
         assert!(judged.final_check);
+    }
+
+    /// The stable revision is the saved snapshot's (its ConfigMap), whatever the status
+    /// says: the status shows it; with no snapshot saved, a Healthy revision saves one.
+    #[test]
+    fn the_stable_revision_is_the_saved_snapshots() {
+        use fixtures::{daemon_set, pipeline, pod, snapshot};
+        let now = Now::current();
+        let mut snap = snapshot(pipeline());
+        let target = snap.objects.revision.clone();
+        let mut lp = (*snap.lp).clone();
+        lp.status = Some(LogPipelineStatus {
+            phase: Some(Phase::Healthy),
+            target_revision: Some(target.clone()),
+            stable_revision: Some("what-the-status-said".into()),
+            ..Default::default()
+        });
+        snap.lp = Arc::new(lp);
+        snap.daemon_set = Some(daemon_set(1));
+        snap.pods = vec![pod("a", "n1", &target)];
+        snap.stable = StableSnapshot::of(&snap.objects);
+        let saved = plan(&snap, now);
+        assert_eq!(
+            saved.status.stable_revision.as_deref(),
+            Some(target.as_str())
+        );
+        assert_eq!(saved.writes.save_stable, None, "saved already");
+
+        snap.stable = None;
+        let unsaved = plan(&snap, now);
+        assert_eq!(
+            unsaved.writes.save_stable.map(|s| s.revision),
+            Some(target),
+            "none saved: the Healthy revision is saved"
+        );
     }
 
     #[test]

@@ -267,6 +267,8 @@ pub struct State {
     pub phase: Option<Phase>,
     /// Revision being rolled out (or rolled back from, when Degraded).
     pub target: Option<String>,
+    /// The stable revision: the saved snapshot's (the `<name>-stable` ConfigMap, its one
+    /// source), not read from the status, which only shows it.
     pub stable: Option<String>,
     /// Index in [`plan_steps`]; `steps.len()` while soaking.
     pub step: Option<usize>,
