@@ -364,7 +364,8 @@ pub fn plan(snap: &Snapshot, now: Now) -> Plan {
     if let Some(why) = &gate_stop {
         explain_gate_stop(&mut decision, &seen.state, why, seen.promote || seen.abort);
     }
-    if request.is_some() && snap.answers.measured.is_none() {
+    let pending = request.is_some() && snap.answers.measured.is_none();
+    if pending {
         // The agents' answer is measured in the background and wakes the next reconcile
         // when it is in: looking sooner would only find it missing.
         decision.requeue = decision.requeue.max(verify::WINDOW_CHECK_SPACING);
@@ -390,6 +391,12 @@ pub fn plan(snap: &Snapshot, now: Now) -> Plan {
         StatusWrite::Now => (true, decision.requeue),
         StatusWrite::After(wait) => (false, decision.requeue.min(wait)),
     };
+    // Without the agents' answer the status would say less than the last answer did (a
+    // step held on an unreachable store would read "verifying" until the answer is in):
+    // while it is on its way and the rollout's state is unchanged, the status stays as
+    // the last answer left it.
+    let unchanged = status::rollout_state(Some(&status)) == status::rollout_state(old);
+    let write_status = write_status && !(pending && unchanged);
     Plan {
         apply,
         events: events::transitions(old, &status),
@@ -1102,6 +1109,9 @@ mod tests {
         snap.lp = Arc::new(lp);
         snap.daemon_set = Some(daemon_set(1));
         snap.pods = vec![pod("a", "n1", &target)];
+        let mut stable = StableSnapshot::of(&snap.objects).unwrap();
+        stable.revision = "stable".into();
+        snap.stable = Some(stable);
 
         let (request, key) = asks(&snap, now.wall).verify.expect("a verification is due");
         assert!(request.final_check && key.final_check);
@@ -1109,6 +1119,7 @@ mod tests {
 
         let waiting = plan(&snap, now);
         assert_eq!(waiting.judged, None, "no answer: nothing judged");
+        assert!(!waiting.write_status, "nothing to say before the answer");
         assert_eq!(waiting.status.current_step, Some(0), "the step holds");
         assert!(waiting.requeue >= verify::WINDOW_CHECK_SPACING);
 
