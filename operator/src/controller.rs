@@ -910,6 +910,25 @@ mod tests {
 
         use crate::plan::fixtures::{pipeline, pod, snapshot};
 
+        /// A controller context whose API server is the mock `service`.
+        fn mocked_ctx(service: tower_test::mock::Mock<Request<Body>, Response<Body>>) -> Ctx {
+            let client = Client::new(service, "default");
+            let reporter = Reporter {
+                controller: "logpipe-operator".into(),
+                instance: None,
+            };
+            // As main does: reqwest (the verifier) has no crypto provider of its own.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            Ctx::new(
+                client.clone(),
+                "logpipe-agent:new".into(),
+                crate::rbac::AGENT_CLUSTER_ROLE.into(),
+                Arc::new(Metrics::default()),
+                Recorder::new(client, reporter),
+                Verifier::new().unwrap(),
+            )
+        }
+
         /// Run `execute(snap, plan)` against the mock; the requests it made, in order, and
         /// its result.
         async fn run(snap: &plan::Snapshot, plan: &plan::Plan) -> (Vec<String>, bool) {
@@ -933,21 +952,7 @@ mod tests {
                 }
                 seen
             });
-            let client = Client::new(service, "default");
-            let reporter = Reporter {
-                controller: "logpipe-operator".into(),
-                instance: None,
-            };
-            // As main does: reqwest (the verifier) has no crypto provider of its own.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let ctx = Ctx::new(
-                client.clone(),
-                "logpipe-agent:new".into(),
-                crate::rbac::AGENT_CLUSTER_ROLE.into(),
-                Arc::new(Metrics::default()),
-                Recorder::new(client, reporter),
-                Verifier::new().unwrap(),
-            );
+            let ctx = mocked_ctx(service);
             let ok = execute(snap, plan, &ctx).await.is_ok();
             drop(ctx);
             (server.await.unwrap(), ok)
@@ -1019,20 +1024,7 @@ mod tests {
                     reply.send_response(response);
                 }
             });
-            let client = Client::new(service, "default");
-            let reporter = Reporter {
-                controller: "logpipe-operator".into(),
-                instance: None,
-            };
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let ctx = Ctx::new(
-                client.clone(),
-                "logpipe-agent:new".into(),
-                crate::rbac::AGENT_CLUSTER_ROLE.into(),
-                Arc::new(Metrics::default()),
-                Recorder::new(client, reporter),
-                Verifier::new().unwrap(),
-            );
+            let ctx = mocked_ctx(service);
             let mut woken = ctx.woken.lock().unwrap().take().unwrap();
             let snap = snapshot(pipeline());
             let pods = vec![pod("a", "n1", "r0")];

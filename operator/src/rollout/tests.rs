@@ -786,44 +786,32 @@ fn a_node_being_replaced_counts_once_against_the_budget() {
     let step = state(Phase::Step, Some(1), 100);
     let mut terminating = pod("n1", "r1", true);
     terminating.terminating = true;
-    let replaced = |new_pod: Option<PodView>| {
-        let mut pods: Vec<PodView> = fleet("r1")
-            .into_iter()
-            .filter(|p| p.node.as_deref() != Some("n1"))
-            .collect();
+    // n1's pod terminating, maybe its replacement; n4 maybe down (not in the step).
+    let deleted_when = |new_pod: Option<PodView>, n4_down: bool| {
+        let mut pods = with(fleet("r1"), "n4", "r1", !n4_down, 0);
+        pods.retain(|p| p.node.as_deref() != Some("n1"));
         pods.push(terminating.clone());
         pods.extend(new_pod);
-        run(
+        let flags = Flags::default();
+        deleted(&run(
             &two,
             &step,
             "r2",
             &pods,
             Verdicts::default(),
             101,
-            Flags::default(),
-        )
+            flags,
+        ))
     };
-    assert_eq!(deleted(&replaced(None)), vec!["agent-n2".to_string()]);
+    let n2 = vec!["agent-n2".to_string()];
+    assert_eq!(deleted_when(None, false), n2, "n1 gone: one node down");
     let mut starting = pod("n1", "r2", false);
     starting.name = "agent-n1-new".into();
-    assert_eq!(
-        deleted(&replaced(Some(starting))),
-        vec!["agent-n2".to_string()]
+    assert_eq!(deleted_when(Some(starting), false), n2, "n1 starting: one");
+    assert!(
+        deleted_when(None, true).is_empty(),
+        "n1 and n4 down: no room"
     );
-    // Two nodes down (n1 in transition, n4 not Ready): n2 may not move.
-    let mut pods = with(fleet("r1"), "n4", "r1", false, 0);
-    pods.retain(|p| p.node.as_deref() != Some("n1"));
-    pods.push(terminating.clone());
-    let d = run(
-        &two,
-        &step,
-        "r2",
-        &pods,
-        Verdicts::default(),
-        101,
-        Flags::default(),
-    );
-    assert!(deleted(&d).is_empty(), "no room: {:?}", deleted(&d));
 }
 
 #[test]
