@@ -261,6 +261,21 @@ mod teams {
         out
     }
 
+    /// What `tenant` holds since `start_ns` once it holds `lines` entries or more, or when
+    /// `timeout` has passed (the caller's assertions say which).
+    async fn at_least(
+        testbed: &Testbed,
+        tenant: &str,
+        start_ns: i64,
+        lines: usize,
+        timeout: Duration,
+    ) -> Vec<Stream> {
+        let enough = |s: &[Stream]| store::count(s) >= lines;
+        store::wait_for(&testbed.store_url, tenant, "*", start_ns, timeout, enough)
+            .await
+            .unwrap()
+    }
+
     /// Everything `tenant` holds since `start_ns`, now.
     async fn everything(testbed: &Testbed, tenant: &str, start_ns: i64) -> Vec<Stream> {
         let now = store::now_ns() + 1_000_000_000;
@@ -335,17 +350,14 @@ mod teams {
             }
         }
         for (tenant, want) in [(&ops_tenant, &want_ops), (&teams_tenant, &want_teams)] {
-            let arrived = |s: &[Stream]| store::count(s) >= want.len();
-            store::wait_for(
-                &testbed.store_url,
+            at_least(
+                &testbed,
                 tenant,
-                "*",
                 start_ns,
+                want.len(),
                 Duration::from_secs(60),
-                arrived,
             )
-            .await
-            .unwrap();
+            .await;
             // Let a duplicate, if any, arrive before judging.
             tokio::time::sleep(Duration::from_secs(2)).await;
             assert_exactly(want, &everything(&testbed, tenant, start_ns).await, tenant);
@@ -532,17 +544,14 @@ mod teams {
             want[*t].extend(write_lines(root, ns, pod, uid, 50));
         }
         for (tenant, lines) in tenants.iter().zip(&want) {
-            let arrived = |s: &[Stream]| store::count(s) >= lines.len();
-            let streams = store::wait_for(
-                &testbed.store_url,
+            let streams = at_least(
+                &testbed,
                 tenant,
-                "*",
                 start_ns,
+                lines.len(),
                 Duration::from_secs(60),
-                arrived,
             )
-            .await
-            .unwrap();
+            .await;
             assert_exactly(lines, &streams, tenant);
         }
 
@@ -592,17 +601,14 @@ mod teams {
         // After the window: everything, exactly once, in its own tenant.
         let drained = tokio::time::Instant::now();
         for (tenant, lines) in tenants.iter().zip(&want) {
-            let arrived = |s: &[Stream]| store::count(s) >= lines.len();
-            store::wait_for(
-                &testbed.store_url,
+            at_least(
+                &testbed,
                 tenant,
-                "*",
                 start_ns,
+                lines.len(),
                 FAULT + Duration::from_secs(60),
-                arrived,
             )
-            .await
-            .unwrap();
+            .await;
         }
         println!(
             "all {} lines stored {:?} after the last write ({:?} after the fault began)",
@@ -648,17 +654,7 @@ mod teams {
         let start_ns = store::now_ns() - 5_000_000_000;
         let uid = cluster.pod(&ns, "app-0", 0, &[("app", "app")]).await;
         let before = write_lines(&root, &ns, "app-0", &uid, 20);
-        let arrived = |n: usize| move |s: &[Stream]| store::count(s) >= n;
-        store::wait_for(
-            &testbed.store_url,
-            &old,
-            "*",
-            start_ns,
-            Duration::from_secs(60),
-            arrived(20),
-        )
-        .await
-        .unwrap();
+        at_least(&testbed, &old, start_ns, 20, Duration::from_secs(60)).await;
         let patch = serde_json::json!({"metadata": {"labels": {KEY: new}}});
         Api::<Namespace>::all(cluster.client.clone())
             .patch(&ns, &PatchParams::default(), &Patch::Merge(&patch))
@@ -668,16 +664,7 @@ mod teams {
         // before it arrives would rightly still go to the old tenant.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let after = append_lines(&root, &ns, "app-0", &uid, 20, 20);
-        store::wait_for(
-            &testbed.store_url,
-            &new,
-            "*",
-            start_ns,
-            Duration::from_secs(60),
-            arrived(20),
-        )
-        .await
-        .unwrap();
+        at_least(&testbed, &new, start_ns, 20, Duration::from_secs(60)).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_exactly(&before, &everything(&testbed, &old, start_ns).await, &old);
         assert_exactly(&after, &everything(&testbed, &new, start_ns).await, &new);
@@ -737,17 +724,14 @@ mod teams {
         };
         for (k, tenant) in [(0, &a), (1, &b), (2, &default)] {
             let want = want(k);
-            let arrived = |s: &[Stream]| store::count(s) >= want.len();
-            store::wait_for(
-                &testbed.store_url,
+            at_least(
+                &testbed,
                 tenant,
-                "*",
                 start_ns,
+                want.len(),
                 Duration::from_secs(60),
-                arrived,
             )
-            .await
-            .unwrap();
+            .await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
         for (k, tenant) in [(0, &a), (1, &b), (2, &default)] {
