@@ -30,17 +30,7 @@ done
 pids=()
 cleanup() { kill -9 "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
-python3 - "$PORT" <<'PY' &
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        self.send_response(204); self.send_header("Content-Length", "0"); self.end_headers()
-    do_GET = do_POST
-    def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-PY
+python3 tools/bench/null_receiver.py "$PORT" &
 pids+=($!)
 cat >"$dir/agent.yaml" <<YAML
 loki:

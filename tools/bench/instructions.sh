@@ -22,17 +22,7 @@ mkdir -p "$OUT"
 entries=$(jq .entries "$CORPUS/manifest.json")
 run="$OUT/run.$$"
 mkdir -p "$run"
-python3 - "$PORT" <<'PY' &
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        self.send_response(204); self.send_header("Content-Length", "0"); self.end_headers()
-    do_GET = do_POST
-    def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-PY
+python3 tools/bench/null_receiver.py "$PORT" &
 receiver=$!
 agent=
 trap 'kill $receiver $agent 2>/dev/null || true' EXIT
