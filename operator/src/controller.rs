@@ -12,7 +12,8 @@
 //!   (`verify::background`): the answers in so far join the snapshot.
 //! - `plan::plan` (pure, table-tested): every decision, the status and its Events.
 //! - [`execute`]: apply (when the digest changed), delete pods (off the reconcile,
-//!   concurrently, bounded: [`delete_off_reconcile`]), save stable, clear annotations, ConfigMap GC, status (when due), Events.
+//!   concurrently, bounded: [`delete_off_reconcile`]), save stable, clear annotations,
+//!   ConfigMap GC, status (when due), Events.
 //!
 //! Nothing waits for the pods, the agents or the store: their events, or the end of a
 //! background measurement, wake the next reconcile.
@@ -435,25 +436,13 @@ fn measure(snap: &plan::Snapshot, asks: &plan::Asks, ctx: &Ctx) -> plan::Answers
     if let Some((request, key)) = &asks.verify {
         let spec = &lp.spec.rollout.verify;
         answers.measured = if spec.measures() {
-            // With tenantFrom the step's entries are spread over tenants the operator does
-            // not know: asking spec.tenant alone would fail nodes whose pods all go
-            // elsewhere. The agents' own acknowledgements (`lag`) still judge delivery.
-            let by_tenant = lp.spec.tenant_from.is_some();
-            let skipped = (by_tenant && spec.store().is_some()).then_some(TENANT_FROM_SKIPS_STORE);
-            let store =
-                spec.store()
-                    .filter(|_| !by_tenant)
-                    .map(|(kind, endpoint)| verify::StoreQuery {
-                        kind,
-                        endpoint: endpoint.to_string(),
-                        tenant: lp.spec.tenant.clone(),
-                        window: request.window,
-                    });
             let request = verify::MeasureRequest {
                 targets: targets(&request.pods),
                 port,
-                store,
+                store: store_query(lp, request.window),
             };
+            let skipped = (lp.spec.tenant_from.is_some() && spec.store().is_some())
+                .then_some(TENANT_FROM_SKIPS_STORE);
             ctx.verifier
                 .measurements_or_start(key.clone(), request, wake())
                 .map(|mut measured| {
@@ -465,6 +454,23 @@ fn measure(snap: &plan::Snapshot, asks: &plan::Asks, ctx: &Ctx) -> plan::Answers
         };
     }
     answers
+}
+
+/// The store a verification asks about the step's nodes over `window`, if any. With
+/// `tenantFrom` none: the step's entries are spread over tenants the operator does not
+/// know, and asking `spec.tenant` alone would fail nodes whose pods all go elsewhere; the
+/// agents' own acknowledgements (`lag`) still judge delivery.
+fn store_query(lp: &LogPipeline, window: Duration) -> Option<verify::StoreQuery> {
+    if lp.spec.tenant_from.is_some() {
+        return None;
+    }
+    let (kind, endpoint) = lp.spec.rollout.verify.store()?;
+    Some(verify::StoreQuery {
+        kind,
+        endpoint: endpoint.to_string(),
+        tenant: lp.spec.tenant.clone(),
+        window,
+    })
 }
 
 /// Carry out `plan` (see `plan`'s module docs for the order). The first write that fails
