@@ -408,8 +408,12 @@ fn named_check(status: &serde_json::Value, name: &str) -> serde_json::Value {
 async fn a_release_that_multiplies_streams_fails_at_the_canary() {
     let _serial = SERIAL.lock().await;
     let testbed = ops().await;
-    let (bed, _tenant, _release1, mut lp) = installed(&testbed, "lprl-streams", "10s").await;
-    lp["spec"]["rollout"]["verify"]["maxStreamGrowth"] = json!("2x");
+    // Release 2 adds a stream per line to the stable agent's own, which are more the longer
+    // the bed has run (25 to 50 per node): the canary's agent gains about 27 in 20 s. A
+    // 20 s window and a 1.2x limit catch it with a margin (at 10 s and 2x the canary ended
+    // between 1.4x and 2.3x, and passed once).
+    let (bed, _tenant, _release1, mut lp) = installed(&testbed, "lprl-streams", "20s").await;
+    lp["spec"]["rollout"]["verify"]["maxStreamGrowth"] = json!("1.2x");
     apply(&bed.client, &bed.ns, &lp).await;
     wait_healthy(&bed.client, &bed.ns, bed.nodes, Duration::from_secs(180)).await;
     let mut next = lp.clone();
@@ -418,7 +422,7 @@ async fn a_release_that_multiplies_streams_fails_at_the_canary() {
     stages.push(json!({"labels": {"seq": ""}}));
     let (_, growth) = fails_at_the_canary(&bed, &next, "streamGrowth").await;
     assert!(
-        growth["value"].as_str().unwrap().parse::<f64>().unwrap() > 2.0,
+        growth["value"].as_str().unwrap().parse::<f64>().unwrap() > 1.2,
         "{growth}"
     );
     assert!(
