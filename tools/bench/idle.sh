@@ -39,14 +39,8 @@ loki:
 logRoot: $root
 positionsFile: $dir/positions.json
 listen: 127.0.0.1:$METRICS_PORT
-pipeline:
-  - cri: {}
-  - timestamp:
-      source: time
-      format: RFC3339
-  - labelDrop:
-      - filename
 YAML
+cat tools/bench/reference_pipeline.yaml >>"$dir/agent.yaml"
 "$AGENT" --config "$dir/agent.yaml" --node-name idle-node --log-format text >"$dir/agent.log" 2>&1 &
 agent=$!
 pids+=($agent)

@@ -19,6 +19,9 @@ OUT=${OUT:-target/perline}
 PORT=${PORT:-24990}
 METRICS_PORT=${METRICS_PORT:-24991}
 mkdir -p "$OUT"
+# Absolute: the agent config names both, and either may be given relative or absolute.
+CORPUS=$(realpath "$CORPUS")
+OUT=$(realpath "$OUT")
 entries=$(jq .entries "$CORPUS/manifest.json")
 run="$OUT/run.$$"
 mkdir -p "$run"
@@ -32,17 +35,11 @@ loki:
   tenant: "1"
   batchWait: 1s
   batchBytes: 1048576
-logRoot: $PWD/$CORPUS/var/log/pods
-positionsFile: $PWD/$run/positions.json
+logRoot: $CORPUS/var/log/pods
+positionsFile: $run/positions.json
 listen: 127.0.0.1:$METRICS_PORT
-pipeline:
-  - cri: {}
-  - timestamp:
-      source: time
-      format: RFC3339
-  - labelDrop:
-      - filename
 YAML
+cat tools/bench/reference_pipeline.yaml >>"$run/agent.yaml"
 sleep 0.5
 valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
   "$AGENT" --config "$run/agent.yaml" --node-name bench-node --log-format text \
