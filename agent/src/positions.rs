@@ -117,6 +117,22 @@ pub struct PositionRecord {
     pub last_seen_ms: i64,
 }
 
+#[cfg(test)]
+impl PositionRecord {
+    /// A plain file (device 1, `inode`) at `offset`, for tests.
+    pub fn of_file(inode: u64, offset: u64) -> Self {
+        Self {
+            offset,
+            dev: 1,
+            inode,
+            fingerprint: None,
+            compressed: false,
+            finished: false,
+            last_seen_ms: 0,
+        }
+    }
+}
+
 /// The positions document.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

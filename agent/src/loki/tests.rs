@@ -117,16 +117,7 @@ async fn a_throttled_tenant_does_not_hold_the_others() {
     *loki.throttled.lock().unwrap() = Some("a".into());
     let url = fake_loki(loki.clone()).await;
     let ledger = Arc::new(Ledger::default());
-    let record = PositionRecord {
-        offset: 0,
-        dev: 1,
-        inode: 1,
-        fingerprint: None,
-        compressed: false,
-        finished: false,
-        last_seen_ms: 0,
-    };
-    let key = ledger.open("/f".into(), record);
+    let key = ledger.open("/f".into(), PositionRecord::of_file(1, 0));
     // a's entry first, then b's and the default tenant's: all from one file.
     let tenants = [Some("a"), Some("b"), None, Some("b"), Some("a"), Some("b")];
     let entries = tenants

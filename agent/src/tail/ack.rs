@@ -677,15 +677,7 @@ mod tests {
     use super::*;
 
     fn identity(offset: u64) -> PositionRecord {
-        PositionRecord {
-            offset,
-            dev: 1,
-            inode: 7,
-            fingerprint: None,
-            compressed: false,
-            finished: false,
-            last_seen_ms: 0,
-        }
+        PositionRecord::of_file(7, offset)
     }
 
     #[test]

@@ -499,18 +499,7 @@ fn rotation_and_deletion_keep_the_totals() {
 #[test]
 fn the_oldest_unacknowledged_byte_is_aged_from_when_it_was_first_seen() {
     let ledger = Ledger::default();
-    let key = ledger.open(
-        "/f".into(),
-        PositionRecord {
-            offset: 0,
-            dev: 1,
-            inode: 1,
-            fingerprint: None,
-            compressed: false,
-            finished: false,
-            last_seen_ms: 0,
-        },
-    );
+    let key = ledger.open("/f".into(), PositionRecord::of_file(1, 0));
     ledger.written(key, 10, 1_000);
     ledger.written(key, 20, 1_500);
     ledger.written(key, 30, 5_000);
