@@ -20,6 +20,7 @@
 //! second.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,24 @@ pub struct MeasureRequest {
     pub targets: Vec<Target>,
     pub port: i32,
     pub store: Option<StoreQuery>,
+}
+
+/// What a reconcile asks of [`Jobs`]: `key`'s answer for `pipeline`, taken or kept, and
+/// how long after the last start another may start.
+struct Ask<K> {
+    pipeline: String,
+    key: K,
+    take: bool,
+    spacing: Duration,
+}
+
+/// What [`Jobs::lookup`] found.
+enum Lookup<V> {
+    Answer(V),
+    /// None yet: a measurement starts now.
+    Started,
+    /// None yet, and none starts now (one runs, or the last started too recently).
+    Waiting,
 }
 
 /// Per LogPipeline uid: the last answer and what it answers, and whether one is being made.
@@ -107,6 +126,20 @@ impl<K: PartialEq, V: Clone> Jobs<K, V> {
         true
     }
 
+    /// `ask.key`'s answer (taken or kept, as `ask` says); else whether one starts now.
+    fn lookup(&mut self, ask: &Ask<K>, now: Instant) -> Lookup<V> {
+        let answer = if ask.take {
+            self.take(&ask.pipeline, &ask.key)
+        } else {
+            self.kept(&ask.pipeline, &ask.key)
+        };
+        match answer {
+            Some(answer) => Lookup::Answer(answer),
+            None if self.start(&ask.pipeline, now, ask.spacing) => Lookup::Started,
+            None => Lookup::Waiting,
+        }
+    }
+
     fn finish(&mut self, pipeline: String, key: K, value: V) {
         self.running.remove(&pipeline);
         self.answers.insert(pipeline, (key, value));
@@ -129,23 +162,16 @@ impl Verifier {
         port: i32,
         done: impl FnOnce() + Send + 'static,
     ) -> Option<StreamBaseline> {
-        let pipeline = key.pipeline.clone();
-        let start = {
-            let mut jobs = self.step_baselines.lock().ok()?;
-            if let Some(known) = jobs.kept(&pipeline, &key) {
-                return Some(known);
-            }
-            jobs.start(&pipeline, Instant::now(), Duration::ZERO)
+        let step = key.step;
+        let work =
+            move |verifier: Arc<Self>| async move { verifier.baseline(step, &targets, port).await };
+        let ask = Ask {
+            pipeline: key.pipeline.clone(),
+            key,
+            take: false,
+            spacing: Duration::ZERO,
         };
-        if start {
-            let verifier = Arc::clone(self);
-            tokio::spawn(async move {
-                let baseline = verifier.baseline(key.step, &targets, port).await;
-                finish(&verifier.step_baselines, pipeline, key, baseline);
-                done();
-            });
-        }
-        None
+        self.answer_or_start(|v| &v.step_baselines, ask, work, done)
     }
 
     /// The verification `key` names ([`Verifier::measure`]) when it was made; else `None`,
@@ -157,34 +183,57 @@ impl Verifier {
         request: MeasureRequest,
         done: impl FnOnce() + Send + 'static,
     ) -> Option<Measurements> {
-        let pipeline = key.step.pipeline.clone();
-        let spacing = if key.final_check {
-            Duration::ZERO
-        } else {
-            WINDOW_CHECK_SPACING
+        let final_check = key.final_check;
+        let work = move |verifier: Arc<Self>| async move {
+            let MeasureRequest {
+                targets,
+                port,
+                store,
+            } = request;
+            verifier
+                .measure(&targets, port, store.as_ref(), final_check)
+                .await
         };
-        let start = {
-            let mut jobs = self.verifications.lock().ok()?;
-            if let Some(answer) = jobs.take(&pipeline, &key) {
-                return Some(answer);
-            }
-            jobs.start(&pipeline, Instant::now(), spacing)
+        let ask = Ask {
+            pipeline: key.step.pipeline.clone(),
+            key,
+            take: true,
+            spacing: if final_check {
+                Duration::ZERO
+            } else {
+                WINDOW_CHECK_SPACING
+            },
         };
-        if start {
-            let verifier = Arc::clone(self);
-            tokio::spawn(async move {
-                let MeasureRequest {
-                    targets,
-                    port,
-                    store,
-                } = request;
-                let measured = verifier
-                    .measure(&targets, port, store.as_ref(), key.final_check)
-                    .await;
-                finish(&verifier.verifications, pipeline, key, measured);
-                done();
-            });
+        self.answer_or_start(|v| &v.verifications, ask, work, done)
+    }
+
+    /// `ask`'s answer from `jobs`, or `None`, having started `work` when none runs (then
+    /// its answer is kept for `ask.key` and `done` runs).
+    fn answer_or_start<K, V, W>(
+        self: &Arc<Self>,
+        jobs: fn(&Self) -> &Mutex<Jobs<K, V>>,
+        ask: Ask<K>,
+        work: impl FnOnce(Arc<Self>) -> W + Send + 'static,
+        done: impl FnOnce() + Send + 'static,
+    ) -> Option<V>
+    where
+        K: PartialEq + Send + 'static,
+        V: Clone + Send + 'static,
+        W: Future<Output = V> + Send + 'static,
+    {
+        match jobs(self).lock().ok()?.lookup(&ask, Instant::now()) {
+            Lookup::Answer(answer) => return Some(answer),
+            Lookup::Waiting => return None,
+            Lookup::Started => {}
         }
+        let verifier = Arc::clone(self);
+        tokio::spawn(async move {
+            let answer = work(Arc::clone(&verifier)).await;
+            if let Ok(mut jobs) = jobs(&verifier).lock() {
+                jobs.finish(ask.pipeline, ask.key, answer);
+            }
+            done();
+        });
         None
     }
 
@@ -196,16 +245,6 @@ impl Verifier {
         if let Ok(mut jobs) = self.verifications.lock() {
             jobs.forget(pipeline);
         }
-    }
-}
-
-fn finish<K, V>(jobs: &Mutex<Jobs<K, V>>, pipeline: String, key: K, value: V)
-where
-    K: PartialEq,
-    V: Clone,
-{
-    if let Ok(mut jobs) = jobs.lock() {
-        jobs.finish(pipeline, key, value);
     }
 }
 

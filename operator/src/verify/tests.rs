@@ -1282,3 +1282,55 @@ async fn a_baseline_is_measured_in_the_background_then_kept_for_its_step() {
     let (next_step, _) = ask(2);
     assert_eq!(next_step, None, "another step is measured anew");
 }
+
+/// A verification is measured in the background like a baseline, but its answer is taken
+/// by the reconcile that judges it: asked again, it is measured again.
+#[tokio::test]
+async fn a_verification_is_measured_in_the_background_and_taken_once() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        i32::from(listener.local_addr().unwrap().port())
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let verifier = std::sync::Arc::new(Verifier::new().unwrap());
+    let key = MeasureKey {
+        step: StepKey {
+            pipeline: "lp-uid".into(),
+            revision: "r2".into(),
+            step: 1,
+            started: None,
+        },
+        final_check: true,
+    };
+    let ask = || {
+        let request = MeasureRequest {
+            targets: vec![Target {
+                pod: "agent-a".into(),
+                uid: "uid-a".into(),
+                node: "n1".into(),
+                ip: Some("127.0.0.1".into()),
+            }],
+            port,
+            store: None,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let answer = verifier.measurements_or_start(key.clone(), request, move || {
+            let _ = tx.send(());
+        });
+        (answer, rx)
+    };
+    let (first, done) = ask();
+    assert!(first.is_none(), "nothing is measured yet");
+    tokio::time::timeout(std::time::Duration::from_secs(10), done)
+        .await
+        .expect("the background measurement ends")
+        .expect("and wakes its reconcile");
+    let (measured, _) = ask();
+    let measured = measured.expect("the measurement is the answer now");
+    assert!(
+        measured.samples["agent-a"].is_err(),
+        "a refused agent is an error sample: {measured:?}"
+    );
+    let (again, _) = ask();
+    assert!(again.is_none(), "taken: the next ask measures again");
+}
